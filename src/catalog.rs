@@ -1,0 +1,161 @@
+//! Catalog introspection: tables, columns, primary keys and foreign keys of the tenant, shared
+//! and reference schemas, as plain data.
+//!
+//! Invariants: read-only; exactly [`QUERY_COUNT`] queries whatever the number of schemas (the
+//! schema list is one array parameter), never one query per tenant. Every query carries the
+//! [`QUERY_TAG`] comment so its executions can be counted in `pg_stat_statements`.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::GenericClient;
+
+use crate::db::DbError;
+
+/// The comment that opens every catalog query.
+pub const QUERY_TAG: &str = "/* tenant-audit:catalog */";
+/// How many queries [`read`] issues.
+pub const QUERY_COUNT: usize = 2;
+
+/// The catalog of every requested schema that exists, by schema name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Catalog {
+    pub schemas: BTreeMap<String, Schema>,
+}
+
+/// The tables of one schema, by table name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Schema {
+    pub tables: BTreeMap<String, Table>,
+}
+
+/// An ordinary or partitioned table (partitions are covered by their parent).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Table {
+    /// In column order.
+    pub columns: Vec<Column>,
+    /// Primary key columns in key order; empty when the table has none.
+    pub primary_key: Vec<String>,
+    pub foreign_keys: Vec<ForeignKey>,
+    /// Whether the scanning role may read the table (schema `USAGE` and table `SELECT`).
+    pub readable: bool,
+}
+
+/// A column as the schema declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    /// `format_type` output, e.g. `timestamp with time zone`, `character varying(20)`.
+    pub data_type: String,
+    pub not_null: bool,
+    /// The default expression with the column's own schema name removed, so that
+    /// `nextval('tenant_a.seq')` and `nextval('tenant_b.seq')` compare equal.
+    pub default: Option<String>,
+}
+
+/// A foreign-key constraint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignKey {
+    pub name: String,
+    pub columns: Vec<String>,
+    pub target_schema: String,
+    pub target_table: String,
+    pub target_columns: Vec<String>,
+    /// False for a constraint added `NOT VALID` and never validated.
+    pub validated: bool,
+    pub deferrable: bool,
+}
+
+impl Table {
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    pub fn has_columns(&self, names: &[String]) -> bool {
+        names.iter().all(|n| self.column(n).is_some())
+    }
+}
+
+impl Catalog {
+    pub fn table(&self, schema: &str, table: &str) -> Option<&Table> {
+        self.schemas.get(schema)?.tables.get(table)
+    }
+}
+
+/// Columns of every ordinary and partitioned table, with primary-key position, default and
+/// privileges. Partitions are left out: their rows are read through the parent.
+const COLUMNS: &str = "/* tenant-audit:catalog */
+SELECT n.nspname::text, c.relname::text, a.attname::text,
+       pg_catalog.format_type(a.atttypid, a.atttypmod),
+       a.attnotnull,
+       replace(pg_catalog.pg_get_expr(d.adbin, d.adrelid), pg_catalog.quote_ident(n.nspname) || '.', ''),
+       (SELECT k.ord::int FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(num, ord) WHERE k.num = a.attnum),
+       pg_catalog.has_schema_privilege(n.oid, 'USAGE') AND pg_catalog.has_table_privilege(c.oid, 'SELECT')
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY($1)
+ORDER BY 1, 2, a.attnum";
+
+/// Foreign keys declared on tables of the requested schemas, with column lists in key order.
+/// Constraints cloned onto partitions (`conparentid <> 0`) are left out.
+const FOREIGN_KEYS: &str = "/* tenant-audit:catalog */
+SELECT n.nspname::text, c.relname::text, con.conname::text,
+       ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(num, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.num
+             ORDER BY k.ord),
+       rn.nspname::text, rc.relname::text,
+       ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(num, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.num
+             ORDER BY k.ord),
+       con.convalidated, con.condeferrable
+FROM pg_catalog.pg_constraint con
+JOIN pg_catalog.pg_class c ON c.oid = con.conrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_class rc ON rc.oid = con.confrelid
+JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
+WHERE con.contype = 'f' AND con.conparentid = 0 AND n.nspname = ANY($1)
+ORDER BY 1, 2, 3";
+
+/// Reads the catalog of `schemas` (names that do not exist are simply absent from the result).
+pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Catalog, DbError> {
+    let mut catalog = Catalog::default();
+    for row in client.query(COLUMNS, &[&schemas]).await? {
+        let table = catalog
+            .schemas
+            .entry(row.get(0))
+            .or_default()
+            .tables
+            .entry(row.get(1))
+            .or_default();
+        let name: String = row.get(2);
+        let key_position: Option<i32> = row.get(6);
+        // 1-based position in the primary key (WITH ORDINALITY), when the column is part of it.
+        if let Some(pos) = key_position.and_then(|p| usize::try_from(p - 1).ok()) {
+            if table.primary_key.len() <= pos {
+                table.primary_key.resize(pos + 1, String::new());
+            }
+            table.primary_key[pos] = name.clone();
+        }
+        table.readable = row.get(7);
+        table.columns.push(Column { name, data_type: row.get(3), not_null: row.get(4), default: row.get(5) });
+    }
+    for row in client.query(FOREIGN_KEYS, &[&schemas]).await? {
+        let schema: String = row.get(0);
+        let table: String = row.get(1);
+        let fk = ForeignKey {
+            name: row.get(2),
+            columns: row.get(3),
+            target_schema: row.get(4),
+            target_table: row.get(5),
+            target_columns: row.get(6),
+            validated: row.get(7),
+            deferrable: row.get(8),
+        };
+        if let Some(t) = catalog.schemas.get_mut(&schema).and_then(|s| s.tables.get_mut(&table)) {
+            t.foreign_keys.push(fk);
+        }
+    }
+    Ok(catalog)
+}

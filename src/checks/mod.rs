@@ -1,0 +1,61 @@
+//! The checks. Each module owns one check: its planning from the catalog, its SQL and its
+//! evaluation. [`reference`] computes the shape tenants are compared against.
+//!
+//! Two families:
+//! - catalog checks ([`cross_schema_fk`], [`schema_drift`]) are pure functions of the catalog
+//!   and cost no query;
+//! - data checks ([`orphan_rows`], [`null_timestamps`]) plan set-based probes from the catalog
+//!   and run them inside a tenant's read-only snapshot.
+//!
+//! Invariant: nothing here writes; every generated statement quotes its identifiers through
+//! [`crate::sql`].
+
+pub mod cross_schema_fk;
+pub mod null_timestamps;
+pub mod orphan_rows;
+pub mod reference;
+pub mod schema_drift;
+
+use std::collections::BTreeSet;
+
+use crate::catalog::{Catalog, Schema};
+use crate::config::ChecksConfig;
+use crate::report::Finding;
+
+pub use reference::Shape;
+
+/// Everything a check may look at besides the tenant itself.
+pub struct Context<'a> {
+    pub catalog: &'a Catalog,
+    pub tenants: &'a BTreeSet<String>,
+    pub shared_schema: &'a str,
+    pub reference: &'a Shape,
+    pub config: &'a ChecksConfig,
+}
+
+impl Context<'_> {
+    /// A tenant's catalog; a tenant without tables has an empty one.
+    pub fn schema(&self, tenant: &str) -> Schema {
+        self.catalog.schemas.get(tenant).cloned().unwrap_or_default()
+    }
+}
+
+/// Findings of the catalog checks for one tenant, in the registry order.
+pub fn catalog_findings(ctx: &Context<'_>, tenant: &str) -> Vec<Finding> {
+    let mut out = cross_schema_fk::check(ctx, tenant);
+    out.extend(schema_drift::check(ctx, tenant));
+    out
+}
+
+/// The data probes planned for one tenant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub orphans: Vec<orphan_rows::Probe>,
+    pub nulls: Vec<null_timestamps::Probe>,
+}
+
+/// Plans the data checks of one tenant; probes touching unreadable tables are left out (the
+/// caller reports those tables as permission errors).
+pub fn plan(ctx: &Context<'_>, tenant: &str) -> Plan {
+    Plan { orphans: orphan_rows::plan(ctx, tenant), nulls: null_timestamps::plan(ctx, tenant) }
+}

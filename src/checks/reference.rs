@@ -1,0 +1,235 @@
+//! The reference shape every tenant is compared against: a configured template schema, or
+//! else, element by element, what most tenants have.
+//!
+//! Invariant: derived from the catalog alone, deterministic (ties are broken by ordering), and
+//! expressed without schema names: a foreign key's target is "own schema", "shared schema" or a
+//! named other schema, so that shapes of different tenants compare equal.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::catalog::{Catalog, Column, ForeignKey, Schema};
+
+/// Where a foreign key points, relative to the schema that declares it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    Own,
+    Shared,
+    Schema(String),
+}
+
+/// A foreign key without its schema names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FkShape {
+    pub target: Target,
+    pub table: String,
+    pub columns: Vec<String>,
+}
+
+impl FkShape {
+    pub fn of(fk: &ForeignKey, own_schema: &str, shared_schema: &str) -> FkShape {
+        let target = if fk.target_schema == own_schema {
+            Target::Own
+        } else if fk.target_schema == shared_schema {
+            Target::Shared
+        } else {
+            Target::Schema(fk.target_schema.clone())
+        };
+        FkShape { target, table: fk.target_table.clone(), columns: fk.target_columns.clone() }
+    }
+
+    /// `table(cols)`, prefixed by the schema when it is not the declaring one.
+    pub fn describe(&self, shared_schema: &str) -> String {
+        let prefix = match &self.target {
+            Target::Own => String::new(),
+            Target::Shared => format!("{shared_schema}."),
+            Target::Schema(s) => format!("{s}."),
+        };
+        format!("{prefix}{}({})", self.table, self.columns.join(", "))
+    }
+}
+
+/// The expected shape of one table.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TableShape {
+    pub columns: BTreeMap<String, Column>,
+    /// Keyed by the referencing columns.
+    pub foreign_keys: BTreeMap<Vec<String>, FkShape>,
+}
+
+/// The expected shape of a tenant, plus every relationship any tenant or the reference knows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Shape {
+    pub tables: BTreeMap<String, TableShape>,
+    /// (table, columns) -> the most common target among all tenants and the reference that
+    /// declare a foreign key there, limited to own-schema and shared-schema targets.
+    pub known_relationships: BTreeMap<(String, Vec<String>), FkShape>,
+}
+
+impl Shape {
+    /// Builds the shape: from `reference_schema` when given, else by majority over `tenants`.
+    pub fn build(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str, reference_schema: Option<&str>) -> Shape {
+        let mut shape = match reference_schema {
+            Some(name) => from_schema(catalog.schemas.get(name).cloned().unwrap_or_default(), name, shared),
+            None => by_majority(catalog, tenants, shared),
+        };
+        let mut sources: Vec<(&str, &Schema)> =
+            tenants.iter().filter_map(|t| catalog.schemas.get(t).map(|s| (t.as_str(), s))).collect();
+        if let Some(name) = reference_schema {
+            if let Some(s) = catalog.schemas.get(name) {
+                sources.push((name, s));
+            }
+        }
+        shape.known_relationships = known_relationships(&sources, shared);
+        shape
+    }
+}
+
+fn from_schema(schema: Schema, name: &str, shared: &str) -> Shape {
+    let tables = schema
+        .tables
+        .into_iter()
+        .map(|(table_name, t)| {
+            let columns = t.columns.into_iter().map(|c| (c.name.clone(), c)).collect();
+            let foreign_keys = t.foreign_keys.iter().map(|fk| (fk.columns.clone(), FkShape::of(fk, name, shared))).collect();
+            (table_name, TableShape { columns, foreign_keys })
+        })
+        .collect();
+    Shape { tables, known_relationships: BTreeMap::new() }
+}
+
+/// Counts votes and returns the most voted value, ties going to the smallest.
+fn mode<T: Ord + Clone>(votes: impl IntoIterator<Item = T>) -> Option<(T, usize)> {
+    let mut counts: BTreeMap<T, usize> = BTreeMap::new();
+    for v in votes {
+        *counts.entry(v).or_default() += 1;
+    }
+    let mut best: Option<(T, usize)> = None;
+    for (v, n) in counts {
+        if best.as_ref().is_none_or(|(_, b)| n > *b) {
+            best = Some((v, n));
+        }
+    }
+    best
+}
+
+fn by_majority(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str) -> Shape {
+    let schemas: Vec<(&str, &Schema)> =
+        tenants.iter().map(|t| (t.as_str(), catalog.schemas.get(t).unwrap_or(&EMPTY))).collect();
+    let table_names: BTreeSet<&String> = schemas.iter().flat_map(|(_, s)| s.tables.keys()).collect();
+    let mut tables = BTreeMap::new();
+    for name in table_names {
+        let having: Vec<(&str, &crate::catalog::Table)> =
+            schemas.iter().filter_map(|(n, s)| s.tables.get(name).map(|t| (*n, t))).collect();
+        if having.len() * 2 <= schemas.len() {
+            continue;
+        }
+        tables.insert(name.clone(), majority_table(&having, shared));
+    }
+    Shape { tables, known_relationships: BTreeMap::new() }
+}
+
+static EMPTY: Schema = Schema { tables: BTreeMap::new() };
+
+fn majority_table(having: &[(&str, &crate::catalog::Table)], shared: &str) -> TableShape {
+    let m = having.len();
+    let column_names: BTreeSet<&String> = having.iter().flat_map(|(_, t)| t.columns.iter().map(|c| &c.name)).collect();
+    let mut columns = BTreeMap::new();
+    for name in column_names {
+        let defs = having.iter().filter_map(|(_, t)| t.column(name)).map(|c| (c.data_type.clone(), c.not_null, c.default.clone()));
+        if let Some(((data_type, not_null, default), _)) = mode(defs.clone()) {
+            if defs.count() * 2 > m {
+                columns.insert(name.clone(), Column { name: name.clone(), data_type, not_null, default });
+            }
+        }
+    }
+    let fk_columns: BTreeSet<&Vec<String>> = having.iter().flat_map(|(_, t)| t.foreign_keys.iter().map(|f| &f.columns)).collect();
+    let mut foreign_keys = BTreeMap::new();
+    for cols in fk_columns {
+        let targets: Vec<FkShape> = having
+            .iter()
+            .filter_map(|(schema, t)| t.foreign_keys.iter().find(|f| &f.columns == cols).map(|f| FkShape::of(f, schema, shared)))
+            .collect();
+        let n = targets.len();
+        if let Some((target, _)) = mode(targets) {
+            if n * 2 > m {
+                foreign_keys.insert(cols.clone(), target);
+            }
+        }
+    }
+    TableShape { columns, foreign_keys }
+}
+
+fn known_relationships(sources: &[(&str, &Schema)], shared: &str) -> BTreeMap<(String, Vec<String>), FkShape> {
+    let mut votes: BTreeMap<(String, Vec<String>), Vec<FkShape>> = BTreeMap::new();
+    for (schema, s) in sources {
+        for (table, t) in &s.tables {
+            for fk in &t.foreign_keys {
+                let shape = FkShape::of(fk, schema, shared);
+                if matches!(shape.target, Target::Own | Target::Shared) {
+                    votes.entry((table.clone(), fk.columns.clone())).or_default().push(shape);
+                }
+            }
+        }
+    }
+    votes.into_iter().filter_map(|(k, v)| mode(v).map(|(s, _)| (k, s))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Table;
+
+    fn col(name: &str, ty: &str, not_null: bool) -> Column {
+        Column { name: name.into(), data_type: ty.into(), not_null, default: None }
+    }
+
+    fn fk(schema: &str, cols: &[&str], target_schema: &str, target: &str) -> ForeignKey {
+        ForeignKey {
+            name: format!("{schema}_fk"),
+            columns: cols.iter().map(|c| c.to_string()).collect(),
+            target_schema: target_schema.into(),
+            target_table: target.into(),
+            target_columns: vec!["id".into()],
+            validated: true,
+            deferrable: false,
+        }
+    }
+
+    fn tenant(name: &str, with_updated: bool, fk_target_schema: Option<&str>) -> Schema {
+        let mut columns = vec![col("id", "integer", true), col("business_id", "uuid", false)];
+        if with_updated {
+            columns.push(col("updated_at", "timestamp with time zone", true));
+        }
+        let foreign_keys = fk_target_schema.map(|s| vec![fk(name, &["business_id"], s, "business_business")]).unwrap_or_default();
+        let table = Table { columns, primary_key: vec!["id".into()], foreign_keys, readable: true };
+        Schema { tables: [("users_userprofile".to_string(), table)].into() }
+    }
+
+    #[test]
+    fn majority_shape_per_element() {
+        let mut catalog = Catalog::default();
+        catalog.schemas.insert("t1".into(), tenant("t1", true, Some("t1")));
+        catalog.schemas.insert("t2".into(), tenant("t2", true, Some("t2")));
+        catalog.schemas.insert("t3".into(), tenant("t3", false, Some("public")));
+        let tenants: BTreeSet<String> = ["t1", "t2", "t3"].iter().map(|s| s.to_string()).collect();
+        let shape = Shape::build(&catalog, &tenants, "public", None);
+        let t = &shape.tables["users_userprofile"];
+        assert_eq!(t.columns.keys().collect::<Vec<_>>(), ["business_id", "id", "updated_at"]);
+        assert!(t.columns["updated_at"].not_null);
+        let fk = &t.foreign_keys[&vec!["business_id".to_string()]];
+        assert_eq!(fk.target, Target::Own);
+        assert_eq!(fk.describe("public"), "business_business(id)");
+        let known = &shape.known_relationships[&("users_userprofile".to_string(), vec!["business_id".to_string()])];
+        assert_eq!(known.target, Target::Own);
+    }
+
+    #[test]
+    fn ties_leave_elements_out() {
+        let mut catalog = Catalog::default();
+        catalog.schemas.insert("t1".into(), tenant("t1", true, None));
+        catalog.schemas.insert("t2".into(), tenant("t2", false, None));
+        let tenants: BTreeSet<String> = ["t1", "t2"].iter().map(|s| s.to_string()).collect();
+        let shape = Shape::build(&catalog, &tenants, "public", None);
+        assert!(!shape.tables["users_userprofile"].columns.contains_key("updated_at"));
+    }
+}

@@ -1,0 +1,443 @@
+//! The configuration file and environment, validated once into [`Config`].
+//!
+//! Invariants: this is the only module that reads configuration files or environment
+//! variables; everything else takes a validated [`Config`]. Errors name the offending key (or
+//! file line) and never contain the database password.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+
+/// Environment variable that overrides `database_url` (and `database_url_file`).
+pub const DATABASE_URL_ENV: &str = "TENANT_AUDIT_DATABASE_URL";
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}, line {line}: {message}")]
+    Parse { path: PathBuf, line: usize, message: String },
+    #[error("config key {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid { key: key.into(), message: message.into() }
+    }
+}
+
+/// The validated configuration the rest of the program requires.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub tenants: TenantsConfig,
+    pub scan: ScanConfig,
+    pub checks: ChecksConfig,
+    pub report: ReportConfig,
+}
+
+/// Where and how to connect. `pg` holds the password; only `target` is ever displayed.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    pub pg: tokio_postgres::Config,
+    /// `host:port/dbname`, safe to print.
+    pub target: String,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig").field("target", &self.target).finish()
+    }
+}
+
+/// Tenant discovery settings.
+#[derive(Debug, Clone)]
+pub struct TenantsConfig {
+    /// The tenant registry table, if registry discovery is on.
+    pub registry: Option<Registry>,
+    /// Schema names matching any of these are tenants (pattern discovery is on when non-empty).
+    pub include: Vec<Regex>,
+    /// Schema names matching any of these are never tenants, whatever found them.
+    pub exclude: Vec<Regex>,
+    /// The schema shared by all tenants (`public` for django-tenants).
+    pub shared_schema: String,
+    /// A template schema whose shape every tenant should have; `None` means "most common shape".
+    pub reference_schema: Option<String>,
+}
+
+/// The table that lists tenant schemas, one per row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registry {
+    pub schema: String,
+    pub table: String,
+    pub column: String,
+}
+
+/// How scans run.
+#[derive(Debug, Clone)]
+pub struct ScanConfig {
+    pub concurrency: usize,
+    pub statement_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// Check settings.
+#[derive(Debug, Clone)]
+pub struct ChecksConfig {
+    pub required_timestamps: Vec<String>,
+    pub relationships: Vec<DeclaredRelationship>,
+}
+
+/// A relationship without a database constraint (Django's `db_constraint=False`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclaredRelationship {
+    pub table: String,
+    pub columns: Vec<String>,
+    pub parent_table: String,
+    pub parent_columns: Vec<String>,
+}
+
+/// Report settings.
+#[derive(Debug, Clone)]
+pub struct ReportConfig {
+    pub sample_keys: usize,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`, applying the environment overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let env_url = std::env::var(DATABASE_URL_ENV).ok().filter(|v| !v.is_empty());
+        Config::from_toml(&text, path, env_url)
+    }
+
+    /// Parses and validates `text`; `env_url` is the value of [`DATABASE_URL_ENV`], if set.
+    pub fn from_toml(text: &str, path: &Path, env_url: Option<String>) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
+            message: e.message().to_string(),
+        })?;
+        raw.validate(path, env_url)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database_url: Option<String>,
+    database_url_file: Option<PathBuf>,
+    #[serde(default)]
+    tenants: RawTenants,
+    #[serde(default)]
+    scan: RawScan,
+    #[serde(default)]
+    checks: RawChecks,
+    #[serde(default)]
+    report: RawReport,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTenants {
+    registry: bool,
+    registry_schema: Option<String>,
+    registry_table: String,
+    registry_column: String,
+    include: Vec<String>,
+    exclude: Vec<String>,
+    shared_schema: String,
+    reference_schema: Option<String>,
+}
+
+impl Default for RawTenants {
+    fn default() -> Self {
+        RawTenants {
+            registry: true,
+            registry_schema: None,
+            registry_table: "customers_client".into(),
+            registry_column: "schema_name".into(),
+            include: Vec::new(),
+            exclude: Vec::new(),
+            shared_schema: "public".into(),
+            reference_schema: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawScan {
+    concurrency: usize,
+    statement_timeout: String,
+    lock_timeout: String,
+    connect_timeout: String,
+}
+
+impl Default for RawScan {
+    fn default() -> Self {
+        RawScan {
+            concurrency: 4,
+            statement_timeout: "60s".into(),
+            lock_timeout: "5s".into(),
+            connect_timeout: "10s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawChecks {
+    required_timestamps: Vec<String>,
+    relationships: Vec<DeclaredRelationship>,
+}
+
+impl Default for RawChecks {
+    fn default() -> Self {
+        RawChecks {
+            required_timestamps: vec!["created_at".into(), "updated_at".into(), "modified_at".into()],
+            relationships: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawReport {
+    sample_keys: usize,
+}
+
+impl Default for RawReport {
+    fn default() -> Self {
+        RawReport { sample_keys: 10 }
+    }
+}
+
+impl RawConfig {
+    fn validate(self, path: &Path, env_url: Option<String>) -> Result<Config, ConfigError> {
+        let database = database_config(self.database_url, self.database_url_file, path, env_url)?;
+        let tenants = self.tenants.validate()?;
+        let scan = self.scan.validate()?;
+        let checks = self.checks.validate()?;
+        Ok(Config { database, tenants, scan, checks, report: ReportConfig { sample_keys: self.report.sample_keys } })
+    }
+}
+
+fn database_config(
+    url: Option<String>,
+    url_file: Option<PathBuf>,
+    config_path: &Path,
+    env_url: Option<String>,
+) -> Result<DatabaseConfig, ConfigError> {
+    let (key, url) = match (env_url, url, url_file) {
+        (Some(env), _, _) => (DATABASE_URL_ENV.to_string(), env),
+        (None, Some(_), Some(_)) => {
+            return Err(ConfigError::invalid("database_url", "set database_url or database_url_file, not both"))
+        }
+        (None, Some(url), None) => ("database_url".to_string(), url),
+        (None, None, Some(file)) => {
+            let file = config_path.parent().unwrap_or(Path::new(".")).join(file);
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                ConfigError::invalid("database_url_file", format!("cannot read {}: {e}", file.display()))
+            })?;
+            ("database_url_file".to_string(), text.trim().to_string())
+        }
+        (None, None, None) => {
+            return Err(ConfigError::invalid(
+                "database_url",
+                format!("not set; set database_url, database_url_file or {DATABASE_URL_ENV}"),
+            ))
+        }
+    };
+    // The parser's messages describe the syntax problem, never the URL itself.
+    let pg = tokio_postgres::Config::from_str(&url)
+        .map_err(|e| ConfigError::invalid(&key, format!("invalid connection string: {e}")))?;
+    if pg.get_hosts().is_empty() {
+        return Err(ConfigError::invalid(key, "connection string names no host"));
+    }
+    let target = describe_target(&pg);
+    Ok(DatabaseConfig { pg, target })
+}
+
+/// `host:port/dbname` for messages and logs; never includes credentials.
+pub fn describe_target(pg: &tokio_postgres::Config) -> String {
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let db = pg.get_dbname().or(pg.get_user()).unwrap_or("postgres");
+    format!("{host}:{port}/{db}")
+}
+
+impl RawTenants {
+    fn validate(self) -> Result<TenantsConfig, ConfigError> {
+        let include = compile_all("tenants.include", &self.include)?;
+        let exclude = compile_all("tenants.exclude", &self.exclude)?;
+        non_empty("tenants.shared_schema", &self.shared_schema)?;
+        let registry = if self.registry {
+            non_empty("tenants.registry_table", &self.registry_table)?;
+            non_empty("tenants.registry_column", &self.registry_column)?;
+            Some(Registry {
+                schema: self.registry_schema.unwrap_or_else(|| self.shared_schema.clone()),
+                table: self.registry_table,
+                column: self.registry_column,
+            })
+        } else {
+            None
+        };
+        if registry.is_none() && include.is_empty() {
+            return Err(ConfigError::invalid(
+                "tenants",
+                "no tenant discovery: set tenants.registry = true or give tenants.include patterns",
+            ));
+        }
+        if let Some(reference) = &self.reference_schema {
+            non_empty("tenants.reference_schema", reference)?;
+            if *reference == self.shared_schema {
+                return Err(ConfigError::invalid(
+                    "tenants.reference_schema",
+                    "must differ from tenants.shared_schema",
+                ));
+            }
+        }
+        Ok(TenantsConfig {
+            registry,
+            include,
+            exclude,
+            shared_schema: self.shared_schema,
+            reference_schema: self.reference_schema,
+        })
+    }
+}
+
+fn compile_all(key: &str, patterns: &[String]) -> Result<Vec<Regex>, ConfigError> {
+    patterns
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Regex::new(p).map_err(|e| {
+                // regex's syntax errors span several lines; the last one says what is wrong.
+                let text = e.to_string();
+                let reason = text.lines().last().unwrap_or("invalid").trim().to_string();
+                ConfigError::invalid(format!("{key}[{i}]"), format!("invalid regex {p:?}: {reason}"))
+            })
+        })
+        .collect()
+}
+
+fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return Err(ConfigError::invalid(key, "must not be empty"));
+    }
+    Ok(())
+}
+
+/// Parses a human duration such as `30s`, `2m` or `1h 30m`.
+pub fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(value)
+        .map_err(|e| ConfigError::invalid(key, format!("invalid duration {value:?}: {e}")))?;
+    if d.is_zero() {
+        return Err(ConfigError::invalid(key, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+impl RawScan {
+    fn validate(self) -> Result<ScanConfig, ConfigError> {
+        if self.concurrency == 0 {
+            return Err(ConfigError::invalid("scan.concurrency", "must be at least 1"));
+        }
+        Ok(ScanConfig {
+            concurrency: self.concurrency,
+            statement_timeout: parse_duration("scan.statement_timeout", &self.statement_timeout)?,
+            lock_timeout: parse_duration("scan.lock_timeout", &self.lock_timeout)?,
+            connect_timeout: parse_duration("scan.connect_timeout", &self.connect_timeout)?,
+        })
+    }
+}
+
+impl RawChecks {
+    fn validate(self) -> Result<ChecksConfig, ConfigError> {
+        for (i, r) in self.relationships.iter().enumerate() {
+            let key = format!("checks.relationships[{i}]");
+            if r.columns.is_empty() || r.columns.len() != r.parent_columns.len() {
+                return Err(ConfigError::invalid(
+                    key,
+                    "columns and parent_columns must be non-empty and of the same length",
+                ));
+            }
+            non_empty(&format!("{key}.table"), &r.table)?;
+            non_empty(&format!("{key}.parent_table"), &r.parent_table)?;
+        }
+        Ok(ChecksConfig { required_timestamps: self.required_timestamps, relationships: self.relationships })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/t.toml"), None)
+    }
+
+    #[test]
+    fn defaults_follow_django_tenants() {
+        let c = parse("database_url = 'postgres://u:secret@db:5433/app'").unwrap();
+        assert_eq!(c.database.target, "db:5433/app");
+        assert_eq!(
+            c.tenants.registry,
+            Some(Registry { schema: "public".into(), table: "customers_client".into(), column: "schema_name".into() })
+        );
+        assert_eq!(c.checks.required_timestamps, ["created_at", "updated_at", "modified_at"]);
+        assert_eq!(c.report.sample_keys, 10);
+        assert_eq!(c.scan.concurrency, 4);
+        assert_eq!(c.scan.statement_timeout, Duration::from_secs(60));
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse("database_url = 'postgres://db/app'\n[scan]\nconcurency = 3\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("config file /etc/t.toml, line 3: unknown field `concurency`"), "{text}");
+    }
+
+    #[test]
+    fn bad_regex_and_duration_name_their_keys() {
+        let err = parse("database_url = 'postgres://db/app'\n[tenants]\ninclude = ['^t(']\n").unwrap_err();
+        assert!(err.to_string().starts_with("config key tenants.include[0]: invalid regex \"^t(\""), "{err}");
+        let err = parse("database_url = 'postgres://db/app'\n[scan]\nstatement_timeout = '3 parsecs'\n").unwrap_err();
+        assert!(err.to_string().starts_with("config key scan.statement_timeout: invalid duration"), "{err}");
+    }
+
+    #[test]
+    fn env_url_wins_and_missing_url_is_named() {
+        let c = Config::from_toml("database_url = 'postgres://a/x'", Path::new("c.toml"), Some("postgres://b/y".into()))
+            .unwrap();
+        assert_eq!(c.database.target, "b:5432/y");
+        let err = parse("").unwrap_err();
+        assert!(err.to_string().starts_with("config key database_url: not set"), "{err}");
+    }
+
+    #[test]
+    fn discovery_must_be_configured() {
+        let err = parse("database_url = 'postgres://db/app'\n[tenants]\nregistry = false\n").unwrap_err();
+        assert!(err.to_string().starts_with("config key tenants: no tenant discovery"), "{err}");
+    }
+}

@@ -1,0 +1,96 @@
+//! Connection pools and session settings.
+//!
+//! Invariants: every session is tagged `application_name = 'tenant-audit'` and carries
+//! `statement_timeout` and `lock_timeout`; scan sessions default to read-only transactions.
+//! Errors describe the target as `host:port/db` and never include credentials.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use crate::config::{DatabaseConfig, ScanConfig};
+
+/// The name every session reports in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "tenant-audit";
+
+/// Database failures, with enough context to act on and no secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot connect to database {target}: {reason}")]
+    Connect { target: String, reason: String },
+    #[error("{}", describe(.0))]
+    Query(#[from] tokio_postgres::Error),
+}
+
+impl DbError {
+    /// The SQLSTATE of a server-side error, if this is one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            DbError::Query(e) => e.as_db_error().map(|d| d.code().code()),
+            DbError::Connect { .. } => None,
+        }
+    }
+}
+
+/// One line describing a driver error: the server's message when there is one, otherwise the
+/// driver's own description with its cause.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_string();
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// A pool of read-only scan sessions, sized by `scan.concurrency`.
+pub fn scan_pool(db: &DatabaseConfig, scan: &ScanConfig) -> Pool {
+    let mut pg = db.pg.clone();
+    pg.application_name(APPLICATION_NAME);
+    pg.connect_timeout(scan.connect_timeout);
+    pg.options(&session_options(scan.statement_timeout, scan.lock_timeout, true));
+    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager)
+        .max_size(scan.concurrency)
+        .build()
+        .expect("a pool without a runtime-specific timeout always builds")
+}
+
+/// Server options sent at connection start-up (`-c name=value`), so they hold for every
+/// statement of the session, including the first.
+fn session_options(statement_timeout: Duration, lock_timeout: Duration, read_only: bool) -> String {
+    format!(
+        "-c statement_timeout={} -c lock_timeout={} -c default_transaction_read_only={}",
+        statement_timeout.as_millis(),
+        lock_timeout.as_millis(),
+        if read_only { "on" } else { "off" }
+    )
+}
+
+/// Takes a session from the pool, turning pool failures into a [`DbError`] naming the target.
+pub async fn session(pool: &Pool, target: &str) -> Result<deadpool_postgres::Object, DbError> {
+    pool.get().await.map_err(|e| DbError::Connect { target: target.to_string(), reason: pool_reason(e) })
+}
+
+fn pool_reason(e: deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => describe(&e),
+        deadpool_postgres::PoolError::Timeout(_) => "timed out waiting for a connection".to_string(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_set_timeouts_in_milliseconds() {
+        assert_eq!(
+            session_options(Duration::from_secs(60), Duration::from_millis(2500), true),
+            "-c statement_timeout=60000 -c lock_timeout=2500 -c default_transaction_read_only=on"
+        );
+    }
+}

@@ -1,0 +1,36 @@
+//! tenant-audit: a consistency auditor for schema-per-tenant PostgreSQL databases.
+//!
+//! # Bird's-eye view
+//! A scan discovers the tenant schemas, reads the catalog of every tenant (and of the shared and
+//! reference schemas) in a constant number of queries, plans the per-tenant checks from that
+//! catalog, runs the data checks inside each tenant's own read-only snapshot, and returns a
+//! [`report::Report`]: findings plus the errors met on the way.
+//!
+//! # Code map
+//! - [`cli`]: clap types of the command line.
+//! - [`config`]: the TOML file and environment, validated once into [`config::Config`]. The only
+//!   reader of files and environment variables.
+//! - [`db`]: connection pools and session settings (`application_name`, timeouts, read-only).
+//! - [`sql`]: identifier quoting; no SQL is built from an unquoted name.
+//! - [`tenants`]: tenant discovery (registry table and/or name patterns).
+//! - [`catalog`]: catalog introspection into plain data. Read-only; constant query count.
+//! - [`checks`]: one module per check. Pure planning from the catalog, plus the set-based SQL
+//!   that counts in the database.
+//! - [`scan`]: one pass: tenants -> catalog -> checks -> report. A failing tenant is recorded,
+//!   never fatal.
+//! - [`report`]: report types and their table and JSON renderings.
+//!
+//! # Invariants
+//! - Scanning only reads: every scan query runs in a `READ ONLY` transaction.
+//! - Every identifier in generated SQL goes through [`sql::ident`]; values are bind parameters.
+//! - No password is ever logged or put into an error message.
+
+pub mod catalog;
+pub mod checks;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod report;
+pub mod scan;
+pub mod sql;
+pub mod tenants;

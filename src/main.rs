@@ -1,0 +1,75 @@
+//! The `tenant-audit` binary: parses the command line, sets up logging, runs the command and
+//! maps the outcome to an exit code (0 clean, 1 findings with `--fail-on-findings`, 2 error).
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tenant_audit::cli::{Cli, Command, Format, LogFormat, ScanArgs};
+use tenant_audit::config::Config;
+use tenant_audit::{db, scan};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_filter);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tenant-audit: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Scan(args) => runtime.block_on(scan_once(args)),
+    }
+}
+
+async fn scan_once(args: ScanArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let pool = db::scan_pool(&config.database, &config.scan);
+    let terminal = std::io::stderr().is_terminal();
+    let show_progress = |done: usize, total: usize| {
+        eprint!("\rscanned {done}/{total} tenants");
+        if done == total {
+            eprintln!();
+        }
+    };
+    let report = scan::run(&config, &pool, terminal.then_some(&show_progress as scan::Progress)).await?;
+    let rendered = match args.format {
+        Format::Table => report.to_table(),
+        Format::Json => report.to_json() + "\n",
+    };
+    std::io::stdout().write_all(rendered.as_bytes()).context("cannot write the report")?;
+    let failures: Vec<_> = report.failures().collect();
+    if let Some(first) = failures.first() {
+        let place = match (&first.schema, &first.table) {
+            (Some(s), Some(t)) => tenant_audit::sql::display_name(s, t),
+            (Some(s), None) => s.clone(),
+            _ => "scan".into(),
+        };
+        anyhow::bail!(
+            "scan incomplete: {} errors; first [{}] {place}: {}",
+            failures.len(),
+            first.kind.name(),
+            first.message
+        );
+    }
+    if args.fail_on_findings && !report.findings.is_empty() {
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,374 @@
+//! The scan report: findings and errors, and their table (for people) and JSON (stable,
+//! documented in `docs/report.md`) renderings.
+//!
+//! Invariant: the JSON shape changes only on purpose, with [`REPORT_VERSION`] and CHANGELOG.md.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::sql::display_name;
+
+/// Version of the JSON report format.
+pub const REPORT_VERSION: u32 = 1;
+
+/// The kinds of finding, declared most severe first (the derived order is the display order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    CrossSchemaFk,
+    OrphanRows,
+    MissingSchema,
+    NullTimestamps,
+    SchemaDrift,
+    UnregisteredSchema,
+}
+
+impl Check {
+    pub const ALL: [Check; 6] = [
+        Check::CrossSchemaFk,
+        Check::OrphanRows,
+        Check::MissingSchema,
+        Check::NullTimestamps,
+        Check::SchemaDrift,
+        Check::UnregisteredSchema,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::CrossSchemaFk => "cross_schema_fk",
+            Check::OrphanRows => "orphan_rows",
+            Check::MissingSchema => "missing_schema",
+            Check::NullTimestamps => "null_timestamps",
+            Check::SchemaDrift => "schema_drift",
+            Check::UnregisteredSchema => "unregistered_schema",
+        }
+    }
+
+    pub fn severity(self) -> Severity {
+        match self {
+            Check::CrossSchemaFk | Check::OrphanRows => Severity::Critical,
+            Check::MissingSchema | Check::NullTimestamps | Check::SchemaDrift => Severity::Warning,
+            Check::UnregisteredSchema => Severity::Info,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Critical,
+    Warning,
+    Info,
+}
+
+/// One problem found, keyed by (check, schema, table, columns) plus the detail that tells
+/// two findings on the same columns apart (such as the parent location of orphans).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    pub check: Check,
+    pub severity: Severity,
+    pub schema: String,
+    pub table: Option<String>,
+    pub columns: Vec<String>,
+    /// Rows affected (orphan rows, NULL values) or 1 for a structural finding.
+    pub count: u64,
+    /// Up to `report.sample_keys` key values as text: the orphaned foreign-key value for orphan
+    /// rows, the primary key (or `ctid`) of the row for NULL timestamps. Composite keys are
+    /// rendered as PostgreSQL row literals, e.g. `(7,abc)`.
+    pub sample_keys: Vec<String>,
+    pub detail: Detail,
+}
+
+/// Per-check facts about a finding; serialized as a flat object (or `null`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Detail {
+    CrossSchemaFk {
+        constraint: String,
+        target_schema: String,
+        target_table: String,
+        reason: FkReason,
+    },
+    OrphanRows {
+        parent_schema: String,
+        parent_table: String,
+        parent_columns: Vec<String>,
+        parent_location: ParentLocation,
+        relationship: RelationshipSource,
+        constraint: Option<String>,
+    },
+    NullTimestamps {
+        data_type: String,
+    },
+    SchemaDrift {
+        difference: DriftKind,
+        expected: Option<String>,
+        actual: Option<String>,
+    },
+    None,
+}
+
+/// Why a cross-schema foreign key is wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FkReason {
+    /// It references another schema's table while the tenant has a table of that name.
+    ShadowedByTenantTable,
+    /// It references another tenant's schema.
+    TenantToTenant,
+}
+
+/// Where the missing parent of an orphan row can be found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParentLocation {
+    /// The key exists in the shared schema's table of that name: healable by copying.
+    Shared,
+    /// The key exists nowhere.
+    Missing,
+}
+
+impl ParentLocation {
+    pub fn name(self) -> &'static str {
+        match self {
+            ParentLocation::Shared => "shared",
+            ParentLocation::Missing => "missing",
+        }
+    }
+}
+
+/// Where the relationship an orphan violates comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelationshipSource {
+    /// A foreign-key constraint of the tenant (possibly `NOT VALID`, or bypassed).
+    Constraint,
+    /// Declared in the configuration (`checks.relationships`).
+    Configured,
+    /// A foreign key that other tenants or the reference have and this tenant lacks.
+    Inferred,
+}
+
+/// What differs between a tenant and the reference shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    MissingTable,
+    MissingColumn,
+    TypeMismatch,
+    NullabilityMismatch,
+    DefaultMismatch,
+    MissingForeignKey,
+    ForeignKeyTarget,
+}
+
+impl DriftKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DriftKind::MissingTable => "missing_table",
+            DriftKind::MissingColumn => "missing_column",
+            DriftKind::TypeMismatch => "type_mismatch",
+            DriftKind::NullabilityMismatch => "nullability_mismatch",
+            DriftKind::DefaultMismatch => "default_mismatch",
+            DriftKind::MissingForeignKey => "missing_foreign_key",
+            DriftKind::ForeignKeyTarget => "foreign_key_target",
+        }
+    }
+}
+
+/// A failure met during a scan that did not stop it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanError {
+    pub kind: ErrorKind,
+    pub schema: Option<String>,
+    pub table: Option<String>,
+    pub message: String,
+}
+
+/// The class of a scan error, also used as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The tenant's schema was dropped while the scan ran: reported, not a failure.
+    TenantDropped,
+    Permission,
+    Timeout,
+    Connection,
+    Query,
+}
+
+impl ErrorKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::TenantDropped => "tenant_dropped",
+            ErrorKind::Permission => "permission",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Connection => "connection",
+            ErrorKind::Query => "query",
+        }
+    }
+}
+
+/// How many tenants the scan saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantCounts {
+    /// Existing tenant schemas found by discovery.
+    pub discovered: usize,
+    /// Tenants whose data checks all ran.
+    pub scanned: usize,
+    /// Tenants with at least one error.
+    pub failed: usize,
+}
+
+/// Totals for one check.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckSummary {
+    pub findings: usize,
+    /// Sum of the findings' counts.
+    pub count: u64,
+    /// Distinct schemas with a finding.
+    pub schemas: usize,
+}
+
+/// The result of one scan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub version: u32,
+    /// `host:port/dbname` of the scanned database.
+    pub database: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub duration_seconds: f64,
+    /// The template schema, or `null` when the reference is the most common tenant shape.
+    pub reference_schema: Option<String>,
+    pub tenants: TenantCounts,
+    /// One entry for every check, in severity order, zero when clean.
+    pub summary: BTreeMap<Check, CheckSummary>,
+    /// Sorted by check (most severe first), schema, table, columns.
+    pub findings: Vec<Finding>,
+    pub errors: Vec<ScanError>,
+}
+
+impl Report {
+    /// Summarises `findings` per check.
+    pub fn summarize(findings: &[Finding]) -> BTreeMap<Check, CheckSummary> {
+        Check::ALL
+            .iter()
+            .map(|&check| {
+                let mine: Vec<&Finding> = findings.iter().filter(|f| f.check == check).collect();
+                let schemas: std::collections::BTreeSet<&str> = mine.iter().map(|f| f.schema.as_str()).collect();
+                let summary = CheckSummary {
+                    findings: mine.len(),
+                    count: mine.iter().map(|f| f.count).sum(),
+                    schemas: schemas.len(),
+                };
+                (check, summary)
+            })
+            .collect()
+    }
+
+    /// Errors other than tenants dropped during the scan (which are expected in a live system).
+    pub fn failures(&self) -> impl Iterator<Item = &ScanError> {
+        self.errors.iter().filter(|e| e.kind != ErrorKind::TenantDropped)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report always serializes")
+    }
+
+    /// The human rendering: one block per check with findings, most severe first.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        for check in Check::ALL {
+            let summary = self.summary.get(&check).copied().unwrap_or_default();
+            if summary.findings == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "{} ({:?}): {} findings, count {}, {} schemas",
+                check.name().to_uppercase(),
+                check.severity(),
+                summary.findings,
+                summary.count,
+                summary.schemas
+            );
+            for f in self.findings.iter().filter(|f| f.check == check) {
+                let _ = writeln!(out, "  {}", describe(f));
+                if !f.sample_keys.is_empty() {
+                    let _ = writeln!(out, "      sample keys: {}", f.sample_keys.join(", "));
+                }
+            }
+            out.push('\n');
+        }
+        if self.findings.is_empty() {
+            out.push_str("No findings.\n");
+        }
+        let _ = writeln!(
+            out,
+            "Scanned {} of {} tenants of {} in {:.2}s; {} findings, {} errors.",
+            self.tenants.scanned,
+            self.tenants.discovered,
+            self.database,
+            self.duration_seconds,
+            self.findings.len(),
+            self.errors.len()
+        );
+        for e in &self.errors {
+            let place = match (&e.schema, &e.table) {
+                (Some(s), Some(t)) => display_name(s, t),
+                (Some(s), None) => s.clone(),
+                _ => "scan".to_string(),
+            };
+            let _ = writeln!(out, "  error [{}] {place}: {}", e.kind.name(), e.message);
+        }
+        out
+    }
+}
+
+/// One line describing a finding for people.
+fn describe(f: &Finding) -> String {
+    let place = match &f.table {
+        Some(t) => display_name(&f.schema, t),
+        None => f.schema.clone(),
+    };
+    let cols = if f.columns.is_empty() { String::new() } else { format!(" ({})", f.columns.join(", ")) };
+    let detail = match &f.detail {
+        Detail::CrossSchemaFk { constraint, target_schema, target_table, reason } => {
+            let why = match reason {
+                FkReason::ShadowedByTenantTable => "the tenant has its own table of that name",
+                FkReason::TenantToTenant => "tenant isolation breach",
+            };
+            format!("constraint {constraint} references {}: {why}", display_name(target_schema, target_table))
+        }
+        Detail::OrphanRows { parent_schema, parent_table, parent_columns, parent_location, relationship, .. } => {
+            format!(
+                "{} rows without parent in {}({}); parent {}, {:?} relationship",
+                f.count,
+                display_name(parent_schema, parent_table),
+                parent_columns.join(", "),
+                match parent_location {
+                    ParentLocation::Shared => "exists in the shared schema",
+                    ParentLocation::Missing => "missing everywhere",
+                },
+                relationship
+            )
+        }
+        Detail::NullTimestamps { data_type } => format!("{} NULL values ({data_type})", f.count),
+        Detail::SchemaDrift { difference, expected, actual } => format!(
+            "{}: expected {}, found {}",
+            difference.name(),
+            expected.as_deref().unwrap_or("nothing"),
+            actual.as_deref().unwrap_or("nothing")
+        ),
+        Detail::None => match f.check {
+            Check::MissingSchema => "registered tenant has no schema".to_string(),
+            Check::UnregisteredSchema => "schema matches the tenant pattern but has no registry row".to_string(),
+            _ => String::new(),
+        },
+    };
+    format!("{place}{cols}: {detail}")
+}

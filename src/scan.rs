@@ -1,0 +1,260 @@
+//! One scan: discovery -> catalog -> checks -> report.
+//!
+//! Invariants: discovery and the catalog come from one read-only snapshot; each tenant's data
+//! checks run in one read-only `REPEATABLE READ` transaction of its own (one snapshot per
+//! tenant), at most `scan.concurrency` tenants at a time. A failing probe or tenant is recorded
+//! in the report and never fails the scan; only failures that leave nothing to scan (no
+//! connection, no discovery, no catalog) do.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use futures::stream::{self, StreamExt};
+use tokio_postgres::IsolationLevel;
+
+use crate::catalog::{self, Catalog};
+use crate::checks::{self, null_timestamps, orphan_rows, Context, Shape};
+use crate::config::Config;
+use crate::db::{self, DbError};
+use crate::report::{Check, Detail, ErrorKind, Finding, Report, ScanError, TenantCounts, REPORT_VERSION};
+use crate::tenants::{self, Discovery, DiscoveryError};
+
+/// Failures that stop a scan before any tenant is looked at.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanFailure {
+    #[error(transparent)]
+    Connect(DbError),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    #[error("cannot read the catalog: {0}")]
+    Catalog(DbError),
+    #[error("reference schema {0:?} (tenants.reference_schema) does not exist or has no tables")]
+    NoReference(String),
+}
+
+/// Called after each tenant with (tenants done, tenants in all).
+pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+/// Runs one scan of the database behind `pool`.
+pub async fn run(config: &Config, pool: &Pool, progress: Option<Progress<'_>>) -> Result<Report, ScanFailure> {
+    let started_at = Utc::now();
+    let clock = Instant::now();
+    let target = &config.database.target;
+    let (discovery, catalog) = read_snapshot(config, pool).await?;
+    let tenants: BTreeSet<String> = discovery.tenants.iter().cloned().collect();
+    let reference_schema = config.tenants.reference_schema.as_deref();
+    if let Some(name) = reference_schema {
+        if !catalog.schemas.contains_key(name) {
+            return Err(ScanFailure::NoReference(name.to_string()));
+        }
+    }
+    let shape = Shape::build(&catalog, &tenants, &config.tenants.shared_schema, reference_schema);
+    let ctx = Context {
+        catalog: &catalog,
+        tenants: &tenants,
+        shared_schema: &config.tenants.shared_schema,
+        reference: &shape,
+        config: &config.checks,
+    };
+
+    let mut findings = registry_findings(&discovery);
+    let mut errors = unreadable_tables(&catalog, &tenants, &config.tenants.shared_schema);
+    for tenant in &tenants {
+        findings.extend(checks::catalog_findings(&ctx, tenant));
+    }
+
+    let total = tenants.len();
+    let samples = config.report.sample_keys;
+    let mut outcomes = stream::iter(tenants.iter())
+        .map(|tenant| scan_tenant(pool, target, tenant, checks::plan(&ctx, tenant), samples))
+        .buffer_unordered(config.scan.concurrency);
+    let mut done = 0;
+    while let Some((tenant_findings, tenant_errors)) = outcomes.next().await {
+        findings.extend(tenant_findings);
+        errors.extend(tenant_errors);
+        done += 1;
+        if let Some(report_progress) = progress {
+            report_progress(done, total);
+        }
+    }
+    drop(outcomes);
+
+    findings.sort_by(|a, b| (a.check, &a.schema, &a.table, &a.columns).cmp(&(b.check, &b.schema, &b.table, &b.columns)));
+    errors.sort_by(|a, b| (&a.schema, &a.table, a.kind).cmp(&(&b.schema, &b.table, b.kind)));
+    let failed: BTreeSet<&String> = errors.iter().filter_map(|e| e.schema.as_ref()).filter(|s| tenants.contains(*s)).collect();
+    let report = Report {
+        version: REPORT_VERSION,
+        database: target.clone(),
+        started_at,
+        finished_at: Utc::now(),
+        duration_seconds: clock.elapsed().as_secs_f64(),
+        reference_schema: reference_schema.map(str::to_string),
+        tenants: TenantCounts { discovered: total, scanned: total - failed.len(), failed: failed.len() },
+        summary: Report::summarize(&findings),
+        findings,
+        errors,
+    };
+    tracing::info!(
+        database = %report.database,
+        tenants = report.tenants.discovered,
+        failed = report.tenants.failed,
+        findings = report.findings.len(),
+        errors = report.errors.len(),
+        duration_seconds = report.duration_seconds,
+        "scan finished"
+    );
+    Ok(report)
+}
+
+/// Discovery and the catalog, from one read-only snapshot.
+async fn read_snapshot(config: &Config, pool: &Pool) -> Result<(Discovery, Catalog), ScanFailure> {
+    let mut session = db::session(pool, &config.database.target).await.map_err(ScanFailure::Connect)?;
+    let client: &mut tokio_postgres::Client = &mut session;
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|e| ScanFailure::Catalog(e.into()))?;
+    let discovery = tenants::discover(&tx, &config.tenants).await?;
+    let mut schemas = discovery.tenants.clone();
+    schemas.push(config.tenants.shared_schema.clone());
+    schemas.extend(config.tenants.reference_schema.clone());
+    let catalog = catalog::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?;
+    tx.commit().await.map_err(|e| ScanFailure::Catalog(e.into()))?;
+    Ok((discovery, catalog))
+}
+
+fn registry_findings(discovery: &Discovery) -> Vec<Finding> {
+    let finding = |check: Check, schema: &String| Finding {
+        check,
+        severity: check.severity(),
+        schema: schema.clone(),
+        table: None,
+        columns: Vec::new(),
+        count: 1,
+        sample_keys: Vec::new(),
+        detail: Detail::None,
+    };
+    let missing = discovery.missing.iter().map(|s| finding(Check::MissingSchema, s));
+    let unregistered = discovery.unregistered.iter().map(|s| finding(Check::UnregisteredSchema, s));
+    missing.chain(unregistered).collect()
+}
+
+/// Tables of the tenants and the shared schema the scanning role cannot read.
+fn unreadable_tables(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str) -> Vec<ScanError> {
+    let schemas = tenants.iter().map(String::as_str).chain([shared]);
+    let mut out = Vec::new();
+    for schema in schemas {
+        let Some(s) = catalog.schemas.get(schema) else { continue };
+        for (table, _) in s.tables.iter().filter(|(_, t)| !t.readable) {
+            out.push(ScanError {
+                kind: ErrorKind::Permission,
+                schema: Some(schema.to_string()),
+                table: Some(table.clone()),
+                message: "permission denied: the scanning role needs USAGE on the schema and SELECT on the table".into(),
+            });
+        }
+    }
+    out
+}
+
+/// Runs one tenant's probes in its own snapshot, each under a savepoint so that one failing
+/// probe (a timeout, a type mismatch in a declared relationship) does not hide the others.
+async fn scan_tenant(
+    pool: &Pool,
+    target: &str,
+    tenant: &str,
+    plan: checks::Plan,
+    samples: usize,
+) -> (Vec<Finding>, Vec<ScanError>) {
+    let mut findings = Vec::new();
+    let mut errors = Vec::new();
+    let error = |kind, table: Option<&str>, message: String| ScanError {
+        kind,
+        schema: Some(tenant.to_string()),
+        table: table.map(str::to_string),
+        message,
+    };
+    let mut session = match db::session(pool, target).await {
+        Ok(c) => c,
+        Err(e) => return (findings, vec![error(ErrorKind::Connection, None, e.to_string())]),
+    };
+    let client: &mut tokio_postgres::Client = &mut session;
+    let mut tx = match client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await {
+        Ok(tx) => tx,
+        Err(e) => return (findings, vec![error(classify(&e.into()), None, "cannot start transaction".into())]),
+    };
+    let mut dropped = false;
+    let probes = plan.orphans.iter().map(|p| Probe::Orphans(p)).chain(plan.nulls.iter().map(|p| Probe::Nulls(p)));
+    for probe in probes {
+        let result = match tx.savepoint("probe").await {
+            Ok(sp) => {
+                let result = match probe {
+                    Probe::Orphans(p) => orphan_rows::run(&sp, tenant, p, samples).await,
+                    Probe::Nulls(p) => null_timestamps::run(&sp, tenant, p, samples).await,
+                };
+                match &result {
+                    Ok(_) => sp.commit().await.map_err(DbError::from).and(result),
+                    Err(_) => {
+                        let _ = sp.rollback().await;
+                        result
+                    }
+                }
+            }
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(found) => findings.extend(found),
+            Err(e) => {
+                let kind = classify(&e);
+                if matches!(e.code(), Some("42P01" | "3F000")) || kind == ErrorKind::Connection {
+                    dropped = kind != ErrorKind::Connection;
+                    errors.push(error(kind, Some(probe.table()), e.to_string()));
+                    break;
+                }
+                errors.push(error(kind, Some(probe.table()), e.to_string()));
+            }
+        }
+    }
+    let _ = tx.rollback().await;
+    if dropped && !schema_exists(client, tenant).await.unwrap_or(true) {
+        // The schema is gone: report that once instead of the failed probe's message.
+        errors.retain(|e| !matches!(e.kind, ErrorKind::Query));
+        errors.push(error(ErrorKind::TenantDropped, None, "schema was dropped during the scan".into()));
+        findings.clear();
+    }
+    (findings, errors)
+}
+
+enum Probe<'a> {
+    Orphans(&'a orphan_rows::Probe),
+    Nulls(&'a null_timestamps::Probe),
+}
+
+impl Probe<'_> {
+    fn table(&self) -> &str {
+        match self {
+            Probe::Orphans(p) => &p.table,
+            Probe::Nulls(p) => &p.table,
+        }
+    }
+}
+
+async fn schema_exists(client: &tokio_postgres::Client, schema: &str) -> Result<bool, DbError> {
+    let row = client.query_one("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)", &[&schema]).await?;
+    Ok(row.get(0))
+}
+
+/// Maps a database error to the error kind of the report (and of the metrics).
+fn classify(e: &DbError) -> ErrorKind {
+    match e.code() {
+        Some("42501") => ErrorKind::Permission,
+        Some("57014" | "55P03") => ErrorKind::Timeout,
+        Some(_) => ErrorKind::Query,
+        None => ErrorKind::Connection,
+    }
+}

@@ -1,0 +1,73 @@
+//! Identifier quoting: the single place where names become SQL text.
+//!
+//! Invariant: every schema, table and column name that appears in generated SQL passes through
+//! [`ident`] (or [`qualified`]); values never do, they are bind parameters.
+
+/// Quotes an identifier the way PostgreSQL's `quote_ident` would when forced: wraps it in
+/// double quotes and doubles any embedded double quote. Always quoting keeps case, spaces,
+/// hyphens and non-ASCII letters intact and makes keywords harmless.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A schema-qualified relation name, both parts quoted.
+pub fn qualified(schema: &str, table: &str) -> String {
+    format!("{}.{}", ident(schema), ident(table))
+}
+
+/// `alias."a", alias."b"`: a column list for SELECT, GROUP BY or ORDER BY.
+pub fn columns(alias: &str, names: &[String]) -> String {
+    names.iter().map(|n| format!("{alias}.{}", ident(n))).collect::<Vec<_>>().join(", ")
+}
+
+/// A key as one text value: the column's text for a single column, the row literal
+/// (`(7,abc)`) for a composite key.
+pub fn key_text(alias: &str, names: &[String]) -> String {
+    match names {
+        [one] => format!("{alias}.{}::text", ident(one)),
+        _ => format!("ROW({})::text", columns(alias, names)),
+    }
+}
+
+/// Renders `name` as it appears in human output: `schema.table`, quoted only where needed.
+pub fn display_name(schema: &str, table: &str) -> String {
+    format!("{}.{}", display_ident(schema), display_ident(table))
+}
+
+fn display_ident(name: &str) -> String {
+    let plain = !name.is_empty()
+        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        ident(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_hostile_names() {
+        assert_eq!(ident("plain"), "\"plain\"");
+        assert_eq!(ident("We\"ird"), "\"We\"\"ird\"");
+        assert_eq!(ident("x\"; DROP TABLE t; --"), "\"x\"\"; DROP TABLE t; --\"");
+        assert_eq!(qualified("Ten ant", "Ä-b"), "\"Ten ant\".\"Ä-b\"");
+    }
+
+    #[test]
+    fn keys_render_as_one_text_value() {
+        let one = vec!["id".to_string()];
+        let two = vec!["a".to_string(), "B b".to_string()];
+        assert_eq!(key_text("c", &one), "c.\"id\"::text");
+        assert_eq!(key_text("c", &two), "ROW(c.\"a\", c.\"B b\")::text");
+    }
+
+    #[test]
+    fn display_quotes_only_when_needed() {
+        assert_eq!(display_name("tenant_a", "users_userprofile"), "tenant_a.users_userprofile");
+        assert_eq!(display_name("Tenant A", "t"), "\"Tenant A\".t");
+    }
+}

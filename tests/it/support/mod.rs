@@ -1,0 +1,2 @@
+//! Shared helpers for the `it` integration tests.
+pub mod pg;
