@@ -122,6 +122,8 @@ ORDER BY 1, 2, 3";
 pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Catalog, DbError> {
     let mut catalog = Catalog::default();
     for row in client.query(COLUMNS, &[&schemas]).await? {
+        // A relation dropped while this query runs comes back with NULL privileges: skip it.
+        let Some(readable) = row.get::<_, Option<bool>>(7) else { continue };
         let table = catalog
             .schemas
             .entry(row.get(0))
@@ -138,7 +140,7 @@ pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Cat
             }
             table.primary_key[pos] = name.clone();
         }
-        table.readable = row.get(7);
+        table.readable = readable;
         table.columns.push(Column { name, data_type: row.get(3), not_null: row.get(4), default: row.get(5) });
     }
     for row in client.query(FOREIGN_KEYS, &[&schemas]).await? {

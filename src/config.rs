@@ -17,8 +17,8 @@ pub const DATABASE_URL_ENV: &str = "TENANT_AUDIT_DATABASE_URL";
 /// Why a configuration was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read config file {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error("config file {path}, line {line}: {message}")]
     Parse { path: PathBuf, line: usize, message: String },
     #[error("config key {key}: {message}")]
@@ -114,7 +114,7 @@ impl Config {
     /// Reads and validates the file at `path`, applying the environment overrides.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+            .map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
         let env_url = std::env::var(DATABASE_URL_ENV).ok().filter(|v| !v.is_empty());
         Config::from_toml(&text, path, env_url)
     }

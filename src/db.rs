@@ -20,7 +20,15 @@ pub enum DbError {
     #[error("cannot connect to database {target}: {reason}")]
     Connect { target: String, reason: String },
     #[error("{}", describe(.0))]
-    Query(#[from] tokio_postgres::Error),
+    Query(tokio_postgres::Error),
+}
+
+// Written by hand rather than `#[from]`, which would also make the driver error the `source`
+// and print its message twice in an error chain.
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::Query(e)
+    }
 }
 
 impl DbError {

@@ -42,8 +42,16 @@ pub async fn run(config: &Config, pool: &Pool, progress: Option<Progress<'_>>) -
     let started_at = Utc::now();
     let clock = Instant::now();
     let target = &config.database.target;
-    let (discovery, catalog) = read_snapshot(config, pool).await?;
-    let tenants: BTreeSet<String> = discovery.tenants.iter().cloned().collect();
+    let (discovery, catalog, present) = read_snapshot(config, pool).await?;
+    let mut errors = Vec::new();
+    let mut tenants = BTreeSet::new();
+    for tenant in &discovery.tenants {
+        if present.contains(tenant) {
+            tenants.insert(tenant.clone());
+        } else {
+            errors.push(dropped(tenant));
+        }
+    }
     let reference_schema = config.tenants.reference_schema.as_deref();
     if let Some(name) = reference_schema {
         if !catalog.schemas.contains_key(name) {
@@ -60,15 +68,19 @@ pub async fn run(config: &Config, pool: &Pool, progress: Option<Progress<'_>>) -
     };
 
     let mut findings = registry_findings(&discovery);
-    let mut errors = unreadable_tables(&catalog, &tenants, &config.tenants.shared_schema);
+    errors.extend(unreadable_tables(&catalog, &tenants, &config.tenants.shared_schema));
     for tenant in &tenants {
         findings.extend(checks::catalog_findings(&ctx, tenant));
     }
 
     let total = tenants.len();
+    let discovered = discovery.tenants.len();
     let samples = config.report.sample_keys;
-    let mut outcomes = stream::iter(tenants.iter())
-        .map(|tenant| scan_tenant(pool, target, tenant, checks::plan(&ctx, tenant), samples))
+    // Plans are owned values so the stream's closure borrows nothing per item (which keeps the
+    // whole scan future `Send` for callers that spawn it).
+    let work: Vec<(String, checks::Plan)> = tenants.iter().map(|t| (t.clone(), checks::plan(&ctx, t))).collect();
+    let mut outcomes = stream::iter(work)
+        .map(|(tenant, plan)| async move { scan_tenant(pool, target, &tenant, plan, samples).await })
         .buffer_unordered(config.scan.concurrency);
     let mut done = 0;
     while let Some((tenant_findings, tenant_errors)) = outcomes.next().await {
@@ -83,7 +95,8 @@ pub async fn run(config: &Config, pool: &Pool, progress: Option<Progress<'_>>) -
 
     findings.sort_by(|a, b| (a.check, &a.schema, &a.table, &a.columns).cmp(&(b.check, &b.schema, &b.table, &b.columns)));
     errors.sort_by(|a, b| (&a.schema, &a.table, a.kind).cmp(&(&b.schema, &b.table, b.kind)));
-    let failed: BTreeSet<&String> = errors.iter().filter_map(|e| e.schema.as_ref()).filter(|s| tenants.contains(*s)).collect();
+    let failed: BTreeSet<&String> =
+        errors.iter().filter_map(|e| e.schema.as_ref()).filter(|s| discovery.tenants.contains(*s)).collect();
     let report = Report {
         version: REPORT_VERSION,
         database: target.clone(),
@@ -91,7 +104,7 @@ pub async fn run(config: &Config, pool: &Pool, progress: Option<Progress<'_>>) -
         finished_at: Utc::now(),
         duration_seconds: clock.elapsed().as_secs_f64(),
         reference_schema: reference_schema.map(str::to_string),
-        tenants: TenantCounts { discovered: total, scanned: total - failed.len(), failed: failed.len() },
+        tenants: TenantCounts { discovered, scanned: discovered - failed.len(), failed: failed.len() },
         summary: Report::summarize(&findings),
         findings,
         errors,
@@ -108,8 +121,9 @@ pub async fn run(config: &Config, pool: &Pool, progress: Option<Progress<'_>>) -
     Ok(report)
 }
 
-/// Discovery and the catalog, from one read-only snapshot.
-async fn read_snapshot(config: &Config, pool: &Pool) -> Result<(Discovery, Catalog), ScanFailure> {
+/// Discovery and the catalog, from one read-only snapshot, and which tenants still exist once
+/// the catalog has been read (a tenant dropped meanwhile has tables missing from the catalog).
+async fn read_snapshot(config: &Config, pool: &Pool) -> Result<(Discovery, Catalog, BTreeSet<String>), ScanFailure> {
     let mut session = db::session(pool, &config.database.target).await.map_err(ScanFailure::Connect)?;
     let client: &mut tokio_postgres::Client = &mut session;
     let tx = client
@@ -125,7 +139,8 @@ async fn read_snapshot(config: &Config, pool: &Pool) -> Result<(Discovery, Catal
     schemas.extend(config.tenants.reference_schema.clone());
     let catalog = catalog::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?;
     tx.commit().await.map_err(|e| ScanFailure::Catalog(e.into()))?;
-    Ok((discovery, catalog))
+    let present = tenants::still_present(&*client, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
+    Ok((discovery, catalog, present))
 }
 
 fn registry_findings(discovery: &Discovery) -> Vec<Finding> {
@@ -188,7 +203,7 @@ async fn scan_tenant(
         Ok(tx) => tx,
         Err(e) => return (findings, vec![error(classify(&e.into()), None, "cannot start transaction".into())]),
     };
-    let mut dropped = false;
+    let mut gone = false;
     let probes = plan.orphans.iter().map(|p| Probe::Orphans(p)).chain(plan.nulls.iter().map(|p| Probe::Nulls(p)));
     for probe in probes {
         let result = match tx.savepoint("probe").await {
@@ -212,7 +227,7 @@ async fn scan_tenant(
             Err(e) => {
                 let kind = classify(&e);
                 if matches!(e.code(), Some("42P01" | "3F000")) || kind == ErrorKind::Connection {
-                    dropped = kind != ErrorKind::Connection;
+                    gone = kind != ErrorKind::Connection;
                     errors.push(error(kind, Some(probe.table()), e.to_string()));
                     break;
                 }
@@ -221,13 +236,22 @@ async fn scan_tenant(
         }
     }
     let _ = tx.rollback().await;
-    if dropped && !schema_exists(client, tenant).await.unwrap_or(true) {
+    if gone && !schema_exists(client, tenant).await.unwrap_or(true) {
         // The schema is gone: report that once instead of the failed probe's message.
         errors.retain(|e| !matches!(e.kind, ErrorKind::Query));
-        errors.push(error(ErrorKind::TenantDropped, None, "schema was dropped during the scan".into()));
+        errors.push(dropped(tenant));
         findings.clear();
     }
     (findings, errors)
+}
+
+fn dropped(tenant: &str) -> ScanError {
+    ScanError {
+        kind: ErrorKind::TenantDropped,
+        schema: Some(tenant.to_string()),
+        table: None,
+        message: "schema was dropped during the scan".into(),
+    }
 }
 
 enum Probe<'a> {

@@ -1,8 +1,8 @@
 //! Tenant discovery: which schemas are tenants, which registered tenants have no schema, and
 //! which tenant-looking schemas have no registry row.
 //!
-//! Invariants: two queries whatever the tenant count (one over `pg_namespace`, one over the
-//! registry table); system schemas, the shared schema and the reference schema are never tenants.
+//! Invariants: a constant number of queries whatever the tenant count (`pg_namespace` and the
+//! registry table, plus one re-check of the tenants' existence after the catalog is read); system schemas, the shared schema and the reference schema are never tenants.
 
 use std::collections::BTreeSet;
 
@@ -28,14 +28,17 @@ pub struct Discovery {
 pub enum DiscoveryError {
     #[error("tenant registry {table} does not exist (set tenants.registry_table, or tenants.registry = false)")]
     NoRegistry { table: String },
-    #[error("cannot read tenant registry {table}: {source}")]
-    Registry { table: String, source: DbError },
+    #[error("cannot read tenant registry {table}: {cause}")]
+    Registry { table: String, cause: DbError },
     #[error("cannot list schemas: {0}")]
     Namespaces(DbError),
 }
 
+/// The comment that opens both discovery queries, so they can be counted in `pg_stat_statements`.
+pub const QUERY_TAG: &str = "/* tenant-audit:discovery */";
+
 /// Every schema in the database, system schemas left out in SQL.
-const LIST_SCHEMAS: &str = "\
+const LIST_SCHEMAS: &str = "/* tenant-audit:discovery */
 SELECT nspname FROM pg_catalog.pg_namespace
 WHERE nspname NOT IN ('pg_catalog', 'information_schema')
   AND nspname !~ '^pg_(toast|temp)'";
@@ -59,7 +62,7 @@ pub async fn discover(client: &impl GenericClient, cfg: &TenantsConfig) -> Resul
 async fn read_registry(client: &impl GenericClient, registry: &Registry) -> Result<BTreeSet<String>, DiscoveryError> {
     let table = sql::display_name(&registry.schema, &registry.table);
     let query = format!(
-        "SELECT DISTINCT {col}::text FROM {tbl} WHERE {col} IS NOT NULL",
+        "{QUERY_TAG}\nSELECT DISTINCT {col}::text FROM {tbl} WHERE {col} IS NOT NULL",
         col = sql::ident(&registry.column),
         tbl = sql::qualified(&registry.schema, &registry.table),
     );
@@ -69,10 +72,18 @@ async fn read_registry(client: &impl GenericClient, registry: &Registry) -> Resu
             let e = DbError::from(e);
             match e.code() {
                 Some("42P01" | "3F000") => Err(DiscoveryError::NoRegistry { table }),
-                _ => Err(DiscoveryError::Registry { table, source: e }),
+                _ => Err(DiscoveryError::Registry { table, cause: e }),
             }
         }
     }
+}
+
+/// Which of `names` still exist. Run after the catalog snapshot, outside it, to notice tenants
+/// dropped while the catalog was read.
+pub async fn still_present(client: &impl GenericClient, names: &[String]) -> Result<BTreeSet<String>, DbError> {
+    const PRESENT: &str = "/* tenant-audit:discovery */
+SELECT nspname::text FROM pg_catalog.pg_namespace WHERE nspname = ANY($1)";
+    Ok(client.query(PRESENT, &[&names]).await?.iter().map(|r| r.get(0)).collect())
 }
 
 /// Applies the discovery rules to the schema list and the registry contents.

@@ -1,2 +1,78 @@
-//! Shared helpers for the `it` integration tests.
+//! Test support: the throwaway PostgreSQL (`pg`), fixture databases, configs, and the binary.
+
 pub mod pg;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tenant_audit::config::Config;
+use tenant_audit::report::{Detail, Finding, Report};
+
+/// The SQL every fixture starts from (shared tables and `pg_temp.create_tenant`).
+pub const BASE_SQL: &str = include_str!("../../fixtures/base.sql");
+/// The demo database: every failure mode of the post-mortem.
+pub const DEMO_SQL: &str = include_str!("../../fixtures/demo.sql");
+
+/// A fresh database named `name` holding `BASE_SQL` followed by `sql`, run in one session.
+pub async fn fixture_db(name: &str, sql: &str) -> String {
+    let url = pg::fresh_db(name).await;
+    let client = pg::connect(&url).await;
+    client.batch_execute(&format!("{BASE_SQL}\n{sql}")).await.unwrap_or_else(|e| panic!("fixture {name}: {e:?}"));
+    url
+}
+
+/// A validated config for `url` plus extra TOML (sections after the URL line).
+pub fn config(url: &str, extra: &str) -> Config {
+    let text = format!("database_url = {url:?}\n{extra}");
+    Config::from_toml(&text, Path::new("test.toml"), None).unwrap_or_else(|e| panic!("config: {e}\n{text}"))
+}
+
+/// Runs one scan in-process.
+pub async fn scan(config: &Config) -> Report {
+    let pool = tenant_audit::db::scan_pool(&config.database, &config.scan);
+    tenant_audit::scan::run(config, &pool, None).await.unwrap_or_else(|e| panic!("scan failed: {e}"))
+}
+
+/// One line per finding: `check schema.table(cols) count detail [samples]`, compact enough to
+/// assert a whole report at once.
+pub fn lines(findings: &[Finding]) -> Vec<String> {
+    findings.iter().map(line).collect()
+}
+
+fn line(f: &Finding) -> String {
+    let place = match &f.table {
+        Some(t) => format!("{}.{}({})", f.schema, t, f.columns.join(",")),
+        None => f.schema.clone(),
+    };
+    let detail = match &f.detail {
+        Detail::CrossSchemaFk { target_schema, target_table, reason, .. } => {
+            format!("-> {target_schema}.{target_table} {reason:?}")
+        }
+        Detail::OrphanRows { parent_schema, parent_table, parent_location, relationship, .. } => {
+            format!("-> {parent_schema}.{parent_table} {parent_location:?} {relationship:?}")
+        }
+        Detail::NullTimestamps { data_type } => data_type.clone(),
+        Detail::SchemaDrift { difference, expected, actual } => format!("{difference:?} {expected:?} {actual:?}"),
+        Detail::None => String::new(),
+    };
+    format!("{} {place} {} {detail} {:?}", f.check.name(), f.count, f.sample_keys).trim_end().to_string()
+}
+
+/// Runs the `tenant-audit` binary with `args` and extra environment variables.
+pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tenant-audit"));
+    cmd.args(args).env_remove("TENANT_AUDIT_DATABASE_URL").env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run tenant-audit")
+}
+
+/// Writes `text` to a config file in a fresh temp dir and returns its path.
+pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tenant-audit-it-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}

@@ -1,0 +1,6 @@
+//! Integration tests against a real PostgreSQL that the harness starts itself (or the server
+//! of `DATABASE_URL`). Each test builds its own database from the SQL fixtures.
+
+mod cli;
+mod scan;
+mod support;
