@@ -289,9 +289,9 @@ impl Report {
             }
             let _ = writeln!(
                 out,
-                "{} ({:?}): {} findings, count {}, {} schemas",
+                "{} ({}): {} findings, count {}, {} schemas",
                 check.name().to_uppercase(),
-                check.severity(),
+                format!("{:?}", check.severity()).to_lowercase(),
                 summary.findings,
                 summary.count,
                 summary.schemas
@@ -346,7 +346,7 @@ fn describe(f: &Finding) -> String {
         }
         Detail::OrphanRows { parent_schema, parent_table, parent_columns, parent_location, relationship, .. } => {
             format!(
-                "{} rows without parent in {}({}); parent {}, {:?} relationship",
+                "{} row(s) without parent in {}({}); parent {}, {} relationship",
                 f.count,
                 display_name(parent_schema, parent_table),
                 parent_columns.join(", "),
@@ -354,10 +354,10 @@ fn describe(f: &Finding) -> String {
                     ParentLocation::Shared => "exists in the shared schema",
                     ParentLocation::Missing => "missing everywhere",
                 },
-                relationship
+                format!("{relationship:?}").to_lowercase()
             )
         }
-        Detail::NullTimestamps { data_type } => format!("{} NULL values ({data_type})", f.count),
+        Detail::NullTimestamps { data_type } => format!("{} NULL value(s) ({data_type})", f.count),
         Detail::SchemaDrift { difference, expected, actual } => format!(
             "{}: expected {}, found {}",
             difference.name(),

@@ -43,7 +43,7 @@ async fn json_report_and_exit_codes() {
     let out = cli(&["scan", "--config", path], &env);
     assert_eq!(out.status.code(), Some(0), "findings without --fail-on-findings exit 0");
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.starts_with("CROSS_SCHEMA_FK (Critical): 1 findings"), "{table}");
+    assert!(table.starts_with("CROSS_SCHEMA_FK (critical): 1 findings"), "{table}");
 }
 
 #[tokio::test]
