@@ -10,9 +10,10 @@ pub struct Cli {
     /// Log line format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Log filter in `RUST_LOG` syntax, e.g. `info` or `tenant_audit=debug`.
-    #[arg(long, global = true, env = "RUST_LOG", default_value = "warn")]
-    pub log_filter: String,
+    /// Log filter in `RUST_LOG` syntax, e.g. `info` or `tenant_audit=debug` [default: `warn` for
+    /// scan, `info` for serve].
+    #[arg(long, global = true, env = "RUST_LOG")]
+    pub log_filter: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -21,6 +22,15 @@ pub struct Cli {
 pub enum Command {
     /// Scan every tenant once and print the findings.
     Scan(ScanArgs),
+    /// Run the daemon: scheduled scans, Prometheus metrics and the report over HTTP.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Path of the TOML configuration file.
+    #[arg(long)]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]

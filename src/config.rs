@@ -39,6 +39,30 @@ pub struct Config {
     pub scan: ScanConfig,
     pub checks: ChecksConfig,
     pub report: ReportConfig,
+    pub serve: ServeConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// The daemon (`tenant-audit serve`).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: std::net::SocketAddr,
+    pub schedule: cron::Schedule,
+    pub scan_on_start: bool,
+    /// `/readyz` fails when the last successful scan is older than this.
+    pub ready_max_age: Duration,
+    /// How long shutdown may take before the process exits anyway.
+    pub shutdown_timeout: Duration,
+    /// First and largest wait between retries while the database is unreachable.
+    pub retry_initial_backoff: Duration,
+    pub retry_max_backoff: Duration,
+}
+
+/// Metric export settings.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Most per-schema series exported; beyond it only aggregates are.
+    pub max_tenant_series: usize,
 }
 
 /// Where and how to connect. `pg` holds the password; only `target` is ever displayed.
@@ -147,6 +171,48 @@ struct RawConfig {
     checks: RawChecks,
     #[serde(default)]
     report: RawReport,
+    #[serde(default)]
+    serve: RawServe,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServe {
+    listen: String,
+    schedule: String,
+    scan_on_start: bool,
+    ready_max_age: Option<String>,
+    shutdown_timeout: String,
+    retry_initial_backoff: String,
+    retry_max_backoff: String,
+}
+
+impl Default for RawServe {
+    fn default() -> Self {
+        RawServe {
+            listen: "0.0.0.0:9841".into(),
+            schedule: "0 */5 * * * *".into(),
+            scan_on_start: true,
+            ready_max_age: None,
+            shutdown_timeout: "10s".into(),
+            retry_initial_backoff: "1s".into(),
+            retry_max_backoff: "60s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    max_tenant_series: usize,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics { max_tenant_series: 2000 }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -231,7 +297,16 @@ impl RawConfig {
         let tenants = self.tenants.validate()?;
         let scan = self.scan.validate()?;
         let checks = self.checks.validate()?;
-        Ok(Config { database, tenants, scan, checks, report: ReportConfig { sample_keys: self.report.sample_keys } })
+        let serve = self.serve.validate()?;
+        Ok(Config {
+            database,
+            tenants,
+            scan,
+            checks,
+            report: ReportConfig { sample_keys: self.report.sample_keys },
+            serve,
+            metrics: MetricsConfig { max_tenant_series: self.metrics.max_tenant_series },
+        })
     }
 }
 
@@ -371,6 +446,46 @@ impl RawScan {
     }
 }
 
+impl RawServe {
+    fn validate(self) -> Result<ServeConfig, ConfigError> {
+        let listen = self
+            .listen
+            .parse()
+            .map_err(|e| ConfigError::invalid("serve.listen", format!("invalid address {:?}: {e}", self.listen)))?;
+        let schedule = cron::Schedule::from_str(&self.schedule).map_err(|e| {
+            ConfigError::invalid("serve.schedule", format!("invalid cron expression {:?}: {e}", self.schedule))
+        })?;
+        let interval = schedule_interval(&schedule)
+            .ok_or_else(|| ConfigError::invalid("serve.schedule", format!("{:?} never fires twice", self.schedule)))?;
+        let ready_max_age = match &self.ready_max_age {
+            Some(v) => parse_duration("serve.ready_max_age", v)?,
+            None => interval * 2,
+        };
+        let retry_initial_backoff = parse_duration("serve.retry_initial_backoff", &self.retry_initial_backoff)?;
+        let retry_max_backoff = parse_duration("serve.retry_max_backoff", &self.retry_max_backoff)?;
+        if retry_max_backoff < retry_initial_backoff {
+            return Err(ConfigError::invalid("serve.retry_max_backoff", "must not be less than serve.retry_initial_backoff"));
+        }
+        Ok(ServeConfig {
+            listen,
+            schedule,
+            scan_on_start: self.scan_on_start,
+            ready_max_age,
+            shutdown_timeout: parse_duration("serve.shutdown_timeout", &self.shutdown_timeout)?,
+            retry_initial_backoff,
+            retry_max_backoff,
+        })
+    }
+}
+
+/// The time between the next two firings of `schedule`: its interval for regular schedules.
+pub fn schedule_interval(schedule: &cron::Schedule) -> Option<Duration> {
+    let mut upcoming = schedule.upcoming(chrono::Utc);
+    let first = upcoming.next()?;
+    let second = upcoming.next()?;
+    (second - first).to_std().ok()
+}
+
 impl RawChecks {
     fn validate(self) -> Result<ChecksConfig, ConfigError> {
         for (i, r) in self.relationships.iter().enumerate() {
@@ -433,6 +548,16 @@ mod tests {
         assert_eq!(c.database.target, "b:5432/y");
         let err = parse("").unwrap_err();
         assert!(err.to_string().starts_with("config key database_url: not set"), "{err}");
+    }
+
+    #[test]
+    fn serve_defaults_and_schedule_validation() {
+        let c = parse("database_url = 'postgres://db/app'").unwrap();
+        assert_eq!(c.serve.listen.to_string(), "0.0.0.0:9841");
+        assert_eq!(c.serve.ready_max_age, Duration::from_secs(600));
+        assert_eq!(c.metrics.max_tenant_series, 2000);
+        let err = parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '*/5 * * *'\n").unwrap_err();
+        assert!(err.to_string().starts_with("config key serve.schedule: invalid cron expression"), "{err}");
     }
 
     #[test]

@@ -77,6 +77,13 @@ fn session_options(statement_timeout: Duration, lock_timeout: Duration, read_onl
     )
 }
 
+/// Checks that the database answers.
+pub async fn ping(pool: &Pool, target: &str) -> Result<(), DbError> {
+    let client = session(pool, target).await?;
+    client.simple_query("SELECT 1").await.map_err(|e| DbError::Connect { target: target.to_string(), reason: describe(&e) })?;
+    Ok(())
+}
+
 /// Takes a session from the pool, turning pool failures into a [`DbError`] naming the target.
 pub async fn session(pool: &Pool, target: &str) -> Result<deadpool_postgres::Object, DbError> {
     pool.get().await.map_err(|e| DbError::Connect { target: target.to_string(), reason: pool_reason(e) })

@@ -6,13 +6,18 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use tenant_audit::cli::{Cli, Command, Format, LogFormat, ScanArgs};
+use tenant_audit::cli::{Cli, Command, Format, LogFormat, ScanArgs, ServeArgs};
 use tenant_audit::config::Config;
-use tenant_audit::{db, scan};
+use tenant_audit::{daemon, db, scan};
+use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log_filter);
+    let default_filter = match cli.command {
+        Command::Scan(_) => "warn",
+        Command::Serve(_) => "info",
+    };
+    init_logging(cli.log_format, cli.log_filter.as_deref().unwrap_or(default_filter));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -24,7 +29,10 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -35,7 +43,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         Command::Scan(args) => runtime.block_on(scan_once(args)),
+        Command::Serve(args) => runtime.block_on(serve(args)),
     }
+}
+
+/// A token cancelled by the first SIGTERM or SIGINT.
+fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        trigger.cancel();
+    });
+    Ok(token)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let listen = config.serve.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (serve.listen)"))?;
+    let address = listener.local_addr().context("cannot read the listening address")?;
+    tracing::info!(%address, database = %config.database.target, "listening; metrics at http://{address}/metrics");
+    let shutdown = shutdown_on_signals()?;
+    daemon::run(config, listener, shutdown).await;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn scan_once(args: ScanArgs) -> anyhow::Result<ExitCode> {
@@ -48,7 +87,8 @@ async fn scan_once(args: ScanArgs) -> anyhow::Result<ExitCode> {
             eprintln!();
         }
     };
-    let report = scan::run(&config, &pool, terminal.then_some(&show_progress as scan::Progress)).await?;
+    let cancel = shutdown_on_signals()?;
+    let report = scan::run(&config, &pool, &cancel, terminal.then_some(&show_progress as scan::Progress)).await?;
     let rendered = match args.format {
         Format::Table => report.to_table(),
         Format::Json => report.to_json() + "\n",

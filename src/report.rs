@@ -121,6 +121,15 @@ pub enum FkReason {
     TenantToTenant,
 }
 
+impl FkReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            FkReason::ShadowedByTenantTable => "shadowed_by_tenant_table",
+            FkReason::TenantToTenant => "tenant_to_tenant",
+        }
+    }
+}
+
 /// Where the missing parent of an orphan row can be found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

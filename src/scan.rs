@@ -12,7 +12,8 @@ use std::time::Instant;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use futures::stream::{self, StreamExt};
-use tokio_postgres::IsolationLevel;
+use tokio_postgres::{IsolationLevel, NoTls};
+use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, Catalog};
 use crate::checks::{self, null_timestamps, orphan_rows, Context, Shape};
@@ -32,17 +33,43 @@ pub enum ScanFailure {
     Catalog(DbError),
     #[error("reference schema {0:?} (tenants.reference_schema) does not exist or has no tables")]
     NoReference(String),
+    #[error("lost the database connection during the scan ({tenants} tenants affected): {message}")]
+    ConnectionLost { tenants: usize, message: String },
+    #[error("the scan was cancelled")]
+    Cancelled,
+}
+
+impl ScanFailure {
+    /// The `kind` label of `tenant_audit_scan_errors_total` for this failure.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ScanFailure::Connect(_) | ScanFailure::ConnectionLost { .. } => ErrorKind::Connection.name(),
+            ScanFailure::Discovery(_) => "discovery",
+            ScanFailure::Catalog(_) => "catalog",
+            ScanFailure::NoReference(_) => "config",
+            ScanFailure::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// Called after each tenant with (tenants done, tenants in all).
 pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
-/// Runs one scan of the database behind `pool`.
-pub async fn run(config: &Config, pool: &Pool, progress: Option<Progress<'_>>) -> Result<Report, ScanFailure> {
+/// Runs one scan of the database behind `pool`. Cancelling `cancel` stops it: running queries
+/// are cancelled on the server and the scan returns [`ScanFailure::Cancelled`].
+pub async fn run(
+    config: &Config,
+    pool: &Pool,
+    cancel: &CancellationToken,
+    progress: Option<Progress<'_>>,
+) -> Result<Report, ScanFailure> {
     let started_at = Utc::now();
     let clock = Instant::now();
     let target = &config.database.target;
-    let (discovery, catalog, present) = read_snapshot(config, pool).await?;
+    let (discovery, catalog, present) = tokio::select! {
+        snapshot = read_snapshot(config, pool) => snapshot?,
+        _ = cancel.cancelled() => return Err(ScanFailure::Cancelled),
+    };
     let mut errors = Vec::new();
     let mut tenants = BTreeSet::new();
     for tenant in &discovery.tenants {
@@ -79,9 +106,10 @@ pub async fn run(config: &Config, pool: &Pool, progress: Option<Progress<'_>>) -
     // Plans are owned values so the stream's closure borrows nothing per item (which keeps the
     // whole scan future `Send` for callers that spawn it).
     let work: Vec<(String, checks::Plan)> = tenants.iter().map(|t| (t.clone(), checks::plan(&ctx, t))).collect();
-    let mut outcomes = stream::iter(work)
-        .map(|(tenant, plan)| async move { scan_tenant(pool, target, &tenant, plan, samples).await })
+    let outcomes = stream::iter(work)
+        .map(|(tenant, plan)| async move { scan_tenant(pool, target, &tenant, plan, samples, cancel).await })
         .buffer_unordered(config.scan.concurrency);
+    let mut outcomes = std::pin::pin!(outcomes);
     let mut done = 0;
     while let Some((tenant_findings, tenant_errors)) = outcomes.next().await {
         findings.extend(tenant_findings);
@@ -92,6 +120,15 @@ pub async fn run(config: &Config, pool: &Pool, progress: Option<Progress<'_>>) -
         }
     }
     drop(outcomes);
+    if cancel.is_cancelled() {
+        return Err(ScanFailure::Cancelled);
+    }
+    // Without a connection the results are partial: fail the scan rather than report tenants
+    // as clean that were never read.
+    let lost: Vec<&ScanError> = errors.iter().filter(|e| e.kind == ErrorKind::Connection).collect();
+    if let Some(first) = lost.first() {
+        return Err(ScanFailure::ConnectionLost { tenants: lost.len(), message: first.message.clone() });
+    }
 
     findings.sort_by(|a, b| (a.check, &a.schema, &a.table, &a.columns).cmp(&(b.check, &b.schema, &b.table, &b.columns)));
     errors.sort_by(|a, b| (&a.schema, &a.table, a.kind).cmp(&(&b.schema, &b.table, b.kind)));
@@ -185,6 +222,7 @@ async fn scan_tenant(
     tenant: &str,
     plan: checks::Plan,
     samples: usize,
+    cancel: &CancellationToken,
 ) -> (Vec<Finding>, Vec<ScanError>) {
     let mut findings = Vec::new();
     let mut errors = Vec::new();
@@ -194,11 +232,15 @@ async fn scan_tenant(
         table: table.map(str::to_string),
         message,
     };
+    if cancel.is_cancelled() {
+        return (findings, errors);
+    }
     let mut session = match db::session(pool, target).await {
         Ok(c) => c,
         Err(e) => return (findings, vec![error(ErrorKind::Connection, None, e.to_string())]),
     };
     let client: &mut tokio_postgres::Client = &mut session;
+    let server_cancel = client.cancel_token();
     let mut tx = match client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await {
         Ok(tx) => tx,
         Err(e) => return (findings, vec![error(classify(&e.into()), None, "cannot start transaction".into())]),
@@ -206,21 +248,14 @@ async fn scan_tenant(
     let mut gone = false;
     let probes = plan.orphans.iter().map(|p| Probe::Orphans(p)).chain(plan.nulls.iter().map(|p| Probe::Nulls(p)));
     for probe in probes {
-        let result = match tx.savepoint("probe").await {
-            Ok(sp) => {
-                let result = match probe {
-                    Probe::Orphans(p) => orphan_rows::run(&sp, tenant, p, samples).await,
-                    Probe::Nulls(p) => null_timestamps::run(&sp, tenant, p, samples).await,
-                };
-                match &result {
-                    Ok(_) => sp.commit().await.map_err(DbError::from).and(result),
-                    Err(_) => {
-                        let _ = sp.rollback().await;
-                        result
-                    }
-                }
+        let result = tokio::select! {
+            result = run_probe(&mut tx, tenant, &probe, samples) => result,
+            _ = cancel.cancelled() => {
+                // Stop the query on the server before letting go of the session, so that
+                // nothing of ours keeps running (or waiting on a lock) after shutdown.
+                let _ = server_cancel.cancel_query(NoTls).await;
+                break;
             }
-            Err(e) => Err(e.into()),
         };
         match result {
             Ok(found) => findings.extend(found),
@@ -243,6 +278,30 @@ async fn scan_tenant(
         findings.clear();
     }
     (findings, errors)
+}
+
+/// Runs one probe under a savepoint, released on success and rolled back on failure.
+async fn run_probe(
+    tx: &mut tokio_postgres::Transaction<'_>,
+    tenant: &str,
+    probe: &Probe<'_>,
+    samples: usize,
+) -> Result<Vec<Finding>, DbError> {
+    let sp = tx.savepoint("probe").await?;
+    let result = match probe {
+        Probe::Orphans(p) => orphan_rows::run(&sp, tenant, p, samples).await,
+        Probe::Nulls(p) => null_timestamps::run(&sp, tenant, p, samples).await,
+    };
+    match result {
+        Ok(found) => {
+            sp.commit().await?;
+            Ok(found)
+        }
+        Err(e) => {
+            let _ = sp.rollback().await;
+            Err(e)
+        }
+    }
 }
 
 fn dropped(tenant: &str) -> ScanError {

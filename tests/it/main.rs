@@ -2,5 +2,6 @@
 //! of `DATABASE_URL`). Each test builds its own database from the SQL fixtures.
 
 mod cli;
+mod daemon;
 mod scan;
 mod support;

@@ -30,7 +30,8 @@ pub fn config(url: &str, extra: &str) -> Config {
 /// Runs one scan in-process.
 pub async fn scan(config: &Config) -> Report {
     let pool = tenant_audit::db::scan_pool(&config.database, &config.scan);
-    tenant_audit::scan::run(config, &pool, None).await.unwrap_or_else(|e| panic!("scan failed: {e}"))
+    let never = tokio_util::sync::CancellationToken::new();
+    tenant_audit::scan::run(config, &pool, &never, None).await.unwrap_or_else(|e| panic!("scan failed: {e}"))
 }
 
 /// One line per finding: `check schema.table(cols) count detail [samples]`, compact enough to
@@ -75,4 +76,73 @@ pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// A daemon running in-process on `127.0.0.1:0`, with its own shutdown trigger.
+pub struct RunningDaemon {
+    pub base: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+    http: reqwest::Client,
+}
+
+/// Starts `tenant_audit::daemon::run` for `config`.
+pub async fn start_daemon(config: Config) -> RunningDaemon {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(tenant_audit::daemon::run(config, listener, shutdown.clone()));
+    RunningDaemon { base, shutdown, handle, http: reqwest::Client::new() }
+}
+
+impl RunningDaemon {
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self.http.get(format!("{}{path}", self.base)).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    pub async fn post(&self, path: &str) -> (u16, String) {
+        let r = self.http.post(format!("{}{path}", self.base)).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// The sample lines of `/metrics` whose metric name is `name` (exactly), sorted.
+    pub async fn samples(&self, name: &str) -> Vec<String> {
+        let (status, text) = self.get("/metrics").await;
+        assert_eq!(status, 200);
+        metric_lines(&text, name)
+    }
+
+    /// Polls `/metrics` until it has the sample line `line` (30 s at most).
+    pub async fn wait_for(&self, line: &str) {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                if self.samples(name).await.iter().any(|l| l == line) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+        })
+        .await;
+        if found.is_err() {
+            panic!("{line} never appeared; /metrics has {:?}", self.samples(name).await);
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap();
+    }
+}
+
+/// Sample lines of metric `name` in a text exposition, sorted.
+pub fn metric_lines(text: &str, name: &str) -> Vec<String> {
+    let mut out: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.split(['{', ' ']).next() == Some(name))
+        .map(str::to_string)
+        .collect();
+    out.sort();
+    out
 }

@@ -1,0 +1,241 @@
+//! The Prometheus metrics: an owned registry, updated from a finished scan and read by `/metrics`.
+//!
+//! Invariants: metrics change only when a scan ends (or the scheduler records a skipped tick or
+//! the database state), never on a scrape; per-finding series are rebuilt from each successful
+//! report, so a fixed problem's series disappears on the next scan; per-schema series are capped
+//! at `metrics.max_tenant_series` and the rest are only in the aggregates. Names and labels are
+//! documented in docs/metrics.md.
+
+use std::sync::Mutex;
+
+use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::report::{Check, Detail, ErrorKind, Finding, Report};
+
+/// Every metric of the process, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    /// Held while a report is applied and while metrics are encoded, so a scrape never sees a
+    /// half-rebuilt set of per-finding series.
+    consistency: Mutex<()>,
+    orphan_rows: IntGaugeVec,
+    null_timestamps: IntGaugeVec,
+    cross_schema_fks: IntGaugeVec,
+    schema_drift: IntGaugeVec,
+    registry_findings: IntGaugeVec,
+    table_orphan_rows: IntGaugeVec,
+    affected_rows: IntGaugeVec,
+    affected_tenants: IntGaugeVec,
+    findings: IntGaugeVec,
+    series_dropped: IntGauge,
+    tenants_discovered: IntGauge,
+    tenants_scanned: IntGauge,
+    tenants_failed: IntGauge,
+    last_scan_duration: Gauge,
+    last_success_timestamp: Gauge,
+    last_scan_success: IntGauge,
+    scan_errors: IntCounterVec,
+    scans: IntCounterVec,
+    skipped_ticks: IntCounter,
+    database_up: IntGauge,
+}
+
+/// Label values of `tenant_audit_scan_errors_total{kind}` besides the per-tenant [`ErrorKind`]s:
+/// failures that stopped a whole scan.
+pub const SCAN_FAILURE_KINDS: [&str; 3] = ["discovery", "catalog", "config"];
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric definition");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::new(name, help).expect("valid metric definition");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let per_schema = ["schema", "table", "column"];
+        let m = Metrics {
+            orphan_rows: gauge_vec(&r, "tenant_audit_orphan_rows", "Child rows whose parent is missing from the tenant's expected parent table.",
+                &[&per_schema[..], &["parent_table", "parent_location"]].concat()),
+            null_timestamps: gauge_vec(&r, "tenant_audit_null_timestamps", "NULL values in a required timestamp column.", &per_schema),
+            cross_schema_fks: gauge_vec(&r, "tenant_audit_cross_schema_fks", "Foreign keys of a tenant that check another schema's table.",
+                &[&per_schema[..], &["target_schema", "target_table", "reason"]].concat()),
+            schema_drift: gauge_vec(&r, "tenant_audit_schema_drift", "Differences between a tenant table and the reference shape.",
+                &[&per_schema[..], &["difference"]].concat()),
+            registry_findings: gauge_vec(&r, "tenant_audit_registry_findings", "Registry rows without a schema and schemas without a registry row.", &["schema", "check"]),
+            table_orphan_rows: gauge_vec(&r, "tenant_audit_table_orphan_rows", "Orphan rows summed over all tenants.",
+                &["table", "column", "parent_table", "parent_location"]),
+            affected_rows: gauge_vec(&r, "tenant_audit_affected_rows", "Rows (or structural problems) found, summed over all tenants.", &["check", "table"]),
+            affected_tenants: gauge_vec(&r, "tenant_audit_affected_tenants", "Tenants with at least one finding.", &["check", "table"]),
+            findings: gauge_vec(&r, "tenant_audit_findings", "Findings of the last successful scan.", &["check"]),
+            series_dropped: int_gauge(&r, "tenant_audit_series_dropped", "Per-schema series not exported because of metrics.max_tenant_series."),
+            tenants_discovered: int_gauge(&r, "tenant_audit_tenants_discovered", "Tenant schemas found by the last successful scan."),
+            tenants_scanned: int_gauge(&r, "tenant_audit_tenants_scanned", "Tenants the last successful scan checked without error."),
+            tenants_failed: int_gauge(&r, "tenant_audit_tenants_failed", "Tenants with an error in the last successful scan."),
+            last_scan_duration: gauge(&r, "tenant_audit_last_scan_duration_seconds", "Duration of the last scan, successful or not."),
+            last_success_timestamp: gauge(&r, "tenant_audit_last_success_timestamp_seconds", "Unix time at which the last successful scan finished."),
+            last_scan_success: int_gauge(&r, "tenant_audit_last_scan_success", "1 if the last scan completed, 0 if it failed."),
+            scan_errors: counter_vec(&r, "tenant_audit_scan_errors_total", "Errors met by scans, by kind.", &["kind"]),
+            scans: counter_vec(&r, "tenant_audit_scans_total", "Scans run, by result.", &["result"]),
+            skipped_ticks: {
+                let c = IntCounter::new("tenant_audit_skipped_ticks_total", "Scheduled scans skipped because a scan was running.").expect("valid metric definition");
+                r.register(Box::new(c.clone())).expect("metric registered once");
+                c
+            },
+            database_up: int_gauge(&r, "tenant_audit_database_up", "1 if the database answered the last attempt, else 0."),
+            consistency: Mutex::new(()),
+            registry: r,
+        };
+        let build = gauge_vec(&m.registry, "tenant_audit_build_info", "Always 1; labels carry the build.", &["version"]);
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // Counters exist from the start, so that rate() and alert rules see them before the
+        // first error.
+        for kind in [ErrorKind::TenantDropped, ErrorKind::Permission, ErrorKind::Timeout, ErrorKind::Connection, ErrorKind::Query] {
+            m.scan_errors.with_label_values(&[kind.name()]);
+        }
+        for kind in SCAN_FAILURE_KINDS {
+            m.scan_errors.with_label_values(&[kind]);
+        }
+        for result in ["success", "failure"] {
+            m.scans.with_label_values(&[result]);
+        }
+        for check in Check::ALL {
+            m.findings.with_label_values(&[check.name()]);
+        }
+        m
+    }
+
+    /// The registry, for callers that register metrics of their own (such as heal).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Replaces the findings series with those of `report` and records the scan's health.
+    pub fn record_report(&self, report: &Report, max_tenant_series: usize) {
+        let _guard = self.consistency.lock().unwrap_or_else(|e| e.into_inner());
+        for vec in [
+            &self.orphan_rows,
+            &self.null_timestamps,
+            &self.cross_schema_fks,
+            &self.schema_drift,
+            &self.registry_findings,
+            &self.table_orphan_rows,
+            &self.affected_rows,
+            &self.affected_tenants,
+        ] {
+            vec.reset();
+        }
+        let mut per_schema: Vec<&Finding> = report.findings.iter().collect();
+        // Most severe first, then largest: what the cap keeps.
+        per_schema.sort_by(|a, b| (a.check, std::cmp::Reverse(a.count)).cmp(&(b.check, std::cmp::Reverse(b.count))));
+        let kept = per_schema.len().min(max_tenant_series);
+        for f in &per_schema[..kept] {
+            self.per_schema_gauge(f).add(f.count as i64);
+        }
+        self.series_dropped.set((per_schema.len() - kept) as i64);
+        self.record_aggregates(report);
+
+        self.tenants_discovered.set(report.tenants.discovered as i64);
+        self.tenants_scanned.set(report.tenants.scanned as i64);
+        self.tenants_failed.set(report.tenants.failed as i64);
+        self.last_scan_duration.set(report.duration_seconds);
+        self.last_success_timestamp.set(report.finished_at.timestamp_millis() as f64 / 1000.0);
+        self.last_scan_success.set(1);
+        self.database_up.set(1);
+        self.scans.with_label_values(&["success"]).inc();
+        for e in &report.errors {
+            self.scan_errors.with_label_values(&[e.kind.name()]).inc();
+        }
+    }
+
+    /// Records a scan that failed as a whole; the last good findings stay exported.
+    pub fn record_failure(&self, kind: &str, duration_seconds: f64) {
+        self.last_scan_success.set(0);
+        self.last_scan_duration.set(duration_seconds);
+        self.scans.with_label_values(&["failure"]).inc();
+        self.scan_errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn set_database_up(&self, up: bool) {
+        self.database_up.set(i64::from(up));
+    }
+
+    pub fn record_skipped_tick(&self) {
+        self.skipped_ticks.inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let _guard = self.consistency.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding of gathered metrics");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+
+    fn per_schema_gauge(&self, f: &Finding) -> IntGauge {
+        let table = f.table.as_deref().unwrap_or("");
+        let column = f.columns.join(",");
+        match &f.detail {
+            Detail::OrphanRows { parent_table, parent_location, .. } => self
+                .orphan_rows
+                .with_label_values(&[&f.schema, table, &column, parent_table, parent_location.name()]),
+            Detail::NullTimestamps { .. } => self.null_timestamps.with_label_values(&[&f.schema, table, &column]),
+            Detail::CrossSchemaFk { target_schema, target_table, reason, .. } => self.cross_schema_fks.with_label_values(&[
+                &f.schema,
+                table,
+                &column,
+                target_schema,
+                target_table,
+                reason.name(),
+            ]),
+            Detail::SchemaDrift { difference, .. } => {
+                self.schema_drift.with_label_values(&[&f.schema, table, &column, difference.name()])
+            }
+            Detail::None => self.registry_findings.with_label_values(&[&f.schema, f.check.name()]),
+        }
+    }
+
+    fn record_aggregates(&self, report: &Report) {
+        for (check, summary) in &report.summary {
+            self.findings.with_label_values(&[check.name()]).set(summary.findings as i64);
+        }
+        let mut tenants: std::collections::BTreeMap<(Check, &str), std::collections::BTreeSet<&str>> = Default::default();
+        for f in &report.findings {
+            let table = f.table.as_deref().unwrap_or("");
+            self.affected_rows.with_label_values(&[f.check.name(), table]).add(f.count as i64);
+            tenants.entry((f.check, table)).or_default().insert(&f.schema);
+            if let Detail::OrphanRows { parent_table, parent_location, .. } = &f.detail {
+                self.table_orphan_rows
+                    .with_label_values(&[table, &f.columns.join(","), parent_table, parent_location.name()])
+                    .add(f.count as i64);
+            }
+        }
+        for ((check, table), schemas) in tenants {
+            self.affected_tenants.with_label_values(&[check.name(), table]).set(schemas.len() as i64);
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The scheduler: scans on the cron schedule (and on demand), never two at once, and keeps the
+//! last good report for the HTTP endpoints.
+//!
+//! Invariants: at most one scan runs at a time (a tick that finds one running is skipped and
+//! counted); a failed scan keeps the previous report and its metrics; everything stops when the
+//! shutdown token is cancelled, running queries included.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::db;
+use crate::metrics::Metrics;
+use crate::report::Report;
+use crate::scan;
+
+/// State shared by the schedule loop, the scans it starts and the HTTP handlers.
+pub struct Scheduler {
+    config: Arc<Config>,
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    /// The last successful scan's report; `None` until one completes.
+    last_report: RwLock<Option<Arc<Report>>>,
+    /// Set while a scan runs: the no-overlap guard.
+    running: AtomicBool,
+    /// Whether the database answered the last connection attempt.
+    database_up: AtomicBool,
+    shutdown: CancellationToken,
+    /// The running scan task, awaited at shutdown.
+    tasks: TaskTracker,
+}
+
+impl Scheduler {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Arc<Scheduler> {
+        let pool = db::scan_pool(&config.database, &config.scan);
+        metrics.set_database_up(false);
+        Arc::new(Scheduler {
+            config,
+            pool,
+            metrics,
+            last_report: RwLock::new(None),
+            running: AtomicBool::new(false),
+            database_up: AtomicBool::new(false),
+            shutdown,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Starts a scan in the background unless one is running; returns whether it started.
+    pub fn try_start_scan(self: &Arc<Self>) -> bool {
+        if self.shutdown.is_cancelled() || self.running.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let me = Arc::clone(self);
+        self.tasks.spawn(async move {
+            me.scan_once().await;
+            me.running.store(false, Ordering::Release);
+        });
+        true
+    }
+
+    pub fn last_report(&self) -> Option<Arc<Report>> {
+        self.last_report.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn is_scanning(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// `Ok` when the database answered and the last successful scan is recent enough, else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.database_up.load(Ordering::Acquire) {
+            return Err("database unreachable".into());
+        }
+        let report = self.last_report().ok_or("no scan has completed yet")?;
+        let age = (Utc::now() - report.finished_at).to_std().unwrap_or_default();
+        if age > self.config.serve.ready_max_age {
+            return Err(format!("last successful scan finished {}s ago", age.as_secs()));
+        }
+        Ok(())
+    }
+
+    /// The schedule loop: waits for the database (capped exponential backoff), optionally scans
+    /// at once, then starts a scan at every cron tick until shutdown.
+    pub async fn run(self: Arc<Self>) {
+        if !self.wait_for_database().await {
+            return;
+        }
+        if self.config.serve.scan_on_start {
+            self.try_start_scan();
+        }
+        loop {
+            let Some(next) = self.config.serve.schedule.upcoming(Utc).next() else { return };
+            let wait = (next - Utc::now()).to_std().unwrap_or_default();
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {
+                    if !self.try_start_scan() {
+                        tracing::warn!("scheduled scan skipped: the previous scan is still running");
+                        self.metrics.record_skipped_tick();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until running scans have ended (they end promptly once shutdown is cancelled).
+    pub async fn wait_idle(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Pings until the database answers; false if shutdown came first.
+    async fn wait_for_database(&self) -> bool {
+        let mut backoff = self.config.serve.retry_initial_backoff;
+        loop {
+            match db::ping(&self.pool, &self.config.database.target).await {
+                Ok(()) => {
+                    self.set_database_up(true);
+                    return true;
+                }
+                Err(e) => {
+                    self.set_database_up(false);
+                    tracing::warn!(error = %e, retry_in_seconds = backoff.as_secs_f64(), "database unreachable");
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.config.serve.retry_max_backoff);
+        }
+    }
+
+    fn set_database_up(&self, up: bool) {
+        self.database_up.store(up, Ordering::Release);
+        self.metrics.set_database_up(up);
+    }
+
+    async fn scan_once(&self) {
+        let clock = Instant::now();
+        match scan::run(&self.config, &self.pool, &self.shutdown, None).await {
+            Ok(report) => {
+                for e in &report.errors {
+                    tracing::warn!(
+                        schema = e.schema.as_deref(),
+                        table = e.table.as_deref(),
+                        kind = e.kind.name(),
+                        error = %e.message,
+                        "tenant scan error"
+                    );
+                }
+                self.set_database_up(true);
+                self.metrics.record_report(&report, self.config.metrics.max_tenant_series);
+                *self.last_report.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(report));
+            }
+            Err(scan::ScanFailure::Cancelled) => tracing::info!("scan cancelled by shutdown"),
+            Err(e) => {
+                if matches!(e, scan::ScanFailure::Connect(_) | scan::ScanFailure::ConnectionLost { .. }) {
+                    self.set_database_up(false);
+                }
+                tracing::error!(error = %e, kind = e.metric_label(), "scan failed");
+                self.metrics.record_failure(e.metric_label(), clock.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
+/// How long to wait for `tasks` before giving up at shutdown.
+pub fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
