@@ -19,11 +19,16 @@
 //! - [`scan`]: one pass: tenants -> catalog -> checks -> report. A failing tenant is recorded,
 //!   never fatal.
 //! - [`report`]: report types and their table and JSON renderings.
+//! - [`metrics`]: the Prometheus registry, rebuilt from each finished report.
+//! - [`schedule`]: the cron loop; one scan at a time; keeps the last good report.
+//! - [`http`]: the HTTP endpoints; never queries PostgreSQL.
+//! - [`daemon`]: `serve`: wires scheduler and HTTP together, shuts down within the timeout.
 //!
 //! # Invariants
 //! - Scanning only reads: every scan query runs in a `READ ONLY` transaction.
 //! - Every identifier in generated SQL goes through [`sql::ident`]; values are bind parameters.
 //! - No password is ever logged or put into an error message.
+//! - A scrape of `/metrics` costs no database query: metrics change only when a scan ends.
 
 pub mod catalog;
 pub mod checks;
