@@ -38,7 +38,19 @@ pub struct Metrics {
     scans: IntCounterVec,
     skipped_ticks: IntCounter,
     database_up: IntGauge,
+    healed_rows: IntCounterVec,
+    heal_errors: IntCounterVec,
+    heal_skipped_tenants: IntCounterVec,
+    heal_runs: IntCounterVec,
+    last_heal_timestamp: Gauge,
 }
+
+/// The repairs heal can make: the `repair` label of the heal metrics.
+pub const REPAIRS: [&str; 3] = ["copy_missing_parents", "backfill_null_timestamps", "add_missing_columns"];
+/// Why heal left a tenant alone: the `reason` label of `tenant_audit_heal_skipped_tenants_total`.
+pub const HEAL_SKIP_REASONS: [&str; 2] = ["lock_timeout", "max_rows_per_run"];
+/// Outcomes of a heal run: the `result` label of `tenant_audit_heal_runs_total`.
+pub const HEAL_RESULTS: [&str; 3] = ["success", "failure", "locked_out"];
 
 /// Label values of `tenant_audit_scan_errors_total{kind}` besides the per-tenant [`ErrorKind`]s:
 /// failures that stopped a whole scan.
@@ -107,6 +119,11 @@ impl Metrics {
                 c
             },
             database_up: int_gauge(&r, "tenant_audit_database_up", "1 if the database answered the last attempt, else 0."),
+            healed_rows: counter_vec(&r, "tenant_audit_healed_rows_total", "Rows (or columns) changed by heal, by repair.", &["repair"]),
+            heal_errors: counter_vec(&r, "tenant_audit_heal_errors_total", "Repairs of a tenant that failed, by repair.", &["repair"]),
+            heal_skipped_tenants: counter_vec(&r, "tenant_audit_heal_skipped_tenants_total", "Tenants heal left for a later run, by reason.", &["reason"]),
+            heal_runs: counter_vec(&r, "tenant_audit_heal_runs_total", "Heal runs, by result (locked_out: another healer held the lock).", &["result"]),
+            last_heal_timestamp: gauge(&r, "tenant_audit_last_heal_timestamp_seconds", "Unix time the last heal run finished."),
             consistency: Mutex::new(()),
             registry: r,
         };
@@ -125,6 +142,16 @@ impl Metrics {
         }
         for check in Check::ALL {
             m.findings.with_label_values(&[check.name()]);
+        }
+        for repair in REPAIRS {
+            m.healed_rows.with_label_values(&[repair]);
+            m.heal_errors.with_label_values(&[repair]);
+        }
+        for reason in HEAL_SKIP_REASONS {
+            m.heal_skipped_tenants.with_label_values(&[reason]);
+        }
+        for result in HEAL_RESULTS {
+            m.heal_runs.with_label_values(&[result]);
         }
         m
     }
