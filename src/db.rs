@@ -67,10 +67,12 @@ pub fn scan_pool(db: &DatabaseConfig, scan: &ScanConfig) -> Pool {
 }
 
 /// Server options sent at connection start-up (`-c name=value`), so they hold for every
-/// statement of the session, including the first.
+/// statement of the session, including the first. `search_path=pg_catalog` makes the catalog
+/// render every non-system name schema-qualified (column defaults included), so no name in a
+/// session of ours resolves through a schema the database's users control.
 fn session_options(statement_timeout: Duration, lock_timeout: Duration, read_only: bool) -> String {
     format!(
-        "-c statement_timeout={} -c lock_timeout={} -c default_transaction_read_only={}",
+        "-c statement_timeout={} -c lock_timeout={} -c default_transaction_read_only={} -c search_path=pg_catalog",
         statement_timeout.as_millis(),
         lock_timeout.as_millis(),
         if read_only { "on" } else { "off" }
@@ -105,7 +107,7 @@ mod tests {
     fn options_set_timeouts_in_milliseconds() {
         assert_eq!(
             session_options(Duration::from_secs(60), Duration::from_millis(2500), true),
-            "-c statement_timeout=60000 -c lock_timeout=2500 -c default_transaction_read_only=on"
+            "-c statement_timeout=60000 -c lock_timeout=2500 -c default_transaction_read_only=on -c search_path=pg_catalog"
         );
     }
 }

@@ -88,7 +88,7 @@ async fn scan_once(args: ScanArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let cancel = shutdown_on_signals()?;
-    let report = scan::run(&config, &pool, &cancel, terminal.then_some(&show_progress as scan::Progress)).await?;
+    let report = scan::run(&config, &pool, &cancel, terminal.then_some(&show_progress as scan::Progress)).await?.report;
     let rendered = match args.format {
         Format::Table => report.to_table(),
         Format::Json => report.to_json() + "\n",

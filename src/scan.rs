@@ -52,6 +52,14 @@ impl ScanFailure {
     }
 }
 
+/// A finished scan: the report, plus the catalog and reference shape it was computed from
+/// (which heal plans its repairs with).
+pub struct Scanned {
+    pub report: Report,
+    pub catalog: Catalog,
+    pub shape: Shape,
+}
+
 /// Called after each tenant with (tenants done, tenants in all).
 pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
@@ -62,7 +70,7 @@ pub async fn run(
     pool: &Pool,
     cancel: &CancellationToken,
     progress: Option<Progress<'_>>,
-) -> Result<Report, ScanFailure> {
+) -> Result<Scanned, ScanFailure> {
     let started_at = Utc::now();
     let clock = Instant::now();
     let target = &config.database.target;
@@ -155,7 +163,7 @@ pub async fn run(
         duration_seconds = report.duration_seconds,
         "scan finished"
     );
-    Ok(report)
+    Ok(Scanned { report, catalog, shape })
 }
 
 /// Discovery and the catalog, from one read-only snapshot, and which tenants still exist once

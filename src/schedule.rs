@@ -146,7 +146,8 @@ impl Scheduler {
     async fn scan_once(&self) {
         let clock = Instant::now();
         match scan::run(&self.config, &self.pool, &self.shutdown, None).await {
-            Ok(report) => {
+            Ok(scanned) => {
+                let report = scanned.report;
                 for e in &report.errors {
                     tracing::warn!(
                         schema = e.schema.as_deref(),

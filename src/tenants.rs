@@ -115,9 +115,16 @@ pub fn classify(schemas: &BTreeSet<String>, registered: Option<&BTreeSet<String>
     Discovery { tenants: tenants.into_iter().collect(), missing, unregistered }
 }
 
-/// Schemas PostgreSQL owns; never tenants, whatever a pattern or registry says.
+/// The schema where heal keeps its audit log; never a tenant.
+pub const AUDIT_SCHEMA: &str = "tenant_audit";
+
+/// Schemas PostgreSQL (or tenant-audit) owns; never tenants, whatever a pattern or registry says.
 fn is_system(name: &str) -> bool {
-    name == "pg_catalog" || name == "information_schema" || name.starts_with("pg_toast") || name.starts_with("pg_temp")
+    name == "pg_catalog"
+        || name == "information_schema"
+        || name == AUDIT_SCHEMA
+        || name.starts_with("pg_toast")
+        || name.starts_with("pg_temp")
 }
 
 #[cfg(test)]
@@ -145,7 +152,7 @@ mod tests {
 
     #[test]
     fn registry_and_patterns_combine() {
-        let schemas = set(&["public", "tenant_a", "tenant_b", "tenant_old", "tenant_template", "pg_toast", "reports"]);
+        let schemas = set(&["public", "tenant_a", "tenant_b", "tenant_old", "tenant_template", "pg_toast", "reports", "tenant_audit"]);
         let registered = set(&["public", "tenant_a", "tenant_gone", "pg_catalog"]);
         let d = classify(&schemas, Some(&registered), &cfg(true, &["^tenant_"], &["_old$"]));
         assert_eq!(d.tenants, ["tenant_a", "tenant_b"]);

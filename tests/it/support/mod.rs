@@ -31,7 +31,7 @@ pub fn config(url: &str, extra: &str) -> Config {
 pub async fn scan(config: &Config) -> Report {
     let pool = tenant_audit::db::scan_pool(&config.database, &config.scan);
     let never = tokio_util::sync::CancellationToken::new();
-    tenant_audit::scan::run(config, &pool, &never, None).await.unwrap_or_else(|e| panic!("scan failed: {e}"))
+    tenant_audit::scan::run(config, &pool, &never, None).await.unwrap_or_else(|e| panic!("scan failed: {e}")).report
 }
 
 /// One line per finding: `check schema.table(cols) count detail [samples]`, compact enough to
