@@ -3,5 +3,10 @@
 
 mod cli;
 mod daemon;
+mod heal;
+mod dashboard;
+mod prometheus;
+mod rules;
 mod scan;
 mod support;
+mod tools;
