@@ -3,7 +3,6 @@
 
 mod cli;
 mod daemon;
-mod heal;
 mod dashboard;
 mod prometheus;
 mod rules;
