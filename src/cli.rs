@@ -24,6 +24,18 @@ pub enum Command {
     Scan(ScanArgs),
     /// Run the daemon: scheduled scans, Prometheus metrics and the report over HTTP.
     Serve(ServeArgs),
+    /// Scan, then print the repair plan (the exact SQL per tenant); with --execute, apply it.
+    Heal(HealArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HealArgs {
+    /// Path of the TOML configuration file.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Apply the plan. Without it, nothing is written.
+    #[arg(long)]
+    pub execute: bool,
 }
 
 #[derive(Debug, clap::Args)]

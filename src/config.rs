@@ -4,6 +4,7 @@
 //! variables; everything else takes a validated [`Config`]. Errors name the offending key (or
 //! file line) and never contain the database password.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -13,6 +14,8 @@ use serde::Deserialize;
 
 /// Environment variable that overrides `database_url` (and `database_url_file`).
 pub const DATABASE_URL_ENV: &str = "TENANT_AUDIT_DATABASE_URL";
+/// Environment variable that overrides `heal.database_url` (and `heal.database_url_file`).
+pub const HEAL_DATABASE_URL_ENV: &str = "TENANT_AUDIT_HEAL_DATABASE_URL";
 
 /// Why a configuration was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,31 @@ pub struct Config {
     pub report: ReportConfig,
     pub serve: ServeConfig,
     pub metrics: MetricsConfig,
+    pub heal: HealConfig,
+}
+
+/// Repairs; every one is off unless enabled.
+#[derive(Debug, Clone)]
+pub struct HealConfig {
+    /// The daemon heals after each successful scan.
+    pub enabled: bool,
+    /// The writer's connection: `heal.database_url` or, when unset, the scan's.
+    pub database: DatabaseConfig,
+    pub copy_missing_parents: bool,
+    pub backfill_null_timestamps: bool,
+    pub add_missing_columns: bool,
+    pub batch_size: usize,
+    pub max_rows_per_run: u64,
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+    /// Per timestamp column, the columns (or `now()`) whose value a NULL is set from, in order.
+    pub fallbacks: BTreeMap<String, Vec<String>>,
+}
+
+impl HealConfig {
+    pub fn any_repair(&self) -> bool {
+        self.copy_missing_parents || self.backfill_null_timestamps || self.add_missing_columns
+    }
 }
 
 /// The daemon (`tenant-audit serve`).
@@ -139,19 +167,28 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
-        let env_url = std::env::var(DATABASE_URL_ENV).ok().filter(|v| !v.is_empty());
-        Config::from_toml(&text, path, env_url)
+        let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        Config::from_toml(&text, path, Env { database_url: env(DATABASE_URL_ENV), heal_database_url: env(HEAL_DATABASE_URL_ENV) })
     }
 
-    /// Parses and validates `text`; `env_url` is the value of [`DATABASE_URL_ENV`], if set.
-    pub fn from_toml(text: &str, path: &Path, env_url: Option<String>) -> Result<Config, ConfigError> {
+    /// Parses and validates `text` with the environment overrides in `env`.
+    pub fn from_toml(text: &str, path: &Path, env: Env) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
             message: e.message().to_string(),
         })?;
-        raw.validate(path, env_url)
+        raw.validate(path, env)
     }
+}
+
+/// The environment variables that override configuration keys.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    /// [`DATABASE_URL_ENV`]
+    pub database_url: Option<String>,
+    /// [`HEAL_DATABASE_URL_ENV`]
+    pub heal_database_url: Option<String>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -175,6 +212,46 @@ struct RawConfig {
     serve: RawServe,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    heal: RawHeal,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHeal {
+    enabled: bool,
+    database_url: Option<String>,
+    database_url_file: Option<PathBuf>,
+    copy_missing_parents: bool,
+    backfill_null_timestamps: bool,
+    add_missing_columns: bool,
+    batch_size: usize,
+    max_rows_per_run: u64,
+    lock_timeout: String,
+    statement_timeout: String,
+    fallbacks: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for RawHeal {
+    fn default() -> Self {
+        let chain = |cols: &[&str]| cols.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        RawHeal {
+            enabled: false,
+            database_url: None,
+            database_url_file: None,
+            copy_missing_parents: false,
+            backfill_null_timestamps: false,
+            add_missing_columns: false,
+            batch_size: 500,
+            max_rows_per_run: 10_000,
+            lock_timeout: "2s".into(),
+            statement_timeout: "30s".into(),
+            fallbacks: BTreeMap::from([
+                ("updated_at".to_string(), chain(&["modified_at", "created_at", "now()"])),
+                ("modified_at".to_string(), chain(&["updated_at", "created_at", "now()"])),
+            ]),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,8 +369,9 @@ impl Default for RawReport {
 }
 
 impl RawConfig {
-    fn validate(self, path: &Path, env_url: Option<String>) -> Result<Config, ConfigError> {
-        let database = database_config(self.database_url, self.database_url_file, path, env_url)?;
+    fn validate(self, path: &Path, env: Env) -> Result<Config, ConfigError> {
+        let database = database_config("", self.database_url, self.database_url_file, path, env.database_url, DATABASE_URL_ENV)?;
+        let heal = self.heal.validate(path, env.heal_database_url, &database)?;
         let tenants = self.tenants.validate()?;
         let scan = self.scan.validate()?;
         let checks = self.checks.validate()?;
@@ -306,34 +384,39 @@ impl RawConfig {
             report: ReportConfig { sample_keys: self.report.sample_keys },
             serve,
             metrics: MetricsConfig { max_tenant_series: self.metrics.max_tenant_series },
+            heal,
         })
     }
 }
 
+/// Resolves a connection from `{prefix}database_url`, `{prefix}database_url_file` or the
+/// environment variable `env_name` (which wins).
 fn database_config(
+    prefix: &str,
     url: Option<String>,
     url_file: Option<PathBuf>,
     config_path: &Path,
     env_url: Option<String>,
+    env_name: &str,
 ) -> Result<DatabaseConfig, ConfigError> {
+    let url_key = format!("{prefix}database_url");
+    let file_key = format!("{prefix}database_url_file");
     let (key, url) = match (env_url, url, url_file) {
-        (Some(env), _, _) => (DATABASE_URL_ENV.to_string(), env),
+        (Some(env), _, _) => (env_name.to_string(), env),
         (None, Some(_), Some(_)) => {
-            return Err(ConfigError::invalid("database_url", "set database_url or database_url_file, not both"))
+            let message = format!("set {url_key} or {file_key}, not both");
+            return Err(ConfigError::invalid(url_key, message));
         }
-        (None, Some(url), None) => ("database_url".to_string(), url),
+        (None, Some(url), None) => (url_key, url),
         (None, None, Some(file)) => {
             let file = config_path.parent().unwrap_or(Path::new(".")).join(file);
-            let text = std::fs::read_to_string(&file).map_err(|e| {
-                ConfigError::invalid("database_url_file", format!("cannot read {}: {e}", file.display()))
-            })?;
-            ("database_url_file".to_string(), text.trim().to_string())
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| ConfigError::invalid(&file_key, format!("cannot read {}: {e}", file.display())))?;
+            (file_key, text.trim().to_string())
         }
         (None, None, None) => {
-            return Err(ConfigError::invalid(
-                "database_url",
-                format!("not set; set database_url, database_url_file or {DATABASE_URL_ENV}"),
-            ))
+            let message = format!("not set; set {url_key}, {file_key} or {env_name}");
+            return Err(ConfigError::invalid(url_key, message));
         }
     };
     // The parser's messages describe the syntax problem, never the URL itself.
@@ -446,6 +529,43 @@ impl RawScan {
     }
 }
 
+impl RawHeal {
+    fn validate(self, path: &Path, env_url: Option<String>, scan_database: &DatabaseConfig) -> Result<HealConfig, ConfigError> {
+        let database = if env_url.is_some() || self.database_url.is_some() || self.database_url_file.is_some() {
+            database_config("heal.", self.database_url, self.database_url_file, path, env_url, HEAL_DATABASE_URL_ENV)?
+        } else {
+            scan_database.clone()
+        };
+        if self.batch_size == 0 {
+            return Err(ConfigError::invalid("heal.batch_size", "must be at least 1"));
+        }
+        for (column, chain) in &self.fallbacks {
+            if chain.is_empty() {
+                return Err(ConfigError::invalid(format!("heal.fallbacks.{column}"), "must name at least one column or now()"));
+            }
+        }
+        let heal = HealConfig {
+            enabled: self.enabled,
+            database,
+            copy_missing_parents: self.copy_missing_parents,
+            backfill_null_timestamps: self.backfill_null_timestamps,
+            add_missing_columns: self.add_missing_columns,
+            batch_size: self.batch_size,
+            max_rows_per_run: self.max_rows_per_run,
+            lock_timeout: parse_duration("heal.lock_timeout", &self.lock_timeout)?,
+            statement_timeout: parse_duration("heal.statement_timeout", &self.statement_timeout)?,
+            fallbacks: self.fallbacks,
+        };
+        if heal.enabled && !heal.any_repair() {
+            return Err(ConfigError::invalid(
+                "heal.enabled",
+                "no repair is enabled: set copy_missing_parents, backfill_null_timestamps or add_missing_columns",
+            ));
+        }
+        Ok(heal)
+    }
+}
+
 impl RawServe {
     fn validate(self) -> Result<ServeConfig, ConfigError> {
         let listen = self
@@ -508,7 +628,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::from_toml(text, Path::new("/etc/t.toml"), None)
+        Config::from_toml(text, Path::new("/etc/t.toml"), Env::default())
     }
 
     #[test]
@@ -543,9 +663,10 @@ mod tests {
 
     #[test]
     fn env_url_wins_and_missing_url_is_named() {
-        let c = Config::from_toml("database_url = 'postgres://a/x'", Path::new("c.toml"), Some("postgres://b/y".into()))
-            .unwrap();
+        let env = Env { database_url: Some("postgres://b/y".into()), heal_database_url: None };
+        let c = Config::from_toml("database_url = 'postgres://a/x'", Path::new("c.toml"), env).unwrap();
         assert_eq!(c.database.target, "b:5432/y");
+        assert_eq!(c.heal.database.target, "b:5432/y", "heal uses the scan connection by default");
         let err = parse("").unwrap_err();
         assert!(err.to_string().starts_with("config key database_url: not set"), "{err}");
     }
@@ -558,6 +679,18 @@ mod tests {
         assert_eq!(c.metrics.max_tenant_series, 2000);
         let err = parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '*/5 * * *'\n").unwrap_err();
         assert!(err.to_string().starts_with("config key serve.schedule: invalid cron expression"), "{err}");
+    }
+
+    #[test]
+    fn heal_is_off_by_default_and_has_its_own_connection() {
+        let c = parse("database_url = 'postgres://replica/app'").unwrap();
+        assert!(!c.heal.enabled && !c.heal.any_repair());
+        assert_eq!(c.heal.fallbacks["updated_at"], ["modified_at", "created_at", "now()"]);
+        assert_eq!((c.heal.batch_size, c.heal.max_rows_per_run, c.heal.lock_timeout), (500, 10_000, Duration::from_secs(2)));
+        let c = parse("database_url = 'postgres://replica/app'\n[heal]\ndatabase_url = 'postgres://primary/app'\n").unwrap();
+        assert_eq!((c.database.target.as_str(), c.heal.database.target.as_str()), ("replica:5432/app", "primary:5432/app"));
+        let err = parse("database_url = 'postgres://db/app'\n[heal]\nenabled = true\n").unwrap_err();
+        assert!(err.to_string().starts_with("config key heal.enabled: no repair is enabled"), "{err}");
     }
 
     #[test]

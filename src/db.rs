@@ -9,7 +9,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use crate::config::{DatabaseConfig, ScanConfig};
+use crate::config::{DatabaseConfig, HealConfig, ScanConfig};
 
 /// The name every session reports in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "tenant-audit";
@@ -64,6 +64,17 @@ pub fn scan_pool(db: &DatabaseConfig, scan: &ScanConfig) -> Pool {
         .max_size(scan.concurrency)
         .build()
         .expect("a pool without a runtime-specific timeout always builds")
+}
+
+/// A pool of writer sessions for heal: its own connection settings and timeouts, two sessions
+/// (one holds the heal lock, one works).
+pub fn heal_pool(heal: &HealConfig, connect_timeout: Duration) -> Pool {
+    let mut pg = heal.database.pg.clone();
+    pg.application_name(APPLICATION_NAME);
+    pg.connect_timeout(connect_timeout);
+    pg.options(&session_options(heal.statement_timeout, heal.lock_timeout, false));
+    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager).max_size(2).build().expect("a pool without a runtime-specific timeout always builds")
 }
 
 /// Server options sent at connection start-up (`-c name=value`), so they hold for every

@@ -18,6 +18,7 @@
 //!   that counts in the database.
 //! - [`scan`]: one pass: tenants -> catalog -> checks -> report. A failing tenant is recorded,
 //!   never fatal.
+//! - [`heal`]: plans and repairs; the ONLY code that writes to a tenant database.
 //! - [`report`]: report types and their table and JSON renderings.
 //! - [`metrics`]: the Prometheus registry, rebuilt from each finished report.
 //! - [`schedule`]: the cron loop; one scan at a time; keeps the last good report.
@@ -36,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod heal;
 pub mod http;
 pub mod metrics;
 pub mod report;

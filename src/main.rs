@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use tenant_audit::cli::{Cli, Command, Format, LogFormat, ScanArgs, ServeArgs};
+use tenant_audit::cli::{Cli, Command, Format, HealArgs, LogFormat, ScanArgs, ServeArgs};
 use tenant_audit::config::Config;
+use tenant_audit::heal::{self, HealError, Plan};
 use tenant_audit::{daemon, db, scan};
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +16,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
         Command::Scan(_) => "warn",
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::Heal(_) => "info",
     };
     init_logging(cli.log_format, cli.log_filter.as_deref().unwrap_or(default_filter));
     match run(cli) {
@@ -44,7 +45,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Scan(args) => runtime.block_on(scan_once(args)),
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Heal(args) => runtime.block_on(heal_once(args)),
     }
+}
+
+/// `heal`: exit 0 when everything planned was done (or printed), 1 when tenants were left for a
+/// later run (a lock, the row cap, another healer), 2 on error.
+async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    if !config.heal.any_repair() {
+        anyhow::bail!("no repair is enabled: set heal.copy_missing_parents, heal.backfill_null_timestamps or heal.add_missing_columns");
+    }
+    let cancel = shutdown_on_signals()?;
+    let scanned = scan::run(&config, &db::scan_pool(&config.database, &config.scan), &cancel, None).await?;
+    let plan = Plan::build(&scanned, &config);
+    let mut out = std::io::stdout();
+    if !args.execute {
+        writeln!(out, "-- heal plan for {} (dry run: nothing is written; --execute applies it)
+", config.heal.database.target)?;
+        write!(out, "{}", plan.render(config.heal.batch_size))?;
+        writeln!(out, "-- {} tenant(s) to heal", plan.tenants.len())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
+    let outcome = match heal::execute(&config.heal, &pool, &plan, None).await {
+        Err(HealError::LockedOut) => {
+            eprintln!("tenant-audit: {}", HealError::LockedOut);
+            return Ok(ExitCode::from(1));
+        }
+        other => other?,
+    };
+    for (repair, n) in &outcome.changed {
+        writeln!(out, "{repair}: {n} change(s)")?;
+    }
+    for (schema, reason) in &outcome.skipped {
+        writeln!(out, "skipped {schema}: {}", reason.name())?;
+    }
+    writeln!(out, "heal run {}: {} change(s), {} tenant(s) skipped, {} error(s)", outcome.run_id, outcome.total_changed(), outcome.skipped.len(), outcome.errors.len())?;
+    if let Some((schema, repair, message)) = outcome.errors.first() {
+        anyhow::bail!("{} repair(s) failed; first: {} on {schema}: {message}", outcome.errors.len(), repair.name());
+    }
+    Ok(if outcome.skipped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// A token cancelled by the first SIGTERM or SIGINT.

@@ -207,6 +207,26 @@ impl Metrics {
         self.scan_errors.with_label_values(&[kind]).inc();
     }
 
+    /// Records a heal run: its changes, skipped tenants and errors, or why it did not run.
+    pub fn record_heal(&self, result: &Result<crate::heal::Outcome, crate::heal::HealError>) {
+        self.last_heal_timestamp.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        match result {
+            Ok(outcome) => {
+                self.heal_runs.with_label_values(&["success"]).inc();
+                for (repair, n) in &outcome.changed {
+                    self.healed_rows.with_label_values(&[repair]).inc_by(*n);
+                }
+                for (_, reason) in &outcome.skipped {
+                    self.heal_skipped_tenants.with_label_values(&[reason.name()]).inc();
+                }
+                for (_, repair, _) in &outcome.errors {
+                    self.heal_errors.with_label_values(&[repair.name()]).inc();
+                }
+            }
+            Err(e) => self.heal_runs.with_label_values(&[e.metric_label()]).inc(),
+        }
+    }
+
     pub fn set_database_up(&self, up: bool) {
         self.database_up.set(i64::from(up));
     }

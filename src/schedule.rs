@@ -1,6 +1,8 @@
 //! The scheduler: scans on the cron schedule (and on demand), never two at once, and keeps the
 //! last good report for the HTTP endpoints.
 //!
+//! When `heal.enabled`, heal runs after each successful scan, inside the same no-overlap guard.
+//!
 //! Invariants: at most one scan runs at a time (a tick that finds one running is skipped and
 //! counted); a failed scan keeps the previous report and its metrics; everything stops when the
 //! shutdown token is cancelled, running queries included.
@@ -15,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::db;
+use crate::{db, heal};
 use crate::metrics::Metrics;
 use crate::report::Report;
 use crate::scan;
@@ -24,6 +26,8 @@ use crate::scan;
 pub struct Scheduler {
     config: Arc<Config>,
     pool: Pool,
+    /// Writer sessions, only when `heal.enabled`: heal runs after every successful scan.
+    heal_pool: Option<Pool>,
     metrics: Arc<Metrics>,
     /// The last successful scan's report; `None` until one completes.
     last_report: RwLock<Option<Arc<Report>>>,
@@ -39,10 +43,12 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Arc<Scheduler> {
         let pool = db::scan_pool(&config.database, &config.scan);
+        let heal_pool = config.heal.enabled.then(|| db::heal_pool(&config.heal, config.scan.connect_timeout));
         metrics.set_database_up(false);
         Arc::new(Scheduler {
             config,
             pool,
+            heal_pool,
             metrics,
             last_report: RwLock::new(None),
             running: AtomicBool::new(false),
@@ -147,8 +153,7 @@ impl Scheduler {
         let clock = Instant::now();
         match scan::run(&self.config, &self.pool, &self.shutdown, None).await {
             Ok(scanned) => {
-                let report = scanned.report;
-                for e in &report.errors {
+                for e in &scanned.report.errors {
                     tracing::warn!(
                         schema = e.schema.as_deref(),
                         table = e.table.as_deref(),
@@ -158,8 +163,14 @@ impl Scheduler {
                     );
                 }
                 self.set_database_up(true);
-                self.metrics.record_report(&report, self.config.metrics.max_tenant_series);
-                *self.last_report.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(report));
+                self.metrics.record_report(&scanned.report, self.config.metrics.max_tenant_series);
+                if let Some(pool) = &self.heal_pool {
+                    let plan = heal::Plan::build(&scanned, &self.config);
+                    if let Err(e) = heal::execute(&self.config.heal, pool, &plan, Some(&self.metrics)).await {
+                        tracing::error!(error = %e, "heal did not run");
+                    }
+                }
+                *self.last_report.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(scanned.report));
             }
             Err(scan::ScanFailure::Cancelled) => tracing::info!("scan cancelled by shutdown"),
             Err(e) => {

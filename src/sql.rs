@@ -15,6 +15,17 @@ pub fn qualified(schema: &str, table: &str) -> String {
     format!("{}.{}", ident(schema), ident(table))
 }
 
+/// A string literal: single-quoted, embedded quotes doubled (`standard_conforming_strings` is
+/// on in every supported PostgreSQL). For names written into audit rows, never for identifiers.
+pub fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// `"a", "b"`: a bare column list, as in `INSERT INTO t ("a", "b")`.
+pub fn ident_list(names: &[String]) -> String {
+    names.iter().map(|n| ident(n)).collect::<Vec<_>>().join(", ")
+}
+
 /// `alias."a", alias."b"`: a column list for SELECT, GROUP BY or ORDER BY.
 pub fn columns(alias: &str, names: &[String]) -> String {
     names.iter().map(|n| format!("{alias}.{}", ident(n))).collect::<Vec<_>>().join(", ")
@@ -55,6 +66,11 @@ mod tests {
         assert_eq!(ident("We\"ird"), "\"We\"\"ird\"");
         assert_eq!(ident("x\"; DROP TABLE t; --"), "\"x\"\"; DROP TABLE t; --\"");
         assert_eq!(qualified("Ten ant", "Ä-b"), "\"Ten ant\".\"Ä-b\"");
+    }
+
+    #[test]
+    fn literals_double_quotes() {
+        assert_eq!(literal("it's"), "'it''s'");
     }
 
     #[test]

@@ -128,7 +128,7 @@ fn resolve(ctx: &Context<'_>, tenant: &str, schema: &Schema, shared: &Schema, c:
 impl Probe {
     /// Rows of `c` (the child) with a complete key that has no row in the expected parent.
     /// A key with a NULL part is not checked, as with `MATCH SIMPLE` foreign keys.
-    fn orphan_condition(&self) -> String {
+    pub(crate) fn orphan_condition(&self) -> String {
         let not_null: Vec<String> = self.columns.iter().map(|c| format!("c.{} IS NOT NULL", sql::ident(c))).collect();
         format!(
             "{} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})",
@@ -138,7 +138,7 @@ impl Probe {
         )
     }
 
-    fn key_match(&self) -> String {
+    pub(crate) fn key_match(&self) -> String {
         self.parent_columns
             .iter()
             .zip(&self.columns)
@@ -148,7 +148,7 @@ impl Probe {
     }
 
     /// Whether the orphan's key exists in the shared schema's table (`false` when there is none).
-    fn in_shared(&self) -> String {
+    pub(crate) fn in_shared(&self) -> String {
         match &self.shared_parent {
             Some(shared) => format!(
                 "EXISTS (SELECT 1 FROM {} p WHERE {})",

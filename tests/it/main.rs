@@ -5,6 +5,7 @@ mod chart;
 mod cli;
 mod daemon;
 mod dashboard;
+mod heal;
 mod prometheus;
 mod rules;
 mod scan;

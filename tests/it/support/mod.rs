@@ -24,7 +24,7 @@ pub async fn fixture_db(name: &str, sql: &str) -> String {
 /// A validated config for `url` plus extra TOML (sections after the URL line).
 pub fn config(url: &str, extra: &str) -> Config {
     let text = format!("database_url = {url:?}\n{extra}");
-    Config::from_toml(&text, Path::new("test.toml"), None).unwrap_or_else(|e| panic!("config: {e}\n{text}"))
+    Config::from_toml(&text, Path::new("test.toml"), tenant_audit::config::Env::default()).unwrap_or_else(|e| panic!("config: {e}\n{text}"))
 }
 
 /// Runs one scan in-process.
@@ -144,5 +144,30 @@ pub fn metric_lines(text: &str, name: &str) -> Vec<String> {
         .map(str::to_string)
         .collect();
     out.sort();
+    out
+}
+
+/// A fingerprint of every user table's rows and of the columns of every schema, to show that
+/// something wrote nothing.
+pub async fn checksum(url: &str) -> std::collections::BTreeMap<String, String> {
+    let client = pg::connect(url).await;
+    let tables = client
+        .query(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for row in tables {
+        let table: String = row.get(0);
+        let sql = format!("SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {table} t");
+        out.insert(table, client.query_one(&sql, &[]).await.unwrap().get(0));
+    }
+    let columns = "SELECT md5(string_agg(format('%s.%s.%s %s %s %s', table_schema, table_name, column_name,
+                     data_type, is_nullable, column_default), '|' ORDER BY table_schema, table_name, column_name))
+                   FROM information_schema.columns WHERE table_schema NOT IN ('pg_catalog', 'information_schema')";
+    out.insert("(columns)".into(), client.query_one(columns, &[]).await.unwrap().get(0));
     out
 }

@@ -23,6 +23,30 @@ pub struct Cluster {
 impl Cluster {
     /// initdb + start on a free port; panics (with the log tail) on failure.
     pub fn start() -> Cluster {
+        let (cluster, dir) = Cluster::empty();
+        run(pg("initdb")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]));
+        cluster.pg_ctl_start();
+        spawn_reaper(&dir);
+        cluster
+    }
+
+    /// A hot standby of this cluster (pg_basebackup -R), started on its own port.
+    pub fn standby(&self) -> Cluster {
+        let (cluster, dir) = Cluster::empty();
+        run(pg("pg_basebackup")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-h", &self.host, "-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "--checkpoint=fast", "--no-sync"]));
+        cluster.pg_ctl_start();
+        spawn_reaper(&dir);
+        cluster
+    }
+
+    /// A free port and a fresh directory owned by the cluster's user.
+    fn empty() -> (Cluster, PathBuf) {
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("find a free port").port();
         let out = Command::new("mktemp").args(["-d", "-t", "tenant-audit-pg.XXXXXX"]).output().expect("run mktemp");
         assert!(out.status.success(), "mktemp -d failed");
@@ -33,13 +57,7 @@ impl Cluster {
             run(Command::new("chown").arg("postgres:").arg(&dir));
         }
         fs::set_permissions(&dir, Permissions::from_mode(0o700)).expect("chmod 700");
-        run(pg("initdb")
-            .arg("-D")
-            .arg(dir.join("data"))
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]));
-        cluster.pg_ctl_start();
-        spawn_reaper(&dir);
-        cluster
+        (cluster, dir)
     }
 
     /// Fast shutdown; the data dir is kept for `restart`.

@@ -1,0 +1,67 @@
+//! The audit table `tenant_audit.heal_log`: one row per change heal makes, written in the same
+//! transaction as the change.
+
+use crate::sql;
+use crate::tenants::AUDIT_SCHEMA;
+
+/// The audit table, qualified and quoted.
+pub fn table() -> String {
+    sql::qualified(AUDIT_SCHEMA, "heal_log")
+}
+
+/// Creates the audit schema and table. Run only when the table is missing: `CREATE SCHEMA`
+/// needs the database's CREATE privilege even when the schema exists.
+pub fn create_sql() -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {table} (
+    id bigserial PRIMARY KEY,
+    healed_at timestamptz NOT NULL DEFAULT now(),
+    run_id text NOT NULL,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    repair text NOT NULL,
+    row_key jsonb NOT NULL,
+    old_value jsonb,
+    new_value jsonb
+);",
+        schema = sql::ident(AUDIT_SCHEMA),
+        table = table()
+    )
+}
+
+/// `SELECT` list of one audit row: (`$2` run id, schema, table, repair, key, old, new).
+pub fn row(schema: &str, table: &str, repair: &str, key: &str, old: &str, new: &str) -> String {
+    format!(
+        "SELECT $2, {}, {}, {}, {key}, {old}, {new}",
+        sql::literal(schema),
+        sql::literal(table),
+        sql::literal(repair)
+    )
+}
+
+/// A data-modifying CTE named `log` that inserts `rows` (a query of [`row`]s) and returns
+/// (table, key) of each, followed by the final `SELECT` of a batched heal statement.
+pub fn log_and_return(rows: &str) -> String {
+    format!(
+        "log AS (\n  INSERT INTO {} (run_id, schema_name, table_name, repair, row_key, old_value, new_value)\n  {rows}\n  RETURNING table_name, row_key::text\n)\nSELECT table_name, row_key FROM log",
+        table()
+    )
+}
+
+/// The statement that records a one-off change (DDL): `$1` run id, `$2` the statement run.
+pub fn record_once(schema: &str, table: &str, repair: &str, key: &str) -> String {
+    format!(
+        "INSERT INTO {} (run_id, schema_name, table_name, repair, row_key, old_value, new_value)\nVALUES ($1, {}, {}, {}, {key}, NULL, jsonb_build_object('sql', $2::text))",
+        self::table(),
+        sql::literal(schema),
+        sql::literal(table),
+        sql::literal(repair)
+    )
+}
+
+/// `jsonb_build_object('a', alias."a", ...)`: a row key as JSON.
+pub fn key_json(alias: &str, columns: &[String]) -> String {
+    let pairs: Vec<String> = columns.iter().map(|c| format!("{}, {alias}.{}", sql::literal(c), sql::ident(c))).collect();
+    format!("jsonb_build_object({})", pairs.join(", "))
+}

@@ -1,0 +1,280 @@
+//! Heal: plans and repairs. The ONLY code that writes to a tenant database.
+//!
+//! Invariants:
+//! - nothing is written without an explicit `execute` (the CLI's `--execute`, the daemon's
+//!   `heal.enabled`); a plan is built from a finished scan and only reads memory;
+//! - one healer per database at a time (`pg_try_advisory_lock`), never on a server in recovery;
+//! - every write runs in a short transaction with `lock_timeout` and `statement_timeout` (the
+//!   heal session's settings), in batches of `heal.batch_size`, re-checking its predicate inside
+//!   the writing statement, and records each change in `tenant_audit.heal_log` in the same
+//!   transaction and in a log line;
+//! - a lock that cannot be had skips the tenant for this run; `heal.max_rows_per_run` stops it.
+
+mod audit;
+mod backfill;
+mod columns;
+mod copy;
+mod plan;
+
+use std::collections::BTreeMap;
+
+use deadpool_postgres::Pool;
+use tokio_postgres::Client;
+
+pub use plan::{Action, Plan, Step, TenantPlan};
+
+use crate::config::HealConfig;
+use crate::db::{self, DbError};
+use crate::metrics::Metrics;
+
+/// The advisory lock key that makes heal exclusive per database (`tenant-a` in ASCII).
+pub const LOCK_KEY: i64 = 0x7465_6e61_6e74_2d61;
+
+/// The repairs, each enabled separately in `[heal]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Repair {
+    CopyMissingParents,
+    BackfillNullTimestamps,
+    AddMissingColumns,
+}
+
+impl Repair {
+    /// The name used in config, metrics and the audit table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Repair::CopyMissingParents => "copy_missing_parents",
+            Repair::BackfillNullTimestamps => "backfill_null_timestamps",
+            Repair::AddMissingColumns => "add_missing_columns",
+        }
+    }
+}
+
+/// Failures that stop a heal run before it changes anything.
+#[derive(Debug, thiserror::Error)]
+pub enum HealError {
+    #[error(transparent)]
+    Connect(DbError),
+    #[error("heal refuses to run against a server in recovery (a replica); point heal.database_url at the primary")]
+    Replica,
+    #[error("another heal holds the heal lock on this database; this run is skipped")]
+    LockedOut,
+    #[error("cannot create the audit table tenant_audit.heal_log: {0} (create it as described in docs/heal.md)")]
+    AuditTable(DbError),
+    #[error("the heal role lacks write privileges: {0} (see docs/heal.md)")]
+    Privileges(String),
+    #[error("heal failed: {0}")]
+    Query(#[from] DbError),
+}
+
+impl HealError {
+    /// The `result` label of `tenant_audit_heal_runs_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            HealError::LockedOut => "locked_out",
+            _ => "failure",
+        }
+    }
+}
+
+/// Why a tenant was left for a later run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    LockTimeout,
+    MaxRowsPerRun,
+}
+
+impl SkipReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            SkipReason::LockTimeout => "lock_timeout",
+            SkipReason::MaxRowsPerRun => "max_rows_per_run",
+        }
+    }
+}
+
+/// What a heal run did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    pub run_id: String,
+    /// Rows copied or updated (and columns added) per repair.
+    pub changed: BTreeMap<&'static str, u64>,
+    /// Tenants left for a later run.
+    pub skipped: Vec<(String, SkipReason)>,
+    /// Repairs that failed: (schema, repair, message). The rest of the tenant went on.
+    pub errors: Vec<(String, Repair, String)>,
+}
+
+impl Outcome {
+    pub fn total_changed(&self) -> u64 {
+        self.changed.values().sum()
+    }
+}
+
+/// Applies `plan` through `pool` (heal sessions). Returns what changed; records it in `metrics`.
+pub async fn execute(heal: &HealConfig, pool: &Pool, plan: &Plan, metrics: Option<&Metrics>) -> Result<Outcome, HealError> {
+    let result = execute_locked(heal, pool, plan).await;
+    if let Some(m) = metrics {
+        m.record_heal(&result);
+    }
+    result
+}
+
+async fn execute_locked(heal: &HealConfig, pool: &Pool, plan: &Plan) -> Result<Outcome, HealError> {
+    let target = &heal.database.target;
+    let guard = db::session(pool, target).await.map_err(HealError::Connect)?;
+    if guard.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(DbError::from)?.get::<_, bool>(0) {
+        return Err(HealError::Replica);
+    }
+    let locked: bool = guard.query_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[&LOCK_KEY]).await.map_err(DbError::from)?.get(0);
+    if !locked {
+        return Err(HealError::LockedOut);
+    }
+    let result = run(heal, pool, &guard, plan).await;
+    // Released explicitly: the pooled session outlives this run.
+    let _ = guard.query_one("SELECT pg_catalog.pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+    result
+}
+
+async fn run(heal: &HealConfig, pool: &Pool, guard: &Client, plan: &Plan) -> Result<Outcome, HealError> {
+    ensure_audit_table(guard).await?;
+    check_privileges(guard, plan).await?;
+    let mut session = db::session(pool, &heal.database.target).await.map_err(HealError::Connect)?;
+    let client: &mut Client = &mut session;
+    let mut outcome = Outcome { run_id: run_id(), ..Outcome::default() };
+    let mut budget = heal.max_rows_per_run;
+    for (i, tenant) in plan.tenants.iter().enumerate() {
+        if budget == 0 {
+            outcome.skipped.extend(plan.tenants[i..].iter().map(|t| (t.schema.clone(), SkipReason::MaxRowsPerRun)));
+            break;
+        }
+        heal_tenant(client, heal, tenant, &mut budget, &mut outcome).await;
+    }
+    tracing::info!(
+        run_id = %outcome.run_id,
+        changed = outcome.total_changed(),
+        skipped = outcome.skipped.len(),
+        errors = outcome.errors.len(),
+        "heal finished"
+    );
+    Ok(outcome)
+}
+
+/// Runs one tenant's actions; a lock timeout skips the rest of the tenant, another failure skips
+/// the rest of that action.
+async fn heal_tenant(client: &mut Client, heal: &HealConfig, tenant: &TenantPlan, budget: &mut u64, outcome: &mut Outcome) {
+    for action in &tenant.actions {
+        for step in &action.steps {
+            let result = match step {
+                Step::Batched(sql) => run_batches(client, heal.batch_size, sql, tenant, action.repair, budget, outcome).await,
+                Step::Once { sql, key } => run_once(client, sql, key, tenant, action, outcome).await,
+            };
+            match result {
+                Ok(true) => {}
+                Ok(false) => {
+                    outcome.skipped.push((tenant.schema.clone(), SkipReason::MaxRowsPerRun));
+                    return;
+                }
+                Err(e) if e.code() == Some("55P03") => {
+                    tracing::warn!(schema = %tenant.schema, table = %action.table, "heal skipped the tenant: lock not available within heal.lock_timeout");
+                    outcome.skipped.push((tenant.schema.clone(), SkipReason::LockTimeout));
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(schema = %tenant.schema, table = %action.table, repair = action.repair.name(), error = %e, "repair failed");
+                    outcome.errors.push((tenant.schema.clone(), action.repair, e.to_string()));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Runs a batched statement until it changes nothing; `Ok(false)` when the budget ran out.
+async fn run_batches(
+    client: &mut Client,
+    batch_size: usize,
+    sql: &str,
+    tenant: &TenantPlan,
+    repair: Repair,
+    budget: &mut u64,
+    outcome: &mut Outcome,
+) -> Result<bool, DbError> {
+    loop {
+        let limit = (*budget).min(batch_size as u64);
+        if limit == 0 {
+            return Ok(false);
+        }
+        let tx = client.transaction().await?;
+        let rows = tx.query(sql, &[&(limit as i64), &outcome.run_id]).await?;
+        tx.commit().await?;
+        for row in &rows {
+            let (table, key): (String, String) = (row.get(0), row.get(1));
+            tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %table, repair = repair.name(), key = %key, "healed");
+        }
+        let changed = rows.len() as u64;
+        *outcome.changed.entry(repair.name()).or_default() += changed;
+        *budget = budget.saturating_sub(changed);
+        if changed == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Runs a one-off statement (DDL) with its audit row in one transaction.
+async fn run_once(client: &mut Client, sql: &str, key: &str, tenant: &TenantPlan, action: &Action, outcome: &mut Outcome) -> Result<bool, DbError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(sql).await?;
+    tx.execute(&audit::record_once(&tenant.schema, &action.table, action.repair.name(), key), &[&outcome.run_id, &sql]).await?;
+    tx.commit().await?;
+    tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %action.table, repair = action.repair.name(), statement = %sql, "healed");
+    if sql.contains(" ADD COLUMN ") {
+        *outcome.changed.entry(action.repair.name()).or_default() += 1;
+    }
+    Ok(true)
+}
+
+/// Creates the audit table if it is missing.
+async fn ensure_audit_table(client: &Client) -> Result<(), HealError> {
+    let exists: bool = client
+        .query_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[&audit::table()])
+        .await
+        .map_err(|e| HealError::AuditTable(e.into()))?
+        .get(0);
+    if !exists {
+        client.batch_execute(&audit::create_sql()).await.map_err(|e| HealError::AuditTable(e.into()))?;
+    }
+    Ok(())
+}
+
+/// Checks, in one query, that the role may write every table the plan touches: INSERT for
+/// copies, UPDATE for backfills, ownership for added columns, and INSERT on the audit table.
+async fn check_privileges(client: &Client, plan: &Plan) -> Result<(), HealError> {
+    const CHECK: &str = "SELECT t.rel, t.privilege FROM unnest($1::text[], $2::text[]) AS t(rel, privilege)
+WHERE NOT CASE t.privilege
+    WHEN 'OWNER' THEN pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = t.rel::regclass), 'USAGE')
+    ELSE pg_catalog.has_table_privilege(t.rel, t.privilege) END
+LIMIT 1";
+    let mut rels = vec![audit::table()];
+    let mut privileges = vec!["INSERT".to_string()];
+    for tenant in &plan.tenants {
+        for action in &tenant.actions {
+            let privilege = match action.repair {
+                Repair::CopyMissingParents => "INSERT",
+                Repair::BackfillNullTimestamps => "UPDATE",
+                Repair::AddMissingColumns => "OWNER",
+            };
+            rels.push(crate::sql::qualified(&tenant.schema, &action.writes));
+            privileges.push(privilege.to_string());
+        }
+    }
+    if let Some(row) = client.query_opt(CHECK, &[&rels, &privileges]).await.map_err(DbError::from)? {
+        let (rel, privilege): (String, String) = (row.get(0), row.get(1));
+        let what = if privilege == "OWNER" { "ownership (to add columns)".to_string() } else { privilege };
+        return Err(HealError::Privileges(format!("no {what} on {rel}")));
+    }
+    Ok(())
+}
+
+fn run_id() -> String {
+    format!("{}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"), std::process::id())
+}

@@ -1,0 +1,156 @@
+//! The heal plan: for each tenant, the repairs to make and the exact SQL of each step, built
+//! from a finished scan (its findings, catalog and reference shape). Planning only reads data
+//! already in memory; it never touches the database.
+
+use std::fmt::Write as _;
+
+use super::{backfill, columns, copy, Repair};
+use crate::checks::orphan_rows::Probe;
+use crate::config::Config;
+use crate::report::{Check, Detail, DriftKind, Finding, ParentLocation};
+use crate::scan::Scanned;
+use crate::sql;
+
+/// Everything one heal run would do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub tenants: Vec<TenantPlan>,
+}
+
+/// The repairs of one tenant, in the order they run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantPlan {
+    pub schema: String,
+    pub actions: Vec<Action>,
+}
+
+/// One repair of one table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Action {
+    pub repair: Repair,
+    /// The table of the finding.
+    pub table: String,
+    /// The table the repair writes: the parent table for copies, else `table`.
+    pub writes: String,
+    /// What the finding says, for people: the rows or column concerned.
+    pub summary: String,
+    pub steps: Vec<Step>,
+}
+
+/// One statement of a repair.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Run in a transaction per batch (`$1` batch size, `$2` run id) until it changes no row;
+    /// returns one (table, key) row per change, each already written to the audit table.
+    Batched(String),
+    /// Run once in its own transaction, with its audit row (`key` identifies it).
+    Once { sql: String, key: String },
+}
+
+impl Step {
+    /// A one-off step on `column`, named `step` in its audit key.
+    pub fn once(column: &str, step: &str, sql: String) -> Step {
+        let key = format!("jsonb_build_object('column', {}, 'step', {})", sql::literal(column), sql::literal(step));
+        Step::Once { sql, key }
+    }
+
+    pub fn sql(&self) -> &str {
+        match self {
+            Step::Batched(sql) | Step::Once { sql, .. } => sql,
+        }
+    }
+}
+
+impl Plan {
+    /// Plans the enabled repairs for the findings of `scanned`.
+    pub fn build(scanned: &Scanned, config: &Config) -> Plan {
+        let heal = &config.heal;
+        let mut tenants: Vec<TenantPlan> = Vec::new();
+        let repairs = [
+            (heal.copy_missing_parents, Repair::CopyMissingParents),
+            (heal.add_missing_columns, Repair::AddMissingColumns),
+            (heal.backfill_null_timestamps, Repair::BackfillNullTimestamps),
+        ];
+        for (_, repair) in repairs.into_iter().filter(|(on, _)| *on) {
+            for f in &scanned.report.findings {
+                let Some(action) = action(scanned, config, repair, f) else { continue };
+                match tenants.iter_mut().find(|t| t.schema == f.schema) {
+                    Some(t) => t.actions.push(action),
+                    None => tenants.push(TenantPlan { schema: f.schema.clone(), actions: vec![action] }),
+                }
+            }
+        }
+        tenants.sort_by(|a, b| a.schema.cmp(&b.schema));
+        Plan { tenants }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+
+    /// The plan as commented SQL, as `heal` prints it without `--execute`.
+    pub fn render(&self, batch_size: usize) -> String {
+        let mut out = String::new();
+        for tenant in &self.tenants {
+            let _ = writeln!(out, "-- tenant {}", tenant.schema);
+            for action in &tenant.actions {
+                let _ = writeln!(out, "-- {} on {}: {}", action.repair.name(), sql::display_name(&tenant.schema, &action.table), action.summary);
+                for step in &action.steps {
+                    match step {
+                        Step::Batched(sql) => {
+                            let _ = writeln!(out, "-- batched: $1 = {batch_size} (heal.batch_size), $2 = run id; repeated until no row changes");
+                            let _ = writeln!(out, "{sql};");
+                        }
+                        Step::Once { sql, .. } => {
+                            let _ = writeln!(out, "{sql};");
+                        }
+                    }
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Option<Action> {
+    let tenant = &f.schema;
+    let table = f.table.clone()?;
+    let catalog = &scanned.catalog;
+    let own = catalog.table(tenant, &table)?;
+    let shared = &config.tenants.shared_schema;
+    let mut writes = table.clone();
+    let (summary, steps) = match (repair, &f.check, &f.detail) {
+        (Repair::CopyMissingParents, Check::OrphanRows, Detail::OrphanRows { parent_schema, parent_table, parent_columns, parent_location: ParentLocation::Shared, relationship, constraint }) => {
+            let probe = Probe {
+                table: table.clone(),
+                columns: f.columns.clone(),
+                parent_schema: parent_schema.clone(),
+                parent_table: parent_table.clone(),
+                parent_columns: parent_columns.clone(),
+                shared_parent: Some(shared.clone()),
+                source: *relationship,
+                constraint: constraint.clone(),
+            };
+            let summary = format!("{} orphan row(s) whose {parent_table} row exists in {shared}", f.count);
+            writes = parent_table.clone();
+            (summary, vec![Step::Batched(copy::statement(catalog, shared, tenant, &probe)?)])
+        }
+        (Repair::BackfillNullTimestamps, Check::NullTimestamps, Detail::NullTimestamps { data_type }) => {
+            let column = f.columns.first()?;
+            let chain = config.heal.fallbacks.get(column)?;
+            let fallback = backfill::fallback(chain, Some(own), data_type, None)?;
+            let summary = format!("{} NULL {column} value(s) set from {}", f.count, chain.join(", "));
+            (summary, vec![Step::Batched(backfill::statement(tenant, &table, &own.primary_key, column, &fallback, repair.name()))])
+        }
+        (Repair::AddMissingColumns, Check::SchemaDrift, Detail::SchemaDrift { difference: DriftKind::MissingColumn, .. }) => {
+            let name = f.columns.first()?;
+            let column = scanned.shape.tables.get(&table)?.columns.get(name)?;
+            let chain = config.heal.fallbacks.get(name).cloned().unwrap_or_default();
+            let summary = format!("add column {name} {} as the reference has it", column.data_type);
+            (summary, columns::steps(tenant, &table, own, column, &chain))
+        }
+        _ => return None,
+    };
+    Some(Action { repair, table, writes, summary, steps })
+}
