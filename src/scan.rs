@@ -345,6 +345,8 @@ fn classify(e: &DbError) -> ErrorKind {
     match e.code() {
         Some("42501") => ErrorKind::Permission,
         Some("57014" | "55P03") => ErrorKind::Timeout,
+        // Class 08 (connection exception) and the server shutting down or restarting.
+        Some(code) if code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03") => ErrorKind::Connection,
         Some(_) => ErrorKind::Query,
         None => ErrorKind::Connection,
     }

@@ -236,6 +236,42 @@ async fn database_outages_keep_last_results_and_recover() {
 }
 
 #[tokio::test]
+async fn database_restart_in_the_middle_of_a_scan_fails_it_and_the_next_succeeds() {
+    let cluster = pg::Cluster::start();
+    pg::connect(&cluster.url("postgres")).await.batch_execute("CREATE DATABASE restart").await.unwrap();
+    let url = cluster.url("restart");
+    let sql = "SELECT pg_temp.create_tenant('tenant_a');
+        CREATE SCHEMA tenant_b;
+        CREATE TABLE tenant_b.audit_trail (id int PRIMARY KEY, created_at timestamptz);
+        INSERT INTO public.customers_client (schema_name, name) VALUES ('tenant_b', 'b');";
+    pg::connect(&url).await.batch_execute(&format!("{BASE_SQL}\n{sql}")).await.unwrap();
+    let daemon = start_daemon(config(&url, "[serve]\nschedule = '0 0 0 1 1 *'\n[scan]\nlock_timeout = '60s'\n")).await;
+    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+
+    // The next scan blocks on a lock; the server restarts under it.
+    let locker = pg::connect(&url).await;
+    locker.batch_execute("BEGIN; LOCK TABLE tenant_b.audit_trail IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    assert_eq!(daemon.post("/scan").await.0, 202);
+    let watcher = pg::connect(&url).await;
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while watcher.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(Instant::now() < deadline, "the scan never blocked on the lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.stop();
+    cluster.restart();
+    daemon.wait_for("tenant_audit_scans_total{result=\"failure\"} 1").await;
+    assert_eq!(daemon.samples("tenant_audit_last_scan_success").await, ["tenant_audit_last_scan_success 0"]);
+    assert_eq!(daemon.samples("tenant_audit_tenants_scanned").await, ["tenant_audit_tenants_scanned 2"], "the last good scan stays");
+    assert_eq!(daemon.samples("tenant_audit_scan_errors_total").await[2], "tenant_audit_scan_errors_total{kind=\"connection\"} 1");
+    assert_eq!(daemon.post("/scan").await.0, 202);
+    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 2").await;
+    assert_eq!(daemon.samples("tenant_audit_last_scan_success").await, ["tenant_audit_last_scan_success 1"]);
+    daemon.stop().await;
+}
+
+#[tokio::test]
 async fn overlapping_scans_are_skipped_or_refused() {
     // A locked table keeps the first scheduled scan running while more ticks and a request arrive.
     let sql = "SELECT pg_temp.create_tenant('tenant_a');
