@@ -4,7 +4,10 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{config, config_file, fixture_db, metric_lines, pg, start_daemon, BASE_SQL, DEMO_SQL};
+use crate::support::{
+    config, config_file, fixture_db, lock_audit_trail, metric_lines, pg, start_daemon, wait_until_scan_blocked, BASE_SQL, DEMO_SQL,
+    LOCKABLE_SQL,
+};
 
 /// Registry and patterns as in the demo; a schedule that will not fire during a test (scans run
 /// at start-up and on POST /scan).
@@ -240,30 +243,19 @@ async fn database_restart_in_the_middle_of_a_scan_fails_it_and_the_next_succeeds
     let cluster = pg::Cluster::start();
     pg::connect(&cluster.url("postgres")).await.batch_execute("CREATE DATABASE restart").await.unwrap();
     let url = cluster.url("restart");
-    let sql = "SELECT pg_temp.create_tenant('tenant_a');
-        CREATE SCHEMA tenant_b;
-        CREATE TABLE tenant_b.audit_trail (id int PRIMARY KEY, created_at timestamptz);
-        INSERT INTO public.customers_client (schema_name, name) VALUES ('tenant_b', 'b');";
-    pg::connect(&url).await.batch_execute(&format!("{BASE_SQL}\n{sql}")).await.unwrap();
+    pg::connect(&url).await.batch_execute(&format!("{BASE_SQL}\n{LOCKABLE_SQL}")).await.unwrap();
     let daemon = start_daemon(config(&url, "[serve]\nschedule = '0 0 0 1 1 *'\n[scan]\nlock_timeout = '60s'\n")).await;
     daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
 
     // The next scan blocks on a lock; the server restarts under it.
-    let locker = pg::connect(&url).await;
-    locker.batch_execute("BEGIN; LOCK TABLE tenant_b.audit_trail IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let _locker = lock_audit_trail(&url).await;
     assert_eq!(daemon.post("/scan").await.0, 202);
-    let watcher = pg::connect(&url).await;
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock'";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while watcher.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
-        assert!(Instant::now() < deadline, "the scan never blocked on the lock");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_scan_blocked(&url).await;
     cluster.stop();
     cluster.restart();
     daemon.wait_for("tenant_audit_scans_total{result=\"failure\"} 1").await;
     assert_eq!(daemon.samples("tenant_audit_last_scan_success").await, ["tenant_audit_last_scan_success 0"]);
-    assert_eq!(daemon.samples("tenant_audit_tenants_scanned").await, ["tenant_audit_tenants_scanned 2"], "the last good scan stays");
+    assert_eq!(daemon.samples("tenant_audit_tenants_scanned").await, ["tenant_audit_tenants_scanned 3"], "the last good scan stays");
     assert_eq!(daemon.samples("tenant_audit_scan_errors_total").await[2], "tenant_audit_scan_errors_total{kind=\"connection\"} 1");
     assert_eq!(daemon.post("/scan").await.0, 202);
     daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 2").await;
@@ -274,13 +266,8 @@ async fn database_restart_in_the_middle_of_a_scan_fails_it_and_the_next_succeeds
 #[tokio::test]
 async fn overlapping_scans_are_skipped_or_refused() {
     // A locked table keeps the first scheduled scan running while more ticks and a request arrive.
-    let sql = "SELECT pg_temp.create_tenant('tenant_a');
-        CREATE SCHEMA tenant_b;
-        CREATE TABLE tenant_b.audit_trail (id int PRIMARY KEY, created_at timestamptz);
-        INSERT INTO public.customers_client (schema_name, name) VALUES ('tenant_b', 'b');";
-    let url = fixture_db("daemon_overlap", sql).await;
-    let locker = pg::connect(&url).await;
-    locker.batch_execute("BEGIN; LOCK TABLE tenant_b.audit_trail IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let url = fixture_db("daemon_overlap", LOCKABLE_SQL).await;
+    let locker = lock_audit_trail(&url).await;
     let extra = "[serve]\nschedule = '* * * * * *'\nscan_on_start = false\n[scan]\nlock_timeout = '60s'\n";
     let daemon = start_daemon(config(&url, extra)).await;
     daemon.wait_for("tenant_audit_skipped_ticks_total 1").await;
@@ -293,13 +280,8 @@ async fn overlapping_scans_are_skipped_or_refused() {
 
 #[tokio::test]
 async fn sigterm_cancels_running_queries_and_exits_in_time() {
-    let sql = "SELECT pg_temp.create_tenant('tenant_a');
-        CREATE SCHEMA tenant_b;
-        CREATE TABLE tenant_b.audit_trail (id int PRIMARY KEY, created_at timestamptz);
-        INSERT INTO public.customers_client (schema_name, name) VALUES ('tenant_b', 'b');";
-    let url = fixture_db("daemon_sigterm", sql).await;
-    let locker = pg::connect(&url).await;
-    locker.batch_execute("BEGIN; LOCK TABLE tenant_b.audit_trail IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let url = fixture_db("daemon_sigterm", LOCKABLE_SQL).await;
+    let locker = lock_audit_trail(&url).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let path = config_file(
         "sigterm",
@@ -312,18 +294,9 @@ async fn sigterm_cancels_running_queries_and_exits_in_time() {
         .spawn()
         .unwrap();
 
+    wait_until_scan_blocked(&url).await;
     let watcher = pg::connect(&url).await;
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock'";
     let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit'";
-    let count = |sql: &'static str| {
-        let watcher = &watcher;
-        async move { watcher.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while count(waiting).await == 0 {
-        assert!(Instant::now() < deadline, "the scan never blocked on the lock");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     let sent = Instant::now();
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
@@ -338,7 +311,7 @@ async fn sigterm_cancels_running_queries_and_exits_in_time() {
     assert!(sent.elapsed() < Duration::from_secs(5), "took {:?}, shutdown_timeout is 5 s", sent.elapsed());
     // The blocked query was cancelled on the server: no session of ours is left waiting.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while count(sessions).await != 0 {
+    while watcher.query_one(sessions, &[]).await.unwrap().get::<_, i64>(0) != 0 {
         assert!(Instant::now() < deadline, "a tenant-audit session outlived the process");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

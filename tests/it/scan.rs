@@ -1,10 +1,9 @@
 //! Scans of fixture databases: every check, with exact counts, schemas and sample keys.
 
-use std::time::Duration;
 
 use tenant_audit::report::{ErrorKind, ScanError, TenantCounts};
 
-use crate::support::{config, fixture_db, lines, pg, scan, DEMO_SQL};
+use crate::support::{config, fixture_db, lines, lock_audit_trail, pg, scan, wait_until_scan_blocked, DEMO_SQL, LOCKABLE_SQL};
 
 /// Registry plus pattern discovery, as the demo is configured.
 const BOTH_WAYS: &str = "[tenants]\ninclude = ['^tenant_']\n";
@@ -177,30 +176,11 @@ async fn reference_schema_defines_the_expected_shape() {
 
 #[tokio::test]
 async fn tenant_dropped_during_the_scan_is_reported_not_fatal() {
-    // tenant_b's only table is probed by one query, so the scan holds no other lock of tenant_b
-    // while it waits (DROP SCHEMA would otherwise deadlock with it), and the table has no column
-    // defaults (the catalog reads defaults with pg_get_expr, which would wait on the lock too).
-    let sql = format!(
-        "{}CREATE SCHEMA tenant_b;
-        CREATE TABLE tenant_b.audit_trail (id int PRIMARY KEY, created_at timestamptz);
-        INSERT INTO public.customers_client (schema_name, name) VALUES ('tenant_b', 'b');",
-        create_tenants(&["tenant_a", "tenant_c"])
-    );
-    let url = fixture_db("scan_dropped", &sql).await;
-    let locker = pg::connect(&url).await;
-    locker.batch_execute("BEGIN; LOCK TABLE tenant_b.audit_trail IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let url = fixture_db("scan_dropped", LOCKABLE_SQL).await;
+    let locker = lock_audit_trail(&url).await;
     let cfg = config(&url, "[scan]\nlock_timeout = '60s'\n");
     let scan = tokio::spawn(async move { scan(&cfg).await });
-
-    let watcher = pg::connect(&url).await;
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock'";
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while watcher.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the scan never waited on the locked tenant");
+    wait_until_scan_blocked(&url).await;
     locker.batch_execute("DROP SCHEMA tenant_b CASCADE; COMMIT").await.unwrap();
 
     let report = scan.await.unwrap();

@@ -171,3 +171,33 @@ pub async fn checksum(url: &str) -> std::collections::BTreeMap<String, String> {
     out.insert("(columns)".into(), client.query_one(columns, &[]).await.unwrap().get(0));
     out
 }
+
+/// Tenants `tenant_a` and `tenant_c`, plus `tenant_b` whose only table, `audit_trail`, is read by
+/// a single probe and has no column defaults: a test that locks it (see [`lock_audit_trail`])
+/// blocks a scan in its data phase, holding no other lock of `tenant_b` (DROP SCHEMA would
+/// otherwise deadlock with the scan) and without blocking the catalog query (which reads
+/// column defaults with `pg_get_expr`, which locks the table).
+pub const LOCKABLE_SQL: &str = "SELECT pg_temp.create_tenant('tenant_a');
+    SELECT pg_temp.create_tenant('tenant_c');
+    CREATE SCHEMA tenant_b;
+    CREATE TABLE tenant_b.audit_trail (id int PRIMARY KEY, created_at timestamptz);
+    INSERT INTO public.customers_client (schema_name, name) VALUES ('tenant_b', 'b');";
+
+/// A session holding `ACCESS EXCLUSIVE` on `tenant_b.audit_trail` of [`LOCKABLE_SQL`] until it
+/// commits.
+pub async fn lock_audit_trail(url: &str) -> tokio_postgres::Client {
+    let locker = pg::connect(url).await;
+    locker.batch_execute("BEGIN; LOCK TABLE tenant_b.audit_trail IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    locker
+}
+
+/// Waits (30 s at most) until a tenant-audit session waits on a lock.
+pub async fn wait_until_scan_blocked(url: &str) {
+    let watcher = pg::connect(url).await;
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock'";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while watcher.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the scan never blocked on the lock");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
