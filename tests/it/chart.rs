@@ -1,7 +1,7 @@
 //! The Helm chart (helm/tenant-audit): `helm lint --strict`, and `helm template` with the default
 //! values and with each ci/*-values.yaml, validated by kubernetes-validate; what the default
 //! renders; the rules and dashboard it ships equal to dashboards/; every value documented; and
-//! its default configuration accepted by tenant-audit on the demo database.
+//! the configuration of each variant accepted by tenant-audit on the demo database.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +42,11 @@ fn ci_values() -> Vec<String> {
     files
 }
 
+/// helm arguments of each values variant: the defaults, then each ci/*-values.yaml.
+fn variants(ci: &[String]) -> Vec<Vec<&str>> {
+    [vec![]].into_iter().chain(ci.iter().map(|f| vec!["-f", f.as_str()])).collect()
+}
+
 /// The lines of `text` after the line `marker`, with `indent` leading spaces removed.
 fn block_after(text: &str, marker: &str, indent: usize) -> String {
     let lines = text.lines().skip_while(|l| *l != marker).skip(1);
@@ -57,8 +62,7 @@ fn chart_lints_and_renders_valid_manifests() {
     let home = temp_dir("helm-lint");
     let ci = ci_values();
     assert!(ci.len() >= 2, "{ci:?}");
-    let variants: Vec<Vec<&str>> = [vec![]].into_iter().chain(ci.iter().map(|f| vec!["-f", f.as_str()])).collect();
-    for args in variants {
+    for args in variants(&ci) {
         run_ok(helm(&home).args(["lint", "--strict", CHART]).args(&args));
         let manifests = home.join("manifests.yaml");
         std::fs::write(&manifests, render(&home, &args)).unwrap();
@@ -165,16 +169,19 @@ fn value_paths(schema: &serde_json::Value, prefix: &str, out: &mut Vec<String>) 
 }
 
 #[tokio::test]
-async fn default_config_scans_the_demo_database() {
+async fn rendered_configs_scan_the_demo_database() {
     let home = temp_dir("helm-config");
-    let configmap = render(&home, &["--show-only", "templates/configmap.yaml"]);
-    let config = block_after(&configmap, "  config.toml: |", 4);
-    assert!(config.contains("listen = \"0.0.0.0:9841\""), "{config}");
-    let path: PathBuf = config_file("chart", &config);
     let url = fixture_db("chart_config", DEMO_SQL).await;
-    let out = cli(&["scan", "--config", path.to_str().unwrap()], &[("TENANT_AUDIT_DATABASE_URL", &url)]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("ORPHAN_ROWS (critical): 5 findings"), "{stdout}");
+    let ci = ci_values();
+    for args in variants(&ci) {
+        let configmap = render(&home, &[&args[..], &["--show-only", "templates/configmap.yaml"]].concat());
+        let config = block_after(&configmap, "  config.toml: |", 4);
+        assert!(config.contains("listen = \"0.0.0.0:9841\""), "{args:?}: {config}");
+        let path: PathBuf = config_file("chart", &config);
+        let out = cli(&["scan", "--config", path.to_str().unwrap()], &[("TENANT_AUDIT_DATABASE_URL", &url)]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("ORPHAN_ROWS (critical): 5 findings"), "{args:?}: {stdout}");
+    }
     std::fs::remove_dir_all(&home).unwrap();
 }
