@@ -25,6 +25,10 @@
 //! - [`http`]: the HTTP endpoints; never queries PostgreSQL.
 //! - [`daemon`]: `serve`: wires scheduler and HTTP together, shuts down within the timeout.
 //!
+//! Outside `src/`: `dashboards/` (Grafana dashboard, alert rules and their promtool tests),
+//! `helm/tenant-audit/` (the chart), `tests/it/` (one integration binary against real
+//! PostgreSQL and Prometheus), `scripts/` (demo, test, bench) and `docs/`.
+//!
 //! # Invariants
 //! - Scanning only reads: every scan query runs in a `READ ONLY` transaction.
 //! - Every identifier in generated SQL goes through [`sql::ident`]; values are bind parameters.

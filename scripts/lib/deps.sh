@@ -19,15 +19,22 @@ deps_ensure() {
     _deps_kubernetes_validate || exit 1
 }
 
-# The Debian packages, each checked by what the tests use of it.
+# deps_ensure_demo: what scripts/demo needs (PostgreSQL and curl), or exit 1 with what to run.
+deps_ensure_demo() {
+    _deps_debian demo || exit 1
+}
+
+# The Debian packages, each checked by what the tests use of it (with `demo`: only the demo's).
 _deps_debian() {
     local missing=()
     [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
-    { [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || missing+=(prometheus)
     command -v curl >/dev/null || missing+=(curl)
-    command -v npm >/dev/null || missing+=(npm)
-    command -v unzip >/dev/null || missing+=(unzip)
-    python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    if [ "${1:-}" != demo ]; then
+        { [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || missing+=(prometheus)
+        command -v npm >/dev/null || missing+=(npm)
+        command -v unzip >/dev/null || missing+=(unzip)
+        python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    fi
     [ ${#missing[@]} -eq 0 ] && return 0
     local cmd="apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing[*]}"
     if [ "$(id -u)" -ne 0 ]; then
