@@ -18,7 +18,8 @@ use crate::tools::{metric_names, repo, temp_dir, tool};
 /// Tenants as in the demo; a schedule that does not fire during the test (the scan runs at start-up).
 const DAEMON: &str = "[tenants]\ninclude = ['^tenant_']\n[serve]\nschedule = '0 0 0 1 1 *'\n";
 /// The alerts whose expressions hold on the demo database: it has every kind of finding, and a
-/// healthy daemon, database and scrape.
+/// healthy daemon, database and scrape, and heal disabled (`DAEMON` has no `[heal]`), so neither
+/// TenantAuditHealErrors nor TenantAuditHealFailing holds.
 const FIRING_ON_DEMO: [&str; 4] = [
     "TenantAuditOrphanRows",
     "TenantAuditNullRequiredTimestamps",
