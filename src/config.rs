@@ -376,6 +376,12 @@ impl RawConfig {
         let scan = self.scan.validate()?;
         let checks = self.checks.validate()?;
         let serve = self.serve.validate()?;
+        if heal.add_missing_columns && tenants.reference_schema.is_none() {
+            return Err(ConfigError::invalid(
+                "heal.add_missing_columns",
+                "needs tenants.reference_schema: against the most common shape, heal would add columns ahead of a migration still rolling out",
+            ));
+        }
         Ok(Config {
             database,
             tenants,
@@ -691,6 +697,8 @@ mod tests {
         assert_eq!((c.database.target.as_str(), c.heal.database.target.as_str()), ("replica:5432/app", "primary:5432/app"));
         let err = parse("database_url = 'postgres://db/app'\n[heal]\nenabled = true\n").unwrap_err();
         assert!(err.to_string().starts_with("config key heal.enabled: no repair is enabled"), "{err}");
+        let err = parse("database_url = 'postgres://db/app'\n[heal]\nadd_missing_columns = true\n").unwrap_err();
+        assert!(err.to_string().starts_with("config key heal.add_missing_columns: needs tenants.reference_schema"), "{err}");
     }
 
     #[test]

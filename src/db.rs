@@ -81,9 +81,11 @@ pub fn heal_pool(heal: &HealConfig, connect_timeout: Duration) -> Pool {
 /// statement of the session, including the first. `search_path=pg_catalog` makes the catalog
 /// render every non-system name schema-qualified (column defaults included), so no name in a
 /// session of ours resolves through a schema the database's users control.
+/// `standard_conforming_strings=on` keeps backslashes literal in the string literals heal
+/// writes (`sql::literal`), whatever the database's default.
 fn session_options(statement_timeout: Duration, lock_timeout: Duration, read_only: bool) -> String {
     format!(
-        "-c statement_timeout={} -c lock_timeout={} -c default_transaction_read_only={} -c search_path=pg_catalog",
+        "-c statement_timeout={} -c lock_timeout={} -c default_transaction_read_only={} -c search_path=pg_catalog -c standard_conforming_strings=on",
         statement_timeout.as_millis(),
         lock_timeout.as_millis(),
         if read_only { "on" } else { "off" }
@@ -118,7 +120,8 @@ mod tests {
     fn options_set_timeouts_in_milliseconds() {
         assert_eq!(
             session_options(Duration::from_secs(60), Duration::from_millis(2500), true),
-            "-c statement_timeout=60000 -c lock_timeout=2500 -c default_transaction_read_only=on -c search_path=pg_catalog"
+            "-c statement_timeout=60000 -c lock_timeout=2500 -c default_transaction_read_only=on -c search_path=pg_catalog \
+             -c standard_conforming_strings=on"
         );
     }
 }

@@ -58,6 +58,7 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
     }
     let cancel = shutdown_on_signals()?;
     let scanned = scan::run(&config, &db::scan_pool(&config.database, &config.scan), &cancel, None).await?;
+    incomplete_scan_error(&scanned.report).map_or(Ok(()), |e| Err(e.context("heal needs a complete scan")))?;
     let plan = Plan::build(&scanned, &config);
     let mut out = std::io::stdout();
     if !args.execute {
@@ -68,7 +69,7 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
-    let outcome = match heal::execute(&config.heal, &pool, &plan, None).await {
+    let outcome = match heal::execute(&config.heal, &pool, &plan, None, &cancel).await {
         Err(HealError::LockedOut) => {
             eprintln!("tenant-audit: {}", HealError::LockedOut);
             return Ok(ExitCode::from(1));
@@ -85,7 +86,18 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
     if let Some((schema, repair, message)) = outcome.errors.first() {
         anyhow::bail!("{} repair(s) failed; first: {} on {schema}: {message}", outcome.errors.len(), repair.name());
     }
+    if outcome.interrupted {
+        eprintln!("tenant-audit: heal interrupted; every committed batch is whole, run it again to finish");
+        return Ok(ExitCode::from(1));
+    }
     Ok(if outcome.skipped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The error of a scan that met failures (other than tenants dropped meanwhile), if it did.
+fn incomplete_scan_error(report: &tenant_audit::report::Report) -> Option<anyhow::Error> {
+    let failures: Vec<_> = report.failures().collect();
+    let first = failures.first()?;
+    Some(anyhow::anyhow!("scan incomplete: {} errors; first [{}] {}: {}", failures.len(), first.kind.name(), first.place(), first.message))
 }
 
 /// A token cancelled by the first SIGTERM or SIGINT.
@@ -135,19 +147,8 @@ async fn scan_once(args: ScanArgs) -> anyhow::Result<ExitCode> {
         Format::Json => report.to_json() + "\n",
     };
     std::io::stdout().write_all(rendered.as_bytes()).context("cannot write the report")?;
-    let failures: Vec<_> = report.failures().collect();
-    if let Some(first) = failures.first() {
-        let place = match (&first.schema, &first.table) {
-            (Some(s), Some(t)) => tenant_audit::sql::display_name(s, t),
-            (Some(s), None) => s.clone(),
-            _ => "scan".into(),
-        };
-        anyhow::bail!(
-            "scan incomplete: {} errors; first [{}] {place}: {}",
-            failures.len(),
-            first.kind.name(),
-            first.message
-        );
+    if let Some(e) = incomplete_scan_error(&report) {
+        return Err(e);
     }
     if args.fail_on_findings && !report.findings.is_empty() {
         return Ok(ExitCode::from(1));

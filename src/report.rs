@@ -197,6 +197,17 @@ pub struct ScanError {
     pub message: String,
 }
 
+impl ScanError {
+    /// Where it happened: `schema.table`, `schema`, or `scan`.
+    pub fn place(&self) -> String {
+        match (&self.schema, &self.table) {
+            (Some(s), Some(t)) => display_name(s, t),
+            (Some(s), None) => s.clone(),
+            _ => "scan".to_string(),
+        }
+    }
+}
+
 /// The class of a scan error, also used as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -327,12 +338,7 @@ impl Report {
             self.errors.len()
         );
         for e in &self.errors {
-            let place = match (&e.schema, &e.table) {
-                (Some(s), Some(t)) => display_name(s, t),
-                (Some(s), None) => s.clone(),
-                _ => "scan".to_string(),
-            };
-            let _ = writeln!(out, "  error [{}] {place}: {}", e.kind.name(), e.message);
+            let _ = writeln!(out, "  error [{}] {}: {}", e.kind.name(), e.place(), e.message);
         }
         out
     }

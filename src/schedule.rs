@@ -166,7 +166,7 @@ impl Scheduler {
                 self.metrics.record_report(&scanned.report, self.config.metrics.max_tenant_series);
                 if let Some(pool) = &self.heal_pool {
                     let plan = heal::Plan::build(&scanned, &self.config);
-                    if let Err(e) = heal::execute(&self.config.heal, pool, &plan, Some(&self.metrics)).await {
+                    if let Err(e) = heal::execute(&self.config.heal, pool, &plan, Some(&self.metrics), &self.shutdown).await {
                         tracing::error!(error = %e, "heal did not run");
                     }
                 }

@@ -4,7 +4,9 @@
 //! The statement picks up to `$1` orphaned keys (the scan's predicate, evaluated again inside the
 //! statement), selects the shared parent rows for them, walks the tenant's foreign keys up from
 //! the parent table to find ancestor rows the tenant lacks, inserts everything with
-//! `ON CONFLICT DO NOTHING`, and writes one audit row per inserted row. Foreign keys are checked
+//! `ON CONFLICT (key) DO NOTHING` (a row that arrived meanwhile is left alone; a clash on any
+//! other unique key fails the batch loudly instead of being skipped silently), and writes one
+//! audit row per inserted row. Foreign keys are checked
 //! at the end of the statement, so ancestors and parents go in together consistently. Only
 //! columns both tables have are copied (tenant schemas drift).
 
@@ -53,11 +55,12 @@ pub fn statement(catalog: &Catalog, shared: &str, tenant: &str, probe: &Probe) -
             return None;
         }
         ctes.push(format!(
-            "ins_{i} AS (\n  INSERT INTO {} ({})\n  SELECT {} FROM {} r\n  ON CONFLICT DO NOTHING\n  RETURNING *\n)",
+            "ins_{i} AS (\n  INSERT INTO {} ({})\n  SELECT {} FROM {} r\n  ON CONFLICT ({}) DO NOTHING\n  RETURNING *\n)",
             sql::qualified(tenant, &level.table),
             sql::ident_list(&columns),
             sql::columns("r", &columns),
-            level.cte
+            level.cte,
+            sql::ident_list(&level.key),
         ));
         let key = audit::key_json("i", &level.key);
         log_rows.push(format!("{} FROM ins_{i} i", audit::row(tenant, &level.table, "copy_missing_parents", &key, "NULL::jsonb", "to_jsonb(i)")));

@@ -19,7 +19,8 @@ mod plan;
 use std::collections::BTreeMap;
 
 use deadpool_postgres::Pool;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
 
 pub use plan::{Action, Plan, Step, TenantPlan};
 
@@ -102,6 +103,8 @@ pub struct Outcome {
     pub skipped: Vec<(String, SkipReason)>,
     /// Repairs that failed: (schema, repair, message). The rest of the tenant went on.
     pub errors: Vec<(String, Repair, String)>,
+    /// The run was cancelled (shutdown or a signal) before it finished.
+    pub interrupted: bool,
 }
 
 impl Outcome {
@@ -111,15 +114,23 @@ impl Outcome {
 }
 
 /// Applies `plan` through `pool` (heal sessions). Returns what changed; records it in `metrics`.
-pub async fn execute(heal: &HealConfig, pool: &Pool, plan: &Plan, metrics: Option<&Metrics>) -> Result<Outcome, HealError> {
-    let result = execute_locked(heal, pool, plan).await;
+/// Cancelling `cancel` stops the run between statements, and a running statement is cancelled
+/// on the server (its batch rolls back whole).
+pub async fn execute(
+    heal: &HealConfig,
+    pool: &Pool,
+    plan: &Plan,
+    metrics: Option<&Metrics>,
+    cancel: &CancellationToken,
+) -> Result<Outcome, HealError> {
+    let result = execute_locked(heal, pool, plan, cancel).await;
     if let Some(m) = metrics {
         m.record_heal(&result);
     }
     result
 }
 
-async fn execute_locked(heal: &HealConfig, pool: &Pool, plan: &Plan) -> Result<Outcome, HealError> {
+async fn execute_locked(heal: &HealConfig, pool: &Pool, plan: &Plan, cancel: &CancellationToken) -> Result<Outcome, HealError> {
     let target = &heal.database.target;
     let guard = db::session(pool, target).await.map_err(HealError::Connect)?;
     if guard.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(DbError::from)?.get::<_, bool>(0) {
@@ -129,31 +140,76 @@ async fn execute_locked(heal: &HealConfig, pool: &Pool, plan: &Plan) -> Result<O
     if !locked {
         return Err(HealError::LockedOut);
     }
-    let result = run(heal, pool, &guard, plan).await;
-    // Released explicitly: the pooled session outlives this run.
+    let result = run(heal, pool, &guard, plan, cancel).await;
+    // Released explicitly: the pooled session outlives this run. (Every path of `run` returns
+    // here; cancellation is handled inside it, never by dropping it.)
     let _ = guard.query_one("SELECT pg_catalog.pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
     result
 }
 
-async fn run(heal: &HealConfig, pool: &Pool, guard: &Client, plan: &Plan) -> Result<Outcome, HealError> {
+/// Why a step stopped short.
+enum Stop {
+    Failed(DbError),
+    BudgetReached,
+    Cancelled,
+}
+
+impl From<DbError> for Stop {
+    fn from(e: DbError) -> Self {
+        Stop::Failed(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Stop {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Stop::Failed(e.into())
+    }
+}
+
+/// The session that writes, with what every transaction of it needs.
+struct Writer<'a> {
+    client: &'a mut Client,
+    server_cancel: tokio_postgres::CancelToken,
+    cancel: &'a CancellationToken,
+    /// `SET LOCAL` of both timeouts, run first in every transaction: the start-up options may be
+    /// dropped by a connection pooler, these cannot.
+    timeouts: String,
+}
+
+async fn run(heal: &HealConfig, pool: &Pool, guard: &Client, plan: &Plan, cancel: &CancellationToken) -> Result<Outcome, HealError> {
     ensure_audit_table(guard).await?;
     check_privileges(guard, plan).await?;
     let mut session = db::session(pool, &heal.database.target).await.map_err(HealError::Connect)?;
     let client: &mut Client = &mut session;
+    let mut writer = Writer {
+        server_cancel: client.cancel_token(),
+        client,
+        cancel,
+        timeouts: format!(
+            "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'",
+            heal.lock_timeout.as_millis(),
+            heal.statement_timeout.as_millis()
+        ),
+    };
     let mut outcome = Outcome { run_id: run_id(), ..Outcome::default() };
     let mut budget = heal.max_rows_per_run;
     for (i, tenant) in plan.tenants.iter().enumerate() {
+        if cancel.is_cancelled() {
+            outcome.interrupted = true;
+            break;
+        }
         if budget == 0 {
             outcome.skipped.extend(plan.tenants[i..].iter().map(|t| (t.schema.clone(), SkipReason::MaxRowsPerRun)));
             break;
         }
-        heal_tenant(client, heal, tenant, &mut budget, &mut outcome).await;
+        heal_tenant(&mut writer, heal, tenant, &mut budget, &mut outcome).await;
     }
     tracing::info!(
         run_id = %outcome.run_id,
         changed = outcome.total_changed(),
         skipped = outcome.skipped.len(),
         errors = outcome.errors.len(),
+        interrupted = outcome.interrupted,
         "heal finished"
     );
     Ok(outcome)
@@ -161,25 +217,29 @@ async fn run(heal: &HealConfig, pool: &Pool, guard: &Client, plan: &Plan) -> Res
 
 /// Runs one tenant's actions; a lock timeout skips the rest of the tenant, another failure skips
 /// the rest of that action.
-async fn heal_tenant(client: &mut Client, heal: &HealConfig, tenant: &TenantPlan, budget: &mut u64, outcome: &mut Outcome) {
+async fn heal_tenant(writer: &mut Writer<'_>, heal: &HealConfig, tenant: &TenantPlan, budget: &mut u64, outcome: &mut Outcome) {
     for action in &tenant.actions {
         for step in &action.steps {
             let result = match step {
-                Step::Batched(sql) => run_batches(client, heal.batch_size, sql, tenant, action.repair, budget, outcome).await,
-                Step::Once { sql, key } => run_once(client, sql, key, tenant, action, outcome).await,
+                Step::Batched(sql) => run_batches(writer, heal.batch_size, sql, tenant, action.repair, budget, outcome).await,
+                Step::Once { sql, key, adds_column } => run_once(writer, sql, key, *adds_column, tenant, action, outcome).await,
             };
             match result {
-                Ok(true) => {}
-                Ok(false) => {
+                Ok(()) => {}
+                Err(Stop::BudgetReached) => {
                     outcome.skipped.push((tenant.schema.clone(), SkipReason::MaxRowsPerRun));
                     return;
                 }
-                Err(e) if e.code() == Some("55P03") => {
+                Err(Stop::Cancelled) => {
+                    outcome.interrupted = true;
+                    return;
+                }
+                Err(Stop::Failed(e)) if e.code() == Some("55P03") => {
                     tracing::warn!(schema = %tenant.schema, table = %action.table, "heal skipped the tenant: lock not available within heal.lock_timeout");
                     outcome.skipped.push((tenant.schema.clone(), SkipReason::LockTimeout));
                     return;
                 }
-                Err(e) => {
+                Err(Stop::Failed(e)) => {
                     tracing::error!(schema = %tenant.schema, table = %action.table, repair = action.repair.name(), error = %e, "repair failed");
                     outcome.errors.push((tenant.schema.clone(), action.repair, e.to_string()));
                     break;
@@ -189,24 +249,56 @@ async fn heal_tenant(client: &mut Client, heal: &HealConfig, tenant: &TenantPlan
     }
 }
 
-/// Runs a batched statement until it changes nothing; `Ok(false)` when the budget ran out.
+impl Writer<'_> {
+    /// Runs `work` in one transaction (timeouts set first), unless cancelled: then the running
+    /// statement is cancelled on the server and the transaction rolls back.
+    async fn transaction<T>(
+        &mut self,
+        work: impl for<'t> FnOnce(&'t tokio_postgres::Transaction<'t>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 't>>,
+    ) -> Result<T, Stop> {
+        if self.cancel.is_cancelled() {
+            return Err(Stop::Cancelled);
+        }
+        let cancel = self.cancel.clone();
+        let server_cancel = self.server_cancel.clone();
+        let timeouts = self.timeouts.clone();
+        let attempt = async {
+            let tx = self.client.transaction().await?;
+            tx.batch_execute(&timeouts).await?;
+            let value = work(&tx).await?;
+            tx.commit().await?;
+            Ok::<T, tokio_postgres::Error>(value)
+        };
+        tokio::select! {
+            result = attempt => Ok(result?),
+            _ = cancel.cancelled() => {
+                let _ = server_cancel.cancel_query(NoTls).await;
+                Err(Stop::Cancelled)
+            }
+        }
+    }
+}
+
+/// Runs a batched statement until it changes nothing, the budget runs out, or the run is cancelled.
 async fn run_batches(
-    client: &mut Client,
+    writer: &mut Writer<'_>,
     batch_size: usize,
     sql: &str,
     tenant: &TenantPlan,
     repair: Repair,
     budget: &mut u64,
     outcome: &mut Outcome,
-) -> Result<bool, DbError> {
+) -> Result<(), Stop> {
     loop {
-        let limit = (*budget).min(batch_size as u64);
+        let limit = (*budget).min(batch_size as u64) as i64;
         if limit == 0 {
-            return Ok(false);
+            return Err(Stop::BudgetReached);
         }
-        let tx = client.transaction().await?;
-        let rows = tx.query(sql, &[&(limit as i64), &outcome.run_id]).await?;
-        tx.commit().await?;
+        let run_id = outcome.run_id.clone();
+        let sql = sql.to_string();
+        let rows = writer
+            .transaction(move |tx| Box::pin(async move { tx.query(&sql, &[&limit, &run_id]).await }))
+            .await?;
         for row in &rows {
             let (table, key): (String, String) = (row.get(0), row.get(1));
             tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %table, repair = repair.name(), key = %key, "healed");
@@ -215,22 +307,36 @@ async fn run_batches(
         *outcome.changed.entry(repair.name()).or_default() += changed;
         *budget = budget.saturating_sub(changed);
         if changed == 0 {
-            return Ok(true);
+            return Ok(());
         }
     }
 }
 
 /// Runs a one-off statement (DDL) with its audit row in one transaction.
-async fn run_once(client: &mut Client, sql: &str, key: &str, tenant: &TenantPlan, action: &Action, outcome: &mut Outcome) -> Result<bool, DbError> {
-    let tx = client.transaction().await?;
-    tx.batch_execute(sql).await?;
-    tx.execute(&audit::record_once(&tenant.schema, &action.table, action.repair.name(), key), &[&outcome.run_id, &sql]).await?;
-    tx.commit().await?;
+async fn run_once(
+    writer: &mut Writer<'_>,
+    sql: &str,
+    key: &str,
+    adds_column: bool,
+    tenant: &TenantPlan,
+    action: &Action,
+    outcome: &mut Outcome,
+) -> Result<(), Stop> {
+    let record = audit::record_once(&tenant.schema, &action.table, action.repair.name(), key);
+    let (statement, run_id) = (sql.to_string(), outcome.run_id.clone());
+    writer
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.batch_execute(&statement).await?;
+                tx.execute(&record, &[&run_id, &statement]).await
+            })
+        })
+        .await?;
     tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %action.table, repair = action.repair.name(), statement = %sql, "healed");
-    if sql.contains(" ADD COLUMN ") {
+    if adds_column {
         *outcome.changed.entry(action.repair.name()).or_default() += 1;
     }
-    Ok(true)
+    Ok(())
 }
 
 /// Creates the audit table if it is missing.
@@ -249,10 +355,12 @@ async fn ensure_audit_table(client: &Client) -> Result<(), HealError> {
 /// Checks, in one query, that the role may write every table the plan touches: INSERT for
 /// copies, UPDATE for backfills, ownership for added columns, and INSERT on the audit table.
 async fn check_privileges(client: &Client, plan: &Plan) -> Result<(), HealError> {
-    const CHECK: &str = "SELECT t.rel, t.privilege FROM unnest($1::text[], $2::text[]) AS t(rel, privilege)
-WHERE NOT CASE t.privilege
-    WHEN 'OWNER' THEN pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = t.rel::regclass), 'USAGE')
-    ELSE pg_catalog.has_table_privilege(t.rel, t.privilege) END
+    // Relations dropped since the scan are left to fail (and be reported) in their own repair.
+    const CHECK: &str = "SELECT t.rel, t.privilege
+FROM unnest($1::text[], $2::text[]) AS t(rel, privilege), LATERAL pg_catalog.to_regclass(t.rel) AS r(oid)
+WHERE r.oid IS NOT NULL AND NOT CASE t.privilege
+    WHEN 'OWNER' THEN pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = r.oid), 'USAGE')
+    ELSE pg_catalog.has_table_privilege(r.oid, t.privilege) END
 LIMIT 1";
     let mut rels = vec![audit::table()];
     let mut privileges = vec!["INSERT".to_string()];

@@ -44,20 +44,15 @@ pub enum Step {
     /// returns one (table, key) row per change, each already written to the audit table.
     Batched(String),
     /// Run once in its own transaction, with its audit row (`key` identifies it).
-    Once { sql: String, key: String },
+    /// `adds_column` counts it as a change in the metrics.
+    Once { sql: String, key: String, adds_column: bool },
 }
 
 impl Step {
     /// A one-off step on `column`, named `step` in its audit key.
     pub fn once(column: &str, step: &str, sql: String) -> Step {
         let key = format!("jsonb_build_object('column', {}, 'step', {})", sql::literal(column), sql::literal(step));
-        Step::Once { sql, key }
-    }
-
-    pub fn sql(&self) -> &str {
-        match self {
-            Step::Batched(sql) | Step::Once { sql, .. } => sql,
-        }
+        Step::Once { sql, key, adds_column: step == "add_column" }
     }
 }
 
@@ -66,10 +61,12 @@ impl Plan {
     pub fn build(scanned: &Scanned, config: &Config) -> Plan {
         let heal = &config.heal;
         let mut tenants: Vec<TenantPlan> = Vec::new();
+        // Parents first, then values of existing columns, then columns (whose NOT NULL comes
+        // after their own backfill).
         let repairs = [
             (heal.copy_missing_parents, Repair::CopyMissingParents),
-            (heal.add_missing_columns, Repair::AddMissingColumns),
             (heal.backfill_null_timestamps, Repair::BackfillNullTimestamps),
+            (heal.add_missing_columns, Repair::AddMissingColumns),
         ];
         for (_, repair) in repairs.into_iter().filter(|(on, _)| *on) {
             for f in &scanned.report.findings {
@@ -82,10 +79,6 @@ impl Plan {
         }
         tenants.sort_by(|a, b| a.schema.cmp(&b.schema));
         Plan { tenants }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tenants.is_empty()
     }
 
     /// The plan as commented SQL, as `heal` prints it without `--execute`.
@@ -143,12 +136,24 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
             let summary = format!("{} NULL {column} value(s) set from {}", f.count, chain.join(", "));
             (summary, vec![Step::Batched(backfill::statement(tenant, &table, &own.primary_key, column, &fallback, repair.name()))])
         }
-        (Repair::AddMissingColumns, Check::SchemaDrift, Detail::SchemaDrift { difference: DriftKind::MissingColumn, .. }) => {
+        (Repair::AddMissingColumns, Check::SchemaDrift, Detail::SchemaDrift { difference, .. }) => {
             let name = f.columns.first()?;
             let column = scanned.shape.tables.get(&table)?.columns.get(name)?;
             let chain = config.heal.fallbacks.get(name).cloned().unwrap_or_default();
-            let summary = format!("add column {name} {} as the reference has it", column.data_type);
-            (summary, columns::steps(tenant, &table, own, column, &chain))
+            match difference {
+                DriftKind::MissingColumn => {
+                    let summary = format!("add column {name} {} as the reference has it", column.data_type);
+                    (summary, columns::add(tenant, &table, own, column, &chain))
+                }
+                DriftKind::NullabilityMismatch if column.not_null => {
+                    let steps = columns::not_null(tenant, &table, own, column, &chain);
+                    if steps.is_empty() {
+                        return None;
+                    }
+                    (format!("make {name} NOT NULL as the reference has it"), steps)
+                }
+                _ => return None,
+            }
         }
         _ => return None,
     };

@@ -8,8 +8,16 @@ use tenant_audit::heal::{self, Plan, SkipReason};
 
 use crate::support::{checksum, cli, config, config_file, fixture_db, lines, pg, scan, start_daemon, BASE_SQL, DEMO_SQL};
 
-/// The demo's discovery with every repair enabled.
-const HEAL: &str = "[tenants]\ninclude = ['^tenant_']\n[heal]\ncopy_missing_parents = true\nbackfill_null_timestamps = true\nadd_missing_columns = true\n";
+/// The demo's discovery against a template schema, with every repair enabled.
+const HEAL: &str = "[tenants]\ninclude = ['^tenant_']\nreference_schema = 'tenant_template'\n\
+    [heal]\ncopy_missing_parents = true\nbackfill_null_timestamps = true\nadd_missing_columns = true\n";
+/// The template every heal fixture starts with (add_missing_columns needs a reference schema).
+const TEMPLATE: &str = "SELECT pg_temp.create_tenant('tenant_template');\n";
+
+/// A heal fixture: the template, then `sql`.
+async fn heal_db(name: &str, sql: &str) -> String {
+    fixture_db(name, &format!("{TEMPLATE}{sql}")).await
+}
 
 fn b(n: &str) -> String {
     format!("b0000000-0000-0000-0000-0000000000{n}")
@@ -40,13 +48,13 @@ fn heal_cli(url: &str, name: &str, extra: &str, execute: bool) -> std::process::
 
 #[tokio::test]
 async fn execute_repairs_what_is_healable_and_audits_every_change() {
-    let url = fixture_db("heal_execute", DEMO_SQL).await;
+    let url = heal_db("heal_execute", DEMO_SQL).await;
     let out = heal_cli(&url, "execute", "", true);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("add_missing_columns: 3 change(s)\nbackfill_null_timestamps: 3 change(s)\ncopy_missing_parents: 3 change(s)\n"), "{stdout}");
 
-    let step = |s: &str| format!("tenant_e5 users_userprofile add_missing_columns {{\"step\": \"{s}\", \"column\": \"updated_at\"}}");
+    let step = |t: &str, s: &str| format!("{t} users_userprofile add_missing_columns {{\"step\": \"{s}\", \"column\": \"updated_at\"}}");
     let mut expected = vec![
         format!("tenant_c3 business_business copy_missing_parents {{\"id\": \"{}\"}}", b("02")),
         format!("tenant_c3 business_business copy_missing_parents {{\"id\": \"{}\"}}", b("03")),
@@ -56,13 +64,14 @@ async fn execute_repairs_what_is_healable_and_audits_every_change() {
         "tenant_d4 users_userprofile backfill_null_timestamps {\"id\": 4}".to_string(),
         "tenant_e5 users_userprofile add_missing_columns {\"id\": 1}".to_string(),
         "tenant_e5 users_userprofile add_missing_columns {\"id\": 2}".to_string(),
-        step("add_check"),
-        step("add_column"),
-        step("drop_check"),
-        step("set_default"),
-        step("set_not_null"),
-        step("validate_check"),
     ];
+    // tenant_e5 gets the column; tenant_d4, backfilled just before, gets its NOT NULL back.
+    for s in ["add_column", "set_default", "drop_stale_check", "add_check", "validate_check", "set_not_null", "drop_check"] {
+        expected.push(step("tenant_e5", s));
+    }
+    for s in ["drop_stale_check", "add_check", "validate_check", "set_not_null", "drop_check"] {
+        expected.push(step("tenant_d4", s));
+    }
     expected.sort();
     assert_eq!(audit_rows(&url).await, expected);
     // Backfilled from modified_at, the first fallback; the copied rows are the shared ones.
@@ -85,7 +94,6 @@ async fn execute_repairs_what_is_healable_and_audits_every_change() {
             "missing_schema tenant_gone 1  []".to_string(),
             "schema_drift tenant_c3.users_userprofile(business_id) 1 ForeignKeyTarget Some(\"business_business(id)\") Some(\"public.business_business(id)\") []".to_string(),
             "schema_drift tenant_d4.users_businessdetails(business_id) 1 MissingForeignKey Some(\"business_business(id)\") None []".to_string(),
-            "schema_drift tenant_d4.users_userprofile(updated_at) 1 NullabilityMismatch Some(\"NOT NULL\") Some(\"NULL\") []".to_string(),
             "schema_drift tenant_d4.users_userprofile(updated_at) 1 DefaultMismatch Some(\"now()\") None []".to_string(),
             "unregistered_schema tenant_zz9 1  []".to_string(),
         ]
@@ -101,7 +109,7 @@ async fn execute_repairs_what_is_healable_and_audits_every_change() {
 
 #[tokio::test]
 async fn dry_run_prints_the_sql_and_writes_nothing() {
-    let url = fixture_db("heal_dry_run", DEMO_SQL).await;
+    let url = heal_db("heal_dry_run", DEMO_SQL).await;
     let before = checksum(&url).await;
     let out = heal_cli(&url, "dry_run", "", false);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
@@ -110,6 +118,7 @@ async fn dry_run_prints_the_sql_and_writes_nothing() {
     assert!(plan.contains("  INSERT INTO \"tenant_c3\".\"business_business\" (\"id\", \"name\", \"business_num\", \"created_at\", \"updated_at\")\n"), "{plan}");
     assert!(plan.contains("ALTER TABLE \"tenant_e5\".\"users_userprofile\" ADD COLUMN IF NOT EXISTS \"updated_at\" timestamp with time zone;\n"), "{plan}");
     assert!(plan.ends_with("-- 3 tenant(s) to heal\n"), "{plan}");
+    assert!(plan.contains("-- add_missing_columns on tenant_d4.users_userprofile: make updated_at NOT NULL as the reference has it\n"), "{plan}");
     assert_eq!(checksum(&url).await, before);
     assert_eq!(count(&url, "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_audit'").await, 0);
 }
@@ -125,7 +134,7 @@ async fn missing_ancestors_are_copied_first() {
         SET session_replication_role = replica;
         INSERT INTO tenant_a.users_location VALUES (1, 500);
         RESET session_replication_role;";
-    let url = fixture_db("heal_ancestors", sql).await;
+    let url = heal_db("heal_ancestors", sql).await;
     let out = heal_cli(&url, "ancestors", "", true);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let client = pg::connect(&url).await;
@@ -144,7 +153,7 @@ async fn missing_ancestors_are_copied_first() {
 
 #[tokio::test]
 async fn a_locked_tenant_is_skipped_within_lock_timeout() {
-    let url = fixture_db("heal_locked", DEMO_SQL).await;
+    let url = heal_db("heal_locked", DEMO_SQL).await;
     let cfg = config(&url, &format!("{HEAL}lock_timeout = '300ms'\n"));
     let pool = tenant_audit::db::scan_pool(&cfg.database, &cfg.scan);
     let scanned = tenant_audit::scan::run(&cfg, &pool, &Default::default(), None).await.unwrap();
@@ -153,7 +162,7 @@ async fn a_locked_tenant_is_skipped_within_lock_timeout() {
     let locker = pg::connect(&url).await;
     locker.batch_execute("BEGIN; LOCK TABLE tenant_d4.business_business IN ACCESS EXCLUSIVE MODE").await.unwrap();
     let started = Instant::now();
-    let outcome = heal::execute(&cfg.heal, &tenant_audit::db::heal_pool(&cfg.heal, cfg.scan.connect_timeout), &plan, None).await.unwrap();
+    let outcome = heal::execute(&cfg.heal, &tenant_audit::db::heal_pool(&cfg.heal, cfg.scan.connect_timeout), &plan, None, &Default::default()).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     assert_eq!(outcome.skipped, [("tenant_d4".to_string(), SkipReason::LockTimeout)]);
     assert_eq!(
@@ -183,7 +192,7 @@ const LOGGED: &str = "SELECT count(*) FROM tenant_audit.heal_log";
 
 #[tokio::test]
 async fn sigkill_leaves_whole_batches_and_a_rerun_completes() {
-    let url = fixture_db("heal_sigkill", &many_orphans(6000)).await;
+    let url = heal_db("heal_sigkill", &many_orphans(6000)).await;
     let path = config_file("sigkill", &format!("{HEAL}batch_size = 10\n"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_tenant-audit"))
         .args(["heal", "--config", path.to_str().unwrap(), "--execute"])
@@ -218,7 +227,7 @@ async fn sigkill_leaves_whole_batches_and_a_rerun_completes() {
 
 #[tokio::test]
 async fn only_one_healer_at_a_time() {
-    let url = fixture_db("heal_one_at_a_time", &many_orphans(3000)).await;
+    let url = heal_db("heal_one_at_a_time", &many_orphans(3000)).await;
     // A lock held elsewhere: heal stands down without writing.
     let holder = pg::connect(&url).await;
     holder.query_one("SELECT pg_advisory_lock($1)", &[&heal::LOCK_KEY]).await.unwrap();
@@ -250,7 +259,7 @@ async fn only_one_healer_at_a_time() {
 async fn heal_refuses_replicas_but_scans_read_them() {
     let primary = pg::Cluster::start();
     pg::connect(&primary.url("postgres")).await.batch_execute("CREATE DATABASE app").await.unwrap();
-    pg::connect(&primary.url("app")).await.batch_execute(&format!("{BASE_SQL}\n{DEMO_SQL}")).await.unwrap();
+    pg::connect(&primary.url("app")).await.batch_execute(&format!("{BASE_SQL}\n{TEMPLATE}{DEMO_SQL}")).await.unwrap();
     let standby = primary.standby();
     let replica_url = standby.url("app");
     // Wait until the standby has replayed the fixture.
@@ -273,12 +282,12 @@ async fn heal_refuses_replicas_but_scans_read_them() {
     let extra = format!("database_url = {:?}\n", primary.url("app"));
     let out = heal_cli(&replica_url, "replica_scan_primary_heal", &extra, true);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(count(&primary.url("app"), LOGGED).await, 14);
+    assert_eq!(count(&primary.url("app"), LOGGED).await, 20);
 }
 
 #[tokio::test]
 async fn heal_without_write_privileges_is_a_clear_error() {
-    let url = fixture_db("heal_privileges", DEMO_SQL).await;
+    let url = heal_db("heal_privileges", DEMO_SQL).await;
     let admin = pg::connect(&url).await;
     admin
         .batch_execute(&format!(
@@ -310,7 +319,7 @@ fn tenant_audit_table_sql() -> &'static str {
 
 #[tokio::test]
 async fn the_daemon_heals_after_each_scan_and_counts_it() {
-    let url = fixture_db("heal_daemon", DEMO_SQL).await;
+    let url = heal_db("heal_daemon", DEMO_SQL).await;
     let daemon = start_daemon(config(&url, &format!("{HEAL}enabled = true\n[serve]\nschedule = '0 0 0 1 1 *'\n"))).await;
     daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 1").await;
     assert_eq!(
@@ -327,6 +336,6 @@ async fn the_daemon_heals_after_each_scan_and_counts_it() {
     daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 2").await;
     assert_eq!(daemon.samples("tenant_audit_findings").await[3], "tenant_audit_findings{check=\"orphan_rows\"} 3");
     assert_eq!(daemon.samples("tenant_audit_heal_errors_total").await.iter().filter(|l| !l.ends_with(" 0")).count(), 0);
-    assert_eq!(count(&url, LOGGED).await, 14);
+    assert_eq!(count(&url, LOGGED).await, 20);
     daemon.stop().await;
 }
