@@ -44,7 +44,8 @@ pub struct Table {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Column {
     pub name: String,
-    /// `format_type` output, e.g. `timestamp with time zone`, `character varying(20)`.
+    /// `format_type` output, e.g. `timestamp with time zone`, `character varying(20)`, with the
+    /// column's own schema name removed (a tenant's own enum `tenant_a.mood` reads `mood`).
     pub data_type: String,
     pub not_null: bool,
     /// The default expression with the column's own schema name removed, so that
@@ -63,6 +64,8 @@ pub struct ForeignKey {
     /// False for a constraint added `NOT VALID` and never validated.
     pub validated: bool,
     pub deferrable: bool,
+    /// `MATCH FULL`: a key with some NULL columns (but not all) is a violation too.
+    pub match_full: bool,
 }
 
 impl Table {
@@ -85,7 +88,7 @@ impl Catalog {
 /// privileges. Partitions are left out: their rows are read through the parent.
 const COLUMNS: &str = "/* tenant-audit:catalog */
 SELECT n.nspname::text, c.relname::text, a.attname::text,
-       pg_catalog.format_type(a.atttypid, a.atttypmod),
+       replace(pg_catalog.format_type(a.atttypid, a.atttypmod), pg_catalog.quote_ident(n.nspname) || '.', ''),
        a.attnotnull,
        replace(pg_catalog.pg_get_expr(d.adbin, d.adrelid), pg_catalog.quote_ident(n.nspname) || '.', ''),
        (SELECT k.ord::int FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(num, ord) WHERE k.num = a.attnum),
@@ -109,7 +112,7 @@ SELECT n.nspname::text, c.relname::text, con.conname::text,
        ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(num, ord)
              JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.num
              ORDER BY k.ord),
-       con.convalidated, con.condeferrable
+       con.convalidated, con.condeferrable, con.confmatchtype = 'f'
 FROM pg_catalog.pg_constraint con
 JOIN pg_catalog.pg_class c ON c.oid = con.conrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -154,6 +157,7 @@ pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Cat
             target_columns: row.get(6),
             validated: row.get(7),
             deferrable: row.get(8),
+            match_full: row.get(9),
         };
         if let Some(t) = catalog.schemas.get_mut(&schema).and_then(|s| s.tables.get_mut(&table)) {
             t.foreign_keys.push(fk);

@@ -32,6 +32,15 @@ impl From<tokio_postgres::Error> for DbError {
 }
 
 impl DbError {
+    /// Whether the connection, rather than the statement, failed: no server error at all, a
+    /// connection exception (class 08), or the server shutting down or restarting.
+    pub fn is_connection(&self) -> bool {
+        match self.code() {
+            None => true,
+            Some(code) => code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03"),
+        }
+    }
+
     /// The SQLSTATE of a server-side error, if this is one.
     pub fn code(&self) -> Option<&str> {
         match self {

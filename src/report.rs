@@ -99,6 +99,8 @@ pub enum Detail {
         parent_location: ParentLocation,
         relationship: RelationshipSource,
         constraint: Option<String>,
+        /// Whether the constraint is validated; `false` for one added `NOT VALID`.
+        constraint_validated: Option<bool>,
     },
     NullTimestamps {
         data_type: String,

@@ -171,19 +171,25 @@ pub async fn run(
 async fn read_snapshot(config: &Config, pool: &Pool) -> Result<(Discovery, Catalog, BTreeSet<String>), ScanFailure> {
     let mut session = db::session(pool, &config.database.target).await.map_err(ScanFailure::Connect)?;
     let client: &mut tokio_postgres::Client = &mut session;
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(|e| ScanFailure::Catalog(e.into()))?;
+    let result = snapshot(client, config).await;
+    // Whatever failed, a dead connection means the database went away: a connection failure.
+    match result {
+        Err(e) if client.is_closed() => {
+            Err(ScanFailure::Connect(DbError::Connect { target: config.database.target.clone(), reason: e.to_string() }))
+        }
+        other => other,
+    }
+}
+
+async fn snapshot(client: &mut tokio_postgres::Client, config: &Config) -> Result<(Discovery, Catalog, BTreeSet<String>), ScanFailure> {
+    let catalog_error = |e: tokio_postgres::Error| ScanFailure::Catalog(e.into());
+    let tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await.map_err(catalog_error)?;
     let discovery = tenants::discover(&tx, &config.tenants).await?;
     let mut schemas = discovery.tenants.clone();
     schemas.push(config.tenants.shared_schema.clone());
     schemas.extend(config.tenants.reference_schema.clone());
     let catalog = catalog::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?;
-    tx.commit().await.map_err(|e| ScanFailure::Catalog(e.into()))?;
+    tx.commit().await.map_err(catalog_error)?;
     let present = tenants::still_present(&*client, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
     Ok((discovery, catalog, present))
 }
@@ -253,7 +259,6 @@ async fn scan_tenant(
         Ok(tx) => tx,
         Err(e) => return (findings, vec![error(classify(&e.into()), None, "cannot start transaction".into())]),
     };
-    let mut gone = false;
     let probes = plan.orphans.iter().map(|p| Probe::Orphans(p)).chain(plan.nulls.iter().map(|p| Probe::Nulls(p)));
     for probe in probes {
         let result = tokio::select! {
@@ -267,24 +272,23 @@ async fn scan_tenant(
         };
         match result {
             Ok(found) => findings.extend(found),
+            Err(e) if matches!(e.code(), Some("42P01" | "3F000")) && !schema_exists(&tx, tenant).await.unwrap_or(true) => {
+                // The whole schema is gone: report that once, and nothing of a half-read tenant.
+                findings.clear();
+                errors.retain(|e| e.kind != ErrorKind::Query);
+                errors.push(dropped(tenant));
+                break;
+            }
             Err(e) => {
                 let kind = classify(&e);
-                if matches!(e.code(), Some("42P01" | "3F000")) || kind == ErrorKind::Connection {
-                    gone = kind != ErrorKind::Connection;
-                    errors.push(error(kind, Some(probe.table()), e.to_string()));
+                errors.push(error(kind, Some(probe.table()), e.to_string()));
+                if kind == ErrorKind::Connection {
                     break;
                 }
-                errors.push(error(kind, Some(probe.table()), e.to_string()));
             }
         }
     }
     let _ = tx.rollback().await;
-    if gone && !schema_exists(client, tenant).await.unwrap_or(true) {
-        // The schema is gone: report that once instead of the failed probe's message.
-        errors.retain(|e| !matches!(e.kind, ErrorKind::Query));
-        errors.push(dropped(tenant));
-        findings.clear();
-    }
     (findings, errors)
 }
 
@@ -335,19 +339,21 @@ impl Probe<'_> {
     }
 }
 
-async fn schema_exists(client: &tokio_postgres::Client, schema: &str) -> Result<bool, DbError> {
-    let row = client.query_one("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)", &[&schema]).await?;
+/// Whether `schema` exists now. `to_regnamespace` reads the system cache, which sees committed
+/// drops, where a query of `pg_namespace` would see the transaction's older snapshot.
+async fn schema_exists(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> Result<bool, DbError> {
+    let row = tx.query_one("SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL", &[&schema]).await?;
     Ok(row.get(0))
 }
 
 /// Maps a database error to the error kind of the report (and of the metrics).
 fn classify(e: &DbError) -> ErrorKind {
+    if e.is_connection() {
+        return ErrorKind::Connection;
+    }
     match e.code() {
         Some("42501") => ErrorKind::Permission,
         Some("57014" | "55P03") => ErrorKind::Timeout,
-        // Class 08 (connection exception) and the server shutting down or restarting.
-        Some(code) if code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03") => ErrorKind::Connection,
-        Some(_) => ErrorKind::Query,
-        None => ErrorKind::Connection,
+        _ => ErrorKind::Query,
     }
 }

@@ -65,8 +65,8 @@ impl Scheduler {
         }
         let me = Arc::clone(self);
         self.tasks.spawn(async move {
+            let _running = ClearOnDrop(&me.running);
             me.scan_once().await;
-            me.running.store(false, Ordering::Release);
         });
         true
     }
@@ -181,6 +181,15 @@ impl Scheduler {
                 self.metrics.record_failure(e.metric_label(), clock.elapsed().as_secs_f64());
             }
         }
+    }
+}
+
+/// Clears the no-overlap flag when the scan task ends, panic included.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

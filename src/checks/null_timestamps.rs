@@ -33,7 +33,7 @@ pub fn plan(ctx: &Context<'_>, tenant: &str) -> Vec<Probe> {
         let reference = ctx.reference.tables.get(table_name);
         let required = |name: &str| {
             ctx.config.required_timestamps.iter().any(|r| r == name)
-                || reference.and_then(|r| r.columns.get(name)).is_some_and(|c| c.not_null)
+                || reference.and_then(|r| r.columns.get(name)).is_some_and(|c| c.not_null == Some(true))
         };
         let columns: Vec<(String, String)> = table
             .columns

@@ -31,6 +31,11 @@ pub struct Probe {
     pub shared_parent: Option<String>,
     pub source: RelationshipSource,
     pub constraint: Option<String>,
+    /// Whether the constraint is validated (`None` without a constraint): a `NOT VALID` one is
+    /// how orphans of an otherwise enforced key got in.
+    pub constraint_validated: Option<bool>,
+    /// `MATCH FULL` semantics: a partly NULL key counts as an orphan.
+    pub match_full: bool,
 }
 
 /// A relationship before it is resolved against a tenant.
@@ -44,6 +49,8 @@ struct Candidate {
     declared_schema: Option<String>,
     source: RelationshipSource,
     constraint: Option<String>,
+    constraint_validated: Option<bool>,
+    match_full: bool,
 }
 
 pub fn plan(ctx: &Context<'_>, tenant: &str) -> Vec<Probe> {
@@ -69,6 +76,8 @@ fn candidates(ctx: &Context<'_>, schema: &Schema) -> Vec<Candidate> {
                 declared_schema: Some(fk.target_schema.clone()),
                 source: RelationshipSource::Constraint,
                 constraint: Some(fk.name.clone()),
+                constraint_validated: Some(fk.validated),
+                match_full: fk.match_full,
             });
         }
     }
@@ -81,6 +90,8 @@ fn candidates(ctx: &Context<'_>, schema: &Schema) -> Vec<Candidate> {
             declared_schema: None,
             source: RelationshipSource::Configured,
             constraint: None,
+            constraint_validated: None,
+            match_full: false,
         });
     }
     for ((table, columns), fk) in &ctx.reference.known_relationships {
@@ -92,6 +103,8 @@ fn candidates(ctx: &Context<'_>, schema: &Schema) -> Vec<Candidate> {
             declared_schema: None,
             source: RelationshipSource::Inferred,
             constraint: None,
+            constraint_validated: None,
+            match_full: false,
         });
     }
     out
@@ -122,17 +135,20 @@ fn resolve(ctx: &Context<'_>, tenant: &str, schema: &Schema, shared: &Schema, c:
         shared_parent,
         source: c.source,
         constraint: c.constraint,
+        constraint_validated: c.constraint_validated,
+        match_full: c.match_full,
     })
 }
 
 impl Probe {
-    /// Rows of `c` (the child) with a complete key that has no row in the expected parent.
-    /// A key with a NULL part is not checked, as with `MATCH SIMPLE` foreign keys.
+    /// Rows of `c` (the child) whose key has no row in the expected parent. With `MATCH SIMPLE`
+    /// (the default) a key with a NULL part is not checked; with `MATCH FULL` only an all-NULL
+    /// key is exempt, and a partly NULL one (which can match no parent) is an orphan.
     pub(crate) fn orphan_condition(&self) -> String {
         let not_null: Vec<String> = self.columns.iter().map(|c| format!("c.{} IS NOT NULL", sql::ident(c))).collect();
+        let checked = if self.match_full { format!("({})", not_null.join(" OR ")) } else { not_null.join(" AND ") };
         format!(
-            "{} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})",
-            not_null.join(" AND "),
+            "{checked} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})",
             sql::qualified(&self.parent_schema, &self.parent_table),
             self.key_match()
         )
@@ -211,6 +227,7 @@ pub async fn run(client: &impl GenericClient, tenant: &str, probe: &Probe, sampl
                 parent_location: location,
                 relationship: probe.source,
                 constraint: probe.constraint.clone(),
+                constraint_validated: probe.constraint_validated,
             },
         });
     }
@@ -232,6 +249,8 @@ mod tests {
             shared_parent: Some("public".into()),
             source: RelationshipSource::Constraint,
             constraint: Some("fk".into()),
+            constraint_validated: Some(true),
+            match_full: false,
         };
         assert_eq!(
             probe.count_sql("Tenant-1"),

@@ -23,6 +23,7 @@ pub struct FkShape {
     pub target: Target,
     pub table: String,
     pub columns: Vec<String>,
+    pub deferrable: bool,
 }
 
 impl FkShape {
@@ -34,24 +35,51 @@ impl FkShape {
         } else {
             Target::Schema(fk.target_schema.clone())
         };
-        FkShape { target, table: fk.target_table.clone(), columns: fk.target_columns.clone() }
+        FkShape { target, table: fk.target_table.clone(), columns: fk.target_columns.clone(), deferrable: fk.deferrable }
     }
 
-    /// `table(cols)`, prefixed by the schema when it is not the declaring one.
+    /// `table(cols)`, prefixed by the schema when it is not the declaring one, followed by
+    /// ` DEFERRABLE` when it is.
     pub fn describe(&self, shared_schema: &str) -> String {
         let prefix = match &self.target {
             Target::Own => String::new(),
             Target::Shared => format!("{shared_schema}."),
             Target::Schema(s) => format!("{s}."),
         };
-        format!("{prefix}{}({})", self.table, self.columns.join(", "))
+        let deferrable = if self.deferrable { " DEFERRABLE" } else { "" };
+        format!("{prefix}{}({}){deferrable}", self.table, self.columns.join(", "))
+    }
+}
+
+/// The expected shape of one column: each attribute is `None` when the tenants do not agree on
+/// it (no value has a strict majority), and is then not compared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnShape {
+    pub data_type: Option<String>,
+    pub not_null: Option<bool>,
+    pub default: Option<Option<String>>,
+}
+
+impl ColumnShape {
+    fn of(c: &Column) -> ColumnShape {
+        ColumnShape { data_type: Some(c.data_type.clone()), not_null: Some(c.not_null), default: Some(c.default.clone()) }
+    }
+
+    /// The column as the reference has it, when its type is known.
+    pub fn to_column(&self, name: &str) -> Option<Column> {
+        Some(Column {
+            name: name.to_string(),
+            data_type: self.data_type.clone()?,
+            not_null: self.not_null.unwrap_or(false),
+            default: self.default.clone().flatten(),
+        })
     }
 }
 
 /// The expected shape of one table.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TableShape {
-    pub columns: BTreeMap<String, Column>,
+    pub columns: BTreeMap<String, ColumnShape>,
     /// Keyed by the referencing columns.
     pub foreign_keys: BTreeMap<Vec<String>, FkShape>,
 }
@@ -89,7 +117,7 @@ fn from_schema(schema: Schema, name: &str, shared: &str) -> Shape {
         .tables
         .into_iter()
         .map(|(table_name, t)| {
-            let columns = t.columns.into_iter().map(|c| (c.name.clone(), c)).collect();
+            let columns = t.columns.iter().map(|c| (c.name.clone(), ColumnShape::of(c))).collect();
             let foreign_keys = t.foreign_keys.iter().map(|fk| (fk.columns.clone(), FkShape::of(fk, name, shared))).collect();
             (table_name, TableShape { columns, foreign_keys })
         })
@@ -97,19 +125,26 @@ fn from_schema(schema: Schema, name: &str, shared: &str) -> Shape {
     Shape { tables, known_relationships: BTreeMap::new() }
 }
 
-/// Counts votes and returns the most voted value, ties going to the smallest.
-fn mode<T: Ord + Clone>(votes: impl IntoIterator<Item = T>) -> Option<(T, usize)> {
+/// The value more than half of the votes agree on, if any.
+fn majority<T: Ord>(votes: impl IntoIterator<Item = T>) -> Option<T> {
+    let mut counts: BTreeMap<T, usize> = BTreeMap::new();
+    let mut total = 0;
+    for v in votes {
+        *counts.entry(v).or_default() += 1;
+        total += 1;
+    }
+    counts.into_iter().find(|(_, n)| n * 2 > total).map(|(v, _)| v)
+}
+
+/// The most voted value, ties going to the smallest (for relationships, where any known one
+/// beats none).
+fn mode<T: Ord>(votes: impl IntoIterator<Item = T>) -> Option<T> {
     let mut counts: BTreeMap<T, usize> = BTreeMap::new();
     for v in votes {
         *counts.entry(v).or_default() += 1;
     }
-    let mut best: Option<(T, usize)> = None;
-    for (v, n) in counts {
-        if best.as_ref().is_none_or(|(_, b)| n > *b) {
-            best = Some((v, n));
-        }
-    }
-    best
+    let best = counts.values().copied().max()?;
+    counts.into_iter().find(|(_, n)| *n == best).map(|(v, _)| v)
 }
 
 fn by_majority(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str) -> Shape {
@@ -135,12 +170,16 @@ fn majority_table(having: &[(&str, &crate::catalog::Table)], shared: &str) -> Ta
     let column_names: BTreeSet<&String> = having.iter().flat_map(|(_, t)| t.columns.iter().map(|c| &c.name)).collect();
     let mut columns = BTreeMap::new();
     for name in column_names {
-        let defs = having.iter().filter_map(|(_, t)| t.column(name)).map(|c| (c.data_type.clone(), c.not_null, c.default.clone()));
-        if let Some(((data_type, not_null, default), _)) = mode(defs.clone()) {
-            if defs.count() * 2 > m {
-                columns.insert(name.clone(), Column { name: name.clone(), data_type, not_null, default });
-            }
+        let found: Vec<&Column> = having.iter().filter_map(|(_, t)| t.column(name)).collect();
+        if found.len() * 2 <= m {
+            continue;
         }
+        let shape = ColumnShape {
+            data_type: majority(found.iter().map(|c| &c.data_type)).cloned(),
+            not_null: majority(found.iter().map(|c| c.not_null)),
+            default: majority(found.iter().map(|c| &c.default)).cloned(),
+        };
+        columns.insert(name.clone(), shape);
     }
     let fk_columns: BTreeSet<&Vec<String>> = having.iter().flat_map(|(_, t)| t.foreign_keys.iter().map(|f| &f.columns)).collect();
     let mut foreign_keys = BTreeMap::new();
@@ -149,11 +188,11 @@ fn majority_table(having: &[(&str, &crate::catalog::Table)], shared: &str) -> Ta
             .iter()
             .filter_map(|(schema, t)| t.foreign_keys.iter().find(|f| &f.columns == cols).map(|f| FkShape::of(f, schema, shared)))
             .collect();
-        let n = targets.len();
-        if let Some((target, _)) = mode(targets) {
-            if n * 2 > m {
-                foreign_keys.insert(cols.clone(), target);
-            }
+        if targets.len() * 2 <= m {
+            continue;
+        }
+        if let Some(target) = majority(targets) {
+            foreign_keys.insert(cols.clone(), target);
         }
     }
     TableShape { columns, foreign_keys }
@@ -171,7 +210,7 @@ fn known_relationships(sources: &[(&str, &Schema)], shared: &str) -> BTreeMap<(S
             }
         }
     }
-    votes.into_iter().filter_map(|(k, v)| mode(v).map(|(s, _)| (k, s))).collect()
+    votes.into_iter().filter_map(|(k, v)| mode(v).map(|s| (k, s))).collect()
 }
 
 #[cfg(test)]
@@ -192,6 +231,7 @@ mod tests {
             target_columns: vec!["id".into()],
             validated: true,
             deferrable: false,
+            match_full: false,
         }
     }
 
@@ -215,7 +255,7 @@ mod tests {
         let shape = Shape::build(&catalog, &tenants, "public", None);
         let t = &shape.tables["users_userprofile"];
         assert_eq!(t.columns.keys().collect::<Vec<_>>(), ["business_id", "id", "updated_at"]);
-        assert!(t.columns["updated_at"].not_null);
+        assert_eq!(t.columns["updated_at"].not_null, Some(true));
         let fk = &t.foreign_keys[&vec!["business_id".to_string()]];
         assert_eq!(fk.target, Target::Own);
         assert_eq!(fk.describe("public"), "business_business(id)");
@@ -231,5 +271,21 @@ mod tests {
         let tenants: BTreeSet<String> = ["t1", "t2"].iter().map(|s| s.to_string()).collect();
         let shape = Shape::build(&catalog, &tenants, "public", None);
         assert!(!shape.tables["users_userprofile"].columns.contains_key("updated_at"));
+    }
+
+    #[test]
+    fn attributes_are_voted_one_by_one() {
+        // Five tenants: three text columns with three different defaults, two varchar(20).
+        let mut catalog = Catalog::default();
+        let kinds = [("text", Some("'a'")), ("text", Some("'b'")), ("text", None), ("varchar(20)", None), ("varchar(20)", Some("'a'"))];
+        for (i, (ty, default)) in kinds.iter().enumerate() {
+            let column = Column { name: "note".into(), data_type: ty.to_string(), not_null: i == 0, default: default.map(str::to_string) };
+            let table = Table { columns: vec![column], primary_key: vec![], foreign_keys: vec![], readable: true };
+            catalog.schemas.insert(format!("t{i}"), Schema { tables: [("notes".to_string(), table)].into() });
+        }
+        let tenants: BTreeSet<String> = (0..5).map(|i| format!("t{i}")).collect();
+        let shape = Shape::build(&catalog, &tenants, "public", None);
+        let note = &shape.tables["notes"].columns["note"];
+        assert_eq!(note, &ColumnShape { data_type: Some("text".into()), not_null: Some(false), default: None });
     }
 }

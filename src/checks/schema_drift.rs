@@ -5,7 +5,7 @@
 //! A catalog check: it costs no query. Columns and tables the tenant has beyond the reference
 //! are not findings.
 
-use super::reference::{FkShape, TableShape};
+use super::reference::{ColumnShape, FkShape, TableShape};
 use super::Context;
 use crate::catalog::{Column, Table};
 use crate::report::{Check, Detail, DriftKind, Finding};
@@ -59,36 +59,37 @@ fn table_differences(expected: &TableShape, actual: &Table, tenant: &str, shared
     out
 }
 
-fn column_differences(exp: &Column, act: &Column) -> Vec<Difference> {
-    let col = || vec![exp.name.clone()];
+/// Differences in the attributes the reference agrees on.
+fn column_differences(exp: &ColumnShape, act: &Column) -> Vec<Difference> {
+    let col = || vec![act.name.clone()];
     let mut out = Vec::new();
-    if exp.data_type != act.data_type {
-        out.push((DriftKind::TypeMismatch, col(), Some(exp.data_type.clone()), Some(act.data_type.clone())));
+    if let Some(data_type) = exp.data_type.as_ref().filter(|t| **t != act.data_type) {
+        out.push((DriftKind::TypeMismatch, col(), Some(data_type.clone()), Some(act.data_type.clone())));
     }
-    if exp.not_null != act.not_null {
-        out.push((DriftKind::NullabilityMismatch, col(), Some(nullability(exp).into()), Some(nullability(act).into())));
+    if let Some(not_null) = exp.not_null.filter(|n| *n != act.not_null) {
+        out.push((DriftKind::NullabilityMismatch, col(), Some(nullability(not_null).into()), Some(nullability(act.not_null).into())));
     }
-    if exp.default != act.default {
-        out.push((DriftKind::DefaultMismatch, col(), exp.default.clone(), act.default.clone()));
+    if let Some(default) = exp.default.as_ref().filter(|d| **d != act.default) {
+        out.push((DriftKind::DefaultMismatch, col(), default.clone(), act.default.clone()));
     }
     out
 }
 
-fn nullability(c: &Column) -> &'static str {
-    if c.not_null {
+fn nullability(not_null: bool) -> &'static str {
+    if not_null {
         "NOT NULL"
     } else {
         "NULL"
     }
 }
 
-/// `type [NOT NULL] [DEFAULT expr]`, as a column definition would read.
-fn column_text(c: &Column) -> String {
-    let mut s = c.data_type.clone();
-    if c.not_null {
+/// `type [NOT NULL] [DEFAULT expr]`, as a column definition would read (what the reference agrees on).
+fn column_text(c: &ColumnShape) -> String {
+    let mut s = c.data_type.clone().unwrap_or_else(|| "(type varies)".into());
+    if c.not_null == Some(true) {
         s.push_str(" NOT NULL");
     }
-    if let Some(d) = &c.default {
+    if let Some(Some(d)) = &c.default {
         s.push_str(" DEFAULT ");
         s.push_str(d);
     }

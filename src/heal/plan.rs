@@ -114,7 +114,7 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
     let shared = &config.tenants.shared_schema;
     let mut writes = table.clone();
     let (summary, steps) = match (repair, &f.check, &f.detail) {
-        (Repair::CopyMissingParents, Check::OrphanRows, Detail::OrphanRows { parent_schema, parent_table, parent_columns, parent_location: ParentLocation::Shared, relationship, constraint }) => {
+        (Repair::CopyMissingParents, Check::OrphanRows, Detail::OrphanRows { parent_schema, parent_table, parent_columns, parent_location: ParentLocation::Shared, relationship, constraint, constraint_validated }) => {
             let probe = Probe {
                 table: table.clone(),
                 columns: f.columns.clone(),
@@ -124,6 +124,8 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                 shared_parent: Some(shared.clone()),
                 source: *relationship,
                 constraint: constraint.clone(),
+                constraint_validated: *constraint_validated,
+                match_full: false,
             };
             let summary = format!("{} orphan row(s) whose {parent_table} row exists in {shared}", f.count);
             writes = parent_table.clone();
@@ -138,7 +140,7 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
         }
         (Repair::AddMissingColumns, Check::SchemaDrift, Detail::SchemaDrift { difference, .. }) => {
             let name = f.columns.first()?;
-            let column = scanned.shape.tables.get(&table)?.columns.get(name)?;
+            let column = &scanned.shape.tables.get(&table)?.columns.get(name)?.to_column(name)?;
             let chain = config.heal.fallbacks.get(name).cloned().unwrap_or_default();
             match difference {
                 DriftKind::MissingColumn => {

@@ -35,7 +35,8 @@ async fn json_report_and_exit_codes() {
                 "parent_columns": ["id"],
                 "parent_location": "shared",
                 "relationship": "constraint",
-                "constraint": "users_userprofile_business_id_fk"
+                "constraint": "users_userprofile_business_id_fk",
+                "constraint_validated": true
             }
         })
     );

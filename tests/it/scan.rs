@@ -1,7 +1,7 @@
 //! Scans of fixture databases: every check, with exact counts, schemas and sample keys.
 
 
-use tenant_audit::report::{ErrorKind, ScanError, TenantCounts};
+use tenant_audit::report::{Detail, ErrorKind, ScanError, TenantCounts};
 
 use crate::support::{config, fixture_db, lines, lock_audit_trail, pg, scan, wait_until_scan_blocked, DEMO_SQL, LOCKABLE_SQL};
 
@@ -39,6 +39,18 @@ async fn demo_database_reports_every_postmortem_failure() {
     );
     assert_eq!(report.tenants, TenantCounts { discovered: 7, scanned: 7, failed: 0 });
     assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let validated: Vec<(&str, Option<bool>)> = report
+        .findings
+        .iter()
+        .filter_map(|f| match &f.detail {
+            Detail::OrphanRows { constraint_validated, .. } => Some((f.schema.as_str(), *constraint_validated)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        validated,
+        [("tenant_c3", Some(true)), ("tenant_d4", None), ("tenant_d4", None), ("tenant_e5", Some(false)), ("tenant_f6", Some(true))]
+    );
 }
 
 #[tokio::test]
@@ -63,7 +75,7 @@ async fn composite_keys_and_partial_nulls() {
     let sql = format!(
         "{}
         DO $$ DECLARE s text; BEGIN
-          FOREACH s IN ARRAY ARRAY['tenant_a', 'tenant_b'] LOOP
+          FOREACH s IN ARRAY ARRAY['tenant_a', 'tenant_b', 'tenant_c'] LOOP
             EXECUTE format('CREATE TABLE %1$I.orders (shop int, no int, PRIMARY KEY (shop, no));
                             CREATE TABLE %1$I.order_lines (id serial PRIMARY KEY, shop int, no int,
                               FOREIGN KEY (shop, no) REFERENCES %1$I.orders (shop, no));
@@ -71,14 +83,23 @@ async fn composite_keys_and_partial_nulls() {
           END LOOP; END $$;
         SET session_replication_role = replica;
         INSERT INTO tenant_b.order_lines (shop, no) VALUES (1, 1), (7, 3), (7, 2), (7, 2), (1, NULL), (NULL, 9);
+        RESET session_replication_role;
+        -- tenant_c's key is MATCH FULL: a partly NULL key is a violation there.
+        ALTER TABLE tenant_c.order_lines DROP CONSTRAINT order_lines_shop_no_fkey,
+          ADD FOREIGN KEY (shop, no) REFERENCES tenant_c.orders (shop, no) MATCH FULL;
+        SET session_replication_role = replica;
+        INSERT INTO tenant_c.order_lines (shop, no) VALUES (1, 1), (1, NULL), (NULL, NULL);
         RESET session_replication_role;",
-        create_tenants(&["tenant_a", "tenant_b"])
+        create_tenants(&["tenant_a", "tenant_b", "tenant_c"])
     );
     let url = fixture_db("scan_composite", &sql).await;
     let report = scan(&config(&url, BOTH_WAYS)).await;
     assert_eq!(
         lines(&report.findings),
-        ["orphan_rows tenant_b.order_lines(shop,no) 3 -> tenant_b.orders Missing Constraint [\"(7,2)\", \"(7,3)\"]"]
+        [
+            "orphan_rows tenant_b.order_lines(shop,no) 3 -> tenant_b.orders Missing Constraint [\"(7,2)\", \"(7,3)\"]",
+            "orphan_rows tenant_c.order_lines(shop,no) 1 -> tenant_c.orders Missing Constraint [\"(1,)\"]",
+        ]
     );
 }
 
@@ -135,6 +156,28 @@ async fn hostile_identifiers_are_quoted_everywhere() {
         ]
     );
     assert_eq!(report.tenants, TenantCounts { discovered: 3, scanned: 3, failed: 0 });
+}
+
+#[tokio::test]
+async fn tenant_local_types_and_deferrable_keys_compare_by_shape() {
+    // Each tenant has its own enum type: the same shape, not drift. One tenant's key became
+    // DEFERRABLE: that is drift.
+    let sql = format!(
+        "{}
+        DO $$ DECLARE s text; BEGIN
+          FOREACH s IN ARRAY ARRAY['tenant_a', 'tenant_b', 'tenant_c'] LOOP
+            EXECUTE format('CREATE TYPE %1$I.mood AS ENUM (''ok'', ''sad'');
+                            ALTER TABLE %1$I.users_userprofile ADD COLUMN mood %1$I.mood;', s);
+          END LOOP; END $$;
+        ALTER TABLE tenant_c.users_businessdetails ALTER CONSTRAINT users_businessdetails_business_id_fkey DEFERRABLE;",
+        create_tenants(&["tenant_a", "tenant_b", "tenant_c"])
+    );
+    let url = fixture_db("scan_local_types", &sql).await;
+    let report = scan(&config(&url, BOTH_WAYS)).await;
+    assert_eq!(
+        lines(&report.findings),
+        ["schema_drift tenant_c.users_businessdetails(business_id) 1 ForeignKeyTarget Some(\"business_business(id)\") Some(\"business_business(id) DEFERRABLE\") []"]
+    );
 }
 
 #[tokio::test]
