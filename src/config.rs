@@ -604,12 +604,11 @@ impl RawServe {
     }
 }
 
-/// The time between the next two firings of `schedule`: its interval for regular schedules.
+/// The longest time between two of the next 1,000 firings of `schedule`: its interval for a
+/// regular schedule, the weekend for a weekdays-only one.
 pub fn schedule_interval(schedule: &cron::Schedule) -> Option<Duration> {
-    let mut upcoming = schedule.upcoming(chrono::Utc);
-    let first = upcoming.next()?;
-    let second = upcoming.next()?;
-    (second - first).to_std().ok()
+    let firings: Vec<_> = schedule.upcoming(chrono::Utc).take(1000).collect();
+    firings.windows(2).filter_map(|w| (w[1] - w[0]).to_std().ok()).max()
 }
 
 impl RawChecks {
@@ -682,6 +681,8 @@ mod tests {
         let c = parse("database_url = 'postgres://db/app'").unwrap();
         assert_eq!(c.serve.listen.to_string(), "0.0.0.0:9841");
         assert_eq!(c.serve.ready_max_age, Duration::from_secs(600));
+        let weekdays = parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '0 0 */6 * * Mon-Fri'\n").unwrap();
+        assert_eq!(weekdays.serve.ready_max_age, Duration::from_secs(2 * 54 * 3600), "twice the weekend gap");
         assert_eq!(c.metrics.max_tenant_series, 2000);
         let err = parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '*/5 * * *'\n").unwrap_err();
         assert!(err.to_string().starts_with("config key serve.schedule: invalid cron expression"), "{err}");

@@ -1,7 +1,7 @@
 //! The Prometheus metrics: an owned registry, updated from a finished scan and read by `/metrics`.
 //!
-//! Invariants: metrics change only when a scan ends (or the scheduler records a skipped tick or
-//! the database state), never on a scrape; per-finding series are rebuilt from each successful
+//! Invariants: metrics change only when a scan or a heal run ends (or the scheduler records a
+//! skipped tick or the database state), never on a scrape; per-finding series are rebuilt from each successful
 //! report, so a fixed problem's series disappears on the next scan; per-schema series are capped
 //! at `metrics.max_tenant_series` and the rest are only in the aggregates. Names and labels are
 //! documented in docs/metrics.md.
@@ -74,6 +74,12 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
     g
 }
 
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     registry.register(Box::new(c.clone())).expect("metric registered once");
@@ -113,11 +119,7 @@ impl Metrics {
             last_scan_success: int_gauge(&r, "tenant_audit_last_scan_success", "1 if the last scan completed, 0 if it failed."),
             scan_errors: counter_vec(&r, "tenant_audit_scan_errors_total", "Errors met by scans, by kind.", &["kind"]),
             scans: counter_vec(&r, "tenant_audit_scans_total", "Scans run, by result.", &["result"]),
-            skipped_ticks: {
-                let c = IntCounter::new("tenant_audit_skipped_ticks_total", "Scheduled scans skipped because a scan was running.").expect("valid metric definition");
-                r.register(Box::new(c.clone())).expect("metric registered once");
-                c
-            },
+            skipped_ticks: counter(&r, "tenant_audit_skipped_ticks_total", "Scheduled scans skipped because a scan was running."),
             database_up: int_gauge(&r, "tenant_audit_database_up", "1 if the database answered the last attempt, else 0."),
             healed_rows: counter_vec(&r, "tenant_audit_healed_rows_total", "Rows (or columns) changed by heal, by repair.", &["repair"]),
             heal_errors: counter_vec(&r, "tenant_audit_heal_errors_total", "Repairs of a tenant that failed, by repair.", &["repair"]),
@@ -154,11 +156,6 @@ impl Metrics {
             m.heal_runs.with_label_values(&[result]);
         }
         m
-    }
-
-    /// The registry, for callers that register metrics of their own (such as heal).
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 
     /// Replaces the findings series with those of `report` and records the scan's health.

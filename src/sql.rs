@@ -21,6 +21,16 @@ pub fn literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// `l."a" = r."x" AND l."b" = r."y"`: two keys compared column by column.
+pub fn key_match(left: &str, left_columns: &[String], right: &str, right_columns: &[String]) -> String {
+    left_columns
+        .iter()
+        .zip(right_columns)
+        .map(|(l, r)| format!("{left}.{} = {right}.{}", ident(l), ident(r)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 /// `"a", "b"`: a bare column list, as in `INSERT INTO t ("a", "b")`.
 pub fn ident_list(names: &[String]) -> String {
     names.iter().map(|n| ident(n)).collect::<Vec<_>>().join(", ")

@@ -154,13 +154,8 @@ impl Probe {
         )
     }
 
-    pub(crate) fn key_match(&self) -> String {
-        self.parent_columns
-            .iter()
-            .zip(&self.columns)
-            .map(|(p, c)| format!("p.{} = c.{}", sql::ident(p), sql::ident(c)))
-            .collect::<Vec<_>>()
-            .join(" AND ")
+    fn key_match(&self) -> String {
+        sql::key_match("p", &self.parent_columns, "c", &self.columns)
     }
 
     /// Whether the orphan's key exists in the shared schema's table (`false` when there is none).

@@ -89,20 +89,12 @@ fn ancestors(catalog: &Catalog, shared: &str, tenant: &str, levels: &mut Vec<Lev
             }
             visited.insert(fk.target_table.clone());
             let cte = format!("rows_{}", levels.len());
-            let matches = |a: &str, b: &str| {
-                fk.target_columns
-                    .iter()
-                    .zip(&fk.columns)
-                    .map(|(t, c)| format!("{a}.{} = {b}.{}", sql::ident(t), sql::ident(c)))
-                    .collect::<Vec<_>>()
-                    .join(" AND ")
-            };
-            let own_match = fk.target_columns.iter().map(|t| format!("t.{0} = s.{0}", sql::ident(t))).collect::<Vec<_>>().join(" AND ");
             ctes.push(format!(
-                "{cte} AS (\n  SELECT s.* FROM {} s\n  WHERE EXISTS (SELECT 1 FROM {below} r WHERE {})\n    AND NOT EXISTS (SELECT 1 FROM {} t WHERE {own_match})\n)",
+                "{cte} AS (\n  SELECT s.* FROM {} s\n  WHERE EXISTS (SELECT 1 FROM {below} r WHERE {})\n    AND NOT EXISTS (SELECT 1 FROM {} t WHERE {})\n)",
                 sql::qualified(shared, &fk.target_table),
-                matches("s", "r"),
+                sql::key_match("s", &fk.target_columns, "r", &fk.columns),
                 sql::qualified(tenant, &fk.target_table),
+                sql::key_match("t", &fk.target_columns, "s", &fk.target_columns),
             ));
             levels.push(Level { table: fk.target_table.clone(), cte, key: fk.target_columns.clone() });
         }
