@@ -99,6 +99,8 @@ pub struct DatabaseConfig {
     pub pg: tokio_postgres::Config,
     /// `host:port/dbname`, safe to print.
     pub target: String,
+    /// Certificate authorities trusted besides the system's (`tls.ca_file`).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -214,6 +216,30 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     heal: RawHeal,
+    #[serde(default)]
+    tls: RawTls,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: Option<PathBuf>,
+}
+
+/// Reads the PEM certificates of `tls.ca_file` (relative to the config file).
+fn extra_roots(tls: &RawTls, config_path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    let Some(file) = &tls.ca_file else { return Ok(Vec::new()) };
+    let file = config_path.parent().unwrap_or(Path::new(".")).join(file);
+    let invalid = |message: String| ConfigError::invalid("tls.ca_file", message);
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(&file)
+        .map_err(|e| invalid(format!("cannot read {}: {e}", file.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(format!("{} is not valid PEM: {e}", file.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(format!("{} holds no certificate", file.display())));
+    }
+    Ok(certs)
 }
 
 #[derive(Debug, Deserialize)]
@@ -370,8 +396,11 @@ impl Default for RawReport {
 
 impl RawConfig {
     fn validate(self, path: &Path, env: Env) -> Result<Config, ConfigError> {
-        let database = database_config("", self.database_url, self.database_url_file, path, env.database_url, DATABASE_URL_ENV)?;
-        let heal = self.heal.validate(path, env.heal_database_url, &database)?;
+        let roots = extra_roots(&self.tls, path)?;
+        let mut database = database_config("", self.database_url, self.database_url_file, path, env.database_url, DATABASE_URL_ENV)?;
+        database.extra_roots = roots.clone();
+        let mut heal = self.heal.validate(path, env.heal_database_url, &database)?;
+        heal.database.extra_roots = roots;
         let tenants = self.tenants.validate()?;
         let scan = self.scan.validate()?;
         let checks = self.checks.validate()?;
@@ -432,7 +461,7 @@ fn database_config(
         return Err(ConfigError::invalid(key, "connection string names no host"));
     }
     let target = describe_target(&pg);
-    Ok(DatabaseConfig { pg, target })
+    Ok(DatabaseConfig { pg, target, extra_roots: Vec::new() })
 }
 
 /// `host:port/dbname` for messages and logs; never includes credentials.

@@ -6,8 +6,11 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{DatabaseConfig, HealConfig, ScanConfig};
 
@@ -62,13 +65,40 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// A pool of read-only scan sessions, sized by `scan.concurrency`.
-pub fn scan_pool(db: &DatabaseConfig, scan: &ScanConfig) -> Pool {
+/// The TLS connector of a connection: rustls with the system's certificate authorities plus
+/// `tls.ca_file`. Certificates and host names are always verified.
+pub type Tls = MakeRustlsConnect;
+
+pub fn tls(db: &DatabaseConfig) -> Tls {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    roots.add_parsable_certificates(db.extra_roots.iter().cloned());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    MakeRustlsConnect::new(config)
+}
+
+/// The driver configuration of a pool. `sslmode=prefer` (also the default when the URL names
+/// none) becomes `disable`: libpq's `prefer` accepts any certificate, ours would verify and fail
+/// where libpq connects, so TLS is used exactly when the URL says `sslmode=require`.
+fn driver_config(db: &DatabaseConfig, connect_timeout: Duration, options: &str) -> tokio_postgres::Config {
     let mut pg = db.pg.clone();
     pg.application_name(APPLICATION_NAME);
-    pg.connect_timeout(scan.connect_timeout);
-    pg.options(&session_options(scan.statement_timeout, scan.lock_timeout, true));
-    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    pg.connect_timeout(connect_timeout);
+    pg.options(options);
+    if pg.get_ssl_mode() == SslMode::Prefer {
+        pg.ssl_mode(SslMode::Disable);
+    }
+    pg
+}
+
+/// A pool of read-only scan sessions, sized by `scan.concurrency`.
+pub fn scan_pool(db: &DatabaseConfig, scan: &ScanConfig) -> Pool {
+    let pg = driver_config(db, scan.connect_timeout, &session_options(scan.statement_timeout, scan.lock_timeout, true));
+    let manager = Manager::from_config(pg, tls(db), ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(scan.concurrency)
         .build()
@@ -78,11 +108,8 @@ pub fn scan_pool(db: &DatabaseConfig, scan: &ScanConfig) -> Pool {
 /// A pool of writer sessions for heal: its own connection settings and timeouts, two sessions
 /// (one holds the heal lock, one works).
 pub fn heal_pool(heal: &HealConfig, connect_timeout: Duration) -> Pool {
-    let mut pg = heal.database.pg.clone();
-    pg.application_name(APPLICATION_NAME);
-    pg.connect_timeout(connect_timeout);
-    pg.options(&session_options(heal.statement_timeout, heal.lock_timeout, false));
-    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let pg = driver_config(&heal.database, connect_timeout, &session_options(heal.statement_timeout, heal.lock_timeout, false));
+    let manager = Manager::from_config(pg, tls(&heal.database), ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager).max_size(2).build().expect("a pool without a runtime-specific timeout always builds")
 }
 

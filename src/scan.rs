@@ -12,7 +12,7 @@ use std::time::Instant;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use futures::stream::{self, StreamExt};
-use tokio_postgres::{IsolationLevel, NoTls};
+use tokio_postgres::IsolationLevel;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, Catalog};
@@ -111,11 +111,15 @@ pub async fn run(
     let total = tenants.len();
     let discovered = discovery.tenants.len();
     let samples = config.report.sample_keys;
+    let tls = db::tls(&config.database);
     // Plans are owned values so the stream's closure borrows nothing per item (which keeps the
     // whole scan future `Send` for callers that spawn it).
     let work: Vec<(String, checks::Plan)> = tenants.iter().map(|t| (t.clone(), checks::plan(&ctx, t))).collect();
     let outcomes = stream::iter(work)
-        .map(|(tenant, plan)| async move { scan_tenant(pool, target, &tenant, plan, samples, cancel).await })
+        .map(|(tenant, plan)| {
+            let tls = tls.clone();
+            async move { scan_tenant(pool, target, &tenant, plan, samples, cancel, tls).await }
+        })
         .buffer_unordered(config.scan.concurrency);
     let mut outcomes = std::pin::pin!(outcomes);
     let mut done = 0;
@@ -237,6 +241,7 @@ async fn scan_tenant(
     plan: checks::Plan,
     samples: usize,
     cancel: &CancellationToken,
+    tls: db::Tls,
 ) -> (Vec<Finding>, Vec<ScanError>) {
     let mut findings = Vec::new();
     let mut errors = Vec::new();
@@ -266,7 +271,7 @@ async fn scan_tenant(
             _ = cancel.cancelled() => {
                 // Stop the query on the server before letting go of the session, so that
                 // nothing of ours keeps running (or waiting on a lock) after shutdown.
-                let _ = server_cancel.cancel_query(NoTls).await;
+                let _ = server_cancel.cancel_query(tls).await;
                 break;
             }
         };

@@ -33,6 +33,7 @@ _deps_debian() {
         { [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || missing+=(prometheus)
         command -v npm >/dev/null || missing+=(npm)
         command -v unzip >/dev/null || missing+=(unzip)
+        command -v openssl >/dev/null || missing+=(openssl)
         python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     fi
     [ ${#missing[@]} -eq 0 ] && return 0

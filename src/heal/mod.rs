@@ -19,7 +19,7 @@ mod plan;
 use std::collections::BTreeMap;
 
 use deadpool_postgres::Pool;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 pub use plan::{Action, Plan, Step, TenantPlan};
@@ -170,6 +170,7 @@ impl From<tokio_postgres::Error> for Stop {
 struct Writer<'a> {
     client: &'a mut Client,
     server_cancel: tokio_postgres::CancelToken,
+    tls: db::Tls,
     cancel: &'a CancellationToken,
     /// `SET LOCAL` of both timeouts, run first in every transaction: the start-up options may be
     /// dropped by a connection pooler, these cannot.
@@ -183,6 +184,7 @@ async fn run(heal: &HealConfig, pool: &Pool, guard: &Client, plan: &Plan, cancel
     let client: &mut Client = &mut session;
     let mut writer = Writer {
         server_cancel: client.cancel_token(),
+        tls: db::tls(&heal.database),
         client,
         cancel,
         timeouts: format!(
@@ -261,6 +263,7 @@ impl Writer<'_> {
         }
         let cancel = self.cancel.clone();
         let server_cancel = self.server_cancel.clone();
+        let tls = self.tls.clone();
         let timeouts = self.timeouts.clone();
         let attempt = async {
             let tx = self.client.transaction().await?;
@@ -272,7 +275,7 @@ impl Writer<'_> {
         tokio::select! {
             result = attempt => Ok(result?),
             _ = cancel.cancelled() => {
-                let _ = server_cancel.cancel_query(NoTls).await;
+                let _ = server_cancel.cancel_query(tls).await;
                 Err(Stop::Cancelled)
             }
         }

@@ -10,4 +10,5 @@ mod prometheus;
 mod rules;
 mod scan;
 mod support;
+mod tls;
 mod tools;

@@ -18,12 +18,20 @@ pub struct Cluster {
     pub port: u16,
     /// `None` once dropped; the reaper also removes it when the test process exits.
     dir: Option<PathBuf>,
+    /// Server settings besides the common ones (`-c name=value ...`).
+    extra: String,
 }
 
 impl Cluster {
     /// initdb + start on a free port; panics (with the log tail) on failure.
     pub fn start() -> Cluster {
-        let (cluster, dir) = Cluster::empty();
+        Cluster::start_with("")
+    }
+
+    /// Like `start`, with extra server settings (`-c ssl=on ...`).
+    pub fn start_with(extra: &str) -> Cluster {
+        let (mut cluster, dir) = Cluster::empty();
+        cluster.extra = extra.to_string();
         run(pg("initdb")
             .arg("-D")
             .arg(dir.join("data"))
@@ -52,7 +60,7 @@ impl Cluster {
         assert!(out.status.success(), "mktemp -d failed");
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         // From here on, a panic drops `cluster`, which cleans up.
-        let cluster = Cluster { host: "127.0.0.1".into(), port, dir: Some(dir.clone()) };
+        let cluster = Cluster { host: "127.0.0.1".into(), port, dir: Some(dir.clone()), extra: String::new() };
         if running_as_root() {
             run(Command::new("chown").arg("postgres:").arg(&dir));
         }
@@ -81,7 +89,7 @@ impl Cluster {
     fn pg_ctl_start(&self) {
         let dir = self.dir();
         let log = dir.join("pg.log");
-        let opts = format!("-h {} -p {} -k {} {SETTINGS}", self.host, self.port, dir.display());
+        let opts = format!("-h {} -p {} -k {} {SETTINGS} {}", self.host, self.port, dir.display(), self.extra);
         let out = pg("pg_ctl")
             .arg("-D")
             .arg(dir.join("data"))
