@@ -18,12 +18,13 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
     let col = sql::ident(&column.name);
     let default = usable_default(column);
     let mut steps = vec![Step::once(
+        table,
         &column.name,
         "add_column",
         format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}", column.data_type),
     )];
     if let Some(default) = default {
-        steps.push(Step::once(&column.name, "set_default", format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET DEFAULT {default}")));
+        steps.push(Step::once(table, &column.name, "set_default", format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET DEFAULT {default}")));
     }
     if column.not_null {
         steps.extend(not_null(tenant, table, own, column, chain));
@@ -42,11 +43,11 @@ pub fn not_null(tenant: &str, table: &str, own: &Table, column: &Column, chain: 
     vec![
         Step::Batched(backfill::statement(tenant, table, &own.primary_key, &column.name, &fallback, "add_missing_columns")),
         // A check left by an interrupted run is replaced.
-        Step::once(&column.name, "drop_stale_check", format!("ALTER TABLE {tbl} DROP CONSTRAINT IF EXISTS {check}")),
-        Step::once(&column.name, "add_check", format!("ALTER TABLE {tbl} ADD CONSTRAINT {check} CHECK ({col} IS NOT NULL) NOT VALID")),
-        Step::once(&column.name, "validate_check", format!("ALTER TABLE {tbl} VALIDATE CONSTRAINT {check}")),
-        Step::once(&column.name, "set_not_null", format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET NOT NULL")),
-        Step::once(&column.name, "drop_check", format!("ALTER TABLE {tbl} DROP CONSTRAINT {check}")),
+        Step::once(table, &column.name, "drop_stale_check", format!("ALTER TABLE {tbl} DROP CONSTRAINT IF EXISTS {check}")),
+        Step::once(table, &column.name, "add_check", format!("ALTER TABLE {tbl} ADD CONSTRAINT {check} CHECK ({col} IS NOT NULL) NOT VALID")),
+        Step::once(table, &column.name, "validate_check", format!("ALTER TABLE {tbl} VALIDATE CONSTRAINT {check}")),
+        Step::once(table, &column.name, "set_not_null", format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET NOT NULL")),
+        Step::once(table, &column.name, "drop_check", format!("ALTER TABLE {tbl} DROP CONSTRAINT {check}")),
     ]
 }
 

@@ -13,6 +13,7 @@
 use std::collections::BTreeSet;
 
 use super::audit;
+use super::plan::Step;
 use crate::catalog::{Catalog, Table};
 use crate::checks::orphan_rows::Probe;
 use crate::sql;
@@ -27,9 +28,36 @@ struct Level {
     key: Vec<String>,
 }
 
-/// The batched statement for one orphan relationship, or `None` when nothing can be copied
-/// (no shared parent table, or no column in common).
-pub fn statement(catalog: &Catalog, shared: &str, tenant: &str, probe: &Probe) -> Option<String> {
+/// The steps for one orphan relationship: the batched copy, then, for every table it writes
+/// whose key is one integer column, a step that moves the key's sequence past the copied keys
+/// (rows copied with their keys do not advance it, and the application's next insert would
+/// collide). `None` when nothing can be copied (no shared parent table, or no column in common).
+pub fn steps(catalog: &Catalog, shared: &str, tenant: &str, probe: &Probe) -> Option<Vec<Step>> {
+    let (sql, levels) = statement(catalog, shared, tenant, probe)?;
+    let mut steps = vec![Step::Batched(sql)];
+    for level in levels {
+        let [key] = level.key.as_slice() else { continue };
+        let integer = catalog.table(tenant, &level.table)?.column(key).is_some_and(|c| matches!(c.data_type.as_str(), "integer" | "bigint" | "smallint"));
+        if integer {
+            steps.push(Step::once(&level.table, key, "advance_sequence", advance_sequence(tenant, &level.table, key)));
+        }
+    }
+    Some(steps)
+}
+
+/// Sets the column's own sequence (serial or identity; none: nothing happens) to the largest
+/// key, only when it is behind.
+fn advance_sequence(tenant: &str, table: &str, key: &str) -> String {
+    let table_name = sql::qualified(tenant, table);
+    format!(
+        "SELECT pg_catalog.setval(s.seq, s.top) FROM (\n  SELECT pg_catalog.pg_get_serial_sequence({}, {})::regclass AS seq, (SELECT max({}) FROM {table_name}) AS top\n) s\nWHERE s.top > coalesce(pg_catalog.pg_sequence_last_value(s.seq), 0)",
+        sql::literal(&table_name),
+        sql::literal(key),
+        sql::ident(key),
+    )
+}
+
+fn statement(catalog: &Catalog, shared: &str, tenant: &str, probe: &Probe) -> Option<(String, Vec<Level>)> {
     let shared_parent = probe.shared_parent.as_deref()?;
     let mut ctes = vec![format!(
         "batch AS (\n  SELECT DISTINCT {cols} FROM {child} c\n  WHERE {orphan} AND {in_shared}\n  ORDER BY {cols} LIMIT $1\n)",
@@ -66,7 +94,7 @@ pub fn statement(catalog: &Catalog, shared: &str, tenant: &str, probe: &Probe) -
         log_rows.push(format!("{} FROM ins_{i} i", audit::row(tenant, &level.table, "copy_missing_parents", &key, "NULL::jsonb", "to_jsonb(i)")));
     }
     ctes.push(audit::log_and_return(&log_rows.join("\n  UNION ALL\n  ")));
-    Some(format!("WITH {}", ctes.join(",\n")))
+    Some((format!("WITH {}", ctes.join(",\n")), levels))
 }
 
 /// Adds, breadth first, a level for every table the copied rows reference through the tenant's

@@ -22,7 +22,7 @@ use deadpool_postgres::Pool;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-pub use plan::{Action, Plan, Step, TenantPlan};
+pub use plan::{Action, OnceStep, Plan, Step, TenantPlan};
 
 use crate::config::HealConfig;
 use crate::db::{self, DbError};
@@ -224,7 +224,7 @@ async fn heal_tenant(writer: &mut Writer<'_>, heal: &HealConfig, tenant: &Tenant
         for step in &action.steps {
             let result = match step {
                 Step::Batched(sql) => run_batches(writer, heal.batch_size, sql, tenant, action.repair, budget, outcome).await,
-                Step::Once { sql, key, adds_column } => run_once(writer, sql, key, *adds_column, tenant, action, outcome).await,
+                Step::Once(once) => run_once(writer, once, tenant, action, outcome).await,
             };
             match result {
                 Ok(()) => {}
@@ -316,17 +316,9 @@ async fn run_batches(
 }
 
 /// Runs a one-off statement (DDL) with its audit row in one transaction.
-async fn run_once(
-    writer: &mut Writer<'_>,
-    sql: &str,
-    key: &str,
-    adds_column: bool,
-    tenant: &TenantPlan,
-    action: &Action,
-    outcome: &mut Outcome,
-) -> Result<(), Stop> {
-    let record = audit::record_once(&tenant.schema, &action.table, action.repair.name(), key);
-    let (statement, run_id) = (sql.to_string(), outcome.run_id.clone());
+async fn run_once(writer: &mut Writer<'_>, once: &OnceStep, tenant: &TenantPlan, action: &Action, outcome: &mut Outcome) -> Result<(), Stop> {
+    let record = audit::record_once(&tenant.schema, &once.table, action.repair.name(), &once.key);
+    let (statement, run_id) = (once.sql.clone(), outcome.run_id.clone());
     writer
         .transaction(move |tx| {
             Box::pin(async move {
@@ -335,8 +327,8 @@ async fn run_once(
             })
         })
         .await?;
-    tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %action.table, repair = action.repair.name(), statement = %sql, "healed");
-    if adds_column {
+    tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %once.table, repair = action.repair.name(), statement = %once.sql, "healed");
+    if once.adds_column {
         *outcome.changed.entry(action.repair.name()).or_default() += 1;
     }
     Ok(())

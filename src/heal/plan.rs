@@ -43,16 +43,27 @@ pub enum Step {
     /// Run in a transaction per batch (`$1` batch size, `$2` run id) until it changes no row;
     /// returns one (table, key) row per change, each already written to the audit table.
     Batched(String),
-    /// Run once in its own transaction, with its audit row (`key` identifies it).
-    /// `adds_column` counts it as a change in the metrics.
-    Once { sql: String, key: String, adds_column: bool },
+    /// Run once in its own transaction, with its audit row.
+    Once(OnceStep),
+}
+
+/// A one-off statement (DDL, a sequence) and what its audit row says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnceStep {
+    pub sql: String,
+    /// The table the audit row names.
+    pub table: String,
+    /// The audit row's key, a `jsonb` expression.
+    pub key: String,
+    /// Counted as a change in the metrics (adding a column is; other steps are not).
+    pub adds_column: bool,
 }
 
 impl Step {
-    /// A one-off step on `column`, named `step` in its audit key.
-    pub fn once(column: &str, step: &str, sql: String) -> Step {
+    /// A one-off step on `table.column`, named `step` in its audit key.
+    pub fn once(table: &str, column: &str, step: &str, sql: String) -> Step {
         let key = format!("jsonb_build_object('column', {}, 'step', {})", sql::literal(column), sql::literal(step));
-        Step::Once { sql, key, adds_column: step == "add_column" }
+        Step::Once(OnceStep { sql, table: table.to_string(), key, adds_column: step == "add_column" })
     }
 }
 
@@ -94,8 +105,8 @@ impl Plan {
                             let _ = writeln!(out, "-- batched: $1 = {batch_size} (heal.batch_size), $2 = run id; repeated until no row changes");
                             let _ = writeln!(out, "{sql};");
                         }
-                        Step::Once { sql, .. } => {
-                            let _ = writeln!(out, "{sql};");
+                        Step::Once(once) => {
+                            let _ = writeln!(out, "{};", once.sql);
                         }
                     }
                 }
@@ -129,7 +140,7 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
             };
             let summary = format!("{} orphan row(s) whose {parent_table} row exists in {shared}", f.count);
             writes = parent_table.clone();
-            (summary, vec![Step::Batched(copy::statement(catalog, shared, tenant, &probe)?)])
+            (summary, copy::steps(catalog, shared, tenant, &probe)?)
         }
         (Repair::BackfillNullTimestamps, Check::NullTimestamps, Detail::NullTimestamps { data_type }) => {
             let column = f.columns.first()?;

@@ -145,8 +145,15 @@ async fn missing_ancestors_are_copied_first() {
         [
             ("business_business".to_string(), format!("{{\"id\": \"{}\"}}", b("05"))),
             ("users_businessdetails".to_string(), "{\"id\": 500}".to_string()),
+            ("users_businessdetails".to_string(), "{\"step\": \"advance_sequence\", \"column\": \"id\"}".to_string()),
         ]
     );
+    // The tenant's serial moved past the copied key: the application's next insert succeeds.
+    client
+        .batch_execute("INSERT INTO tenant_a.users_businessdetails (business_id) VALUES ('b0000000-0000-0000-0000-000000000001')")
+        .await
+        .unwrap();
+    assert_eq!(count(&url, "SELECT max(id)::bigint FROM tenant_a.users_businessdetails").await, 501);
     let report = scan(&config(&url, HEAL)).await;
     assert_eq!(lines(&report.findings), Vec::<String>::new());
 }
