@@ -135,6 +135,43 @@ pub async fn ping(pool: &Pool, target: &str) -> Result<(), DbError> {
     Ok(())
 }
 
+/// A tenant's read-only snapshot (its transaction) that runs each check statement under a
+/// savepoint of its own, in one round trip: `SAVEPOINT; statement; RELEASE` go as one simple
+/// query message. A failing statement rolls its savepoint back, so the snapshot stays usable
+/// for the tenant's other checks.
+pub struct Snapshot<'a> {
+    tx: &'a tokio_postgres::Transaction<'a>,
+}
+
+impl<'a> Snapshot<'a> {
+    pub fn new(tx: &'a tokio_postgres::Transaction<'a>) -> Snapshot<'a> {
+        Snapshot { tx }
+    }
+
+    /// Runs `sql` (a single statement without parameters) and returns its rows as text.
+    pub async fn rows(&self, sql: &str) -> Result<Vec<Vec<Option<String>>>, DbError> {
+        let batch = format!("SAVEPOINT check_statement; {sql}; RELEASE SAVEPOINT check_statement");
+        match self.tx.simple_query(&batch).await {
+            Ok(messages) => Ok(messages
+                .into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => Some((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect()),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) => {
+                let _ = self.tx.batch_execute("ROLLBACK TO SAVEPOINT check_statement").await;
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// A count returned as text by [`Snapshot::rows`].
+pub fn count(value: &Option<String>) -> u64 {
+    value.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 /// Takes a session from the pool, turning pool failures into a [`DbError`] naming the target.
 pub async fn session(pool: &Pool, target: &str) -> Result<deadpool_postgres::Object, DbError> {
     pool.get().await.map_err(|e| DbError::Connect { target: target.to_string(), reason: pool_reason(e) })

@@ -58,14 +58,13 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
     }
     let cancel = shutdown_on_signals()?;
     let scanned = scan::run(&config, &db::scan_pool(&config.database, &config.scan), &cancel, None).await?;
-    incomplete_scan_error(&scanned.report).map_or(Ok(()), |e| Err(e.context("heal needs a complete scan")))?;
+    if let Some(e) = incomplete_scan_error(&scanned.report) {
+        return Err(e.context("heal needs a complete scan"));
+    }
     let plan = Plan::build(&scanned, &config);
     let mut out = std::io::stdout();
     if !args.execute {
-        writeln!(out, "-- heal plan for {} (dry run: nothing is written; --execute applies it)
-", config.heal.database.target)?;
-        write!(out, "{}", plan.render(config.heal.batch_size))?;
-        writeln!(out, "-- {} tenant(s) to heal", plan.tenants.len())?;
+        write!(out, "{}", plan.render(&config.heal.database.target, config.heal.batch_size))?;
         return Ok(ExitCode::SUCCESS);
     }
     let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
@@ -76,13 +75,7 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         }
         other => other?,
     };
-    for (repair, n) in &outcome.changed {
-        writeln!(out, "{repair}: {n} change(s)")?;
-    }
-    for (schema, reason) in &outcome.skipped {
-        writeln!(out, "skipped {schema}: {}", reason.name())?;
-    }
-    writeln!(out, "heal run {}: {} change(s), {} tenant(s) skipped, {} error(s)", outcome.run_id, outcome.total_changed(), outcome.skipped.len(), outcome.errors.len())?;
+    write!(out, "{}", outcome.summary())?;
     if let Some((schema, repair, message)) = outcome.errors.first() {
         anyhow::bail!("{} repair(s) failed; first: {} on {schema}: {message}", outcome.errors.len(), repair.name());
     }

@@ -175,7 +175,7 @@ impl Metrics {
         }
         let mut per_schema: Vec<&Finding> = report.findings.iter().collect();
         // Most severe first, then largest: what the cap keeps.
-        per_schema.sort_by(|a, b| (a.check, std::cmp::Reverse(a.count)).cmp(&(b.check, std::cmp::Reverse(b.count))));
+        per_schema.sort_by_key(|f| (f.check, std::cmp::Reverse(f.count)));
         let kept = per_schema.len().min(max_tenant_series);
         for f in &per_schema[..kept] {
             self.per_schema_gauge(f).add(f.count as i64);

@@ -131,7 +131,6 @@ pub async fn run(
             report_progress(done, total);
         }
     }
-    drop(outcomes);
     if cancel.is_cancelled() {
         return Err(ScanFailure::Cancelled);
     }
@@ -260,14 +259,15 @@ async fn scan_tenant(
     };
     let client: &mut tokio_postgres::Client = &mut session;
     let server_cancel = client.cancel_token();
-    let mut tx = match client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await {
+    let tx = match client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await {
         Ok(tx) => tx,
         Err(e) => return (findings, vec![error(classify(&e.into()), None, "cannot start transaction".into())]),
     };
-    let probes = plan.orphans.iter().map(|p| Probe::Orphans(p)).chain(plan.nulls.iter().map(|p| Probe::Nulls(p)));
+    let snapshot = db::Snapshot::new(&tx);
+    let probes = plan.orphans.iter().map(Probe::Orphans).chain(plan.nulls.iter().map(Probe::Nulls));
     for probe in probes {
         let result = tokio::select! {
-            result = run_probe(&mut tx, tenant, &probe, samples) => result,
+            result = run_probe(&snapshot, tenant, &probe, samples) => result,
             _ = cancel.cancelled() => {
                 // Stop the query on the server before letting go of the session, so that
                 // nothing of ours keeps running (or waiting on a lock) after shutdown.
@@ -297,27 +297,11 @@ async fn scan_tenant(
     (findings, errors)
 }
 
-/// Runs one probe under a savepoint, released on success and rolled back on failure.
-async fn run_probe(
-    tx: &mut tokio_postgres::Transaction<'_>,
-    tenant: &str,
-    probe: &Probe<'_>,
-    samples: usize,
-) -> Result<Vec<Finding>, DbError> {
-    let sp = tx.savepoint("probe").await?;
-    let result = match probe {
-        Probe::Orphans(p) => orphan_rows::run(&sp, tenant, p, samples).await,
-        Probe::Nulls(p) => null_timestamps::run(&sp, tenant, p, samples).await,
-    };
-    match result {
-        Ok(found) => {
-            sp.commit().await?;
-            Ok(found)
-        }
-        Err(e) => {
-            let _ = sp.rollback().await;
-            Err(e)
-        }
+/// Runs one probe in the tenant's snapshot (each statement under its own savepoint).
+async fn run_probe(snapshot: &db::Snapshot<'_>, tenant: &str, probe: &Probe<'_>, samples: usize) -> Result<Vec<Finding>, DbError> {
+    match probe {
+        Probe::Orphans(p) => orphan_rows::run(snapshot, tenant, p, samples).await,
+        Probe::Nulls(p) => null_timestamps::run(snapshot, tenant, p, samples).await,
     }
 }
 

@@ -5,10 +5,8 @@
 //! One pass per table counts every required column (`count(*) FILTER (...)`); samples (the
 //! primary key, or `ctid` when there is none) are fetched only for nonzero counts.
 
-use tokio_postgres::GenericClient;
-
 use super::Context;
-use crate::db::DbError;
+use crate::db::{self, DbError, Snapshot};
 use crate::report::{Check, Detail, Finding};
 use crate::sql;
 
@@ -56,35 +54,36 @@ impl Probe {
         format!("SELECT {} FROM {} c", counts.join(", "), sql::qualified(tenant, &self.table))
     }
 
-    /// Keys of rows where `column` is NULL, in key order; `$1` is the limit.
-    pub fn sample_sql(&self, tenant: &str, column: &str) -> String {
+    /// Keys of up to `limit` rows where `column` is NULL, in key order.
+    pub fn sample_sql(&self, tenant: &str, column: &str, limit: usize) -> String {
         let (key, order) = if self.key.is_empty() {
             ("c.ctid::text".to_string(), "c.ctid".to_string())
         } else {
             (sql::key_text("c", &self.key), sql::columns("c", &self.key))
         };
         format!(
-            "SELECT {key} FROM {} c WHERE c.{} IS NULL ORDER BY {order} LIMIT $1",
+            "SELECT {key} FROM {} c WHERE c.{} IS NULL ORDER BY {order} LIMIT {limit}",
             sql::qualified(tenant, &self.table),
             sql::ident(column)
         )
     }
 }
 
-/// Runs one probe in the caller's transaction.
-pub async fn run(client: &impl GenericClient, tenant: &str, probe: &Probe, samples: usize) -> Result<Vec<Finding>, DbError> {
-    let row = client.query_one(&probe.count_sql(tenant), &[]).await?;
+/// Runs one probe in the tenant's snapshot.
+pub async fn run(snapshot: &Snapshot<'_>, tenant: &str, probe: &Probe, samples: usize) -> Result<Vec<Finding>, DbError> {
+    let rows = snapshot.rows(&probe.count_sql(tenant)).await?;
+    let row = rows.first().map(Vec::as_slice).unwrap_or_default();
     let mut out = Vec::new();
     for (i, (column, data_type)) in probe.columns.iter().enumerate() {
-        let count: i64 = row.get(i);
+        let count = row.get(i).map(db::count).unwrap_or(0);
         if count == 0 {
             continue;
         }
         let sample_keys = if samples == 0 {
             Vec::new()
         } else {
-            let rows = client.query(&probe.sample_sql(tenant, column), &[&(samples as i64)]).await?;
-            rows.iter().map(|r| r.get::<_, String>(0)).collect()
+            let rows = snapshot.rows(&probe.sample_sql(tenant, column, samples)).await?;
+            rows.into_iter().filter_map(|mut r| r.swap_remove(0)).collect()
         };
         out.push(Finding {
             check: Check::NullTimestamps,
@@ -92,7 +91,7 @@ pub async fn run(client: &impl GenericClient, tenant: &str, probe: &Probe, sampl
             schema: tenant.to_string(),
             table: Some(probe.table.clone()),
             columns: vec![column.clone()],
-            count: count as u64,
+            count,
             sample_keys,
             detail: Detail::NullTimestamps { data_type: data_type.clone() },
         });
@@ -117,8 +116,8 @@ mod tests {
              FROM \"t\".\"users_userprofile\" c"
         );
         assert_eq!(
-            probe.sample_sql("t", "created_at"),
-            "SELECT c.ctid::text FROM \"t\".\"users_userprofile\" c WHERE c.\"created_at\" IS NULL ORDER BY c.ctid LIMIT $1"
+            probe.sample_sql("t", "created_at", 10),
+            "SELECT c.ctid::text FROM \"t\".\"users_userprofile\" c WHERE c.\"created_at\" IS NULL ORDER BY c.ctid LIMIT 10"
         );
     }
 }

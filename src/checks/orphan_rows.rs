@@ -10,11 +10,9 @@
 
 use std::collections::BTreeSet;
 
-use tokio_postgres::GenericClient;
-
 use super::Context;
 use crate::catalog::Schema;
-use crate::db::DbError;
+use crate::db::{self, DbError, Snapshot};
 use crate::report::{Check, Detail, Finding, ParentLocation, RelationshipSource};
 use crate::sql;
 
@@ -181,12 +179,12 @@ impl Probe {
         )
     }
 
-    /// Distinct orphaned keys of one location, in key order; `$1` is the limit.
-    pub fn sample_sql(&self, tenant: &str, location: ParentLocation) -> String {
+    /// Up to `limit` distinct orphaned keys of one location, in key order.
+    pub fn sample_sql(&self, tenant: &str, location: ParentLocation, limit: usize) -> String {
         let negate = if location == ParentLocation::Shared { "" } else { "NOT " };
         let cols = sql::columns("c", &self.columns);
         format!(
-            "SELECT {} FROM {} c WHERE {} AND {negate}{}\nGROUP BY {cols} ORDER BY {cols} LIMIT $1",
+            "SELECT {} FROM {} c WHERE {} AND {negate}{}\nGROUP BY {cols} ORDER BY {cols} LIMIT {limit}",
             sql::key_text("c", &self.columns),
             sql::qualified(tenant, &self.table),
             self.orphan_condition(),
@@ -195,17 +193,19 @@ impl Probe {
     }
 }
 
-/// Runs one probe in the caller's transaction.
-pub async fn run(client: &impl GenericClient, tenant: &str, probe: &Probe, samples: usize) -> Result<Vec<Finding>, DbError> {
-    let row = client.query_one(&probe.count_sql(tenant), &[]).await?;
-    let counts = [(ParentLocation::Shared, row.get::<_, i64>(0)), (ParentLocation::Missing, row.get::<_, i64>(1))];
+/// Runs one probe in the tenant's snapshot.
+pub async fn run(snapshot: &Snapshot<'_>, tenant: &str, probe: &Probe, samples: usize) -> Result<Vec<Finding>, DbError> {
+    let rows = snapshot.rows(&probe.count_sql(tenant)).await?;
+    let row = rows.first().map(Vec::as_slice).unwrap_or_default();
+    let count_at = |i: usize| row.get(i).map(db::count).unwrap_or(0);
+    let counts = [(ParentLocation::Shared, count_at(0)), (ParentLocation::Missing, count_at(1))];
     let mut out = Vec::new();
     for (location, count) in counts.into_iter().filter(|(_, n)| *n > 0) {
         let sample_keys = if samples == 0 {
             Vec::new()
         } else {
-            let rows = client.query(&probe.sample_sql(tenant, location), &[&(samples as i64)]).await?;
-            rows.iter().map(|r| r.get::<_, String>(0)).collect()
+            let rows = snapshot.rows(&probe.sample_sql(tenant, location, samples)).await?;
+            rows.into_iter().filter_map(|mut r| r.swap_remove(0)).collect()
         };
         out.push(Finding {
             check: Check::OrphanRows,
@@ -213,7 +213,7 @@ pub async fn run(client: &impl GenericClient, tenant: &str, probe: &Probe, sampl
             schema: tenant.to_string(),
             table: Some(probe.table.clone()),
             columns: probe.columns.clone(),
-            count: count as u64,
+            count,
             sample_keys,
             detail: Detail::OrphanRows {
                 parent_schema: probe.parent_schema.clone(),

@@ -111,6 +111,25 @@ impl Outcome {
     pub fn total_changed(&self) -> u64 {
         self.changed.values().sum()
     }
+
+    /// What `heal --execute` prints: changes per repair, skipped tenants, then a total line.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        for (repair, n) in &self.changed {
+            out.push_str(&format!("{repair}: {n} change(s)\n"));
+        }
+        for (schema, reason) in &self.skipped {
+            out.push_str(&format!("skipped {schema}: {}\n", reason.name()));
+        }
+        out.push_str(&format!(
+            "heal run {}: {} change(s), {} tenant(s) skipped, {} error(s)\n",
+            self.run_id,
+            self.total_changed(),
+            self.skipped.len(),
+            self.errors.len()
+        ));
+        out
+    }
 }
 
 /// Applies `plan` through `pool` (heal sessions). Returns what changed; records it in `metrics`.

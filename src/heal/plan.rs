@@ -93,8 +93,8 @@ impl Plan {
     }
 
     /// The plan as commented SQL, as `heal` prints it without `--execute`.
-    pub fn render(&self, batch_size: usize) -> String {
-        let mut out = String::new();
+    pub fn render(&self, target: &str, batch_size: usize) -> String {
+        let mut out = format!("-- heal plan for {target} (dry run: nothing is written; --execute applies it)\n\n");
         for tenant in &self.tenants {
             let _ = writeln!(out, "-- tenant {}", tenant.schema);
             for action in &tenant.actions {
@@ -113,6 +113,7 @@ impl Plan {
             }
             out.push('\n');
         }
+        let _ = writeln!(out, "-- {} tenant(s) to heal", self.tenants.len());
         out
     }
 }

@@ -185,16 +185,30 @@ async fn declared_relationships_are_checked() {
     let sql = format!(
         "{}
         ALTER TABLE tenant_a.users_userprofile ADD COLUMN referrer_id int;
+        ALTER TABLE tenant_a.users_businessdetails ADD COLUMN owner_ref uuid;
         INSERT INTO tenant_a.users_userprofile (user_id, referrer_id, created_at, modified_at) VALUES (2, 1, now(), now()), (3, 999, now(), now());",
         create_tenants(&["tenant_a"])
     );
     let url = fixture_db("scan_declared", &sql).await;
-    let extra = "[tenants]\ninclude = ['^tenant_']\n[[checks.relationships]]\ntable = 'users_userprofile'\ncolumns = ['referrer_id']\nparent_table = 'users_userprofile'\nparent_columns = ['id']\n";
+    // The second relationship compares a uuid with an integer: that statement fails, alone.
+    let extra = "[tenants]\ninclude = ['^tenant_']\n\
+        [[checks.relationships]]\ntable = 'users_businessdetails'\ncolumns = ['owner_ref']\nparent_table = 'users_userprofile'\nparent_columns = ['id']\n\
+        [[checks.relationships]]\ntable = 'users_userprofile'\ncolumns = ['referrer_id']\nparent_table = 'users_userprofile'\nparent_columns = ['id']\n";
     let report = scan(&config(&url, extra)).await;
     assert_eq!(
         lines(&report.findings),
         ["orphan_rows tenant_a.users_userprofile(referrer_id) 1 -> tenant_a.users_userprofile Missing Configured [\"999\"]"]
     );
+    assert_eq!(
+        report.errors,
+        [ScanError {
+            kind: ErrorKind::Query,
+            schema: Some("tenant_a".into()),
+            table: Some("users_businessdetails".into()),
+            message: "operator does not exist: integer = uuid".into(),
+        }]
+    );
+    assert_eq!(report.tenants, TenantCounts { discovered: 1, scanned: 0, failed: 1 });
 }
 
 #[tokio::test]

@@ -209,6 +209,7 @@ fn run(cmd: &mut Command) {
 
 /// Statics are never dropped, so a detached shell stops the cluster and removes `dir`
 /// once this process has exited (own process group: survives Ctrl-C of the test run).
+#[allow(clippy::zombie_processes)] // Detached on purpose: it must outlive this process.
 fn spawn_reaper(dir: &Path) {
     let runas = if running_as_root() { "runuser -u postgres -- " } else { "" };
     let script = format!(
