@@ -24,6 +24,9 @@ pub enum DbError {
     Connect { target: String, reason: String },
     #[error("{}", describe(.0))]
     Query(tokio_postgres::Error),
+    /// A count that came back without its row: the session ended mid-statement.
+    #[error("the statement returned no row (the connection ended)")]
+    NoRow,
 }
 
 // Written by hand rather than `#[from]`, which would also make the driver error the `source`
@@ -48,7 +51,7 @@ impl DbError {
     pub fn code(&self) -> Option<&str> {
         match self {
             DbError::Query(e) => e.as_db_error().map(|d| d.code().code()),
-            DbError::Connect { .. } => None,
+            DbError::Connect { .. } | DbError::NoRow => None,
         }
     }
 }
@@ -167,9 +170,17 @@ impl<'a> Snapshot<'a> {
     }
 }
 
-/// A count returned as text by [`Snapshot::rows`].
-pub fn count(value: &Option<String>) -> u64 {
-    value.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
+/// The counts of the single row an aggregate statement returns, as numbers; a missing row is
+/// an error, never zero.
+pub fn counts(rows: &[Vec<Option<String>>]) -> Result<Vec<u64>, DbError> {
+    let row = rows.first().ok_or(DbError::NoRow)?;
+    Ok(row.iter().map(|v| v.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)).collect())
+}
+
+/// Closes every idle session of `pool`. After the server restarted, pooled sessions that look
+/// open may be dead; fresh ones are opened on demand.
+pub fn drop_idle_sessions(pool: &Pool) {
+    pool.retain(|_, _| false);
 }
 
 /// Takes a session from the pool, turning pool failures into a [`DbError`] naming the target.

@@ -40,6 +40,20 @@ pub enum ScanFailure {
 }
 
 impl ScanFailure {
+    /// The database error behind it, if there is one.
+    fn db_error(&self) -> Option<&DbError> {
+        match self {
+            ScanFailure::Connect(e) | ScanFailure::Catalog(e) => Some(e),
+            ScanFailure::Discovery(e) => e.db_error(),
+            _ => None,
+        }
+    }
+
+    /// Whether the scan failed because the database went away (or was never reached).
+    pub fn is_connection(&self) -> bool {
+        matches!(self, ScanFailure::Connect(_) | ScanFailure::ConnectionLost { .. })
+    }
+
     /// The `kind` label of `tenant_audit_scan_errors_total` for this failure.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -175,9 +189,10 @@ async fn read_snapshot(config: &Config, pool: &Pool) -> Result<(Discovery, Catal
     let mut session = db::session(pool, &config.database.target).await.map_err(ScanFailure::Connect)?;
     let client: &mut tokio_postgres::Client = &mut session;
     let result = snapshot(client, config).await;
-    // Whatever failed, a dead connection means the database went away: a connection failure.
+    // Whatever failed, a dead connection (or a server shutting down) means the database went
+    // away: a connection failure, not a discovery or catalog one.
     match result {
-        Err(e) if client.is_closed() => {
+        Err(e) if client.is_closed() || e.db_error().is_some_and(DbError::is_connection) => {
             Err(ScanFailure::Connect(DbError::Connect { target: config.database.target.clone(), reason: e.to_string() }))
         }
         other => other,

@@ -174,8 +174,11 @@ impl Scheduler {
             }
             Err(scan::ScanFailure::Cancelled) => tracing::info!("scan cancelled by shutdown"),
             Err(e) => {
-                if matches!(e, scan::ScanFailure::Connect(_) | scan::ScanFailure::ConnectionLost { .. }) {
+                if e.is_connection() {
                     self.set_database_up(false);
+                    // Pooled sessions that look open may have died with the server: the next
+                    // scan starts on fresh ones.
+                    db::drop_idle_sessions(&self.pool);
                 }
                 tracing::error!(error = %e, kind = e.metric_label(), "scan failed");
                 self.metrics.record_failure(e.metric_label(), clock.elapsed().as_secs_f64());

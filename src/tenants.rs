@@ -37,6 +37,17 @@ pub enum DiscoveryError {
 /// The comment that opens both discovery queries, so they can be counted in `pg_stat_statements`.
 pub const QUERY_TAG: &str = "/* tenant-audit:discovery */";
 
+impl DiscoveryError {
+    /// The database error behind it, if there is one.
+    pub fn db_error(&self) -> Option<&DbError> {
+        match self {
+            DiscoveryError::NoRegistry { .. } => None,
+            DiscoveryError::Registry { cause, .. } => Some(cause),
+            DiscoveryError::Namespaces(e) => Some(e),
+        }
+    }
+}
+
 /// Every schema in the database, system schemas left out in SQL.
 const LIST_SCHEMAS: &str = "/* tenant-audit:discovery */
 SELECT nspname FROM pg_catalog.pg_namespace

@@ -71,11 +71,10 @@ impl Probe {
 
 /// Runs one probe in the tenant's snapshot.
 pub async fn run(snapshot: &Snapshot<'_>, tenant: &str, probe: &Probe, samples: usize) -> Result<Vec<Finding>, DbError> {
-    let rows = snapshot.rows(&probe.count_sql(tenant)).await?;
-    let row = rows.first().map(Vec::as_slice).unwrap_or_default();
+    let counts = db::counts(&snapshot.rows(&probe.count_sql(tenant)).await?)?;
     let mut out = Vec::new();
     for (i, (column, data_type)) in probe.columns.iter().enumerate() {
-        let count = row.get(i).map(db::count).unwrap_or(0);
+        let count = counts.get(i).copied().unwrap_or(0);
         if count == 0 {
             continue;
         }

@@ -195,9 +195,8 @@ impl Probe {
 
 /// Runs one probe in the tenant's snapshot.
 pub async fn run(snapshot: &Snapshot<'_>, tenant: &str, probe: &Probe, samples: usize) -> Result<Vec<Finding>, DbError> {
-    let rows = snapshot.rows(&probe.count_sql(tenant)).await?;
-    let row = rows.first().map(Vec::as_slice).unwrap_or_default();
-    let count_at = |i: usize| row.get(i).map(db::count).unwrap_or(0);
+    let counts = db::counts(&snapshot.rows(&probe.count_sql(tenant)).await?)?;
+    let count_at = |i: usize| counts.get(i).copied().unwrap_or(0);
     let counts = [(ParentLocation::Shared, count_at(0)), (ParentLocation::Missing, count_at(1))];
     let mut out = Vec::new();
     for (location, count) in counts.into_iter().filter(|(_, n)| *n > 0) {

@@ -73,6 +73,12 @@ impl Cluster {
         run(pg("pg_ctl").arg("-D").arg(self.dir().join("data")).args(["-m", "fast", "-w", "stop"]));
     }
 
+    /// Immediate shutdown, as in a crash: every session dies at once, so none can finish a
+    /// statement on its way out. The data dir is kept for `restart` (which recovers).
+    pub fn crash(&self) {
+        run(pg("pg_ctl").arg("-D").arg(self.dir().join("data")).args(["-m", "immediate", "-w", "stop"]));
+    }
+
     /// Starts the stopped cluster again on the same port and data dir.
     pub fn restart(&self) {
         self.pg_ctl_start();
