@@ -127,13 +127,7 @@ pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Cat
     for row in client.query(COLUMNS, &[&schemas]).await? {
         // A relation dropped while this query runs comes back with NULL privileges: skip it.
         let Some(readable) = row.get::<_, Option<bool>>(7) else { continue };
-        let table = catalog
-            .schemas
-            .entry(row.get(0))
-            .or_default()
-            .tables
-            .entry(row.get(1))
-            .or_default();
+        let table = catalog.schemas.entry(row.get(0)).or_default().tables.entry(row.get(1)).or_default();
         let name: String = row.get(2);
         let key_position: Option<i32> = row.get(6);
         // 1-based position in the primary key (WITH ORDINALITY), when the column is part of it.

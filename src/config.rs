@@ -167,10 +167,14 @@ pub struct ReportConfig {
 impl Config {
     /// Reads and validates the file at `path`, applying the environment overrides.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
         let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
-        Config::from_toml(&text, path, Env { database_url: env(DATABASE_URL_ENV), heal_database_url: env(HEAL_DATABASE_URL_ENV) })
+        Config::from_toml(
+            &text,
+            path,
+            Env { database_url: env(DATABASE_URL_ENV), heal_database_url: env(HEAL_DATABASE_URL_ENV) },
+        )
     }
 
     /// Parses and validates `text` with the environment overrides in `env`.
@@ -227,7 +231,10 @@ struct RawTls {
 }
 
 /// Reads the PEM certificates of `tls.ca_file` (relative to the config file).
-fn extra_roots(tls: &RawTls, config_path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+fn extra_roots(
+    tls: &RawTls,
+    config_path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
     use rustls::pki_types::pem::PemObject;
     let Some(file) = &tls.ca_file else { return Ok(Vec::new()) };
     let file = config_path.parent().unwrap_or(Path::new(".")).join(file);
@@ -397,7 +404,8 @@ impl Default for RawReport {
 impl RawConfig {
     fn validate(self, path: &Path, env: Env) -> Result<Config, ConfigError> {
         let roots = extra_roots(&self.tls, path)?;
-        let mut database = database_config("", self.database_url, self.database_url_file, path, env.database_url, DATABASE_URL_ENV)?;
+        let mut database =
+            database_config("", self.database_url, self.database_url_file, path, env.database_url, DATABASE_URL_ENV)?;
         database.extra_roots = roots.clone();
         let mut heal = self.heal.validate(path, env.heal_database_url, &database)?;
         heal.database.extra_roots = roots;
@@ -502,10 +510,7 @@ impl RawTenants {
         if let Some(reference) = &self.reference_schema {
             non_empty("tenants.reference_schema", reference)?;
             if *reference == self.shared_schema {
-                return Err(ConfigError::invalid(
-                    "tenants.reference_schema",
-                    "must differ from tenants.shared_schema",
-                ));
+                return Err(ConfigError::invalid("tenants.reference_schema", "must differ from tenants.shared_schema"));
             }
         }
         Ok(TenantsConfig {
@@ -565,7 +570,12 @@ impl RawScan {
 }
 
 impl RawHeal {
-    fn validate(self, path: &Path, env_url: Option<String>, scan_database: &DatabaseConfig) -> Result<HealConfig, ConfigError> {
+    fn validate(
+        self,
+        path: &Path,
+        env_url: Option<String>,
+        scan_database: &DatabaseConfig,
+    ) -> Result<HealConfig, ConfigError> {
         let database = if env_url.is_some() || self.database_url.is_some() || self.database_url_file.is_some() {
             database_config("heal.", self.database_url, self.database_url_file, path, env_url, HEAL_DATABASE_URL_ENV)?
         } else {
@@ -576,7 +586,10 @@ impl RawHeal {
         }
         for (column, chain) in &self.fallbacks {
             if chain.is_empty() {
-                return Err(ConfigError::invalid(format!("heal.fallbacks.{column}"), "must name at least one column or now()"));
+                return Err(ConfigError::invalid(
+                    format!("heal.fallbacks.{column}"),
+                    "must name at least one column or now()",
+                ));
             }
         }
         let heal = HealConfig {
@@ -619,7 +632,10 @@ impl RawServe {
         let retry_initial_backoff = parse_duration("serve.retry_initial_backoff", &self.retry_initial_backoff)?;
         let retry_max_backoff = parse_duration("serve.retry_max_backoff", &self.retry_max_backoff)?;
         if retry_max_backoff < retry_initial_backoff {
-            return Err(ConfigError::invalid("serve.retry_max_backoff", "must not be less than serve.retry_initial_backoff"));
+            return Err(ConfigError::invalid(
+                "serve.retry_max_backoff",
+                "must not be less than serve.retry_initial_backoff",
+            ));
         }
         Ok(ServeConfig {
             listen,
@@ -710,7 +726,8 @@ mod tests {
         let c = parse("database_url = 'postgres://db/app'").unwrap();
         assert_eq!(c.serve.listen.to_string(), "0.0.0.0:9841");
         assert_eq!(c.serve.ready_max_age, Duration::from_secs(600));
-        let weekdays = parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '0 0 */6 * * Mon-Fri'\n").unwrap();
+        let weekdays =
+            parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '0 0 */6 * * Mon-Fri'\n").unwrap();
         assert_eq!(weekdays.serve.ready_max_age, Duration::from_secs(2 * 54 * 3600), "twice the weekend gap");
         assert_eq!(c.metrics.max_tenant_series, 2000);
         let err = parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '*/5 * * *'\n").unwrap_err();
@@ -722,13 +739,23 @@ mod tests {
         let c = parse("database_url = 'postgres://replica/app'").unwrap();
         assert!(!c.heal.enabled && !c.heal.any_repair());
         assert_eq!(c.heal.fallbacks["updated_at"], ["modified_at", "created_at", "now()"]);
-        assert_eq!((c.heal.batch_size, c.heal.max_rows_per_run, c.heal.lock_timeout), (500, 10_000, Duration::from_secs(2)));
-        let c = parse("database_url = 'postgres://replica/app'\n[heal]\ndatabase_url = 'postgres://primary/app'\n").unwrap();
-        assert_eq!((c.database.target.as_str(), c.heal.database.target.as_str()), ("replica:5432/app", "primary:5432/app"));
+        assert_eq!(
+            (c.heal.batch_size, c.heal.max_rows_per_run, c.heal.lock_timeout),
+            (500, 10_000, Duration::from_secs(2))
+        );
+        let c = parse("database_url = 'postgres://replica/app'\n[heal]\ndatabase_url = 'postgres://primary/app'\n")
+            .unwrap();
+        assert_eq!(
+            (c.database.target.as_str(), c.heal.database.target.as_str()),
+            ("replica:5432/app", "primary:5432/app")
+        );
         let err = parse("database_url = 'postgres://db/app'\n[heal]\nenabled = true\n").unwrap_err();
         assert!(err.to_string().starts_with("config key heal.enabled: no repair is enabled"), "{err}");
         let err = parse("database_url = 'postgres://db/app'\n[heal]\nadd_missing_columns = true\n").unwrap_err();
-        assert!(err.to_string().starts_with("config key heal.add_missing_columns: needs tenants.reference_schema"), "{err}");
+        assert!(
+            err.to_string().starts_with("config key heal.add_missing_columns: needs tenants.reference_schema"),
+            "{err}"
+        );
     }
 
     #[test]

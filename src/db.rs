@@ -111,8 +111,13 @@ pub fn scan_pool(db: &DatabaseConfig, scan: &ScanConfig) -> Pool {
 /// A pool of writer sessions for heal: its own connection settings and timeouts, two sessions
 /// (one holds the heal lock, one works).
 pub fn heal_pool(heal: &HealConfig, connect_timeout: Duration) -> Pool {
-    let pg = driver_config(&heal.database, connect_timeout, &session_options(heal.statement_timeout, heal.lock_timeout, false));
-    let manager = Manager::from_config(pg, tls(&heal.database), ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let pg = driver_config(
+        &heal.database,
+        connect_timeout,
+        &session_options(heal.statement_timeout, heal.lock_timeout, false),
+    );
+    let manager =
+        Manager::from_config(pg, tls(&heal.database), ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager).max_size(2).build().expect("a pool without a runtime-specific timeout always builds")
 }
 
@@ -134,7 +139,10 @@ fn session_options(statement_timeout: Duration, lock_timeout: Duration, read_onl
 /// Checks that the database answers.
 pub async fn ping(pool: &Pool, target: &str) -> Result<(), DbError> {
     let client = session(pool, target).await?;
-    client.simple_query("SELECT 1").await.map_err(|e| DbError::Connect { target: target.to_string(), reason: describe(&e) })?;
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map_err(|e| DbError::Connect { target: target.to_string(), reason: describe(&e) })?;
     Ok(())
 }
 
@@ -158,7 +166,9 @@ impl<'a> Snapshot<'a> {
             Ok(messages) => Ok(messages
                 .into_iter()
                 .filter_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(row) => Some((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect()),
+                    tokio_postgres::SimpleQueryMessage::Row(row) => {
+                        Some((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect())
+                    }
                     _ => None,
                 })
                 .collect()),

@@ -90,7 +90,13 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
 fn incomplete_scan_error(report: &tenant_audit::report::Report) -> Option<anyhow::Error> {
     let failures: Vec<_> = report.failures().collect();
     let first = failures.first()?;
-    Some(anyhow::anyhow!("scan incomplete: {} errors; first [{}] {}: {}", failures.len(), first.kind.name(), first.place(), first.message))
+    Some(anyhow::anyhow!(
+        "scan incomplete: {} errors; first [{}] {}: {}",
+        failures.len(),
+        first.kind.name(),
+        first.place(),
+        first.message
+    ))
 }
 
 /// A token cancelled by the first SIGTERM or SIGINT.

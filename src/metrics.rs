@@ -97,43 +97,146 @@ impl Metrics {
         let r = Registry::new();
         let per_schema = ["schema", "table", "column"];
         let m = Metrics {
-            orphan_rows: gauge_vec(&r, "tenant_audit_orphan_rows", "Child rows whose parent is missing from the tenant's expected parent table.",
-                &[&per_schema[..], &["parent_table", "parent_location"]].concat()),
-            null_timestamps: gauge_vec(&r, "tenant_audit_null_timestamps", "NULL values in a required timestamp column.", &per_schema),
-            cross_schema_fks: gauge_vec(&r, "tenant_audit_cross_schema_fks", "Foreign keys of a tenant that check another schema's table.",
-                &[&per_schema[..], &["target_schema", "target_table", "reason"]].concat()),
-            schema_drift: gauge_vec(&r, "tenant_audit_schema_drift", "Differences between a tenant table and the reference shape.",
-                &[&per_schema[..], &["difference"]].concat()),
-            registry_findings: gauge_vec(&r, "tenant_audit_registry_findings", "Registry rows without a schema and schemas without a registry row.", &["schema", "check"]),
-            table_orphan_rows: gauge_vec(&r, "tenant_audit_table_orphan_rows", "Orphan rows summed over all tenants.",
-                &["table", "column", "parent_table", "parent_location"]),
-            affected_rows: gauge_vec(&r, "tenant_audit_affected_rows", "Rows (or structural problems) found, summed over all tenants.", &["check", "table"]),
-            affected_tenants: gauge_vec(&r, "tenant_audit_affected_tenants", "Tenants with at least one finding.", &["check", "table"]),
+            orphan_rows: gauge_vec(
+                &r,
+                "tenant_audit_orphan_rows",
+                "Child rows whose parent is missing from the tenant's expected parent table.",
+                &[&per_schema[..], &["parent_table", "parent_location"]].concat(),
+            ),
+            null_timestamps: gauge_vec(
+                &r,
+                "tenant_audit_null_timestamps",
+                "NULL values in a required timestamp column.",
+                &per_schema,
+            ),
+            cross_schema_fks: gauge_vec(
+                &r,
+                "tenant_audit_cross_schema_fks",
+                "Foreign keys of a tenant that check another schema's table.",
+                &[&per_schema[..], &["target_schema", "target_table", "reason"]].concat(),
+            ),
+            schema_drift: gauge_vec(
+                &r,
+                "tenant_audit_schema_drift",
+                "Differences between a tenant table and the reference shape.",
+                &[&per_schema[..], &["difference"]].concat(),
+            ),
+            registry_findings: gauge_vec(
+                &r,
+                "tenant_audit_registry_findings",
+                "Registry rows without a schema and schemas without a registry row.",
+                &["schema", "check"],
+            ),
+            table_orphan_rows: gauge_vec(
+                &r,
+                "tenant_audit_table_orphan_rows",
+                "Orphan rows summed over all tenants.",
+                &["table", "column", "parent_table", "parent_location"],
+            ),
+            affected_rows: gauge_vec(
+                &r,
+                "tenant_audit_affected_rows",
+                "Rows (or structural problems) found, summed over all tenants.",
+                &["check", "table"],
+            ),
+            affected_tenants: gauge_vec(
+                &r,
+                "tenant_audit_affected_tenants",
+                "Tenants with at least one finding.",
+                &["check", "table"],
+            ),
             findings: gauge_vec(&r, "tenant_audit_findings", "Findings of the last successful scan.", &["check"]),
-            series_dropped: int_gauge(&r, "tenant_audit_series_dropped", "Per-schema series not exported because of metrics.max_tenant_series."),
-            tenants_discovered: int_gauge(&r, "tenant_audit_tenants_discovered", "Tenant schemas found by the last successful scan."),
-            tenants_scanned: int_gauge(&r, "tenant_audit_tenants_scanned", "Tenants the last successful scan checked without error."),
-            tenants_failed: int_gauge(&r, "tenant_audit_tenants_failed", "Tenants with an error in the last successful scan."),
-            last_scan_duration: gauge(&r, "tenant_audit_last_scan_duration_seconds", "Duration of the last scan, successful or not."),
-            last_success_timestamp: gauge(&r, "tenant_audit_last_success_timestamp_seconds", "Unix time at which the last successful scan finished."),
-            last_scan_success: int_gauge(&r, "tenant_audit_last_scan_success", "1 if the last scan completed, 0 if it failed."),
+            series_dropped: int_gauge(
+                &r,
+                "tenant_audit_series_dropped",
+                "Per-schema series not exported because of metrics.max_tenant_series.",
+            ),
+            tenants_discovered: int_gauge(
+                &r,
+                "tenant_audit_tenants_discovered",
+                "Tenant schemas found by the last successful scan.",
+            ),
+            tenants_scanned: int_gauge(
+                &r,
+                "tenant_audit_tenants_scanned",
+                "Tenants the last successful scan checked without error.",
+            ),
+            tenants_failed: int_gauge(
+                &r,
+                "tenant_audit_tenants_failed",
+                "Tenants with an error in the last successful scan.",
+            ),
+            last_scan_duration: gauge(
+                &r,
+                "tenant_audit_last_scan_duration_seconds",
+                "Duration of the last scan, successful or not.",
+            ),
+            last_success_timestamp: gauge(
+                &r,
+                "tenant_audit_last_success_timestamp_seconds",
+                "Unix time at which the last successful scan finished.",
+            ),
+            last_scan_success: int_gauge(
+                &r,
+                "tenant_audit_last_scan_success",
+                "1 if the last scan completed, 0 if it failed.",
+            ),
             scan_errors: counter_vec(&r, "tenant_audit_scan_errors_total", "Errors met by scans, by kind.", &["kind"]),
             scans: counter_vec(&r, "tenant_audit_scans_total", "Scans run, by result.", &["result"]),
-            skipped_ticks: counter(&r, "tenant_audit_skipped_ticks_total", "Scheduled scans skipped because a scan was running."),
-            database_up: int_gauge(&r, "tenant_audit_database_up", "1 if the database answered the last attempt, else 0."),
-            healed_rows: counter_vec(&r, "tenant_audit_healed_rows_total", "Rows (or columns) changed by heal, by repair.", &["repair"]),
-            heal_errors: counter_vec(&r, "tenant_audit_heal_errors_total", "Repairs of a tenant that failed, by repair.", &["repair"]),
-            heal_skipped_tenants: counter_vec(&r, "tenant_audit_heal_skipped_tenants_total", "Tenants heal left for a later run, by reason.", &["reason"]),
-            heal_runs: counter_vec(&r, "tenant_audit_heal_runs_total", "Heal runs, by result (locked_out: another healer held the lock).", &["result"]),
-            last_heal_timestamp: gauge(&r, "tenant_audit_last_heal_timestamp_seconds", "Unix time the last heal run finished."),
+            skipped_ticks: counter(
+                &r,
+                "tenant_audit_skipped_ticks_total",
+                "Scheduled scans skipped because a scan was running.",
+            ),
+            database_up: int_gauge(
+                &r,
+                "tenant_audit_database_up",
+                "1 if the database answered the last attempt, else 0.",
+            ),
+            healed_rows: counter_vec(
+                &r,
+                "tenant_audit_healed_rows_total",
+                "Rows (or columns) changed by heal, by repair.",
+                &["repair"],
+            ),
+            heal_errors: counter_vec(
+                &r,
+                "tenant_audit_heal_errors_total",
+                "Repairs of a tenant that failed, by repair.",
+                &["repair"],
+            ),
+            heal_skipped_tenants: counter_vec(
+                &r,
+                "tenant_audit_heal_skipped_tenants_total",
+                "Tenants heal left for a later run, by reason.",
+                &["reason"],
+            ),
+            heal_runs: counter_vec(
+                &r,
+                "tenant_audit_heal_runs_total",
+                "Heal runs, by result (locked_out: another healer held the lock).",
+                &["result"],
+            ),
+            last_heal_timestamp: gauge(
+                &r,
+                "tenant_audit_last_heal_timestamp_seconds",
+                "Unix time the last heal run finished.",
+            ),
             consistency: Mutex::new(()),
             registry: r,
         };
-        let build = gauge_vec(&m.registry, "tenant_audit_build_info", "Always 1; labels carry the build.", &["version"]);
+        let build =
+            gauge_vec(&m.registry, "tenant_audit_build_info", "Always 1; labels carry the build.", &["version"]);
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         // Counters exist from the start, so that rate() and alert rules see them before the
         // first error.
-        for kind in [ErrorKind::TenantDropped, ErrorKind::Permission, ErrorKind::Timeout, ErrorKind::Connection, ErrorKind::Query] {
+        for kind in [
+            ErrorKind::TenantDropped,
+            ErrorKind::Permission,
+            ErrorKind::Timeout,
+            ErrorKind::Connection,
+            ErrorKind::Query,
+        ] {
             m.scan_errors.with_label_values(&[kind.name()]);
         }
         for kind in SCAN_FAILURE_KINDS {
@@ -244,18 +347,13 @@ impl Metrics {
         let table = f.table.as_deref().unwrap_or("");
         let column = f.columns.join(",");
         match &f.detail {
-            Detail::OrphanRows { parent_table, parent_location, .. } => self
-                .orphan_rows
-                .with_label_values(&[&f.schema, table, &column, parent_table, parent_location.name()]),
+            Detail::OrphanRows { parent_table, parent_location, .. } => {
+                self.orphan_rows.with_label_values(&[&f.schema, table, &column, parent_table, parent_location.name()])
+            }
             Detail::NullTimestamps { .. } => self.null_timestamps.with_label_values(&[&f.schema, table, &column]),
-            Detail::CrossSchemaFk { target_schema, target_table, reason, .. } => self.cross_schema_fks.with_label_values(&[
-                &f.schema,
-                table,
-                &column,
-                target_schema,
-                target_table,
-                reason.name(),
-            ]),
+            Detail::CrossSchemaFk { target_schema, target_table, reason, .. } => self
+                .cross_schema_fks
+                .with_label_values(&[&f.schema, table, &column, target_schema, target_table, reason.name()]),
             Detail::SchemaDrift { difference, .. } => {
                 self.schema_drift.with_label_values(&[&f.schema, table, &column, difference.name()])
             }
@@ -267,7 +365,8 @@ impl Metrics {
         for (check, summary) in &report.summary {
             self.findings.with_label_values(&[check.name()]).set(summary.findings as i64);
         }
-        let mut tenants: std::collections::BTreeMap<(Check, &str), std::collections::BTreeSet<&str>> = Default::default();
+        let mut tenants: std::collections::BTreeMap<(Check, &str), std::collections::BTreeSet<&str>> =
+            Default::default();
         for f in &report.findings {
             let table = f.table.as_deref().unwrap_or("");
             self.affected_rows.with_label_values(&[f.check.name(), table]).add(f.count as i64);

@@ -155,7 +155,8 @@ pub async fn run(
         return Err(ScanFailure::ConnectionLost { tenants: lost.len(), message: first.message.clone() });
     }
 
-    findings.sort_by(|a, b| (a.check, &a.schema, &a.table, &a.columns).cmp(&(b.check, &b.schema, &b.table, &b.columns)));
+    findings
+        .sort_by(|a, b| (a.check, &a.schema, &a.table, &a.columns).cmp(&(b.check, &b.schema, &b.table, &b.columns)));
     errors.sort_by(|a, b| (&a.schema, &a.table, a.kind).cmp(&(&b.schema, &b.table, b.kind)));
     let failed: BTreeSet<&String> =
         errors.iter().filter_map(|e| e.schema.as_ref()).filter(|s| discovery.tenants.contains(*s)).collect();
@@ -193,15 +194,27 @@ async fn read_snapshot(config: &Config, pool: &Pool) -> Result<(Discovery, Catal
     // away: a connection failure, not a discovery or catalog one.
     match result {
         Err(e) if client.is_closed() || e.db_error().is_some_and(DbError::is_connection) => {
-            Err(ScanFailure::Connect(DbError::Connect { target: config.database.target.clone(), reason: e.to_string() }))
+            Err(ScanFailure::Connect(DbError::Connect {
+                target: config.database.target.clone(),
+                reason: e.to_string(),
+            }))
         }
         other => other,
     }
 }
 
-async fn snapshot(client: &mut tokio_postgres::Client, config: &Config) -> Result<(Discovery, Catalog, BTreeSet<String>), ScanFailure> {
+async fn snapshot(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<(Discovery, Catalog, BTreeSet<String>), ScanFailure> {
     let catalog_error = |e: tokio_postgres::Error| ScanFailure::Catalog(e.into());
-    let tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await.map_err(catalog_error)?;
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(catalog_error)?;
     let discovery = tenants::discover(&tx, &config.tenants).await?;
     let mut schemas = discovery.tenants.clone();
     schemas.push(config.tenants.shared_schema.clone());
@@ -239,7 +252,8 @@ fn unreadable_tables(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str
                 kind: ErrorKind::Permission,
                 schema: Some(schema.to_string()),
                 table: Some(table.clone()),
-                message: "permission denied: the scanning role needs USAGE on the schema and SELECT on the table".into(),
+                message: "permission denied: the scanning role needs USAGE on the schema and SELECT on the table"
+                    .into(),
             });
         }
     }
@@ -274,7 +288,13 @@ async fn scan_tenant(
     };
     let client: &mut tokio_postgres::Client = &mut session;
     let server_cancel = client.cancel_token();
-    let tx = match client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await {
+    let tx = match client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+    {
         Ok(tx) => tx,
         Err(e) => return (findings, vec![error(classify(&e.into()), None, "cannot start transaction".into())]),
     };
@@ -292,7 +312,9 @@ async fn scan_tenant(
         };
         match result {
             Ok(found) => findings.extend(found),
-            Err(e) if matches!(e.code(), Some("42P01" | "3F000")) && !schema_exists(&tx, tenant).await.unwrap_or(true) => {
+            Err(e)
+                if matches!(e.code(), Some("42P01" | "3F000")) && !schema_exists(&tx, tenant).await.unwrap_or(true) =>
+            {
                 // The whole schema is gone: report that once, and nothing of a half-read tenant.
                 findings.clear();
                 errors.retain(|e| e.kind != ErrorKind::Query);
@@ -313,7 +335,12 @@ async fn scan_tenant(
 }
 
 /// Runs one probe in the tenant's snapshot (each statement under its own savepoint).
-async fn run_probe(snapshot: &db::Snapshot<'_>, tenant: &str, probe: &Probe<'_>, samples: usize) -> Result<Vec<Finding>, DbError> {
+async fn run_probe(
+    snapshot: &db::Snapshot<'_>,
+    tenant: &str,
+    probe: &Probe<'_>,
+    samples: usize,
+) -> Result<Vec<Finding>, DbError> {
     match probe {
         Probe::Orphans(p) => orphan_rows::run(snapshot, tenant, p, samples).await,
         Probe::Nulls(p) => null_timestamps::run(snapshot, tenant, p, samples).await,
@@ -346,7 +373,8 @@ impl Probe<'_> {
 /// Whether `schema` exists now. `to_regnamespace` reads the system cache, which sees committed
 /// drops, where a query of `pg_namespace` would see the transaction's older snapshot.
 async fn schema_exists(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> Result<bool, DbError> {
-    let row = tx.query_one("SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL", &[&schema]).await?;
+    let row =
+        tx.query_one("SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL", &[&schema]).await?;
     Ok(row.get(0))
 }
 

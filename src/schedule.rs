@@ -17,10 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::{db, heal};
 use crate::metrics::Metrics;
 use crate::report::Report;
 use crate::scan;
+use crate::{db, heal};
 
 /// State shared by the schedule loop, the scans it starts and the HTTP handlers.
 pub struct Scheduler {
@@ -166,7 +166,9 @@ impl Scheduler {
                 self.metrics.record_report(&scanned.report, self.config.metrics.max_tenant_series);
                 if let Some(pool) = &self.heal_pool {
                     let plan = heal::Plan::build(&scanned, &self.config);
-                    if let Err(e) = heal::execute(&self.config.heal, pool, &plan, Some(&self.metrics), &self.shutdown).await {
+                    if let Err(e) =
+                        heal::execute(&self.config.heal, pool, &plan, Some(&self.metrics), &self.shutdown).await
+                    {
                         tracing::error!(error = %e, "heal did not run");
                     }
                 }

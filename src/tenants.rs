@@ -163,7 +163,16 @@ mod tests {
 
     #[test]
     fn registry_and_patterns_combine() {
-        let schemas = set(&["public", "tenant_a", "tenant_b", "tenant_old", "tenant_template", "pg_toast", "reports", "tenant_audit"]);
+        let schemas = set(&[
+            "public",
+            "tenant_a",
+            "tenant_b",
+            "tenant_old",
+            "tenant_template",
+            "pg_toast",
+            "reports",
+            "tenant_audit",
+        ]);
         let registered = set(&["public", "tenant_a", "tenant_gone", "pg_catalog"]);
         let d = classify(&schemas, Some(&registered), &cfg(true, &["^tenant_"], &["_old$"]));
         assert_eq!(d.tenants, ["tenant_a", "tenant_b"]);

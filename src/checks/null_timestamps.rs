@@ -70,7 +70,12 @@ impl Probe {
 }
 
 /// Runs one probe in the tenant's snapshot.
-pub async fn run(snapshot: &Snapshot<'_>, tenant: &str, probe: &Probe, samples: usize) -> Result<Vec<Finding>, DbError> {
+pub async fn run(
+    snapshot: &Snapshot<'_>,
+    tenant: &str,
+    probe: &Probe,
+    samples: usize,
+) -> Result<Vec<Finding>, DbError> {
     let counts = db::counts(&snapshot.rows(&probe.count_sql(tenant)).await?)?;
     let mut out = Vec::new();
     for (i, (column, data_type)) in probe.columns.iter().enumerate() {

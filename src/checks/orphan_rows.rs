@@ -109,7 +109,9 @@ fn candidates(ctx: &Context<'_>, schema: &Schema) -> Vec<Candidate> {
 }
 
 fn resolve(ctx: &Context<'_>, tenant: &str, schema: &Schema, shared: &Schema, c: Candidate) -> Option<Probe> {
-    let usable = |s: &Schema, table: &str, cols: &[String]| s.tables.get(table).is_some_and(|t| t.readable && t.has_columns(cols));
+    let usable = |s: &Schema, table: &str, cols: &[String]| {
+        s.tables.get(table).is_some_and(|t| t.readable && t.has_columns(cols))
+    };
     if !usable(schema, &c.table, &c.columns) {
         return None;
     }
@@ -194,7 +196,12 @@ impl Probe {
 }
 
 /// Runs one probe in the tenant's snapshot.
-pub async fn run(snapshot: &Snapshot<'_>, tenant: &str, probe: &Probe, samples: usize) -> Result<Vec<Finding>, DbError> {
+pub async fn run(
+    snapshot: &Snapshot<'_>,
+    tenant: &str,
+    probe: &Probe,
+    samples: usize,
+) -> Result<Vec<Finding>, DbError> {
     let counts = db::counts(&snapshot.rows(&probe.count_sql(tenant)).await?)?;
     let count_at = |i: usize| counts.get(i).copied().unwrap_or(0);
     let counts = [(ParentLocation::Shared, count_at(0)), (ParentLocation::Missing, count_at(1))];

@@ -35,7 +35,12 @@ impl FkShape {
         } else {
             Target::Schema(fk.target_schema.clone())
         };
-        FkShape { target, table: fk.target_table.clone(), columns: fk.target_columns.clone(), deferrable: fk.deferrable }
+        FkShape {
+            target,
+            table: fk.target_table.clone(),
+            columns: fk.target_columns.clone(),
+            deferrable: fk.deferrable,
+        }
     }
 
     /// `table(cols)`, prefixed by the schema when it is not the declaring one, followed by
@@ -62,7 +67,11 @@ pub struct ColumnShape {
 
 impl ColumnShape {
     fn of(c: &Column) -> ColumnShape {
-        ColumnShape { data_type: Some(c.data_type.clone()), not_null: Some(c.not_null), default: Some(c.default.clone()) }
+        ColumnShape {
+            data_type: Some(c.data_type.clone()),
+            not_null: Some(c.not_null),
+            default: Some(c.default.clone()),
+        }
     }
 
     /// The column as the reference has it, when its type is known.
@@ -118,7 +127,8 @@ fn from_schema(schema: Schema, name: &str, shared: &str) -> Shape {
         .into_iter()
         .map(|(table_name, t)| {
             let columns = t.columns.iter().map(|c| (c.name.clone(), ColumnShape::of(c))).collect();
-            let foreign_keys = t.foreign_keys.iter().map(|fk| (fk.columns.clone(), FkShape::of(fk, name, shared))).collect();
+            let foreign_keys =
+                t.foreign_keys.iter().map(|fk| (fk.columns.clone(), FkShape::of(fk, name, shared))).collect();
             (table_name, TableShape { columns, foreign_keys })
         })
         .collect();
@@ -181,12 +191,15 @@ fn majority_table(having: &[(&str, &crate::catalog::Table)], shared: &str) -> Ta
         };
         columns.insert(name.clone(), shape);
     }
-    let fk_columns: BTreeSet<&Vec<String>> = having.iter().flat_map(|(_, t)| t.foreign_keys.iter().map(|f| &f.columns)).collect();
+    let fk_columns: BTreeSet<&Vec<String>> =
+        having.iter().flat_map(|(_, t)| t.foreign_keys.iter().map(|f| &f.columns)).collect();
     let mut foreign_keys = BTreeMap::new();
     for cols in fk_columns {
         let targets: Vec<FkShape> = having
             .iter()
-            .filter_map(|(schema, t)| t.foreign_keys.iter().find(|f| &f.columns == cols).map(|f| FkShape::of(f, schema, shared)))
+            .filter_map(|(schema, t)| {
+                t.foreign_keys.iter().find(|f| &f.columns == cols).map(|f| FkShape::of(f, schema, shared))
+            })
             .collect();
         if targets.len() * 2 <= m {
             continue;
@@ -240,7 +253,8 @@ mod tests {
         if with_updated {
             columns.push(col("updated_at", "timestamp with time zone", true));
         }
-        let foreign_keys = fk_target_schema.map(|s| vec![fk(name, &["business_id"], s, "business_business")]).unwrap_or_default();
+        let foreign_keys =
+            fk_target_schema.map(|s| vec![fk(name, &["business_id"], s, "business_business")]).unwrap_or_default();
         let table = Table { columns, primary_key: vec!["id".into()], foreign_keys, readable: true };
         Schema { tables: [("users_userprofile".to_string(), table)].into() }
     }
@@ -277,9 +291,20 @@ mod tests {
     fn attributes_are_voted_one_by_one() {
         // Five tenants: three text columns with three different defaults, two varchar(20).
         let mut catalog = Catalog::default();
-        let kinds = [("text", Some("'a'")), ("text", Some("'b'")), ("text", None), ("varchar(20)", None), ("varchar(20)", Some("'a'"))];
+        let kinds = [
+            ("text", Some("'a'")),
+            ("text", Some("'b'")),
+            ("text", None),
+            ("varchar(20)", None),
+            ("varchar(20)", Some("'a'")),
+        ];
         for (i, (ty, default)) in kinds.iter().enumerate() {
-            let column = Column { name: "note".into(), data_type: ty.to_string(), not_null: i == 0, default: default.map(str::to_string) };
+            let column = Column {
+                name: "note".into(),
+                data_type: ty.to_string(),
+                not_null: i == 0,
+                default: default.map(str::to_string),
+            };
             let table = Table { columns: vec![column], primary_key: vec![], foreign_keys: vec![], readable: true };
             catalog.schemas.insert(format!("t{i}"), Schema { tables: [("notes".to_string(), table)].into() });
         }

@@ -50,9 +50,12 @@ fn table_differences(expected: &TableShape, actual: &Table, tenant: &str, shared
         let act = actual.foreign_keys.iter().find(|fk| &fk.columns == cols).map(|fk| FkShape::of(fk, tenant, shared));
         match act {
             None => out.push((DriftKind::MissingForeignKey, cols.clone(), Some(exp.describe(shared)), None)),
-            Some(act) if act != *exp => {
-                out.push((DriftKind::ForeignKeyTarget, cols.clone(), Some(exp.describe(shared)), Some(act.describe(shared))))
-            }
+            Some(act) if act != *exp => out.push((
+                DriftKind::ForeignKeyTarget,
+                cols.clone(),
+                Some(exp.describe(shared)),
+                Some(act.describe(shared)),
+            )),
             Some(_) => {}
         }
     }
@@ -67,7 +70,12 @@ fn column_differences(exp: &ColumnShape, act: &Column) -> Vec<Difference> {
         out.push((DriftKind::TypeMismatch, col(), Some(data_type.clone()), Some(act.data_type.clone())));
     }
     if let Some(not_null) = exp.not_null.filter(|n| *n != act.not_null) {
-        out.push((DriftKind::NullabilityMismatch, col(), Some(nullability(not_null).into()), Some(nullability(act.not_null).into())));
+        out.push((
+            DriftKind::NullabilityMismatch,
+            col(),
+            Some(nullability(not_null).into()),
+            Some(nullability(act.not_null).into()),
+        ));
     }
     if let Some(default) = exp.default.as_ref().filter(|d| **d != act.default) {
         out.push((DriftKind::DefaultMismatch, col(), default.clone(), act.default.clone()));

@@ -62,6 +62,7 @@ pub fn record_once(schema: &str, table: &str, repair: &str, key: &str) -> String
 
 /// `jsonb_build_object('a', alias."a", ...)`: a row key as JSON.
 pub fn key_json(alias: &str, columns: &[String]) -> String {
-    let pairs: Vec<String> = columns.iter().map(|c| format!("{}, {alias}.{}", sql::literal(c), sql::ident(c))).collect();
+    let pairs: Vec<String> =
+        columns.iter().map(|c| format!("{}, {alias}.{}", sql::literal(c), sql::ident(c))).collect();
     format!("jsonb_build_object({})", pairs.join(", "))
 }

@@ -16,7 +16,9 @@ pub fn fallback(chain: &[String], table: Option<&Table>, data_type: &str, extra:
         .iter()
         .filter_map(|entry| match entry.as_str() {
             "now()" => Some(format!("now()::{data_type}")),
-            name if table.is_some_and(|t| t.column(name).is_some()) => Some(format!("c.{}::{data_type}", sql::ident(name))),
+            name if table.is_some_and(|t| t.column(name).is_some()) => {
+                Some(format!("c.{}::{data_type}", sql::ident(name)))
+            }
             _ => None,
         })
         .collect();

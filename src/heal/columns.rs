@@ -24,27 +24,58 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
         format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}", column.data_type),
     )];
     if let Some(default) = default {
-        steps.push(Step::once(table, &column.name, "set_default", format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET DEFAULT {default}")));
+        steps.push(Step::once(
+            table,
+            &column.name,
+            "set_default",
+            format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET DEFAULT {default}"),
+        ));
     }
     if column.not_null {
         steps.extend(not_null(tenant, table, own, column, chain));
     } else if let Some(fallback) = backfill::fallback(chain, Some(own), &column.data_type, default) {
-        steps.push(Step::Batched(backfill::statement(tenant, table, &own.primary_key, &column.name, &fallback, "add_missing_columns")));
+        steps.push(Step::Batched(backfill::statement(
+            tenant,
+            table,
+            &own.primary_key,
+            &column.name,
+            &fallback,
+            "add_missing_columns",
+        )));
     }
     steps
 }
 
 /// Backfills `column` and makes it NOT NULL; nothing when its NULLs cannot be filled.
 pub fn not_null(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[String]) -> Vec<Step> {
-    let Some(fallback) = backfill::fallback(chain, Some(own), &column.data_type, usable_default(column)) else { return Vec::new() };
+    let Some(fallback) = backfill::fallback(chain, Some(own), &column.data_type, usable_default(column)) else {
+        return Vec::new();
+    };
     let tbl = sql::qualified(tenant, table);
     let col = sql::ident(&column.name);
     let check = sql::ident(&format!("tenant_audit_{}_not_null", column.name));
     vec![
-        Step::Batched(backfill::statement(tenant, table, &own.primary_key, &column.name, &fallback, "add_missing_columns")),
+        Step::Batched(backfill::statement(
+            tenant,
+            table,
+            &own.primary_key,
+            &column.name,
+            &fallback,
+            "add_missing_columns",
+        )),
         // A check left by an interrupted run is replaced.
-        Step::once(table, &column.name, "drop_stale_check", format!("ALTER TABLE {tbl} DROP CONSTRAINT IF EXISTS {check}")),
-        Step::once(table, &column.name, "add_check", format!("ALTER TABLE {tbl} ADD CONSTRAINT {check} CHECK ({col} IS NOT NULL) NOT VALID")),
+        Step::once(
+            table,
+            &column.name,
+            "drop_stale_check",
+            format!("ALTER TABLE {tbl} DROP CONSTRAINT IF EXISTS {check}"),
+        ),
+        Step::once(
+            table,
+            &column.name,
+            "add_check",
+            format!("ALTER TABLE {tbl} ADD CONSTRAINT {check} CHECK ({col} IS NOT NULL) NOT VALID"),
+        ),
         Step::once(table, &column.name, "validate_check", format!("ALTER TABLE {tbl} VALIDATE CONSTRAINT {check}")),
         Step::once(table, &column.name, "set_not_null", format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET NOT NULL")),
         Step::once(table, &column.name, "drop_check", format!("ALTER TABLE {tbl} DROP CONSTRAINT {check}")),

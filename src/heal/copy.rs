@@ -37,7 +37,10 @@ pub fn steps(catalog: &Catalog, shared: &str, tenant: &str, probe: &Probe) -> Op
     let mut steps = vec![Step::Batched(sql)];
     for level in levels {
         let [key] = level.key.as_slice() else { continue };
-        let integer = catalog.table(tenant, &level.table)?.column(key).is_some_and(|c| matches!(c.data_type.as_str(), "integer" | "bigint" | "smallint"));
+        let integer = catalog
+            .table(tenant, &level.table)?
+            .column(key)
+            .is_some_and(|c| matches!(c.data_type.as_str(), "integer" | "bigint" | "smallint"));
         if integer {
             steps.push(Step::once(&level.table, key, "advance_sequence", advance_sequence(tenant, &level.table, key)));
         }
@@ -71,7 +74,8 @@ fn statement(catalog: &Catalog, shared: &str, tenant: &str, probe: &Probe) -> Op
         sql::qualified(shared_parent, &probe.parent_table),
         sql::columns("s", &probe.parent_columns)
     ));
-    let mut levels = vec![Level { table: probe.parent_table.clone(), cte: "rows_0".into(), key: probe.parent_columns.clone() }];
+    let mut levels =
+        vec![Level { table: probe.parent_table.clone(), cte: "rows_0".into(), key: probe.parent_columns.clone() }];
     ancestors(catalog, shared, tenant, &mut levels, &mut ctes);
 
     // Inserts are written ancestors first, in foreign-key dependency order; PostgreSQL checks
@@ -91,7 +95,10 @@ fn statement(catalog: &Catalog, shared: &str, tenant: &str, probe: &Probe) -> Op
             sql::ident_list(&level.key),
         ));
         let key = audit::key_json("i", &level.key);
-        log_rows.push(format!("{} FROM ins_{i} i", audit::row(tenant, &level.table, "copy_missing_parents", &key, "NULL::jsonb", "to_jsonb(i)")));
+        log_rows.push(format!(
+            "{} FROM ins_{i} i",
+            audit::row(tenant, &level.table, "copy_missing_parents", &key, "NULL::jsonb", "to_jsonb(i)")
+        ));
     }
     ctes.push(audit::log_and_return(&log_rows.join("\n  UNION ALL\n  ")));
     Some((format!("WITH {}", ctes.join(",\n")), levels))
@@ -106,7 +113,9 @@ fn ancestors(catalog: &Catalog, shared: &str, tenant: &str, levels: &mut Vec<Lev
     while next < levels.len() && levels.len() < MAX_DEPTH {
         let (table, below) = (levels[next].table.clone(), levels[next].cte.clone());
         next += 1;
-        let (Some(own), Some(shared_table)) = (catalog.table(tenant, &table), catalog.table(shared, &table)) else { continue };
+        let (Some(own), Some(shared_table)) = (catalog.table(tenant, &table), catalog.table(shared, &table)) else {
+            continue;
+        };
         for fk in own.foreign_keys.iter().filter(|fk| fk.target_schema == tenant) {
             let target_shared = catalog.table(shared, &fk.target_table);
             let usable = shared_table.has_columns(&fk.columns)

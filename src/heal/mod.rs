@@ -149,13 +149,22 @@ pub async fn execute(
     result
 }
 
-async fn execute_locked(heal: &HealConfig, pool: &Pool, plan: &Plan, cancel: &CancellationToken) -> Result<Outcome, HealError> {
+async fn execute_locked(
+    heal: &HealConfig,
+    pool: &Pool,
+    plan: &Plan,
+    cancel: &CancellationToken,
+) -> Result<Outcome, HealError> {
     let target = &heal.database.target;
     let guard = db::session(pool, target).await.map_err(HealError::Connect)?;
     if guard.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(DbError::from)?.get::<_, bool>(0) {
         return Err(HealError::Replica);
     }
-    let locked: bool = guard.query_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[&LOCK_KEY]).await.map_err(DbError::from)?.get(0);
+    let locked: bool = guard
+        .query_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[&LOCK_KEY])
+        .await
+        .map_err(DbError::from)?
+        .get(0);
     if !locked {
         return Err(HealError::LockedOut);
     }
@@ -196,7 +205,13 @@ struct Writer<'a> {
     timeouts: String,
 }
 
-async fn run(heal: &HealConfig, pool: &Pool, guard: &Client, plan: &Plan, cancel: &CancellationToken) -> Result<Outcome, HealError> {
+async fn run(
+    heal: &HealConfig,
+    pool: &Pool,
+    guard: &Client,
+    plan: &Plan,
+    cancel: &CancellationToken,
+) -> Result<Outcome, HealError> {
     ensure_audit_table(guard).await?;
     check_privileges(guard, plan).await?;
     let mut session = db::session(pool, &heal.database.target).await.map_err(HealError::Connect)?;
@@ -238,11 +253,19 @@ async fn run(heal: &HealConfig, pool: &Pool, guard: &Client, plan: &Plan, cancel
 
 /// Runs one tenant's actions; a lock timeout skips the rest of the tenant, another failure skips
 /// the rest of that action.
-async fn heal_tenant(writer: &mut Writer<'_>, heal: &HealConfig, tenant: &TenantPlan, budget: &mut u64, outcome: &mut Outcome) {
+async fn heal_tenant(
+    writer: &mut Writer<'_>,
+    heal: &HealConfig,
+    tenant: &TenantPlan,
+    budget: &mut u64,
+    outcome: &mut Outcome,
+) {
     for action in &tenant.actions {
         for step in &action.steps {
             let result = match step {
-                Step::Batched(sql) => run_batches(writer, heal.batch_size, sql, tenant, action.repair, budget, outcome).await,
+                Step::Batched(sql) => {
+                    run_batches(writer, heal.batch_size, sql, tenant, action.repair, budget, outcome).await
+                }
                 Step::Once(once) => run_once(writer, once, tenant, action, outcome).await,
             };
             match result {
@@ -275,7 +298,11 @@ impl Writer<'_> {
     /// statement is cancelled on the server and the transaction rolls back.
     async fn transaction<T>(
         &mut self,
-        work: impl for<'t> FnOnce(&'t tokio_postgres::Transaction<'t>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 't>>,
+        work: impl for<'t> FnOnce(
+            &'t tokio_postgres::Transaction<'t>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 't>,
+        >,
     ) -> Result<T, Stop> {
         if self.cancel.is_cancelled() {
             return Err(Stop::Cancelled);
@@ -318,9 +345,8 @@ async fn run_batches(
         }
         let run_id = outcome.run_id.clone();
         let sql = sql.to_string();
-        let rows = writer
-            .transaction(move |tx| Box::pin(async move { tx.query(&sql, &[&limit, &run_id]).await }))
-            .await?;
+        let rows =
+            writer.transaction(move |tx| Box::pin(async move { tx.query(&sql, &[&limit, &run_id]).await })).await?;
         for row in &rows {
             let (table, key): (String, String) = (row.get(0), row.get(1));
             tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %table, repair = repair.name(), key = %key, "healed");
@@ -335,7 +361,13 @@ async fn run_batches(
 }
 
 /// Runs a one-off statement (DDL) with its audit row in one transaction.
-async fn run_once(writer: &mut Writer<'_>, once: &OnceStep, tenant: &TenantPlan, action: &Action, outcome: &mut Outcome) -> Result<(), Stop> {
+async fn run_once(
+    writer: &mut Writer<'_>,
+    once: &OnceStep,
+    tenant: &TenantPlan,
+    action: &Action,
+    outcome: &mut Outcome,
+) -> Result<(), Stop> {
     let record = audit::record_once(&tenant.schema, &once.table, action.repair.name(), &once.key);
     let (statement, run_id) = (once.sql.clone(), outcome.run_id.clone());
     writer

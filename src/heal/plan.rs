@@ -98,7 +98,13 @@ impl Plan {
         for tenant in &self.tenants {
             let _ = writeln!(out, "-- tenant {}", tenant.schema);
             for action in &tenant.actions {
-                let _ = writeln!(out, "-- {} on {}: {}", action.repair.name(), sql::display_name(&tenant.schema, &action.table), action.summary);
+                let _ = writeln!(
+                    out,
+                    "-- {} on {}: {}",
+                    action.repair.name(),
+                    sql::display_name(&tenant.schema, &action.table),
+                    action.summary
+                );
                 for step in &action.steps {
                     match step {
                         Step::Batched(sql) => {
@@ -126,7 +132,19 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
     let shared = &config.tenants.shared_schema;
     let mut writes = table.clone();
     let (summary, steps) = match (repair, &f.check, &f.detail) {
-        (Repair::CopyMissingParents, Check::OrphanRows, Detail::OrphanRows { parent_schema, parent_table, parent_columns, parent_location: ParentLocation::Shared, relationship, constraint, constraint_validated }) => {
+        (
+            Repair::CopyMissingParents,
+            Check::OrphanRows,
+            Detail::OrphanRows {
+                parent_schema,
+                parent_table,
+                parent_columns,
+                parent_location: ParentLocation::Shared,
+                relationship,
+                constraint,
+                constraint_validated,
+            },
+        ) => {
             let probe = Probe {
                 table: table.clone(),
                 columns: f.columns.clone(),
@@ -148,7 +166,17 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
             let chain = config.heal.fallbacks.get(column)?;
             let fallback = backfill::fallback(chain, Some(own), data_type, None)?;
             let summary = format!("{} NULL {column} value(s) set from {}", f.count, chain.join(", "));
-            (summary, vec![Step::Batched(backfill::statement(tenant, &table, &own.primary_key, column, &fallback, repair.name()))])
+            (
+                summary,
+                vec![Step::Batched(backfill::statement(
+                    tenant,
+                    &table,
+                    &own.primary_key,
+                    column,
+                    &fallback,
+                    repair.name(),
+                ))],
+            )
         }
         (Repair::AddMissingColumns, Check::SchemaDrift, Detail::SchemaDrift { difference, .. }) => {
             let name = f.columns.first()?;

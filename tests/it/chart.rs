@@ -68,7 +68,9 @@ fn chart_lints_and_renders_valid_manifests() {
         std::fs::write(&manifests, render(&home, &args)).unwrap();
         for version in KUBERNETES {
             // Custom resources (ServiceMonitor, PrometheusRule) only warn: no schema is bundled.
-            run_ok(Command::new(tool("kubernetes-validate")).args(["--strict", "--quiet", "-k", version]).arg(&manifests));
+            run_ok(
+                Command::new(tool("kubernetes-validate")).args(["--strict", "--quiet", "-k", version]).arg(&manifests),
+            );
         }
     }
     std::fs::remove_dir_all(&home).unwrap();
@@ -116,7 +118,10 @@ fn chart_ships_the_rules_and_dashboard_of_dashboards() {
     for (copy, original) in
         [("files/alerts.yml", "dashboards/alerts.yml"), ("files/tenant-audit.json", "dashboards/tenant-audit.json")]
     {
-        assert!(read(&format!("{CHART}/{copy}")) == read(original), "{CHART}/{copy} differs: cp {original} {CHART}/{copy}");
+        assert!(
+            read(&format!("{CHART}/{copy}")) == read(original),
+            "{CHART}/{copy} differs: cp {original} {CHART}/{copy}"
+        );
     }
     let home = temp_dir("helm-files");
     let on = ["--set", "prometheusRule.enabled=true"];

@@ -68,12 +68,21 @@ async fn database_url_file_is_read_for_mounted_secrets() {
 #[test]
 fn bad_config_is_one_line_exit_2() {
     let cases = [
-        ("unknown", "database_url = 'postgres://h/d'\n[scan]\nconcurency = 2\n",
-         "tenant-audit: error: config file {path}, line 3: unknown field `concurency`"),
-        ("regex", "database_url = 'postgres://h/d'\n[tenants]\ninclude = ['tenant_(']\n",
-         "tenant-audit: error: config key tenants.include[0]: invalid regex \"tenant_(\""),
-        ("duration", "database_url = 'postgres://h/d'\n[scan]\nstatement_timeout = 'soon'\n",
-         "tenant-audit: error: config key scan.statement_timeout: invalid duration \"soon\""),
+        (
+            "unknown",
+            "database_url = 'postgres://h/d'\n[scan]\nconcurency = 2\n",
+            "tenant-audit: error: config file {path}, line 3: unknown field `concurency`",
+        ),
+        (
+            "regex",
+            "database_url = 'postgres://h/d'\n[tenants]\ninclude = ['tenant_(']\n",
+            "tenant-audit: error: config key tenants.include[0]: invalid regex \"tenant_(\"",
+        ),
+        (
+            "duration",
+            "database_url = 'postgres://h/d'\n[scan]\nstatement_timeout = 'soon'\n",
+            "tenant-audit: error: config key scan.statement_timeout: invalid duration \"soon\"",
+        ),
     ];
     for (name, text, expected) in cases {
         let path = config_file(name, text);
@@ -96,7 +105,9 @@ fn unreachable_database_names_host_not_password() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.starts_with(&format!("tenant-audit: error: cannot connect to database 127.0.0.1:{port}/app: error connecting to server")),
+        err.starts_with(&format!(
+            "tenant-audit: error: cannot connect to database 127.0.0.1:{port}/app: error connecting to server"
+        )),
         "{err}"
     );
     assert!(!err.contains("hunter2"), "{err}");
@@ -119,7 +130,10 @@ async fn missing_privileges_are_one_line_exit_2() {
     let path = config_file("privileges", "");
     let as_role = |role: &str| url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
 
-    let out = cli(&["scan", "--config", path.to_str().unwrap()], &[("TENANT_AUDIT_DATABASE_URL", &as_role("audit_no_tables"))]);
+    let out = cli(
+        &["scan", "--config", path.to_str().unwrap()],
+        &[("TENANT_AUDIT_DATABASE_URL", &as_role("audit_no_tables"))],
+    );
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(
@@ -128,7 +142,8 @@ async fn missing_privileges_are_one_line_exit_2() {
          the scanning role needs USAGE on the schema and SELECT on the table\n"
     );
 
-    let out = cli(&["scan", "--config", path.to_str().unwrap()], &[("TENANT_AUDIT_DATABASE_URL", &as_role("audit_nothing"))]);
+    let out =
+        cli(&["scan", "--config", path.to_str().unwrap()], &[("TENANT_AUDIT_DATABASE_URL", &as_role("audit_nothing"))]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(

@@ -5,8 +5,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    config, config_file, fixture_db, lock_audit_trail, metric_lines, pg, start_daemon, wait_until_scan_blocked, BASE_SQL, DEMO_SQL,
-    LOCKABLE_SQL,
+    config, config_file, fixture_db, lock_audit_trail, metric_lines, pg, start_daemon, wait_until_scan_blocked,
+    BASE_SQL, DEMO_SQL, LOCKABLE_SQL,
 };
 
 /// Registry and patterns as in the demo; a schedule that will not fire during a test (scans run
@@ -152,7 +152,8 @@ async fn tenant_series_are_capped() {
     let daemon = start_daemon(config(&url, &format!("{DAEMON}[metrics]\nmax_tenant_series = 3\n"))).await;
     daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
     let (_, text) = daemon.get("/metrics").await;
-    let per_schema: Vec<String> = text.lines().filter(|l| !l.starts_with('#') && l.contains("schema=\"")).map(str::to_string).collect();
+    let per_schema: Vec<String> =
+        text.lines().filter(|l| !l.starts_with('#') && l.contains("schema=\"")).map(str::to_string).collect();
     // The most severe and largest first: the cross-schema key, then the two largest orphan counts.
     assert_eq!(
         per_schema,
@@ -164,7 +165,10 @@ async fn tenant_series_are_capped() {
     );
     assert_eq!(metric_lines(&text, "tenant_audit_series_dropped"), ["tenant_audit_series_dropped 11"]);
     // Aggregates still cover everything.
-    assert_eq!(metric_lines(&text, "tenant_audit_affected_rows")[4], "tenant_audit_affected_rows{check=\"orphan_rows\",table=\"users_userprofile\"} 5");
+    assert_eq!(
+        metric_lines(&text, "tenant_audit_affected_rows")[4],
+        "tenant_audit_affected_rows{check=\"orphan_rows\",table=\"users_userprofile\"} 5"
+    );
     daemon.stop().await;
 }
 
@@ -222,7 +226,10 @@ async fn database_outages_keep_last_results_and_recover() {
     daemon.wait_for("tenant_audit_scans_total{result=\"failure\"} 1").await;
     assert_eq!(daemon.samples("tenant_audit_last_scan_success").await, ["tenant_audit_last_scan_success 0"]);
     assert_eq!(daemon.samples("tenant_audit_database_up").await, ["tenant_audit_database_up 0"]);
-    assert_eq!(daemon.samples("tenant_audit_scan_errors_total").await[2], "tenant_audit_scan_errors_total{kind=\"connection\"} 1");
+    assert_eq!(
+        daemon.samples("tenant_audit_scan_errors_total").await[2],
+        "tenant_audit_scan_errors_total{kind=\"connection\"} 1"
+    );
     assert_eq!(daemon.samples("tenant_audit_orphan_rows").await, good_orphans);
     assert_eq!(daemon.samples("tenant_audit_last_success_timestamp_seconds").await, good_time);
     assert_eq!(daemon.get("/report").await, (200, good_report));
@@ -259,9 +266,16 @@ async fn database_restart_in_the_middle_of_a_scan_fails_it_and_the_next_succeeds
     cluster.restart();
     daemon.wait_for("tenant_audit_scans_total{result=\"failure\"} 1").await;
     assert_eq!(daemon.samples("tenant_audit_last_scan_success").await, ["tenant_audit_last_scan_success 0"]);
-    assert_eq!(daemon.samples("tenant_audit_tenants_scanned").await, ["tenant_audit_tenants_scanned 3"], "the last good scan stays");
+    assert_eq!(
+        daemon.samples("tenant_audit_tenants_scanned").await,
+        ["tenant_audit_tenants_scanned 3"],
+        "the last good scan stays"
+    );
     eprintln!("DEBUG {:?}", daemon.samples("tenant_audit_scan_errors_total").await);
-    assert_eq!(daemon.samples("tenant_audit_scan_errors_total").await[2], "tenant_audit_scan_errors_total{kind=\"connection\"} 1");
+    assert_eq!(
+        daemon.samples("tenant_audit_scan_errors_total").await[2],
+        "tenant_audit_scan_errors_total{kind=\"connection\"} 1"
+    );
     assert_eq!(daemon.post("/scan").await.0, 202);
     daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 2").await;
     assert_eq!(daemon.samples("tenant_audit_last_scan_success").await, ["tenant_audit_last_scan_success 1"]);

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use tenant_audit::heal::{self, Plan, SkipReason};
 
-use crate::support::{checksum, cli, config, config_file, fixture_db, lines, pg, scan, start_daemon, BASE_SQL, DEMO_SQL};
+use crate::support::{
+    checksum, cli, config, config_file, fixture_db, lines, pg, scan, start_daemon, BASE_SQL, DEMO_SQL,
+};
 
 /// The demo's discovery against a template schema, with every repair enabled.
 const HEAL: &str = "[tenants]\ninclude = ['^tenant_']\nreference_schema = 'tenant_template'\n\
@@ -54,7 +56,9 @@ async fn execute_repairs_what_is_healable_and_audits_every_change() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("add_missing_columns: 3 change(s)\nbackfill_null_timestamps: 3 change(s)\ncopy_missing_parents: 3 change(s)\n"), "{stdout}");
 
-    let step = |t: &str, s: &str| format!("{t} users_userprofile add_missing_columns {{\"step\": \"{s}\", \"column\": \"updated_at\"}}");
+    let step = |t: &str, s: &str| {
+        format!("{t} users_userprofile add_missing_columns {{\"step\": \"{s}\", \"column\": \"updated_at\"}}")
+    };
     let mut expected = vec![
         format!("tenant_c3 business_business copy_missing_parents {{\"id\": \"{}\"}}", b("02")),
         format!("tenant_c3 business_business copy_missing_parents {{\"id\": \"{}\"}}", b("03")),
@@ -66,7 +70,9 @@ async fn execute_repairs_what_is_healable_and_audits_every_change() {
         "tenant_e5 users_userprofile add_missing_columns {\"id\": 2}".to_string(),
     ];
     // tenant_e5 gets the column; tenant_d4, backfilled just before, gets its NOT NULL back.
-    for s in ["add_column", "set_default", "drop_stale_check", "add_check", "validate_check", "set_not_null", "drop_check"] {
+    for s in
+        ["add_column", "set_default", "drop_stale_check", "add_check", "validate_check", "set_not_null", "drop_check"]
+    {
         expected.push(step("tenant_e5", s));
     }
     for s in ["drop_stale_check", "add_check", "validate_check", "set_not_null", "drop_check"] {
@@ -76,7 +82,11 @@ async fn execute_repairs_what_is_healable_and_audits_every_change() {
     assert_eq!(audit_rows(&url).await, expected);
     // Backfilled from modified_at, the first fallback; the copied rows are the shared ones.
     assert_eq!(count(&url, "SELECT count(*) FROM tenant_d4.users_userprofile WHERE updated_at IS DISTINCT FROM modified_at AND id IN (2, 3, 4)").await, 0);
-    assert_eq!(count(&url, "SELECT count(*) FROM tenant_e5.users_userprofile WHERE updated_at IS DISTINCT FROM modified_at").await, 0);
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM tenant_e5.users_userprofile WHERE updated_at IS DISTINCT FROM modified_at")
+            .await,
+        0
+    );
     assert_eq!(
         count(&url, "SELECT count(*) FROM tenant_c3.business_business t JOIN public.business_business s USING (id, name, created_at, updated_at)").await,
         2
@@ -118,7 +128,12 @@ async fn dry_run_prints_the_sql_and_writes_nothing() {
     assert!(plan.contains("  INSERT INTO \"tenant_c3\".\"business_business\" (\"id\", \"name\", \"business_num\", \"created_at\", \"updated_at\")\n"), "{plan}");
     assert!(plan.contains("ALTER TABLE \"tenant_e5\".\"users_userprofile\" ADD COLUMN IF NOT EXISTS \"updated_at\" timestamp with time zone;\n"), "{plan}");
     assert!(plan.ends_with("-- 3 tenant(s) to heal\n"), "{plan}");
-    assert!(plan.contains("-- add_missing_columns on tenant_d4.users_userprofile: make updated_at NOT NULL as the reference has it\n"), "{plan}");
+    assert!(
+        plan.contains(
+            "-- add_missing_columns on tenant_d4.users_userprofile: make updated_at NOT NULL as the reference has it\n"
+        ),
+        "{plan}"
+    );
     assert_eq!(checksum(&url).await, before);
     assert_eq!(count(&url, "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_audit'").await, 0);
 }
@@ -138,7 +153,8 @@ async fn missing_ancestors_are_copied_first() {
     let out = heal_cli(&url, "ancestors", "", true);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let client = pg::connect(&url).await;
-    let rows = client.query("SELECT table_name, row_key::text FROM tenant_audit.heal_log ORDER BY id", &[]).await.unwrap();
+    let rows =
+        client.query("SELECT table_name, row_key::text FROM tenant_audit.heal_log ORDER BY id", &[]).await.unwrap();
     let rows: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(
         rows,
@@ -150,7 +166,9 @@ async fn missing_ancestors_are_copied_first() {
     );
     // The tenant's serial moved past the copied key: the application's next insert succeeds.
     client
-        .batch_execute("INSERT INTO tenant_a.users_businessdetails (business_id) VALUES ('b0000000-0000-0000-0000-000000000001')")
+        .batch_execute(
+            "INSERT INTO tenant_a.users_businessdetails (business_id) VALUES ('b0000000-0000-0000-0000-000000000001')",
+        )
         .await
         .unwrap();
     assert_eq!(count(&url, "SELECT max(id)::bigint FROM tenant_a.users_businessdetails").await, 501);
@@ -169,7 +187,15 @@ async fn a_locked_tenant_is_skipped_within_lock_timeout() {
     let locker = pg::connect(&url).await;
     locker.batch_execute("BEGIN; LOCK TABLE tenant_d4.business_business IN ACCESS EXCLUSIVE MODE").await.unwrap();
     let started = Instant::now();
-    let outcome = heal::execute(&cfg.heal, &tenant_audit::db::heal_pool(&cfg.heal, cfg.scan.connect_timeout), &plan, None, &Default::default()).await.unwrap();
+    let outcome = heal::execute(
+        &cfg.heal,
+        &tenant_audit::db::heal_pool(&cfg.heal, cfg.scan.connect_timeout),
+        &plan,
+        None,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     assert_eq!(outcome.skipped, [("tenant_d4".to_string(), SkipReason::LockTimeout)]);
     assert_eq!(
@@ -240,7 +266,10 @@ async fn only_one_healer_at_a_time() {
     holder.query_one("SELECT pg_advisory_lock($1)", &[&heal::LOCK_KEY]).await.unwrap();
     let out = heal_cli(&url, "locked_out", "", true);
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().last(), Some("tenant-audit: another heal holds the heal lock on this database; this run is skipped"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).lines().last(),
+        Some("tenant-audit: another heal holds the heal lock on this database; this run is skipped")
+    );
     assert_eq!(count(&url, COPIED).await, 0);
     holder.query_one("SELECT pg_advisory_unlock($1)", &[&heal::LOCK_KEY]).await.unwrap();
 
@@ -256,7 +285,8 @@ async fn only_one_healer_at_a_time() {
             .unwrap()
     };
     let (first, second) = (spawn(), spawn());
-    let mut codes = vec![first.wait_with_output().unwrap().status.code(), second.wait_with_output().unwrap().status.code()];
+    let mut codes =
+        vec![first.wait_with_output().unwrap().status.code(), second.wait_with_output().unwrap().status.code()];
     codes.sort();
     assert_eq!(codes, [Some(0), Some(1)]);
     assert_eq!((count(&url, COPIED).await, count(&url, LOGGED).await), (3000, 3000));
@@ -327,7 +357,8 @@ fn tenant_audit_table_sql() -> &'static str {
 #[tokio::test]
 async fn the_daemon_heals_after_each_scan_and_counts_it() {
     let url = heal_db("heal_daemon", DEMO_SQL).await;
-    let daemon = start_daemon(config(&url, &format!("{HEAL}enabled = true\n[serve]\nschedule = '0 0 0 1 1 *'\n"))).await;
+    let daemon =
+        start_daemon(config(&url, &format!("{HEAL}enabled = true\n[serve]\nschedule = '0 0 0 1 1 *'\n"))).await;
     daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 1").await;
     assert_eq!(
         daemon.samples("tenant_audit_healed_rows_total").await,

@@ -68,7 +68,10 @@ async fn dashboard_and_alert_queries_run_on_a_real_prometheus() {
     let used = metric_names(&used);
     assert!(used.len() > 20, "{used:?}");
     for name in used {
-        assert!(!metric_lines(&exposition, &name).is_empty(), "{name} is used by a dashboard or alert but not on /metrics");
+        assert!(
+            !metric_lines(&exposition, &name).is_empty(),
+            "{name} is used by a dashboard or alert but not on /metrics"
+        );
     }
     daemon.stop().await;
 }
@@ -130,7 +133,10 @@ impl Prometheus {
             if self.answers().await
                 && !self.query("up{job=\"tenant-audit\"} == 1").await.is_empty()
                 && !self.query("tenant_audit_findings").await.is_empty()
-                && !self.query("count_over_time(tenant_audit_findings{check=\"orphan_rows\"}[1m]) >= 2").await.is_empty()
+                && !self
+                    .query("count_over_time(tenant_audit_findings{check=\"orphan_rows\"}[1m]) >= 2")
+                    .await
+                    .is_empty()
             {
                 return;
             }
@@ -148,14 +154,21 @@ impl Prometheus {
         loop {
             let healthy = self.alerting_rules().await.iter().all(|r| r["health"] == "ok");
             let alerts = self.get("/api/v1/alerts").await;
-            let mut active: Vec<&str> =
-                alerts["data"]["alerts"].as_array().unwrap().iter().map(|a| a["labels"]["alertname"].as_str().unwrap()).collect();
+            let mut active: Vec<&str> = alerts["data"]["alerts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["labels"]["alertname"].as_str().unwrap())
+                .collect();
             active.sort();
             active.dedup();
             if healthy && active == expected {
                 return;
             }
-            assert!(Instant::now() < deadline, "active alerts {active:?}, expected {expected:?}; rules healthy: {healthy}");
+            assert!(
+                Instant::now() < deadline,
+                "active alerts {active:?}, expected {expected:?}; rules healthy: {healthy}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -163,7 +176,12 @@ impl Prometheus {
     /// The alerting rules Prometheus loaded, in file order (`name`, `query`, `health`...).
     async fn alerting_rules(&self) -> Vec<Value> {
         let rules = self.get("/api/v1/rules?type=alert").await;
-        rules["data"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap().clone()).collect()
+        rules["data"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap().clone())
+            .collect()
     }
 
     /// The values a Grafana query variable offers: `label_values(SELECTOR, LABEL)`, or
@@ -191,7 +209,8 @@ impl Prometheus {
 
     /// The result vector of `expr` evaluated now; panics unless Prometheus accepted it.
     async fn query(&self, expr: &str) -> Vec<Value> {
-        let response = self.http.post(format!("{}/api/v1/query", self.base)).form(&[("query", expr)]).send().await.unwrap();
+        let response =
+            self.http.post(format!("{}/api/v1/query", self.base)).form(&[("query", expr)]).send().await.unwrap();
         let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
         assert_eq!(body["status"], "success", "{expr}: {body}");
         body["data"]["result"].as_array().unwrap().clone()

@@ -36,7 +36,8 @@ impl Alert {
 
 #[test]
 fn promtool_checks_the_rules() {
-    let out = run_ok(Command::new(tool("promtool")).args(["check", "rules", "dashboards/alerts.yml"]).current_dir(repo()));
+    let out =
+        run_ok(Command::new(tool("promtool")).args(["check", "rules", "dashboards/alerts.yml"]).current_dir(repo()));
     assert!(out.contains(&format!("SUCCESS: {} rules found", alerts().len())), "{out}");
 }
 
@@ -94,6 +95,9 @@ fn every_alert_has_severity_annotations_and_a_runbook_section() {
         assert!(runbook.lines().any(|l| l == format!("## {name}")), "docs/runbook.md has no section ## {name}");
     }
     for heading in runbook.lines().filter_map(|l| l.strip_prefix("## TenantAudit")) {
-        assert!(alerts.iter().any(|a| a.name == format!("TenantAudit{heading}")), "runbook section for unknown alert {heading}");
+        assert!(
+            alerts.iter().any(|a| a.name == format!("TenantAudit{heading}")),
+            "runbook section for unknown alert {heading}"
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! Scans of fixture databases: every check, with exact counts, schemas and sample keys.
 
-
 use tenant_audit::report::{Detail, ErrorKind, ScanError, TenantCounts};
 
-use crate::support::{config, fixture_db, lines, lock_audit_trail, pg, scan, wait_until_scan_blocked, DEMO_SQL, LOCKABLE_SQL};
+use crate::support::{
+    config, fixture_db, lines, lock_audit_trail, pg, scan, wait_until_scan_blocked, DEMO_SQL, LOCKABLE_SQL,
+};
 
 /// Registry plus pattern discovery, as the demo is configured.
 const BOTH_WAYS: &str = "[tenants]\ninclude = ['^tenant_']\n";
@@ -49,7 +50,13 @@ async fn demo_database_reports_every_postmortem_failure() {
         .collect();
     assert_eq!(
         validated,
-        [("tenant_c3", Some(true)), ("tenant_d4", None), ("tenant_d4", None), ("tenant_e5", Some(false)), ("tenant_f6", Some(true))]
+        [
+            ("tenant_c3", Some(true)),
+            ("tenant_d4", None),
+            ("tenant_d4", None),
+            ("tenant_e5", Some(false)),
+            ("tenant_f6", Some(true))
+        ]
     );
 }
 
@@ -145,7 +152,8 @@ async fn hostile_identifiers_are_quoted_everywhere() {
         ALTER TABLE "tenant-ü; DROP TABLE x; --"."Child ""Rows""" DROP COLUMN "Upd ""At""";
     "#;
     let url = fixture_db("scan_hostile", sql).await;
-    let extra = "[tenants]\nregistry = false\ninclude = ['(?i)^tenant']\n[checks]\nrequired_timestamps = ['Upd \"At\"']\n";
+    let extra =
+        "[tenants]\nregistry = false\ninclude = ['(?i)^tenant']\n[checks]\nrequired_timestamps = ['Upd \"At\"']\n";
     let report = scan(&config(&url, extra)).await;
     assert_eq!(
         lines(&report.findings),

@@ -14,14 +14,64 @@ fn certificates() -> PathBuf {
         let out = Command::new("openssl").args(args).current_dir(&dir).output().expect("run openssl");
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
-    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=tenant-audit test CA"]);
-    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
-    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf"]);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tenant-audit test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
     // The server reads its key as its own user, and only a private key file.
     let owner = Command::new("id").arg("-u").output().unwrap();
     if String::from_utf8_lossy(&owner.stdout).trim() == "0" {
-        assert!(Command::new("chown").args(["postgres:", "server.key", "server.pem"]).current_dir(&dir).status().unwrap().success());
+        assert!(Command::new("chown")
+            .args(["postgres:", "server.key", "server.pem"])
+            .current_dir(&dir)
+            .status()
+            .unwrap()
+            .success());
     }
     assert!(Command::new("chmod").args(["600", "server.key"]).current_dir(&dir).status().unwrap().success());
     assert!(Command::new("chmod").args(["755", "."]).current_dir(&dir).status().unwrap().success());
@@ -44,8 +94,12 @@ async fn sslmode_require_verifies_the_server_certificate() {
     pg::connect(&cluster.url("app")).await.batch_execute(&format!("{BASE_SQL}\n{DEMO_SQL}")).await.unwrap();
     let url = format!("{}?sslmode=require", cluster.url("app"));
 
-    let trusted = config_file("tls_trusted", &format!("[tls]\nca_file = {:?}\n", certs.join("ca.pem").display().to_string()));
-    let out = cli(&["scan", "--config", trusted.to_str().unwrap(), "--format", "json"], &[("TENANT_AUDIT_DATABASE_URL", &url)]);
+    let trusted =
+        config_file("tls_trusted", &format!("[tls]\nca_file = {:?}\n", certs.join("ca.pem").display().to_string()));
+    let out = cli(
+        &["scan", "--config", trusted.to_str().unwrap(), "--format", "json"],
+        &[("TENANT_AUDIT_DATABASE_URL", &url)],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["summary"]["orphan_rows"]["count"], 7);
@@ -56,13 +110,19 @@ async fn sslmode_require_verifies_the_server_certificate() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.starts_with(&format!("tenant-audit: error: cannot connect to database 127.0.0.1:{}/app: error performing TLS handshake", cluster.port)),
+        err.starts_with(&format!(
+            "tenant-audit: error: cannot connect to database 127.0.0.1:{}/app: error performing TLS handshake",
+            cluster.port
+        )),
         "{err}"
     );
     assert!(err.contains("UnknownIssuer"), "{err}");
 
     // The daemon's pooled sessions really are encrypted.
-    let text = format!("database_url = {url:?}\n[tls]\nca_file = {:?}\n[serve]\nschedule = '0 0 0 1 1 *'\n", certs.join("ca.pem").display().to_string());
+    let text = format!(
+        "database_url = {url:?}\n[tls]\nca_file = {:?}\n[serve]\nschedule = '0 0 0 1 1 *'\n",
+        certs.join("ca.pem").display().to_string()
+    );
     let config = tenant_audit::config::Config::from_toml(&text, Path::new("tls.toml"), Default::default()).unwrap();
     let daemon = start_daemon(config).await;
     daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;

@@ -17,9 +17,7 @@ pub fn tool(name: &str) -> PathBuf {
         .chain([repo().join("target/tools/bin")])
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{name} is not installed: run scripts/test, which installs it (scripts/lib/deps.sh)")
-        })
+        .unwrap_or_else(|| panic!("{name} is not installed: run scripts/test, which installs it (scripts/lib/deps.sh)"))
 }
 
 /// Runs `cmd` and returns its stdout; panics with stdout and stderr when it fails.

@@ -24,7 +24,8 @@ pub async fn fixture_db(name: &str, sql: &str) -> String {
 /// A validated config for `url` plus extra TOML (sections after the URL line).
 pub fn config(url: &str, extra: &str) -> Config {
     let text = format!("database_url = {url:?}\n{extra}");
-    Config::from_toml(&text, Path::new("test.toml"), tenant_audit::config::Env::default()).unwrap_or_else(|e| panic!("config: {e}\n{text}"))
+    Config::from_toml(&text, Path::new("test.toml"), tenant_audit::config::Env::default())
+        .unwrap_or_else(|e| panic!("config: {e}\n{text}"))
 }
 
 /// Runs one scan in-process.
@@ -194,7 +195,8 @@ pub async fn lock_audit_trail(url: &str) -> tokio_postgres::Client {
 /// Waits (30 s at most) until a tenant-audit session waits on a lock.
 pub async fn wait_until_scan_blocked(url: &str) {
     let watcher = pg::connect(url).await;
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock'";
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock'";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while watcher.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
         assert!(std::time::Instant::now() < deadline, "the scan never blocked on the lock");

@@ -32,10 +32,16 @@ impl Cluster {
     pub fn start_with(extra: &str) -> Cluster {
         let (mut cluster, dir) = Cluster::empty();
         cluster.extra = extra.to_string();
-        run(pg("initdb")
-            .arg("-D")
-            .arg(dir.join("data"))
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]));
+        run(pg("initdb").arg("-D").arg(dir.join("data")).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ]));
         cluster.pg_ctl_start();
         spawn_reaper(&dir);
         cluster
@@ -44,10 +50,19 @@ impl Cluster {
     /// A hot standby of this cluster (pg_basebackup -R), started on its own port.
     pub fn standby(&self) -> Cluster {
         let (cluster, dir) = Cluster::empty();
-        run(pg("pg_basebackup")
-            .arg("-D")
-            .arg(dir.join("data"))
-            .args(["-h", &self.host, "-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "--checkpoint=fast", "--no-sync"]));
+        run(pg("pg_basebackup").arg("-D").arg(dir.join("data")).args([
+            "-h",
+            &self.host,
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-R",
+            "-X",
+            "stream",
+            "--checkpoint=fast",
+            "--no-sync",
+        ]));
         cluster.pg_ctl_start();
         spawn_reaper(&dir);
         cluster
@@ -155,7 +170,12 @@ pub fn shared() -> &'static Server {
         }
         None => {
             let cluster = Cluster::start();
-            Server { userinfo: "postgres".into(), host: cluster.host.clone(), port: cluster.port, _cluster: Some(cluster) }
+            Server {
+                userinfo: "postgres".into(),
+                host: cluster.host.clone(),
+                port: cluster.port,
+                _cluster: Some(cluster),
+            }
         }
     })
 }
