@@ -34,16 +34,14 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
     if column.not_null {
         steps.extend(not_null(tenant, table, own, column, chain));
     } else if let Some(fallback) = backfill::fallback(chain, Some(own), &column.data_type, default) {
-        steps.push(Step::Batched(backfill::statement(
-            tenant,
-            table,
-            &own.primary_key,
-            &column.name,
-            &fallback,
-            "add_missing_columns",
-        )));
+        steps.push(backfill_step(tenant, table, own, column, &fallback));
     }
     steps
+}
+
+/// The batched backfill of `column` from `fallback`, audited under this repair.
+fn backfill_step(tenant: &str, table: &str, own: &Table, column: &Column, fallback: &str) -> Step {
+    Step::Batched(backfill::statement(tenant, table, &own.primary_key, &column.name, fallback, "add_missing_columns"))
 }
 
 /// Backfills `column` and makes it NOT NULL; nothing when its NULLs cannot be filled.
@@ -55,14 +53,7 @@ pub fn not_null(tenant: &str, table: &str, own: &Table, column: &Column, chain: 
     let col = sql::ident(&column.name);
     let check = sql::ident(&format!("tenant_audit_{}_not_null", column.name));
     vec![
-        Step::Batched(backfill::statement(
-            tenant,
-            table,
-            &own.primary_key,
-            &column.name,
-            &fallback,
-            "add_missing_columns",
-        )),
+        backfill_step(tenant, table, own, column, &fallback),
         // A check left by an interrupted run is replaced.
         Step::once(
             table,
