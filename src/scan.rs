@@ -91,8 +91,8 @@ pub async fn run(
     progress: Option<Progress<'_>>,
 ) -> Result<Scanned, ScanFailure> {
     let stop = cancel.child_token();
-    let scan = run_until(config, pool, &stop, progress);
-    let mut scan = std::pin::pin!(scan);
+    // Boxed so that it can be dropped (with its sessions) before the idle ones are closed.
+    let mut scan = Box::pin(run_until(config, pool, &stop, progress));
     tokio::select! {
         result = &mut scan => return result,
         _ = tokio::time::sleep(config.scan.max_duration) => {}
