@@ -203,6 +203,18 @@ struct Writer<'a> {
     /// `SET LOCAL` of both timeouts, run first in every transaction: the start-up options may be
     /// dropped by a connection pooler, these cannot.
     timeouts: String,
+    /// `heal.validate_timeout`, for the steps that read a whole table.
+    validate_timeout: std::time::Duration,
+    /// `SET LOCAL search_path` for the tenant at hand, run with the timeouts (see [`search_path`]).
+    search_path: String,
+}
+
+/// `SET LOCAL search_path = pg_catalog, "<tenant>"`: the path types and defaults are deparsed
+/// relative to (see [`crate::catalog`]), so that the reference's definitions mean in the tenant
+/// what they mean in the reference. `pg_catalog` comes first: a tenant's own function named like
+/// a built-in one never runs in heal's statements, whose own names are all built-in or qualified.
+pub fn search_path(tenant: &str) -> String {
+    format!("SET LOCAL search_path = pg_catalog, {}", crate::sql::ident(tenant))
 }
 
 async fn run(
@@ -221,6 +233,8 @@ async fn run(
         tls: db::tls(&heal.database),
         client,
         cancel,
+        search_path: String::new(),
+        validate_timeout: heal.validate_timeout,
         timeouts: format!(
             "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'",
             heal.lock_timeout.as_millis(),
@@ -260,6 +274,7 @@ async fn heal_tenant(
     budget: &mut u64,
     outcome: &mut Outcome,
 ) {
+    writer.search_path = search_path(&tenant.schema);
     for action in &tenant.actions {
         for step in &action.steps {
             let result = match step {
@@ -294,7 +309,7 @@ async fn heal_tenant(
 }
 
 impl Writer<'_> {
-    /// Runs `work` in one transaction (timeouts set first), unless cancelled: then the running
+    /// Runs `work` in one transaction (timeouts and search path set first), unless cancelled: then the running
     /// statement is cancelled on the server and the transaction rolls back.
     async fn transaction<T>(
         &mut self,
@@ -310,10 +325,10 @@ impl Writer<'_> {
         let cancel = self.cancel.clone();
         let server_cancel = self.server_cancel.clone();
         let tls = self.tls.clone();
-        let timeouts = self.timeouts.clone();
+        let preamble = format!("{}; {}", self.timeouts, self.search_path);
         let attempt = async {
             let tx = self.client.transaction().await?;
-            tx.batch_execute(&timeouts).await?;
+            tx.batch_execute(&preamble).await?;
             let value = work(&tx).await?;
             tx.commit().await?;
             Ok::<T, tokio_postgres::Error>(value)
@@ -370,9 +385,14 @@ async fn run_once(
 ) -> Result<(), Stop> {
     let record = audit::record_once(&tenant.schema, &once.table, action.repair.name(), &once.key);
     let (statement, run_id) = (once.sql.clone(), outcome.run_id.clone());
+    let timeout =
+        once.long.then(|| format!("SET LOCAL statement_timeout = '{}ms'", writer.validate_timeout.as_millis()));
     writer
         .transaction(move |tx| {
             Box::pin(async move {
+                if let Some(timeout) = timeout {
+                    tx.batch_execute(&timeout).await?;
+                }
                 tx.batch_execute(&statement).await?;
                 tx.execute(&record, &[&run_id, &statement]).await
             })
