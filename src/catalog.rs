@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 
+use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
 use crate::db::DbError;
@@ -198,7 +199,7 @@ ORDER BY 1, 2, 3";
 /// Reads the catalog of `schemas` (names that do not exist are simply absent from the result).
 pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Catalog, DbError> {
     let mut catalog = Catalog::default();
-    for row in client.query(&columns_sql(), &[&schemas]).await? {
+    for row in client.query_typed(&columns_sql(), &[(&schemas, Type::TEXT_ARRAY)]).await? {
         // A relation dropped while this query runs comes back with NULL privileges: skip it.
         let Some(readable) = row.get::<_, Option<bool>>(7) else { continue };
         let table = catalog.schemas.entry(row.get(0)).or_default().tables.entry(row.get(1)).or_default();
@@ -233,7 +234,7 @@ pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Cat
             generated: row.get(10),
         });
     }
-    for row in client.query(FOREIGN_KEYS, &[&schemas]).await? {
+    for row in client.query_typed(FOREIGN_KEYS, &[(&schemas, Type::TEXT_ARRAY)]).await? {
         let schema: String = row.get(0);
         let table: String = row.get(1);
         let fk = ForeignKey {
