@@ -206,6 +206,16 @@ struct Writer<'a> {
     cancel: &'a CancellationToken,
     /// Its timeouts, set with `SET LOCAL` first in every transaction (`db::begin_heal`).
     heal: &'a HealConfig,
+    /// `SET LOCAL search_path` for the tenant at hand, run right after (see [`search_path`]).
+    search_path: String,
+}
+
+/// `SET LOCAL search_path = pg_catalog, "<tenant>"`: the path types and defaults are deparsed
+/// relative to (see [`crate::catalog`]), so that the reference's definitions mean in the tenant
+/// what they mean in the reference. `pg_catalog` comes first: a tenant's own function named like
+/// a built-in one never runs in heal's statements, whose own names are all built-in or qualified.
+pub fn search_path(tenant: &str) -> String {
+    format!("SET LOCAL search_path = pg_catalog, {}", crate::sql::ident(tenant))
 }
 
 async fn run(
@@ -220,7 +230,7 @@ async fn run(
     let mut session = db::session(pool, &heal.database.target).await.map_err(HealError::Connect)?;
     let server_cancel = session.canceller();
     let client: &mut Client = &mut session;
-    let mut writer = Writer { server_cancel, client, cancel, heal };
+    let mut writer = Writer { server_cancel, client, cancel, heal, search_path: String::new() };
     let mut outcome = Outcome { run_id: run_id(), ..Outcome::default() };
     let mut budget = heal.max_rows_per_run;
     for (i, tenant) in plan.tenants.iter().enumerate() {
@@ -254,6 +264,7 @@ async fn heal_tenant(
     budget: &mut u64,
     outcome: &mut Outcome,
 ) {
+    writer.search_path = search_path(&tenant.schema);
     for action in &tenant.actions {
         for step in &action.steps {
             let result = match step {
@@ -288,7 +299,7 @@ async fn heal_tenant(
 }
 
 impl Writer<'_> {
-    /// Runs `work` in one transaction (timeouts set first), unless cancelled: then the running
+    /// Runs `work` in one transaction (timeouts and search path set first), unless cancelled: then the running
     /// statement is cancelled on the server and the transaction rolls back.
     async fn transaction<T>(
         &mut self,
@@ -304,8 +315,10 @@ impl Writer<'_> {
         let cancel = self.cancel.clone();
         let server_cancel = self.server_cancel.clone();
         let heal = self.heal;
+        let search_path = self.search_path.clone();
         let attempt = async {
             let tx = db::begin_heal(self.client, heal).await?;
+            tx.batch_execute(&search_path).await?;
             let value = work(&tx).await?;
             tx.commit().await?;
             Ok::<T, DbError>(value)
@@ -365,9 +378,14 @@ async fn run_once(
 ) -> Result<(), Stop> {
     let record = audit::record_once(&tenant.schema, &once.table, action.repair.name(), &once.key);
     let (statement, run_id) = (once.sql.clone(), outcome.run_id.clone());
+    let timeout =
+        once.long.then(|| format!("SET LOCAL statement_timeout = '{}ms'", writer.heal.validate_timeout.as_millis()));
     writer
         .transaction(move |tx| {
             Box::pin(async move {
+                if let Some(timeout) = timeout {
+                    tx.batch_execute(&timeout).await?;
+                }
                 tx.batch_execute(&statement).await?;
                 tx.query_typed(&record, &[(&run_id, Type::TEXT), (&statement, Type::TEXT)]).await
             })
