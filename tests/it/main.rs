@@ -5,6 +5,7 @@ mod chart;
 mod cli;
 mod daemon;
 mod dashboard;
+mod freeze;
 mod heal;
 mod heal_ddl;
 mod prometheus;

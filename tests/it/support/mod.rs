@@ -1,5 +1,6 @@
 //! Test support: the throwaway PostgreSQL (`pg`), fixture databases, configs, and the binary.
 
+pub mod freeze;
 pub mod pg;
 
 use std::path::Path;
