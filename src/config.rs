@@ -891,6 +891,32 @@ mod tests {
     }
 
     #[test]
+    fn web_defaults_close_the_write_paths() {
+        let c = parse("database_url = 'postgres://db/app'").unwrap();
+        assert!(c.web.security.is_none() && !c.web.scan_requests.enabled && !c.web.scan_requests.heal);
+        assert_eq!(
+            (c.web.header_read_timeout, c.web.idle_timeout, c.web.max_connections, c.web.scan_requests.min_interval),
+            (Duration::from_secs(10), Duration::from_secs(60), 512, Duration::from_secs(60))
+        );
+        for (extra, expected) in [
+            (
+                "[web.scan_requests]\nheal = true\n",
+                "config key web.scan_requests.heal: needs web.scan_requests.enabled = true and heal.enabled = true",
+            ),
+            ("[web]\nmax_connections = 0\n", "config key web.max_connections: must be between 1 and 1000000"),
+            ("[web]\nheader_read_timeout = '0s'\n", "config key web.header_read_timeout: must be greater than zero"),
+            ("[web]\nidle_timeout = '5000 years'\n", "config key web.idle_timeout: must be at most a year"),
+            (
+                "[web]\nconfig_file = 'missing.yml'\n",
+                "web config file /etc/missing.yml: (file): cannot read: No such file or directory (os error 2)",
+            ),
+        ] {
+            let err = parse(&format!("database_url = 'postgres://db/app'\n{extra}")).unwrap_err();
+            assert_eq!(err.to_string(), expected);
+        }
+    }
+
+    #[test]
     fn discovery_must_be_configured() {
         let err = parse("database_url = 'postgres://db/app'\n[tenants]\nregistry = false\n").unwrap_err();
         assert!(err.to_string().starts_with("config key tenants: no tenant discovery"), "{err}");

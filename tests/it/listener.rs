@@ -367,3 +367,20 @@ async fn metrics_and_report_are_served_as_encoded_and_gzipped() {
     }
     daemon.stop().await;
 }
+
+#[test]
+fn a_bad_web_config_file_is_one_line_with_exit_code_2() {
+    let path = config_file("badweb", "database_url = 'postgres://127.0.0.1:1/none'\n[tenants]\ninclude = ['^t']\n");
+    let web = path.with_file_name("web.yml");
+    std::fs::write(&web, "tls_server_config:\n  cert_file: nope.pem\n  key_file: nope.key\n").unwrap();
+    let out = crate::support::cli(
+        &["serve", "--config", path.to_str().unwrap(), "--web.config.file", web.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let dir = web.parent().unwrap().display().to_string();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("tenant-audit: error: web config file {dir}/web.yml: tls_server_config.cert_file: cannot read {dir}/nope.pem: No such file or directory (os error 2)\n")
+    );
+}
