@@ -65,6 +65,8 @@ pub struct HealConfig {
     pub max_rows_per_run: u64,
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
+    /// The statement timeout of a `VALIDATE CONSTRAINT` (it reads the whole table).
+    pub validate_timeout: Duration,
     /// Per timestamp column, the columns (or `now()`) whose value a NULL is set from, in order.
     pub fallbacks: BTreeMap<String, Vec<String>>,
 }
@@ -268,6 +270,7 @@ struct RawHeal {
     max_rows_per_run: u64,
     lock_timeout: String,
     statement_timeout: String,
+    validate_timeout: String,
     fallbacks: BTreeMap<String, Vec<String>>,
 }
 
@@ -285,6 +288,7 @@ impl Default for RawHeal {
             max_rows_per_run: 10_000,
             lock_timeout: "2s".into(),
             statement_timeout: "30s".into(),
+            validate_timeout: "1h".into(),
             fallbacks: BTreeMap::from([
                 ("updated_at".to_string(), chain(&["modified_at", "created_at", "now()"])),
                 ("modified_at".to_string(), chain(&["updated_at", "created_at", "now()"])),
@@ -610,6 +614,7 @@ impl RawHeal {
             max_rows_per_run: self.max_rows_per_run,
             lock_timeout: parse_duration("heal.lock_timeout", &self.lock_timeout)?,
             statement_timeout: parse_duration("heal.statement_timeout", &self.statement_timeout)?,
+            validate_timeout: parse_duration("heal.validate_timeout", &self.validate_timeout)?,
             fallbacks: self.fallbacks,
         };
         if heal.enabled && !heal.any_repair() {

@@ -1,7 +1,11 @@
 //! Connection pools and session settings.
 //!
-//! Invariants: every session is tagged `application_name = 'tenant-audit'` and carries
-//! `statement_timeout` and `lock_timeout`; scan sessions default to read-only transactions.
+//! Invariants: every session is tagged `application_name = 'tenant-audit'`. Nothing relies on
+//! startup parameters or session state, so sessions survive a transaction-pooling PgBouncer:
+//! every transaction starts through [`begin_scan`] or [`begin_heal`], which set what it needs
+//! with `SET LOCAL` (timeouts, `search_path`, `standard_conforming_strings`) and declare it
+//! read-only or read-write; statements with parameters go through `query_typed` (unnamed
+//! statements), so no named prepared statement outlives its transaction.
 //! Errors describe the target as `host:port/db` and never include credentials.
 
 use std::time::Duration;
@@ -10,6 +14,7 @@ use std::sync::Arc;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::config::SslMode;
+use tokio_postgres::{Client, IsolationLevel, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{DatabaseConfig, HealConfig, ScanConfig};
@@ -87,11 +92,10 @@ pub fn tls(db: &DatabaseConfig) -> Tls {
 /// The driver configuration of a pool. `sslmode=prefer` (also the default when the URL names
 /// none) becomes `disable`: libpq's `prefer` accepts any certificate, ours would verify and fail
 /// where libpq connects, so TLS is used exactly when the URL says `sslmode=require`.
-fn driver_config(db: &DatabaseConfig, connect_timeout: Duration, options: &str) -> tokio_postgres::Config {
+fn driver_config(db: &DatabaseConfig, connect_timeout: Duration) -> tokio_postgres::Config {
     let mut pg = db.pg.clone();
     pg.application_name(APPLICATION_NAME);
     pg.connect_timeout(connect_timeout);
-    pg.options(options);
     if pg.get_ssl_mode() == SslMode::Prefer {
         pg.ssl_mode(SslMode::Disable);
     }
@@ -100,7 +104,7 @@ fn driver_config(db: &DatabaseConfig, connect_timeout: Duration, options: &str) 
 
 /// A pool of read-only scan sessions, sized by `scan.concurrency`.
 pub fn scan_pool(db: &DatabaseConfig, scan: &ScanConfig) -> Pool {
-    let pg = driver_config(db, scan.connect_timeout, &session_options(scan.statement_timeout, scan.lock_timeout, true));
+    let pg = driver_config(db, scan.connect_timeout);
     let manager = Manager::from_config(pg, tls(db), ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(scan.concurrency)
@@ -111,28 +115,40 @@ pub fn scan_pool(db: &DatabaseConfig, scan: &ScanConfig) -> Pool {
 /// A pool of writer sessions for heal: its own connection settings and timeouts, two sessions
 /// (one holds the heal lock, one works).
 pub fn heal_pool(heal: &HealConfig, connect_timeout: Duration) -> Pool {
-    let pg = driver_config(
-        &heal.database,
-        connect_timeout,
-        &session_options(heal.statement_timeout, heal.lock_timeout, false),
-    );
+    let pg = driver_config(&heal.database, connect_timeout);
     let manager =
         Manager::from_config(pg, tls(&heal.database), ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager).max_size(2).build().expect("a pool without a runtime-specific timeout always builds")
 }
 
-/// Server options sent at connection start-up (`-c name=value`), so they hold for every
-/// statement of the session, including the first. `search_path=pg_catalog` makes the catalog
-/// render every non-system name schema-qualified (column defaults included), so no name in a
-/// session of ours resolves through a schema the database's users control.
+/// Starts a scan transaction: `REPEATABLE READ, READ ONLY` (one snapshot), with the scan's
+/// timeouts. Every scan query runs in one of these.
+pub async fn begin_scan<'a>(client: &'a mut Client, scan: &ScanConfig) -> Result<Transaction<'a>, DbError> {
+    let tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await?;
+    tx.batch_execute(&set_local(scan.statement_timeout, scan.lock_timeout)).await?;
+    Ok(tx)
+}
+
+/// Starts a heal transaction: `READ WRITE` (whatever the server's default), `READ COMMITTED`,
+/// with heal's timeouts. Every heal statement runs in one of these.
+pub async fn begin_heal<'a>(client: &'a mut Client, heal: &HealConfig) -> Result<Transaction<'a>, DbError> {
+    let tx = client.build_transaction().read_only(false).start().await?;
+    tx.batch_execute(&set_local(heal.statement_timeout, heal.lock_timeout)).await?;
+    Ok(tx)
+}
+
+/// The settings every transaction of ours runs with, for its own duration only (a pooler may
+/// hand the next transaction to another server session). `search_path=pg_catalog` makes the
+/// catalog render every non-system name schema-qualified (column defaults included), so no name
+/// in a transaction of ours resolves through a schema the database's users control.
 /// `standard_conforming_strings=on` keeps backslashes literal in the string literals heal
 /// writes (`sql::literal`), whatever the database's default.
-fn session_options(statement_timeout: Duration, lock_timeout: Duration, read_only: bool) -> String {
+fn set_local(statement_timeout: Duration, lock_timeout: Duration) -> String {
     format!(
-        "-c statement_timeout={} -c lock_timeout={} -c default_transaction_read_only={} -c search_path=pg_catalog -c standard_conforming_strings=on",
+        "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; SET LOCAL search_path = pg_catalog; \
+         SET LOCAL standard_conforming_strings = on",
         statement_timeout.as_millis(),
         lock_timeout.as_millis(),
-        if read_only { "on" } else { "off" }
     )
 }
 
@@ -211,11 +227,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn options_set_timeouts_in_milliseconds() {
+    fn transactions_set_timeouts_in_milliseconds() {
         assert_eq!(
-            session_options(Duration::from_secs(60), Duration::from_millis(2500), true),
-            "-c statement_timeout=60000 -c lock_timeout=2500 -c default_transaction_read_only=on -c search_path=pg_catalog \
-             -c standard_conforming_strings=on"
+            set_local(Duration::from_secs(60), Duration::from_millis(2500)),
+            "SET LOCAL statement_timeout = 60000; SET LOCAL lock_timeout = 2500; SET LOCAL search_path = pg_catalog; \
+             SET LOCAL standard_conforming_strings = on"
         );
     }
 }

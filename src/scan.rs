@@ -12,12 +12,12 @@ use std::time::Instant;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use futures::stream::{self, StreamExt};
-use tokio_postgres::IsolationLevel;
+use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, Catalog};
 use crate::checks::{self, null_timestamps, orphan_rows, Context, Shape};
-use crate::config::Config;
+use crate::config::{Config, ScanConfig};
 use crate::db::{self, DbError};
 use crate::report::{Check, Detail, ErrorKind, Finding, Report, ScanError, TenantCounts, REPORT_VERSION};
 use crate::tenants::{self, Discovery, DiscoveryError};
@@ -132,7 +132,7 @@ pub async fn run(
     let outcomes = stream::iter(work)
         .map(|(tenant, plan)| {
             let tls = tls.clone();
-            async move { scan_tenant(pool, target, &tenant, plan, samples, cancel, tls).await }
+            async move { scan_tenant(pool, target, &config.scan, &tenant, plan, samples, cancel, tls).await }
         })
         .buffer_unordered(config.scan.concurrency);
     let mut outcomes = std::pin::pin!(outcomes);
@@ -208,20 +208,17 @@ async fn snapshot(
     config: &Config,
 ) -> Result<(Discovery, Catalog, BTreeSet<String>), ScanFailure> {
     let catalog_error = |e: tokio_postgres::Error| ScanFailure::Catalog(e.into());
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(catalog_error)?;
+    let tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
     let discovery = tenants::discover(&tx, &config.tenants).await?;
     let mut schemas = discovery.tenants.clone();
     schemas.push(config.tenants.shared_schema.clone());
     schemas.extend(config.tenants.reference_schema.clone());
     let catalog = catalog::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?;
     tx.commit().await.map_err(catalog_error)?;
-    let present = tenants::still_present(&*client, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
+    // A transaction of its own (a fresh snapshot) that sees the drops committed meanwhile.
+    let tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
+    let present = tenants::still_present(&tx, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
+    tx.commit().await.map_err(catalog_error)?;
     Ok((discovery, catalog, present))
 }
 
@@ -262,9 +259,11 @@ fn unreadable_tables(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str
 
 /// Runs one tenant's probes in its own snapshot, each under a savepoint so that one failing
 /// probe (a timeout, a type mismatch in a declared relationship) does not hide the others.
+#[allow(clippy::too_many_arguments)]
 async fn scan_tenant(
     pool: &Pool,
     target: &str,
+    scan: &ScanConfig,
     tenant: &str,
     plan: checks::Plan,
     samples: usize,
@@ -288,15 +287,9 @@ async fn scan_tenant(
     };
     let client: &mut tokio_postgres::Client = &mut session;
     let server_cancel = client.cancel_token();
-    let tx = match client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-    {
+    let tx = match db::begin_scan(client, scan).await {
         Ok(tx) => tx,
-        Err(e) => return (findings, vec![error(classify(&e.into()), None, "cannot start transaction".into())]),
+        Err(e) => return (findings, vec![error(classify(&e), None, "cannot start transaction".into())]),
     };
     let snapshot = db::Snapshot::new(&tx);
     let probes = plan.orphans.iter().map(Probe::Orphans).chain(plan.nulls.iter().map(Probe::Nulls));
@@ -373,8 +366,8 @@ impl Probe<'_> {
 /// Whether `schema` exists now. `to_regnamespace` reads the system cache, which sees committed
 /// drops, where a query of `pg_namespace` would see the transaction's older snapshot.
 async fn schema_exists(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> Result<bool, DbError> {
-    let row =
-        tx.query_one("SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL", &[&schema]).await?;
+    const EXISTS: &str = "SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL";
+    let row = tx.query_typed_one(EXISTS, &[(&schema, Type::TEXT)]).await?;
     Ok(row.get(0))
 }
 
