@@ -321,7 +321,7 @@ async fn sigterm_cancels_running_queries_and_exits_in_time() {
 
     wait_until_scan_blocked(&url).await;
     let watcher = pg::connect(&url).await;
-    let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit'";
+    let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND datname = current_database()";
 
     let sent = Instant::now();
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
