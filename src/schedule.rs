@@ -1,7 +1,9 @@
 //! The scheduler: scans on the cron schedule (and on demand), never two at once, and keeps the
 //! last good report for the HTTP endpoints.
 //!
-//! When `heal.enabled`, heal runs after each successful scan, inside the same no-overlap guard.
+//! When `heal.enabled`, heal runs after each successful scheduled scan, inside the same
+//! no-overlap guard; after a requested scan (`POST /scan`) only when `web.scan_requests.heal`
+//! allows it too.
 //!
 //! Invariants: at most one scan runs at a time (a tick that finds one running is skipped and
 //! counted); a failed scan keeps the previous report and its metrics; everything stops when the
@@ -21,6 +23,15 @@ use crate::heal;
 use crate::metrics::Metrics;
 use crate::report::Report;
 use crate::scan;
+
+/// Who asked for a scan: it decides whether heal may follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The cron schedule or `serve.scan_on_start`: heals when `heal.enabled`.
+    Schedule,
+    /// `POST /scan`: heals only when `web.scan_requests.heal` is set as well.
+    Request,
+}
 
 /// State shared by the schedule loop, the scans it starts and the HTTP handlers.
 pub struct Scheduler {
@@ -63,14 +74,18 @@ impl Scheduler {
     }
 
     /// Starts a scan in the background unless one is running; returns whether it started.
-    pub fn try_start_scan(self: &Arc<Self>) -> bool {
+    pub fn try_start_scan(self: &Arc<Self>, trigger: Trigger) -> bool {
         if self.shutdown.is_cancelled() || self.running.swap(true, Ordering::AcqRel) {
             return false;
         }
+        let heal = match trigger {
+            Trigger::Schedule => true,
+            Trigger::Request => self.config.web.scan_requests.heal,
+        };
         let me = Arc::clone(self);
         self.tasks.spawn(async move {
             let _running = ClearOnDrop(&me.running);
-            me.scan_once().await;
+            me.scan_once(heal).await;
         });
         true
     }
@@ -104,7 +119,7 @@ impl Scheduler {
         }
         self.tasks.spawn(Arc::clone(&self).watch_database());
         if self.config.serve.scan_on_start {
-            self.try_start_scan();
+            self.try_start_scan(Trigger::Schedule);
         }
         loop {
             let Some(next) = self.config.serve.schedule.upcoming(Utc).next() else { return };
@@ -112,7 +127,7 @@ impl Scheduler {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {
-                    if !self.try_start_scan() {
+                    if !self.try_start_scan(Trigger::Schedule) {
                         tracing::warn!("scheduled scan skipped: the previous scan is still running");
                         self.metrics.record_skipped_tick();
                     }
@@ -180,7 +195,8 @@ impl Scheduler {
         self.metrics.set_database_up(up);
     }
 
-    async fn scan_once(&self) {
+    /// One scan; then heal, when `heal` and `heal.enabled`.
+    async fn scan_once(&self, heal: bool) {
         let clock = Instant::now();
         match scan::run(&self.config, &self.pool, &self.shutdown, None).await {
             Ok(scanned) => {
@@ -195,7 +211,7 @@ impl Scheduler {
                 }
                 self.set_database_up(true);
                 self.metrics.record_report(&scanned.report, self.config.metrics.max_tenant_series);
-                if let Some(pool) = &self.heal_pool {
+                if let Some(pool) = self.heal_pool.as_ref().filter(|_| heal) {
                     let plan = heal::Plan::build(&scanned, &self.config);
                     if let Err(e) =
                         heal::execute(&self.config.heal, pool, &plan, Some(&self.metrics), &self.shutdown).await

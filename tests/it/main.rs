@@ -8,6 +8,7 @@ mod dashboard;
 mod freeze;
 mod heal;
 mod heal_ddl;
+mod listener;
 mod prometheus;
 mod rules;
 mod scan;
