@@ -7,6 +7,8 @@ mod daemon;
 mod dashboard;
 mod heal;
 mod heal_ddl;
+mod heal_graph;
+mod heal_sequences;
 mod prometheus;
 mod rules;
 mod scan;
