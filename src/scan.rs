@@ -10,7 +10,6 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use chrono::Utc;
-use deadpool_postgres::Pool;
 use futures::stream::{self, StreamExt};
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{self, Catalog};
 use crate::checks::{self, null_timestamps, orphan_rows, sequence_behind, Context, Shape};
 use crate::config::{Config, ScanConfig};
-use crate::db::{self, DbError};
+use crate::db::{self, DbError, Pool};
 use crate::report::{Check, Detail, ErrorKind, Finding, Report, ScanError, TenantCounts, REPORT_VERSION};
 use crate::tenants::{self, Discovery, DiscoveryError};
 
@@ -37,6 +36,8 @@ pub enum ScanFailure {
     ConnectionLost { tenants: usize, message: String },
     #[error("the scan was cancelled")]
     Cancelled,
+    #[error("the scan did not finish within scan.max_duration ({}); its statements were cancelled", humantime::format_duration(*.0))]
+    Deadline(std::time::Duration),
 }
 
 impl ScanFailure {
@@ -62,6 +63,7 @@ impl ScanFailure {
             ScanFailure::Catalog(_) => "catalog",
             ScanFailure::NoReference(_) => "config",
             ScanFailure::Cancelled => "cancelled",
+            ScanFailure::Deadline(_) => "deadline",
         }
     }
 }
@@ -78,8 +80,36 @@ pub struct Scanned {
 pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
 /// Runs one scan of the database behind `pool`. Cancelling `cancel` stops it: running queries
-/// are cancelled on the server and the scan returns [`ScanFailure::Cancelled`].
+/// are cancelled on the server and the scan returns [`ScanFailure::Cancelled`]. After
+/// `scan.max_duration` the same happens and the scan fails with [`ScanFailure::Deadline`]:
+/// running statements get a cancel request each, the scan `scan.connect_timeout` more to wind
+/// down (a frozen server answers neither), then it is dropped with its sessions.
 pub async fn run(
+    config: &Config,
+    pool: &Pool,
+    cancel: &CancellationToken,
+    progress: Option<Progress<'_>>,
+) -> Result<Scanned, ScanFailure> {
+    let stop = cancel.child_token();
+    // Boxed so that it can be dropped (with its sessions) before the idle ones are closed.
+    let mut scan = Box::pin(run_until(config, pool, &stop, progress));
+    tokio::select! {
+        result = &mut scan => return result,
+        _ = tokio::time::sleep(config.scan.max_duration) => {}
+    }
+    tracing::warn!(
+        max_duration_seconds = config.scan.max_duration.as_secs_f64(),
+        "scan deadline reached; cancelling it"
+    );
+    stop.cancel();
+    let _ = tokio::time::timeout(config.scan.connect_timeout, &mut scan).await;
+    drop(scan);
+    // Sessions that went back to the pool while their statement still ran must not be reused.
+    db::drop_idle_sessions(pool);
+    Err(ScanFailure::Deadline(config.scan.max_duration))
+}
+
+async fn run_until(
     config: &Config,
     pool: &Pool,
     cancel: &CancellationToken,
@@ -126,16 +156,15 @@ pub async fn run(
     let total = tenants.len();
     let discovered = discovery.tenants.len();
     let samples = config.report.sample_keys;
-    let tls = db::tls(&config.database);
     // Plans are owned values so the stream's closure borrows nothing per item (which keeps the
     // whole scan future `Send` for callers that spawn it).
     let work: Vec<(String, checks::Plan)> = tenants.iter().map(|t| (t.clone(), checks::plan(&ctx, t))).collect();
-    let outcomes = stream::iter(work)
-        .map(|(tenant, plan)| {
-            let tls = tls.clone();
-            async move { scan_tenant(pool, target, &config.scan, &tenant, plan, samples, cancel, tls).await }
-        })
-        .buffer_unordered(config.scan.concurrency);
+    let outcomes =
+        stream::iter(work)
+            .map(|(tenant, plan)| async move {
+                scan_tenant(pool, target, &config.scan, &tenant, plan, samples, cancel).await
+            })
+            .buffer_unordered(config.scan.concurrency);
     let mut outcomes = std::pin::pin!(outcomes);
     let mut done = 0;
     while let Some((tenant_findings, tenant_errors)) = outcomes.next().await {
@@ -269,7 +298,6 @@ async fn scan_tenant(
     plan: checks::Plan,
     samples: usize,
     cancel: &CancellationToken,
-    tls: db::Tls,
 ) -> (Vec<Finding>, Vec<ScanError>) {
     let mut findings = Vec::new();
     let mut errors = Vec::new();
@@ -286,8 +314,8 @@ async fn scan_tenant(
         Ok(c) => c,
         Err(e) => return (findings, vec![error(ErrorKind::Connection, None, e.to_string())]),
     };
+    let server_cancel = session.canceller();
     let client: &mut tokio_postgres::Client = &mut session;
-    let server_cancel = client.cancel_token();
     let tx = match db::begin_scan(client, scan).await {
         Ok(tx) => tx,
         Err(e) => return (findings, vec![error(classify(&e), None, "cannot start transaction".into())]),
@@ -305,8 +333,12 @@ async fn scan_tenant(
             _ = cancel.cancelled() => {
                 // Stop the query on the server before letting go of the session, so that
                 // nothing of ours keeps running (or waiting on a lock) after shutdown.
-                let _ = server_cancel.cancel_query(tls).await;
-                break;
+                server_cancel.cancel().await;
+                // Not rolled back here (a frozen server would not answer): dropping the
+                // transaction and the session closes them.
+                drop(tx);
+                db::discard(session);
+                return (findings, errors);
             }
         };
         match result {

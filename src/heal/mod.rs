@@ -19,7 +19,6 @@ mod sequence;
 
 use std::collections::BTreeMap;
 
-use deadpool_postgres::Pool;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +27,7 @@ pub use copy::CopySpec;
 pub use plan::{Action, OnceStep, Plan, Step, TenantPlan};
 
 use crate::config::HealConfig;
-use crate::db::{self, DbError};
+use crate::db::{self, DbError, Pool};
 use crate::metrics::Metrics;
 
 /// The advisory lock key that makes heal exclusive per database (`tenant-a` in ASCII).
@@ -213,8 +212,7 @@ impl From<tokio_postgres::Error> for Stop {
 /// The session that writes, with what every transaction of it needs.
 struct Writer<'a> {
     client: &'a mut Client,
-    server_cancel: tokio_postgres::CancelToken,
-    tls: db::Tls,
+    server_cancel: db::Canceller,
     cancel: &'a CancellationToken,
     /// Its timeouts, set with `SET LOCAL` first in every transaction (`db::begin_heal`).
     heal: &'a HealConfig,
@@ -240,15 +238,9 @@ async fn run(
     ensure_audit_table(guard).await?;
     check_privileges(guard, plan).await?;
     let mut session = db::session(pool, &heal.database.target).await.map_err(HealError::Connect)?;
+    let server_cancel = session.canceller();
     let client: &mut Client = &mut session;
-    let mut writer = Writer {
-        server_cancel: client.cancel_token(),
-        tls: db::tls(&heal.database),
-        client,
-        cancel,
-        heal,
-        search_path: String::new(),
-    };
+    let mut writer = Writer { server_cancel, client, cancel, heal, search_path: String::new() };
     let mut outcome = Outcome { run_id: run_id(), ..Outcome::default() };
     let mut budget = heal.max_rows_per_run;
     for (i, tenant) in plan.tenants.iter().enumerate() {
@@ -333,7 +325,6 @@ impl Writer<'_> {
         }
         let cancel = self.cancel.clone();
         let server_cancel = self.server_cancel.clone();
-        let tls = self.tls.clone();
         let heal = self.heal;
         let search_path = self.search_path.clone();
         let attempt = async {
@@ -346,7 +337,7 @@ impl Writer<'_> {
         tokio::select! {
             result = attempt => Ok(result?),
             _ = cancel.cancelled() => {
-                let _ = server_cancel.cancel_query(tls).await;
+                server_cancel.cancel().await;
                 Err(Stop::Cancelled)
             }
         }

@@ -9,6 +9,7 @@ mod heal;
 mod heal_ddl;
 mod heal_graph;
 mod heal_sequences;
+mod listener;
 mod prometheus;
 mod rules;
 mod scan;
