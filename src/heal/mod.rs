@@ -18,6 +18,7 @@ mod columns;
 mod copy;
 mod lease;
 mod plan;
+mod sequence;
 
 use std::collections::BTreeMap;
 
@@ -25,6 +26,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+pub use copy::CopySpec;
 pub use plan::{Action, OnceStep, Plan, Step, TenantPlan};
 
 use crate::config::HealConfig;
@@ -41,6 +43,7 @@ pub enum Repair {
     CopyMissingParents,
     BackfillNullTimestamps,
     AddMissingColumns,
+    AdvanceSequences,
 }
 
 impl Repair {
@@ -50,6 +53,7 @@ impl Repair {
             Repair::CopyMissingParents => "copy_missing_parents",
             Repair::BackfillNullTimestamps => "backfill_null_timestamps",
             Repair::AddMissingColumns => "add_missing_columns",
+            Repair::AdvanceSequences => "advance_sequences",
         }
     }
 }
@@ -111,6 +115,9 @@ pub struct Outcome {
     pub skipped: Vec<(String, SkipReason)>,
     /// Repairs that failed: (schema, repair, message). The rest of the tenant went on.
     pub errors: Vec<(String, Repair, String)>,
+    /// Orphaned keys a copy left alone: (schema, child table, key, reason). The other keys of
+    /// their relationship were healed.
+    pub set_aside: Vec<(String, String, String, String)>,
     /// The run was cancelled (shutdown or a signal) before it finished.
     pub interrupted: bool,
 }
@@ -128,6 +135,9 @@ impl Outcome {
         }
         for (schema, reason) in &self.skipped {
             out.push_str(&format!("skipped {schema}: {}\n", reason.name()));
+        }
+        for (schema, table, key, reason) in &self.set_aside {
+            out.push_str(&format!("set aside {} key ({key}): {reason}\n", crate::sql::display_name(schema, table)));
         }
         out.push_str(&format!(
             "heal run {}: {} change(s), {} tenant(s) skipped, {} error(s)\n",
@@ -306,6 +316,7 @@ async fn heal_tenant(
                     run_batches(writer, heal.batch_size, sql, tenant, action.repair, budget, outcome).await
                 }
                 Step::Once(once) => run_once(writer, once, tenant, action, outcome).await,
+                Step::Copy(spec) => run_copy(writer, heal.batch_size, spec, budget, outcome).await,
             };
             match result {
                 Ok(()) => {}
@@ -411,6 +422,46 @@ async fn run_batches(
     }
 }
 
+/// Runs a copy batch by batch (keyset over the orphaned keys) until no key is left, the budget
+/// runs out, or the run is cancelled.
+async fn run_copy(
+    writer: &mut Writer<'_>,
+    batch_size: usize,
+    spec: &copy::CopySpec,
+    budget: &mut u64,
+    outcome: &mut Outcome,
+) -> Result<(), Stop> {
+    let repair = Repair::CopyMissingParents.name();
+    let mut cursor: Vec<String> = Vec::new();
+    loop {
+        let limit = (*budget).min(batch_size as u64) as i64;
+        if limit == 0 {
+            return Err(Stop::BudgetReached);
+        }
+        let (run_id, spec_owned, at) = (outcome.run_id.clone(), spec.clone(), cursor.clone());
+        let done = writer
+            .transaction(move |tx| Box::pin(async move { copy::batch(tx, &spec_owned, limit, &at, &run_id).await }))
+            .await?;
+        for (table, key) in &done.inserted {
+            tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair, key = %key, "healed");
+        }
+        for (table, seq) in &done.sequences {
+            tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair, sequence = %seq, "sequence moved past the copied keys");
+        }
+        for (key, reason) in &done.set_aside {
+            tracing::warn!(run_id = %outcome.run_id, schema = %spec.tenant, table = %spec.child, key = %key, reason = %reason, "orphan set aside");
+            outcome.set_aside.push((spec.tenant.clone(), spec.child.clone(), key.clone(), reason.clone()));
+        }
+        let changed = done.inserted.len() as u64;
+        *outcome.changed.entry(repair).or_default() += changed;
+        *budget = budget.saturating_sub(changed);
+        if done.picked == 0 {
+            return Ok(());
+        }
+        cursor = done.cursor;
+    }
+}
+
 /// Runs a one-off statement (DDL) with its audit row in one transaction.
 async fn run_once(
     writer: &mut Writer<'_>,
@@ -468,13 +519,10 @@ LIMIT 1";
     let mut privileges = ["INSERT", "INSERT", "UPDATE", "DELETE"].map(String::from).to_vec();
     for tenant in &plan.tenants {
         for action in &tenant.actions {
-            let privilege = match action.repair {
-                Repair::CopyMissingParents => "INSERT",
-                Repair::BackfillNullTimestamps => "UPDATE",
-                Repair::AddMissingColumns => "OWNER",
-            };
-            rels.push(crate::sql::qualified(&tenant.schema, &action.writes));
-            privileges.push(privilege.to_string());
+            for (rel, privilege) in action.writes() {
+                rels.push(crate::sql::qualified(&tenant.schema, &rel));
+                privileges.push(privilege.to_string());
+            }
         }
     }
     if let Some(row) = client

@@ -8,6 +8,8 @@ mod dashboard;
 mod freeze;
 mod heal;
 mod heal_ddl;
+mod heal_graph;
+mod heal_sequences;
 mod listener;
 mod prometheus;
 mod rules;
