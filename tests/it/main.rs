@@ -11,6 +11,7 @@ mod heal_ddl;
 mod heal_graph;
 mod heal_sequences;
 mod listener;
+mod pgbouncer;
 mod prometheus;
 mod rules;
 mod scan;

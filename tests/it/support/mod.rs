@@ -2,6 +2,7 @@
 
 pub mod freeze;
 pub mod pg;
+pub mod pgbouncer;
 
 use std::path::Path;
 use std::process::{Command, Output};
