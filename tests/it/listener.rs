@@ -258,6 +258,30 @@ async fn half_sent_requests_are_closed_within_the_header_timeout() {
     daemon.stop().await;
 }
 
+#[tokio::test]
+async fn shutdown_does_not_wait_for_half_sent_requests() {
+    let url = fixture_db("listener_shutdown", DEMO_SQL).await;
+    let daemon = start_daemon(config(&url, &format!("{DAEMON}[web]\nheader_read_timeout = '5m'\n"))).await;
+    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    let address = daemon.base.trim_start_matches("http://").to_string();
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        slow.push(stream);
+    }
+    // Each connection is being served (an answered scrape follows them in accept order).
+    assert_eq!(daemon.get("/healthz").await.0, 200);
+    let stopping = Instant::now();
+    daemon.stop().await;
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(4), "shutdown took {took:?}; the grace is 2 s, header_read_timeout 5 min");
+    assert!(
+        took >= tenant_audit::http::SHUTDOWN_GRACE,
+        "shutdown took {took:?}: it did not wait for the open requests"
+    );
+}
+
 /// utime + stime of process `pid`, in clock ticks (/proc/PID/stat fields 14 and 15).
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
