@@ -186,11 +186,20 @@ async fn client_certificates_are_required_when_configured() {
     certificates(&dir);
     let url = fixture_db("listener_mtls", DEMO_SQL).await;
     let web = web_config(&dir, "  client_ca_file: ca.pem\n  client_auth_type: RequireAndVerifyClientCert\n");
-    let daemon = start_daemon(config(&url, &format!("{DAEMON}[web]\nconfig_file = {web:?}\n"))).await;
+    let extra = format!("{DAEMON}[web]\nconfig_file = {web:?}\nheader_read_timeout = '1s'\n");
+    let daemon = start_daemon(config(&url, &extra)).await;
     let base = daemon.base.replace("http://", "https://");
     assert!(https_client(&dir, false).get(format!("{base}/healthz")).send().await.is_err(), "no client certificate");
     let (status, _, body) = send(https_client(&dir, true).get(format!("{base}/healthz")), None).await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // A client that never starts its TLS handshake is closed after header_read_timeout.
+    let mut silent = tokio::net::TcpStream::connect(daemon.base.trim_start_matches("http://")).await.unwrap();
+    let opened = Instant::now();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut buf)).await.unwrap().unwrap();
+    let took = opened.elapsed();
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(3), "closed after {took:?}");
+    assert_eq!(buf.len(), 0);
     daemon.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
