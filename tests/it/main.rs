@@ -6,6 +6,7 @@ mod cli;
 mod daemon;
 mod dashboard;
 mod heal;
+mod heal_backfill;
 mod heal_ddl;
 mod heal_graph;
 mod heal_sequences;
