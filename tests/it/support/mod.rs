@@ -1,6 +1,8 @@
 //! Test support: the throwaway PostgreSQL (`pg`), fixture databases, configs, and the binary.
 
+pub mod freeze;
 pub mod pg;
+pub mod pgbouncer;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -101,6 +101,12 @@ impl Cluster {
         self.pg_ctl_start();
     }
 
+    /// The postmaster's process id (first line of `postmaster.pid`).
+    pub fn postmaster_pid(&self) -> u32 {
+        let text = fs::read_to_string(self.dir().join("data/postmaster.pid")).expect("read postmaster.pid");
+        text.lines().next().and_then(|l| l.trim().parse().ok()).expect("postmaster.pid starts with the pid")
+    }
+
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@{}:{}/{db}", self.host, self.port)
     }
