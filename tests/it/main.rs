@@ -11,6 +11,7 @@ mod heal;
 mod heal_backfill;
 mod heal_ddl;
 mod heal_graph;
+mod heal_review;
 mod heal_sequences;
 mod listener;
 mod pgbouncer;
