@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::{backfill, columns, copy, Repair};
-use crate::checks::orphan_rows::Probe;
+use crate::checks::orphan_rows;
 use crate::config::Config;
 use crate::report::{Check, Detail, DriftKind, Finding, ParentLocation};
 use crate::scan::Scanned;
@@ -135,28 +135,9 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
         (
             Repair::CopyMissingParents,
             Check::OrphanRows,
-            Detail::OrphanRows {
-                parent_schema,
-                parent_table,
-                parent_columns,
-                parent_location: ParentLocation::Shared,
-                relationship,
-                constraint,
-                constraint_validated,
-            },
+            Detail::OrphanRows { parent_table, parent_location: ParentLocation::Shared, .. },
         ) => {
-            let probe = Probe {
-                table: table.clone(),
-                columns: f.columns.clone(),
-                parent_schema: parent_schema.clone(),
-                parent_table: parent_table.clone(),
-                parent_columns: parent_columns.clone(),
-                shared_parent: Some(shared.clone()),
-                source: *relationship,
-                constraint: constraint.clone(),
-                constraint_validated: *constraint_validated,
-                match_full: false,
-            };
+            let probe = orphan_rows::probe_for(catalog, &scanned.shape, shared, f)?;
             let summary = format!("{} orphan row(s) whose {parent_table} row exists in {shared}", f.count);
             writes = parent_table.clone();
             (summary, copy::steps(catalog, shared, tenant, &probe)?)
