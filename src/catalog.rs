@@ -131,18 +131,21 @@ pub fn relation(catalog: &Catalog, schema: &str, table: &str) -> String {
 }
 
 /// Columns of every ordinary and partitioned table, with primary-key position, default and
-/// privileges. Partitions are left out: their rows are read through the parent.
+/// privileges. Partitions are left out: their rows are read through the parent. Defaults are
+/// deparsed without their relation (`pg_get_expr(adbin, 0)`: a default cannot reference
+/// columns; generated columns' expressions, which can, are not defaults), which takes no lock on
+/// the table.
 const COLUMNS: &str = "/* tenant-audit:catalog */
 SELECT n.nspname::text, c.relname::text, a.attname::text,
        replace(pg_catalog.format_type(a.atttypid, a.atttypmod), pg_catalog.quote_ident(n.nspname) || '.', ''),
        a.attnotnull,
-       replace(pg_catalog.pg_get_expr(d.adbin, d.adrelid), pg_catalog.quote_ident(n.nspname) || '.', ''),
+       replace(pg_catalog.pg_get_expr(d.adbin, 0), pg_catalog.quote_ident(n.nspname) || '.', ''),
        (SELECT k.ord::int FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(num, ord) WHERE k.num = a.attnum),
        pg_catalog.has_schema_privilege(n.oid, 'USAGE') AND pg_catalog.has_table_privilege(c.oid, 'SELECT')
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum AND a.attgenerated = ''
 LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary
 WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY($1)
 ORDER BY 1, 2, a.attnum";
@@ -269,7 +272,8 @@ async fn read_chunk(client: &impl GenericClient, schemas: &[String]) -> Result<C
         }
     }
     for row in client.query(RELATIONS, &[&schemas]).await? {
-        let Some(t) = catalog.schemas.get_mut(&row.get::<_, String>(0)).and_then(|s| s.tables.get_mut(&row.get::<_, String>(1)))
+        let Some(t) =
+            catalog.schemas.get_mut(&row.get::<_, String>(0)).and_then(|s| s.tables.get_mut(&row.get::<_, String>(1)))
         else {
             continue;
         };

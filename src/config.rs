@@ -580,7 +580,10 @@ pub fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
 pub fn parse_timeout(key: &str, value: &str) -> Result<Duration, ConfigError> {
     let d = parse_duration(key, value)?;
     if d < Duration::from_millis(1) {
-        return Err(ConfigError::invalid(key, format!("{value:?} is below 1ms (PostgreSQL would disable the timeout)")));
+        return Err(ConfigError::invalid(
+            key,
+            format!("{value:?} is below 1ms (PostgreSQL would disable the timeout)"),
+        ));
     }
     if d > MAX_TIMEOUT {
         return Err(ConfigError::invalid(key, format!("{value:?} is longer than the 24h maximum")));
@@ -790,13 +793,28 @@ mod tests {
     #[test]
     fn numbers_and_durations_are_bounded_with_the_key_named() {
         let cases = [
-            ("[scan]\nconcurrency = 4611686018427387904", "config key scan.concurrency: 4611686018427387904 is out of range: must be between 1 and 256"),
+            (
+                "[scan]\nconcurrency = 4611686018427387904",
+                "config key scan.concurrency: 4611686018427387904 is out of range: must be between 1 and 256",
+            ),
             ("[scan]\nconcurrency = -1", "config key scan.concurrency: -1 is out of range: must be between 1 and 256"),
-            ("[scan]\nlock_timeout = '500us'", "config key scan.lock_timeout: \"500us\" is below 1ms (PostgreSQL would disable the timeout)"),
-            ("[scan]\nstatement_timeout = '30d'", "config key scan.statement_timeout: \"30d\" is longer than the 24h maximum"),
+            (
+                "[scan]\nlock_timeout = '500us'",
+                "config key scan.lock_timeout: \"500us\" is below 1ms (PostgreSQL would disable the timeout)",
+            ),
+            (
+                "[scan]\nstatement_timeout = '30d'",
+                "config key scan.statement_timeout: \"30d\" is longer than the 24h maximum",
+            ),
             ("[heal]\nbatch_size = 0", "config key heal.batch_size: 0 is out of range: must be between 1 and 100000"),
-            ("[report]\nsample_keys = 9223372036854775807", "config key report.sample_keys: 9223372036854775807 is out of range: must be between 0 and 1000"),
-            ("[serve]\nready_max_age = '500years'", "config key serve.ready_max_age: \"500years\" is longer than a year"),
+            (
+                "[report]\nsample_keys = 9223372036854775807",
+                "config key report.sample_keys: 9223372036854775807 is out of range: must be between 0 and 1000",
+            ),
+            (
+                "[serve]\nready_max_age = '500years'",
+                "config key serve.ready_max_age: \"500years\" is longer than a year",
+            ),
         ];
         for (toml, expected) in cases {
             let err = parse(&format!("database_url = 'postgres://db/app'\n{toml}\n")).unwrap_err();

@@ -256,8 +256,7 @@ async fn snapshot(client: &mut tokio_postgres::Client, config: &Config) -> Resul
     required.extend(config.tenants.reference_schema.clone());
     let (catalog, chunk_failures) =
         catalog::read(&mut tx, &required, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
-    let standby: bool =
-        tx.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(catalog_error)?.get(0);
+    let standby: bool = tx.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(catalog_error)?.get(0);
     tx.commit().await.map_err(catalog_error)?;
     let present = tenants::still_present(&*client, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
     Ok(Snapshot { discovery, catalog, present, chunk_failures, standby })

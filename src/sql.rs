@@ -68,11 +68,8 @@ pub fn operator(schema: &str, name: &str) -> String {
 /// sort of the table is ever needed; only the kept keys are ordered, inside the aggregate.
 pub fn sample_select(relation: &str, key: &[String], condition: &str, limit: usize) -> String {
     let ctid = ["ctid".to_string()];
-    let (text, order_columns) = if key.is_empty() {
-        ("c.ctid::text".to_string(), &ctid[..])
-    } else {
-        (key_text("c", key), key)
-    };
+    let (text, order_columns) =
+        if key.is_empty() { ("c.ctid::text".to_string(), &ctid[..]) } else { (key_text("c", key), key) };
     let order: Vec<String> = (0..order_columns.len()).map(|i| format!("s.o{i}")).collect();
     let select: Vec<String> =
         order_columns.iter().enumerate().map(|(i, col)| format!("c.{} AS o{i}", ident(col))).collect();

@@ -144,7 +144,8 @@ fn resolve(ctx: &Context<'_>, tenant: &str, schema: &Schema, shared: &Schema, c:
         usable(other, &c.parent_table, &c.parent_columns).then_some(())?;
         (declared, None)
     };
-    let probe = Probe::new(ctx.catalog, c.table, c.columns, parent_schema, c.parent_table, c.parent_columns, shared_parent);
+    let probe =
+        Probe::new(ctx.catalog, c.table, c.columns, parent_schema, c.parent_table, c.parent_columns, shared_parent);
     Some(Probe {
         source: c.source,
         constraint: c.constraint,
@@ -158,8 +159,15 @@ fn resolve(ctx: &Context<'_>, tenant: &str, schema: &Schema, shared: &Schema, c:
 /// The probe behind an orphan finding of `tenant`, with the comparison the scan used (heal
 /// re-checks the same predicate in its writes).
 pub fn probe_for(catalog: &Catalog, shape: &Shape, shared: &str, f: &Finding) -> Option<Probe> {
-    let Detail::OrphanRows { parent_schema, parent_table, parent_columns, relationship, constraint, constraint_validated, .. } =
-        &f.detail
+    let Detail::OrphanRows {
+        parent_schema,
+        parent_table,
+        parent_columns,
+        relationship,
+        constraint,
+        constraint_validated,
+        ..
+    } = &f.detail
     else {
         return None;
     };
@@ -186,7 +194,9 @@ pub fn probe_for(catalog: &Catalog, shape: &Shape, shared: &str, f: &Finding) ->
     }
     .unwrap_or_default();
     let match_full = match constraint {
-        Some(name) => own.and_then(|t| t.foreign_keys.iter().find(|fk| &fk.name == name)).is_some_and(|fk| fk.match_full),
+        Some(name) => {
+            own.and_then(|t| t.foreign_keys.iter().find(|fk| &fk.name == name)).is_some_and(|fk| fk.match_full)
+        }
         None => false,
     };
     Some(Probe {
@@ -253,7 +263,8 @@ impl Probe {
                     Some(Some(c)) => format!(" COLLATE {}", c.quoted()),
                     _ => String::new(),
                 };
-                let operator = self.equality.get(i).map_or_else(|| "=".to_string(), |o| sql::operator(&o.schema, &o.name));
+                let operator =
+                    self.equality.get(i).map_or_else(|| "=".to_string(), |o| sql::operator(&o.schema, &o.name));
                 format!("p.{}{collate} {operator} c.{}", sql::ident(parent), sql::ident(child))
             })
             .collect();
@@ -313,9 +324,7 @@ impl Probe {
     /// Whether `f` is a finding of this relationship, and at which parent location.
     pub fn location_of(&self, f: &Finding) -> Option<ParentLocation> {
         match &f.detail {
-            Detail::OrphanRows { parent_location, .. }
-                if f.check == Check::OrphanRows && f.columns == self.columns =>
-            {
+            Detail::OrphanRows { parent_location, .. } if f.check == Check::OrphanRows && f.columns == self.columns => {
                 Some(*parent_location)
             }
             _ => None,

@@ -195,7 +195,12 @@ mod tests {
         assert_eq!(locations(&findings), [Some(ParentLocation::Missing), None]);
         let mut findings = findings;
         let sql = w.sample_sql(&findings, 3).unwrap();
-        assert!(sql.starts_with("SELECT (SELECT pg_catalog.json_agg(s.k ORDER BY s.o0) FROM (SELECT c.\"parent_id\"::text AS k"), "{sql}");
+        assert!(
+            sql.starts_with(
+                "SELECT (SELECT pg_catalog.json_agg(s.k ORDER BY s.o0) FROM (SELECT c.\"parent_id\"::text AS k"
+            ),
+            "{sql}"
+        );
         attach_samples(&mut findings, &[Some("[\"7\", \"7\", \"9\"]".into()), Some("[\"1\"]".into())]);
         assert_eq!(findings[0].sample_keys, ["7", "9"]);
         assert_eq!(findings[1].sample_keys, ["1"]);

@@ -3,12 +3,15 @@
 
 mod chart;
 mod cli;
+mod config_input;
 mod daemon;
 mod dashboard;
 mod heal;
 mod prometheus;
 mod rules;
 mod scan;
+mod scan_locks;
+mod scan_semantics;
 mod support;
 mod tls;
 mod tools;
