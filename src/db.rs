@@ -146,6 +146,13 @@ pub async fn ping(pool: &Pool, target: &str) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Whether a statement may use parallel workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parallel {
+    Allowed,
+    Serial,
+}
+
 /// The `SET LOCAL` settings of a scan transaction: each transaction sets what it needs itself,
 /// so nothing depends on session state (which a transaction pooler does not keep).
 pub fn scan_settings(scan: &ScanConfig) -> String {
@@ -160,13 +167,19 @@ pub fn scan_settings(scan: &ScanConfig) -> String {
 /// and returns its rows as text: `BEGIN READ ONLY; SET LOCAL ...; statement; COMMIT` go as one
 /// simple query message, one round trip. The session holds the statement's locks only while it
 /// runs. After a failure the transaction is rolled back (when the session still lives), so the
-/// session is clean for the next statement.
+/// session is clean for the next statement. A `Serial` statement gets no parallel workers: a
+/// bounded scan then meets rows in the table's physical order, so its samples are stable.
 pub async fn read_only(
     client: &tokio_postgres::Client,
     scan: &ScanConfig,
     sql: &str,
+    plan: Parallel,
 ) -> Result<Vec<Vec<Option<String>>>, DbError> {
-    let batch = format!("BEGIN READ ONLY; {}; {sql}; COMMIT", scan_settings(scan));
+    let serial = match plan {
+        Parallel::Allowed => "",
+        Parallel::Serial => "SET LOCAL max_parallel_workers_per_gather = 0; ",
+    };
+    let batch = format!("BEGIN READ ONLY; {}; {serial}{sql}; COMMIT", scan_settings(scan));
     match client.simple_query(&batch).await {
         Ok(messages) => Ok(messages
             .into_iter()

@@ -358,6 +358,8 @@ async fn scan_tenant(
             break;
         }
         if !session.as_ref().is_some_and(|s| !s.is_closed()) {
+            // Give the dead session back first: the pool may have no other slot.
+            session = None;
             session = match db::session(pool, target).await {
                 Ok(s) => Some(s),
                 Err(e) => {
@@ -383,6 +385,9 @@ async fn scan_tenant(
                 errors.extend(failed.into_iter().map(|(kind, message)| error(kind, Some(&current.table), message)));
             }
             Err(e) if classify(&e) == ErrorKind::Conflict && conflicts < CONFLICT_RETRIES => {
+                // A conflict can also end the session (the standby terminates a session that
+                // still conflicts once idle): try again on a fresh one.
+                session = None;
                 conflicts += 1;
                 tracing::info!(tenant, table = %current.table, attempt = conflicts, "recovery conflict; trying again");
                 continue;
@@ -440,7 +445,7 @@ async fn run_unit(
         Err(e) => return Err(e),
     }
     if let Some(sql) = unit.sample_sql(&findings, samples) {
-        match db::read_only(client, scan, &sql).await {
+        match db::read_only(client, scan, &sql, db::Parallel::Serial).await {
             Ok(rows) => work::attach_samples(&mut findings, rows.first().map(Vec::as_slice).unwrap_or_default()),
             Err(e) => tracing::warn!(tenant, table = %unit.table, error = %e, "sample keys left out"),
         }
@@ -456,7 +461,7 @@ async fn count(
     unit: &TableWork,
     items: &[Item],
 ) -> Result<Vec<Finding>, DbError> {
-    let counts = db::counts(&db::read_only(client, scan, &unit.count_sql(items)).await?)?;
+    let counts = db::counts(&db::read_only(client, scan, &unit.count_sql(items), db::Parallel::Allowed).await?)?;
     Ok(unit.findings(tenant, items, &counts))
 }
 
