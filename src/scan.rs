@@ -359,7 +359,7 @@ async fn scan_tenant(
         }
         if !session.as_ref().is_some_and(|s| !s.is_closed()) {
             // Give the dead session back first: the pool may have no other slot.
-            session = None;
+            drop(session.take());
             session = match db::session(pool, target).await {
                 Ok(s) => Some(s),
                 Err(e) => {
