@@ -14,7 +14,8 @@ async fn scan_locks(watcher: &tokio_postgres::Client) -> Vec<(String, String, bo
         .query(
             "SELECT l.relation::regclass::text, l.mode, l.granted FROM pg_locks l
              JOIN pg_stat_activity a ON a.pid = l.pid
-             WHERE a.application_name = 'tenant-audit' AND l.locktype = 'relation' ORDER BY 1, 2",
+             WHERE a.application_name = 'tenant-audit' AND a.datname = current_database() AND l.locktype = 'relation'
+             ORDER BY 1, 2",
             &[],
         )
         .await
@@ -132,7 +133,7 @@ async fn a_terminated_scan_session_fails_only_its_tenant() {
     let terminated: bool = admin
         .query_one(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock'",
+             WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock' AND datname = current_database()",
             &[],
         )
         .await
