@@ -1,7 +1,8 @@
 //! The configuration file and environment, validated once into [`Config`].
 //!
 //! Invariants: this is the only module that reads configuration files or environment
-//! variables; everything else takes a validated [`Config`]. Errors name the offending key (or
+//! variables (the listener's exporter-toolkit file is parsed by [`crate::web_config`], called
+//! from here); everything else takes a validated [`Config`]. Errors name the offending key (or
 //! file line) and never contain the database password.
 
 use std::collections::BTreeMap;
@@ -11,6 +12,9 @@ use std::time::Duration;
 
 use regex::Regex;
 use serde::Deserialize;
+
+use crate::conninfo::{self, ConnInfo, RootCert};
+use crate::pgtls;
 
 /// Environment variable that overrides `database_url` (and `database_url_file`).
 pub const DATABASE_URL_ENV: &str = "TENANT_AUDIT_DATABASE_URL";
@@ -26,6 +30,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, line: usize, message: String },
     #[error("config key {key}: {message}")]
     Invalid { key: String, message: String },
+    #[error(transparent)]
+    WebConfig(#[from] crate::web_config::WebConfigError),
 }
 
 impl ConfigError {
@@ -38,6 +44,7 @@ impl ConfigError {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database: DatabaseConfig,
+    pub database_checks: DatabaseChecks,
     pub tenants: TenantsConfig,
     pub scan: ScanConfig,
     pub checks: ChecksConfig,
@@ -45,6 +52,7 @@ pub struct Config {
     pub serve: ServeConfig,
     pub metrics: MetricsConfig,
     pub heal: HealConfig,
+    pub web: WebConfig,
 }
 
 /// Repairs; every one is off unless enabled.
@@ -61,13 +69,39 @@ pub struct HealConfig {
     pub max_rows_per_run: u64,
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
+    /// The statement timeout of a `VALIDATE CONSTRAINT` (it reads the whole table).
+    pub validate_timeout: Duration,
     /// Per timestamp column, the columns (or `now()`) whose value a NULL is set from, in order.
     pub fallbacks: BTreeMap<String, Vec<String>>,
+    /// Tables whose key (not a `uuid`) still means the same row in every schema, so copying a
+    /// row with it from the shared schema is safe.
+    pub same_entity_keys: Vec<SameEntityKey>,
+    /// Advance tenant sequences found behind their column (`sequence_behind`).
+    pub advance_sequences: bool,
+    /// What the audit table keeps of a copied or changed row.
+    pub audit_values: AuditValues,
+}
+
+/// A table whose key identifies the same entity in every schema (`heal.same_entity_keys`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SameEntityKey {
+    pub table: String,
+    pub columns: Vec<String>,
+}
+
+/// `heal.audit_values`: `full` keeps each copied row and each new value in the audit table,
+/// `keys` only the keys (no personal data in the audit table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditValues {
+    Full,
+    Keys,
 }
 
 impl HealConfig {
     pub fn any_repair(&self) -> bool {
-        self.copy_missing_parents || self.backfill_null_timestamps || self.add_missing_columns
+        self.copy_missing_parents || self.backfill_null_timestamps || self.add_missing_columns || self.advance_sequences
     }
 }
 
@@ -84,6 +118,9 @@ pub struct ServeConfig {
     /// First and largest wait between retries while the database is unreachable.
     pub retry_initial_backoff: Duration,
     pub retry_max_backoff: Duration,
+    /// The daemon's scan deadline: `scan.max_duration`, else the schedule's interval (so a hung
+    /// scan never holds more than one tick), at least a minute.
+    pub scan_max_duration: Duration,
 }
 
 /// Metric export settings.
@@ -93,14 +130,78 @@ pub struct MetricsConfig {
     pub max_tenant_series: usize,
 }
 
-/// Where and how to connect. `pg` holds the password; only `target` is ever displayed.
+/// Where and how to connect: a libpq connection string, validated at start-up. When it comes
+/// from `database_url_file`, the file is read again for every new connection (rotated passwords
+/// and short-lived IAM tokens), and so are the certificate files it names. Holds the password;
+/// only `target` is ever displayed.
 #[derive(Clone)]
 pub struct DatabaseConfig {
-    pub pg: tokio_postgres::Config,
-    /// `host:port/dbname`, safe to print.
+    /// `host:port/dbname` of the first host, safe to print.
     pub target: String,
-    /// Certificate authorities trusted besides the system's (`tls.ca_file`).
-    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The connection string as validated at start-up.
+    info: ConnInfo,
+    /// The URL file, when the string comes from one.
+    file: Option<PathBuf>,
+    /// The key (or environment variable) the string comes from, for messages.
+    key: String,
+    /// libpq parameters for what the string leaves out: `PG*` variables, then `tls.ca_file`.
+    defaults: BTreeMap<String, String>,
+}
+
+/// A connection string as it stands now, with the certificates it names.
+pub struct Resolved {
+    pub info: ConnInfo,
+    pub tls: pgtls::Material,
+}
+
+impl DatabaseConfig {
+    /// The connection string as validated at start-up.
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
+    }
+
+    /// The connection string for a new connection: the URL file read again (when there is one)
+    /// and the certificate files loaded.
+    pub fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let info = match &self.file {
+            Some(file) => parse_conninfo(&self.key, &read_url_file(&self.key, file)?, &self.defaults)?,
+            None => self.info.clone(),
+        };
+        let tls = load_material(&self.key, &info)?;
+        Ok(Resolved { info, tls })
+    }
+}
+
+/// The certificates of `info`: `sslrootcert` (a PEM file, or `system`), `sslcert` and `sslkey`.
+fn load_material(key: &str, info: &ConnInfo) -> Result<pgtls::Material, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |param: &str, message: String| ConfigError::invalid(key, format!("parameter {param}: {message}"));
+    let certs = |param: &str, file: &Path| -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+        let certs = CertificateDer::pem_file_iter(file)
+            .map_err(|e| invalid(param, format!("cannot read {}: {e}", file.display())))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(param, format!("{} is not valid PEM: {e}", file.display())))?;
+        if certs.is_empty() {
+            return Err(invalid(param, format!("{} holds no certificate", file.display())));
+        }
+        Ok(certs)
+    };
+    let roots = match &info.sslrootcert {
+        None => None,
+        Some(RootCert::System) => Some(rustls_native_certs::load_native_certs().certs),
+        Some(RootCert::File(file)) => Some(certs("sslrootcert", file)?),
+    };
+    let client = match (&info.sslcert, &info.sslkey) {
+        (Some(cert), Some(keyfile)) => {
+            let chain = certs("sslcert", cert)?;
+            let private = PrivateKeyDer::from_pem_file(keyfile)
+                .map_err(|e| invalid("sslkey", format!("cannot read a private key from {}: {e}", keyfile.display())))?;
+            Some((chain, private))
+        }
+        _ => None,
+    };
+    Ok(pgtls::Material { roots, client })
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -138,7 +239,27 @@ pub struct ScanConfig {
     pub concurrency: usize,
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
+    /// Per host, for the whole connection set-up (TCP, TLS, authentication).
     pub connect_timeout: Duration,
+    /// After this long a scan is cancelled (on the server too) and fails: `scan.max_duration`,
+    /// else one hour for `scan`; `serve` uses [`ServeConfig::scan_max_duration`].
+    pub max_duration: Duration,
+}
+
+/// The least `scan.max_duration` derived from a schedule (one firing every second must not
+/// cancel every scan after a second).
+pub const MIN_DERIVED_SCAN_MAX_DURATION: Duration = Duration::from_secs(60);
+
+/// The default `scan.max_duration` of a one-off `scan`.
+pub const CLI_SCAN_MAX_DURATION: Duration = Duration::from_secs(3600);
+
+/// The daemon's liveness checks of the database (`[database]`).
+#[derive(Debug, Clone)]
+pub struct DatabaseChecks {
+    /// How often the daemon pings the database.
+    pub ping_interval: Duration,
+    /// How long a ping may take before the database counts as down.
+    pub ping_timeout: Duration,
 }
 
 /// Check settings.
@@ -169,11 +290,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
-        let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let libpq =
+            conninfo::ENV_DEFAULTS.iter().filter_map(|(var, param)| env(var).map(|v| (param.to_string(), v))).collect();
         Config::from_toml(
             &text,
             path,
-            Env { database_url: env(DATABASE_URL_ENV), heal_database_url: env(HEAL_DATABASE_URL_ENV) },
+            Env { database_url: env(DATABASE_URL_ENV), heal_database_url: env(HEAL_DATABASE_URL_ENV), libpq },
         )
     }
 
@@ -195,6 +318,9 @@ pub struct Env {
     pub database_url: Option<String>,
     /// [`HEAL_DATABASE_URL_ENV`]
     pub heal_database_url: Option<String>,
+    /// libpq's `PG*` variables that are set, by the parameter each supplies
+    /// ([`conninfo::ENV_DEFAULTS`]): defaults where a connection string is silent.
+    pub libpq: BTreeMap<String, String>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -222,6 +348,32 @@ struct RawConfig {
     heal: RawHeal,
     #[serde(default)]
     tls: RawTls,
+    #[serde(default)]
+    web: RawWeb,
+    #[serde(default)]
+    database: RawDatabase,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDatabase {
+    ping_interval: String,
+    ping_timeout: String,
+}
+
+impl Default for RawDatabase {
+    fn default() -> Self {
+        RawDatabase { ping_interval: "15s".into(), ping_timeout: "5s".into() }
+    }
+}
+
+impl RawDatabase {
+    fn validate(self) -> Result<DatabaseChecks, ConfigError> {
+        Ok(DatabaseChecks {
+            ping_interval: parse_duration("database.ping_interval", &self.ping_interval)?,
+            ping_timeout: parse_duration("database.ping_timeout", &self.ping_timeout)?,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,13 +382,12 @@ struct RawTls {
     ca_file: Option<PathBuf>,
 }
 
-/// Reads the PEM certificates of `tls.ca_file` (relative to the config file).
-fn extra_roots(
-    tls: &RawTls,
-    config_path: &Path,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+/// `tls.ca_file` (relative to the config file), checked to hold PEM certificates. It is the
+/// `sslrootcert` of connection strings that name none (kept from before `sslrootcert` was
+/// understood).
+fn ca_file(tls: &RawTls, config_path: &Path) -> Result<Option<PathBuf>, ConfigError> {
     use rustls::pki_types::pem::PemObject;
-    let Some(file) = &tls.ca_file else { return Ok(Vec::new()) };
+    let Some(file) = &tls.ca_file else { return Ok(None) };
     let file = config_path.parent().unwrap_or(Path::new(".")).join(file);
     let invalid = |message: String| ConfigError::invalid("tls.ca_file", message);
     let certs = rustls::pki_types::CertificateDer::pem_file_iter(&file)
@@ -246,7 +397,7 @@ fn extra_roots(
     if certs.is_empty() {
         return Err(invalid(format!("{} holds no certificate", file.display())));
     }
-    Ok(certs)
+    Ok(Some(file))
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,7 +413,11 @@ struct RawHeal {
     max_rows_per_run: i64,
     lock_timeout: String,
     statement_timeout: String,
+    validate_timeout: String,
     fallbacks: BTreeMap<String, Vec<String>>,
+    same_entity_keys: Vec<SameEntityKey>,
+    advance_sequences: bool,
+    audit_values: AuditValues,
 }
 
 impl Default for RawHeal {
@@ -279,6 +434,10 @@ impl Default for RawHeal {
             max_rows_per_run: 10_000,
             lock_timeout: "2s".into(),
             statement_timeout: "30s".into(),
+            validate_timeout: "1h".into(),
+            same_entity_keys: Vec::new(),
+            advance_sequences: false,
+            audit_values: AuditValues::Full,
             fallbacks: BTreeMap::from([
                 ("updated_at".to_string(), chain(&["modified_at", "created_at", "now()"])),
                 ("modified_at".to_string(), chain(&["updated_at", "created_at", "now()"])),
@@ -360,6 +519,7 @@ struct RawScan {
     statement_timeout: String,
     lock_timeout: String,
     connect_timeout: String,
+    max_duration: Option<String>,
 }
 
 impl Default for RawScan {
@@ -369,6 +529,7 @@ impl Default for RawScan {
             statement_timeout: "60s".into(),
             lock_timeout: "5s".into(),
             connect_timeout: "10s".into(),
+            max_duration: None,
         }
     }
 }
@@ -403,16 +564,23 @@ impl Default for RawReport {
 
 impl RawConfig {
     fn validate(self, path: &Path, env: Env) -> Result<Config, ConfigError> {
-        let roots = extra_roots(&self.tls, path)?;
-        let mut database =
-            database_config("", self.database_url, self.database_url_file, path, env.database_url, DATABASE_URL_ENV)?;
-        database.extra_roots = roots.clone();
-        let mut heal = self.heal.validate(path, env.heal_database_url, &database)?;
-        heal.database.extra_roots = roots;
+        let mut defaults = env.libpq.clone();
+        if let Some(file) = ca_file(&self.tls, path)? {
+            defaults.entry("sslrootcert".to_string()).or_insert_with(|| file.display().to_string());
+        }
+        let source = UrlSource { config_path: path, defaults: &defaults };
+        let database =
+            source.database("", self.database_url, self.database_url_file, env.database_url, DATABASE_URL_ENV)?;
+        let heal = self.heal.validate(&source, env.heal_database_url, &database)?;
         let tenants = self.tenants.validate()?;
-        let scan = self.scan.validate()?;
+        let (scan, max_duration_set) = self.scan.validate()?;
         let checks = self.checks.validate()?;
-        let serve = self.serve.validate()?;
+        let mut serve = self.serve.validate()?;
+        if max_duration_set {
+            serve.scan_max_duration = scan.max_duration;
+        }
+        let database_checks = self.database.validate()?;
+        let web = self.web.validate(path, &heal)?;
         if heal.add_missing_columns && tenants.reference_schema.is_none() {
             return Err(ConfigError::invalid(
                 "heal.add_missing_columns",
@@ -421,6 +589,7 @@ impl RawConfig {
         }
         Ok(Config {
             database,
+            database_checks,
             tenants,
             scan,
             checks,
@@ -430,61 +599,72 @@ impl RawConfig {
                 max_tenant_series: bounded("metrics.max_tenant_series", self.metrics.max_tenant_series, 0, 1_000_000)?,
             },
             heal,
+            web,
         })
     }
 }
 
-/// Resolves a connection from `{prefix}database_url`, `{prefix}database_url_file` or the
-/// environment variable `env_name` (which wins).
-fn database_config(
-    prefix: &str,
-    url: Option<String>,
-    url_file: Option<PathBuf>,
-    config_path: &Path,
-    env_url: Option<String>,
-    env_name: &str,
-) -> Result<DatabaseConfig, ConfigError> {
-    let url_key = format!("{prefix}database_url");
-    let file_key = format!("{prefix}database_url_file");
-    let (key, url) = match (env_url, url, url_file) {
-        (Some(env), _, _) => (env_name.to_string(), env),
-        (None, Some(_), Some(_)) => {
-            let message = format!("set {url_key} or {file_key}, not both");
-            return Err(ConfigError::invalid(url_key, message));
-        }
-        (None, Some(url), None) => (url_key, url),
-        (None, None, Some(file)) => {
-            let file = config_path.parent().unwrap_or(Path::new(".")).join(file);
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| ConfigError::invalid(&file_key, format!("cannot read {}: {e}", file.display())))?;
-            (file_key, text.trim().to_string())
-        }
-        (None, None, None) => {
-            let message = format!("not set; set {url_key}, {file_key} or {env_name}");
-            return Err(ConfigError::invalid(url_key, message));
-        }
-    };
-    // The parser's messages describe the syntax problem, never the URL itself.
-    let pg = tokio_postgres::Config::from_str(&url)
-        .map_err(|e| ConfigError::invalid(&key, format!("invalid connection string: {e}")))?;
-    if pg.get_hosts().is_empty() {
-        return Err(ConfigError::invalid(key, "connection string names no host"));
-    }
-    let target = describe_target(&pg);
-    Ok(DatabaseConfig { pg, target, extra_roots: Vec::new() })
+/// Where connection strings are read from: files relative to the config file, with the libpq
+/// defaults of the environment.
+struct UrlSource<'a> {
+    config_path: &'a Path,
+    defaults: &'a BTreeMap<String, String>,
 }
 
-/// `host:port/dbname` for messages and logs; never includes credentials.
-pub fn describe_target(pg: &tokio_postgres::Config) -> String {
-    let host = match pg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".to_string(),
-    };
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let db = pg.get_dbname().or(pg.get_user()).unwrap_or("postgres");
-    format!("{host}:{port}/{db}")
+impl UrlSource<'_> {
+    /// Resolves a connection from `{prefix}database_url`, `{prefix}database_url_file` or the
+    /// environment variable `env_name` (which wins).
+    fn database(
+        &self,
+        prefix: &str,
+        url: Option<String>,
+        url_file: Option<PathBuf>,
+        env_url: Option<String>,
+        env_name: &str,
+    ) -> Result<DatabaseConfig, ConfigError> {
+        let url_key = format!("{prefix}database_url");
+        let file_key = format!("{prefix}database_url_file");
+        let (key, url, file) = match (env_url, url, url_file) {
+            (Some(env), _, _) => (env_name.to_string(), env, None),
+            (None, Some(_), Some(_)) => {
+                let message = format!("set {url_key} or {file_key}, not both");
+                return Err(ConfigError::invalid(url_key, message));
+            }
+            (None, Some(url), None) => (url_key, url, None),
+            (None, None, Some(file)) => {
+                let file = self.config_path.parent().unwrap_or(Path::new(".")).join(file);
+                (file_key.clone(), read_url_file(&file_key, &file)?, Some(file))
+            }
+            (None, None, None) => {
+                let message = format!("not set; set {url_key}, {file_key} or {env_name}");
+                return Err(ConfigError::invalid(url_key, message));
+            }
+        };
+        let info = parse_conninfo(&key, &url, self.defaults)?;
+        let target = describe_target(&info);
+        let database = DatabaseConfig { target, info, file, key, defaults: self.defaults.clone() };
+        // The certificate files must be readable now, not only at the first connection.
+        database.resolve()?;
+        Ok(database)
+    }
+}
+
+fn read_url_file(key: &str, file: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::invalid(key, format!("cannot read {}: {e}", file.display())))?;
+    Ok(text.trim().to_string())
+}
+
+/// The parser's messages name the parameter, never the URL itself (which holds the password).
+fn parse_conninfo(key: &str, url: &str, defaults: &BTreeMap<String, String>) -> Result<ConnInfo, ConfigError> {
+    conninfo::parse(url, defaults).map_err(|e| ConfigError::invalid(key, e.to_string()))
+}
+
+/// `host:port/dbname` (of the first host) for messages and logs; never includes credentials.
+pub fn describe_target(info: &ConnInfo) -> String {
+    let host = &info.hosts[0];
+    let db = info.dbname.as_deref().or(info.user.as_deref()).unwrap_or("postgres");
+    format!("{}:{}/{db}", host.host, host.port)
 }
 
 impl RawTenants {
@@ -570,7 +750,7 @@ pub fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
         return Err(ConfigError::invalid(key, "must be greater than zero"));
     }
     if d > MAX_DURATION {
-        return Err(ConfigError::invalid(key, format!("{value:?} is longer than a year")));
+        return Err(ConfigError::invalid(key, "must be at most a year"));
     }
     Ok(d)
 }
@@ -592,25 +772,29 @@ pub fn parse_timeout(key: &str, value: &str) -> Result<Duration, ConfigError> {
 }
 
 impl RawScan {
-    fn validate(self) -> Result<ScanConfig, ConfigError> {
-        Ok(ScanConfig {
+    /// The scan settings, and whether `scan.max_duration` was set.
+    fn validate(self) -> Result<(ScanConfig, bool), ConfigError> {
+        let max_duration = self.max_duration.as_deref().map(|v| parse_duration("scan.max_duration", v)).transpose()?;
+        let scan = ScanConfig {
             concurrency: bounded("scan.concurrency", self.concurrency, 1, 256)?,
             statement_timeout: parse_timeout("scan.statement_timeout", &self.statement_timeout)?,
             lock_timeout: parse_timeout("scan.lock_timeout", &self.lock_timeout)?,
             connect_timeout: parse_timeout("scan.connect_timeout", &self.connect_timeout)?,
-        })
+            max_duration: max_duration.unwrap_or(CLI_SCAN_MAX_DURATION),
+        };
+        Ok((scan, max_duration.is_some()))
     }
 }
 
 impl RawHeal {
     fn validate(
         self,
-        path: &Path,
+        source: &UrlSource<'_>,
         env_url: Option<String>,
         scan_database: &DatabaseConfig,
     ) -> Result<HealConfig, ConfigError> {
         let database = if env_url.is_some() || self.database_url.is_some() || self.database_url_file.is_some() {
-            database_config("heal.", self.database_url, self.database_url_file, path, env_url, HEAL_DATABASE_URL_ENV)?
+            source.database("heal.", self.database_url, self.database_url_file, env_url, HEAL_DATABASE_URL_ENV)?
         } else {
             scan_database.clone()
         };
@@ -620,6 +804,12 @@ impl RawHeal {
                     format!("heal.fallbacks.{column}"),
                     "must name at least one column or now()",
                 ));
+            }
+        }
+        for (i, key) in self.same_entity_keys.iter().enumerate() {
+            non_empty(&format!("heal.same_entity_keys[{i}].table"), &key.table)?;
+            if key.columns.is_empty() {
+                return Err(ConfigError::invalid(format!("heal.same_entity_keys[{i}].columns"), "must not be empty"));
             }
         }
         let heal = HealConfig {
@@ -632,12 +822,16 @@ impl RawHeal {
             max_rows_per_run: bounded("heal.max_rows_per_run", self.max_rows_per_run, 0, 1_000_000_000_000)? as u64,
             lock_timeout: parse_timeout("heal.lock_timeout", &self.lock_timeout)?,
             statement_timeout: parse_timeout("heal.statement_timeout", &self.statement_timeout)?,
+            validate_timeout: parse_timeout("heal.validate_timeout", &self.validate_timeout)?,
             fallbacks: self.fallbacks,
+            same_entity_keys: self.same_entity_keys,
+            advance_sequences: self.advance_sequences,
+            audit_values: self.audit_values,
         };
         if heal.enabled && !heal.any_repair() {
             return Err(ConfigError::invalid(
                 "heal.enabled",
-                "no repair is enabled: set copy_missing_parents, backfill_null_timestamps or add_missing_columns",
+                "no repair is enabled: set copy_missing_parents, backfill_null_timestamps, add_missing_columns or advance_sequences",
             ));
         }
         Ok(heal)
@@ -677,6 +871,122 @@ impl RawServe {
             shutdown_timeout: parse_timeout("serve.shutdown_timeout", &self.shutdown_timeout)?,
             retry_initial_backoff,
             retry_max_backoff,
+            scan_max_duration: interval.max(MIN_DERIVED_SCAN_MAX_DURATION),
+        })
+    }
+}
+
+/// The HTTP listener of `serve` (`[web]`): its security file, its bounds and `POST /scan`.
+#[derive(Debug, Clone)]
+pub struct WebConfig {
+    /// TLS and basic authentication from `web.config_file` (or `--web.config.file`).
+    pub security: Option<std::sync::Arc<crate::web_config::WebSecurity>>,
+    /// Time a client has to send a request's headers, TLS handshake included; also how long a
+    /// kept-alive connection may wait for its next request.
+    pub header_read_timeout: Duration,
+    /// Longest time a read or a write may make no progress (a stalled body, a client that does
+    /// not read its response).
+    pub idle_timeout: Duration,
+    /// Most open connections; further clients wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// `/metrics` requires credentials when `basic_auth_users` are configured.
+    pub metrics_auth: bool,
+    /// `/report` requires credentials when `basic_auth_users` are configured.
+    pub report_auth: bool,
+    pub scan_requests: ScanRequestsConfig,
+}
+
+/// `POST /scan` (`[web.scan_requests]`).
+#[derive(Debug, Clone)]
+pub struct ScanRequestsConfig {
+    /// Off by default: the endpoint answers 403.
+    pub enabled: bool,
+    /// Least time between two accepted requests; earlier ones get 429 with `Retry-After`.
+    pub min_interval: Duration,
+    /// A requested scan may heal (with `heal.enabled`); off by default, so that no HTTP request
+    /// writes unless the operator allowed exactly that.
+    pub heal: bool,
+}
+
+impl WebConfig {
+    /// Loads the web config file at `path` (the `--web.config.file` flag), replacing the file's.
+    pub fn load_security(&mut self, path: &Path) -> Result<(), ConfigError> {
+        self.security = Some(std::sync::Arc::new(crate::web_config::WebSecurity::load(path)?));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWeb {
+    config_file: Option<PathBuf>,
+    header_read_timeout: String,
+    idle_timeout: String,
+    max_connections: usize,
+    metrics_auth: bool,
+    report_auth: bool,
+    scan_requests: RawScanRequests,
+}
+
+impl Default for RawWeb {
+    fn default() -> Self {
+        RawWeb {
+            config_file: None,
+            header_read_timeout: "10s".into(),
+            idle_timeout: "60s".into(),
+            max_connections: 512,
+            metrics_auth: true,
+            report_auth: true,
+            scan_requests: RawScanRequests::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawScanRequests {
+    enabled: bool,
+    min_interval: String,
+    heal: bool,
+}
+
+impl Default for RawScanRequests {
+    fn default() -> Self {
+        RawScanRequests { enabled: false, min_interval: "1m".into(), heal: false }
+    }
+}
+
+impl RawWeb {
+    fn validate(self, config_path: &Path, heal: &HealConfig) -> Result<WebConfig, ConfigError> {
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            return Err(ConfigError::invalid("web.max_connections", "must be between 1 and 1000000"));
+        }
+        let requests = self.scan_requests;
+        if requests.heal && !(requests.enabled && heal.enabled) {
+            return Err(ConfigError::invalid(
+                "web.scan_requests.heal",
+                "needs web.scan_requests.enabled = true and heal.enabled = true",
+            ));
+        }
+        let security = match self.config_file {
+            Some(file) => {
+                let file = config_path.parent().unwrap_or(Path::new(".")).join(file);
+                Some(std::sync::Arc::new(crate::web_config::WebSecurity::load(&file)?))
+            }
+            None => None,
+        };
+        Ok(WebConfig {
+            security,
+            header_read_timeout: parse_duration("web.header_read_timeout", &self.header_read_timeout)?,
+            idle_timeout: parse_duration("web.idle_timeout", &self.idle_timeout)?,
+            max_connections: self.max_connections,
+            metrics_auth: self.metrics_auth,
+            report_auth: self.report_auth,
+            scan_requests: ScanRequestsConfig {
+                enabled: requests.enabled,
+                min_interval: parse_duration("web.scan_requests.min_interval", &requests.min_interval)?,
+                heal: requests.heal,
+            },
         })
     }
 }
@@ -745,7 +1055,7 @@ mod tests {
 
     #[test]
     fn env_url_wins_and_missing_url_is_named() {
-        let env = Env { database_url: Some("postgres://b/y".into()), heal_database_url: None };
+        let env = Env { database_url: Some("postgres://b/y".into()), ..Env::default() };
         let c = Config::from_toml("database_url = 'postgres://a/x'", Path::new("c.toml"), env).unwrap();
         assert_eq!(c.database.target, "b:5432/y");
         assert_eq!(c.heal.database.target, "b:5432/y", "heal uses the scan connection by default");
@@ -811,10 +1121,7 @@ mod tests {
                 "[report]\nsample_keys = 9223372036854775807",
                 "config key report.sample_keys: 9223372036854775807 is out of range: must be between 0 and 1000",
             ),
-            (
-                "[serve]\nready_max_age = '500years'",
-                "config key serve.ready_max_age: \"500years\" is longer than a year",
-            ),
+            ("[serve]\nready_max_age = '500years'", "config key serve.ready_max_age: must be at most a year"),
         ];
         for (toml, expected) in cases {
             let err = parse(&format!("database_url = 'postgres://db/app'\n{toml}\n")).unwrap_err();
@@ -825,6 +1132,46 @@ mod tests {
         let err = parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '0 0 * * * * * *'\n").unwrap_err();
         assert!(!err.to_string().contains('\n'), "{err}");
         assert!(err.to_string().starts_with("config key serve.schedule: invalid cron expression"), "{err}");
+    }
+
+    #[test]
+    fn same_entity_keys_and_audit_values_are_validated() {
+        let c = parse("database_url = 'postgres://db/app'\n[heal]\nsame_entity_keys = [{ table = 'category', columns = ['id'] }]\naudit_values = 'keys'\n").unwrap();
+        assert_eq!(c.heal.same_entity_keys, [SameEntityKey { table: "category".into(), columns: vec!["id".into()] }]);
+        assert_eq!(c.heal.audit_values, AuditValues::Keys);
+        let err = parse(
+            "database_url = 'postgres://db/app'\n[heal]\nsame_entity_keys = [{ table = 'category', columns = [] }]\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "config key heal.same_entity_keys[0].columns: must not be empty");
+        let err = parse("database_url = 'postgres://db/app'\n[heal]\naudit_values = 'rows'\n").unwrap_err();
+        assert!(err.to_string().starts_with("config file /etc/t.toml, line 3: unknown variant `rows`"), "{err}");
+    }
+
+    #[test]
+    fn web_defaults_close_the_write_paths() {
+        let c = parse("database_url = 'postgres://db/app'").unwrap();
+        assert!(c.web.security.is_none() && !c.web.scan_requests.enabled && !c.web.scan_requests.heal);
+        assert_eq!(
+            (c.web.header_read_timeout, c.web.idle_timeout, c.web.max_connections, c.web.scan_requests.min_interval),
+            (Duration::from_secs(10), Duration::from_secs(60), 512, Duration::from_secs(60))
+        );
+        for (extra, expected) in [
+            (
+                "[web.scan_requests]\nheal = true\n",
+                "config key web.scan_requests.heal: needs web.scan_requests.enabled = true and heal.enabled = true",
+            ),
+            ("[web]\nmax_connections = 0\n", "config key web.max_connections: must be between 1 and 1000000"),
+            ("[web]\nheader_read_timeout = '0s'\n", "config key web.header_read_timeout: must be greater than zero"),
+            ("[web]\nidle_timeout = '5000 years'\n", "config key web.idle_timeout: must be at most a year"),
+            (
+                "[web]\nconfig_file = 'missing.yml'\n",
+                "web config file /etc/missing.yml: (file): cannot read: No such file or directory (os error 2)",
+            ),
+        ] {
+            let err = parse(&format!("database_url = 'postgres://db/app'\n{extra}")).unwrap_err();
+            assert_eq!(err.to_string(), expected);
+        }
     }
 
     #[test]

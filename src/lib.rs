@@ -10,7 +10,10 @@
 //! - [`cli`]: clap types of the command line.
 //! - [`config`]: the TOML file and environment, validated once into [`config::Config`]. The only
 //!   reader of files and environment variables.
-//! - [`db`]: connection pools and session settings (`application_name`, timeouts, read-only).
+//! - [`conninfo`]: libpq connection strings (URL and `key=value`), with libpq's meaning. Pure.
+//! - [`pgtls`]: the TLS verification each `sslmode` asks for (rustls).
+//! - [`db`]: connections (deadline on the whole set-up, keepalives), pools, pings, and the one
+//!   helper per transaction kind that sets its timeouts with `SET LOCAL` (pooler-safe).
 //! - [`sql`]: identifier quoting; no SQL is built from an unquoted name.
 //! - [`tenants`]: tenant discovery (registry table and/or name patterns).
 //! - [`catalog`]: catalog introspection into plain data. Read-only; constant query count.
@@ -22,7 +25,9 @@
 //! - [`report`]: report types and their table and JSON renderings.
 //! - [`metrics`]: the Prometheus registry, rebuilt from each finished report.
 //! - [`schedule`]: the cron loop; one scan at a time; keeps the last good report.
-//! - [`http`]: the HTTP endpoints; never queries PostgreSQL.
+//! - [`http`]: the HTTP listener and endpoints: TLS, basic auth, timeouts, a connection cap,
+//!   accept back-off, responses encoded once per change. Never queries PostgreSQL.
+//! - [`web_config`]: the listener's exporter-toolkit web config file (TLS, basic auth users).
 //! - [`daemon`]: `serve`: wires scheduler and HTTP together, shuts down within the timeout.
 //!
 //! Outside `src/`: `dashboards/` (Grafana dashboard, alert rules and their promtool tests),
@@ -34,18 +39,23 @@
 //! - Every identifier in generated SQL goes through [`sql::ident`]; values are bind parameters.
 //! - No password is ever logged or put into an error message.
 //! - A scrape of `/metrics` costs no database query: metrics change only when a scan ends.
+//! - No HTTP request writes to a database unless the operator enabled both `POST /scan`
+//!   (`web.scan_requests.enabled`) and healing on request (`web.scan_requests.heal`).
 
 pub mod catalog;
 pub mod checks;
 pub mod cli;
 pub mod config;
+pub mod conninfo;
 pub mod daemon;
 pub mod db;
 pub mod heal;
 pub mod http;
 pub mod metrics;
+pub mod pgtls;
 pub mod report;
 pub mod scan;
 pub mod schedule;
 pub mod sql;
 pub mod tenants;
+pub mod web_config;

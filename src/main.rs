@@ -57,12 +57,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `heal`: exit 0 when everything planned was done (or printed), 1 when tenants were left for a
-/// later run (a lock, the row cap, another healer), 2 on error.
+/// `heal`: exit 0 when everything planned was done (or printed), 1 when tenants or keys were left
+/// (a lock, the row cap, another healer, orphans set aside), 2 on error.
 async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
     if !config.heal.any_repair() {
-        anyhow::bail!("no repair is enabled: set heal.copy_missing_parents, heal.backfill_null_timestamps or heal.add_missing_columns");
+        anyhow::bail!("no repair is enabled: set heal.copy_missing_parents, heal.backfill_null_timestamps, heal.add_missing_columns or heal.advance_sequences");
     }
     let cancel = shutdown_on_signals()?;
     let scanned = scan::run(&config, &db::scan_pool(&config.database, &config.scan), &cancel, None).await?;
@@ -91,7 +91,7 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         eprintln!("tenant-audit: heal interrupted; every committed batch is whole, run it again to finish");
         return Ok(ExitCode::from(1));
     }
-    Ok(if outcome.skipped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if outcome.skipped.is_empty() && outcome.set_aside.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// The error of a scan that met failures (other than tenants dropped meanwhile), if it did.
@@ -125,13 +125,17 @@ fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args.config)?;
+    let mut config = Config::load(&args.config)?;
+    if let Some(path) = &args.web_config_file {
+        config.web.load_security(path)?;
+    }
     let listen = config.serve.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (serve.listen)"))?;
     let address = listener.local_addr().context("cannot read the listening address")?;
-    tracing::info!(%address, database = %config.database.target, "listening; metrics at http://{address}/metrics");
+    let scheme = if config.web.security.as_ref().is_some_and(|s| s.tls.is_some()) { "https" } else { "http" };
+    tracing::info!(%address, database = %config.database.target, "listening; metrics at {scheme}://{address}/metrics");
     let shutdown = shutdown_on_signals()?;
     daemon::run(config, listener, shutdown).await;
     Ok(ExitCode::SUCCESS)

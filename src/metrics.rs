@@ -4,8 +4,11 @@
 //! skipped tick or the database state), never on a scrape; per-finding series are rebuilt from each successful
 //! report, so a fixed problem's series disappears on the next scan; per-schema series are capped
 //! at `metrics.max_tenant_series` and the rest are only in the aggregates. Names and labels are
-//! documented in docs/metrics.md.
+//! documented in docs/metrics.md. Every method that changes a metric ends with
+//! [`Metrics::changed`], so that [`Metrics::generation`] tells the HTTP layer when its encoded
+//! copy is stale.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -18,8 +21,11 @@ pub struct Metrics {
     /// Held while a report is applied and while metrics are encoded, so a scrape never sees a
     /// half-rebuilt set of per-finding series.
     consistency: Mutex<()>,
+    /// Incremented after every change: the HTTP layer re-encodes only when it moved.
+    generation: AtomicU64,
     orphan_rows: IntGaugeVec,
     null_timestamps: IntGaugeVec,
+    sequence_behind: IntGaugeVec,
     cross_schema_fks: IntGaugeVec,
     schema_drift: IntGaugeVec,
     registry_findings: IntGaugeVec,
@@ -41,12 +47,14 @@ pub struct Metrics {
     healed_rows: IntCounterVec,
     heal_errors: IntCounterVec,
     heal_skipped_tenants: IntCounterVec,
+    heal_set_aside: IntCounter,
     heal_runs: IntCounterVec,
     last_heal_timestamp: Gauge,
 }
 
 /// The repairs heal can make: the `repair` label of the heal metrics.
-pub const REPAIRS: [&str; 3] = ["copy_missing_parents", "backfill_null_timestamps", "add_missing_columns"];
+pub const REPAIRS: [&str; 4] =
+    ["copy_missing_parents", "backfill_null_timestamps", "add_missing_columns", "advance_sequences"];
 /// Why heal left a tenant alone: the `reason` label of `tenant_audit_heal_skipped_tenants_total`.
 pub const HEAL_SKIP_REASONS: [&str; 2] = ["lock_timeout", "max_rows_per_run"];
 /// Outcomes of a heal run: the `result` label of `tenant_audit_heal_runs_total`.
@@ -54,7 +62,7 @@ pub const HEAL_RESULTS: [&str; 3] = ["success", "failure", "locked_out"];
 
 /// Label values of `tenant_audit_scan_errors_total{kind}` besides the per-tenant [`ErrorKind`]s:
 /// failures that stopped a whole scan.
-pub const SCAN_FAILURE_KINDS: [&str; 3] = ["discovery", "catalog", "config"];
+pub const SCAN_FAILURE_KINDS: [&str; 4] = ["discovery", "catalog", "config", "deadline"];
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
@@ -97,6 +105,7 @@ impl Metrics {
         let r = Registry::new();
         let per_schema = ["schema", "table", "column"];
         let m = Metrics {
+            generation: AtomicU64::new(0),
             orphan_rows: gauge_vec(
                 &r,
                 "tenant_audit_orphan_rows",
@@ -107,6 +116,12 @@ impl Metrics {
                 &r,
                 "tenant_audit_null_timestamps",
                 "NULL values in a required timestamp column.",
+                &per_schema,
+            ),
+            sequence_behind: gauge_vec(
+                &r,
+                "tenant_audit_sequence_behind",
+                "How many of a tenant sequence's next values are already taken in its column.",
                 &per_schema,
             ),
             cross_schema_fks: gauge_vec(
@@ -211,6 +226,11 @@ impl Metrics {
                 "Tenants heal left for a later run, by reason.",
                 &["reason"],
             ),
+            heal_set_aside: counter(
+                &r,
+                "tenant_audit_heal_set_aside_total",
+                "Orphaned keys a copy set aside (broken chain, not the same entity, a clash).",
+            ),
             heal_runs: counter_vec(
                 &r,
                 "tenant_audit_heal_runs_total",
@@ -261,6 +281,7 @@ impl Metrics {
         for vec in [
             &self.orphan_rows,
             &self.null_timestamps,
+            &self.sequence_behind,
             &self.cross_schema_fks,
             &self.schema_drift,
             &self.registry_findings,
@@ -291,6 +312,7 @@ impl Metrics {
         for e in &report.errors {
             self.scan_errors.with_label_values(&[e.kind.name()]).inc();
         }
+        self.changed();
     }
 
     /// Records a scan that failed as a whole; the last good findings stay exported.
@@ -299,6 +321,7 @@ impl Metrics {
         self.last_scan_duration.set(duration_seconds);
         self.scans.with_label_values(&["failure"]).inc();
         self.scan_errors.with_label_values(&[kind]).inc();
+        self.changed();
     }
 
     /// Records a heal run: its changes, skipped tenants and errors, or why it did not run.
@@ -313,20 +336,35 @@ impl Metrics {
                 for (_, reason) in &outcome.skipped {
                     self.heal_skipped_tenants.with_label_values(&[reason.name()]).inc();
                 }
+                self.heal_set_aside.inc_by(outcome.set_aside.len() as u64);
                 for (_, repair, _) in &outcome.errors {
                     self.heal_errors.with_label_values(&[repair.name()]).inc();
                 }
             }
             Err(e) => self.heal_runs.with_label_values(&[e.metric_label()]).inc(),
         }
+        self.changed();
     }
 
     pub fn set_database_up(&self, up: bool) {
         self.database_up.set(i64::from(up));
+        self.changed();
     }
 
     pub fn record_skipped_tick(&self) {
         self.skipped_ticks.inc();
+        self.changed();
+    }
+
+    /// Marks the metrics changed; called after every change.
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// A number that moves whenever a metric changed. Read it before [`Metrics::encode`]: an
+    /// encoding is current for the generation read before it.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The Prometheus text exposition of every metric.
@@ -345,6 +383,7 @@ impl Metrics {
                 self.orphan_rows.with_label_values(&[&f.schema, table, &column, parent_table, parent_location.name()])
             }
             Detail::NullTimestamps { .. } => self.null_timestamps.with_label_values(&[&f.schema, table, &column]),
+            Detail::SequenceBehind { .. } => self.sequence_behind.with_label_values(&[&f.schema, table, &column]),
             Detail::CrossSchemaFk { target_schema, target_table, reason, .. } => self
                 .cross_schema_fks
                 .with_label_values(&[&f.schema, table, &column, target_schema, target_table, reason.name()]),

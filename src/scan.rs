@@ -14,16 +14,15 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use chrono::Utc;
-use deadpool_postgres::Pool;
 use futures::stream::{self, StreamExt};
-use tokio_postgres::IsolationLevel;
+use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, Catalog, ChunkFailure};
 use crate::checks::work::{self, Item};
 use crate::checks::{self, Context, Shape, TableWork};
 use crate::config::{Config, ScanConfig};
-use crate::db::{self, DbError};
+use crate::db::{self, DbError, Pool, Session};
 use crate::report::{Check, Detail, ErrorKind, Finding, Report, ScanError, TenantCounts, REPORT_VERSION};
 use crate::tenants::{self, Discovery, DiscoveryError};
 
@@ -46,6 +45,8 @@ pub enum ScanFailure {
     ConnectionLost { tenants: usize, message: String },
     #[error("the scan was cancelled")]
     Cancelled,
+    #[error("the scan did not finish within scan.max_duration ({}); its statements were cancelled", humantime::format_duration(*.0))]
+    Deadline(std::time::Duration),
 }
 
 impl ScanFailure {
@@ -71,6 +72,7 @@ impl ScanFailure {
             ScanFailure::Catalog(_) => "catalog",
             ScanFailure::NoReference(_) => "config",
             ScanFailure::Cancelled => "cancelled",
+            ScanFailure::Deadline(_) => "deadline",
         }
     }
 }
@@ -87,8 +89,36 @@ pub struct Scanned {
 pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
 /// Runs one scan of the database behind `pool`. Cancelling `cancel` stops it: running queries
-/// are cancelled on the server and the scan returns [`ScanFailure::Cancelled`].
+/// are cancelled on the server and the scan returns [`ScanFailure::Cancelled`]. After
+/// `scan.max_duration` the same happens and the scan fails with [`ScanFailure::Deadline`]:
+/// running statements get a cancel request each, the scan `scan.connect_timeout` more to wind
+/// down (a frozen server answers neither), then it is dropped with its sessions.
 pub async fn run(
+    config: &Config,
+    pool: &Pool,
+    cancel: &CancellationToken,
+    progress: Option<Progress<'_>>,
+) -> Result<Scanned, ScanFailure> {
+    let stop = cancel.child_token();
+    // Boxed so that it can be dropped (with its sessions) before the idle ones are closed.
+    let mut scan = Box::pin(run_until(config, pool, &stop, progress));
+    tokio::select! {
+        result = &mut scan => return result,
+        _ = tokio::time::sleep(config.scan.max_duration) => {}
+    }
+    tracing::warn!(
+        max_duration_seconds = config.scan.max_duration.as_secs_f64(),
+        "scan deadline reached; cancelling it"
+    );
+    stop.cancel();
+    let _ = tokio::time::timeout(config.scan.connect_timeout, &mut scan).await;
+    drop(scan);
+    // Sessions that went back to the pool while their statement still ran must not be reused.
+    db::drop_idle_sessions(pool);
+    Err(ScanFailure::Deadline(config.scan.max_duration))
+}
+
+async fn run_until(
     config: &Config,
     pool: &Pool,
     cancel: &CancellationToken,
@@ -130,6 +160,7 @@ pub async fn run(
         shared_schema: &config.tenants.shared_schema,
         reference: &shape,
         config: &config.checks,
+        same_entity_keys: &config.heal.same_entity_keys,
     };
 
     let mut findings = registry_findings(&discovery);
@@ -141,7 +172,6 @@ pub async fn run(
     let total = tenants.len();
     let discovered = discovery.tenants.len();
     let samples = config.report.sample_keys;
-    let tls = db::tls(&config.database);
     // Plans are owned values so the stream's closure borrows nothing per item (which keeps the
     // whole scan future `Send` for callers that spawn it).
     let mut work: Vec<(String, checks::Plan)> = Vec::new();
@@ -152,13 +182,12 @@ pub async fn run(
         }
         work.push((tenant.clone(), plan));
     }
-    let scan_config = &config.scan;
-    let outcomes = stream::iter(work)
-        .map(|(tenant, plan)| {
-            let tls = tls.clone();
-            async move { scan_tenant(pool, target, scan_config, &tenant, plan, samples, cancel, tls).await }
-        })
-        .buffer_unordered(config.scan.concurrency);
+    let outcomes =
+        stream::iter(work)
+            .map(|(tenant, plan)| async move {
+                scan_tenant(pool, target, &config.scan, &tenant, plan, samples, cancel).await
+            })
+            .buffer_unordered(config.scan.concurrency);
     let mut outcomes = std::pin::pin!(outcomes);
     let mut done = 0;
     while let Some((tenant_findings, tenant_errors)) = outcomes.next().await {
@@ -243,22 +272,19 @@ async fn read_snapshot(config: &Config, pool: &Pool) -> Result<Snapshot, ScanFai
 
 async fn snapshot(client: &mut tokio_postgres::Client, config: &Config) -> Result<Snapshot, ScanFailure> {
     let catalog_error = |e: tokio_postgres::Error| ScanFailure::Catalog(e.into());
-    let mut tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(catalog_error)?;
-    tx.batch_execute(&db::scan_settings(&config.scan)).await.map_err(catalog_error)?;
+    let mut tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
     let discovery = tenants::discover(&tx, &config.tenants).await?;
     let mut required = vec![config.tenants.shared_schema.clone()];
     required.extend(config.tenants.reference_schema.clone());
     let (catalog, chunk_failures) =
         catalog::read(&mut tx, &required, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
-    let standby: bool = tx.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(catalog_error)?.get(0);
+    let standby: bool =
+        tx.query_typed_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(catalog_error)?.get(0);
     tx.commit().await.map_err(catalog_error)?;
-    let present = tenants::still_present(&*client, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
+    // A transaction of its own (a fresh snapshot) that sees the drops committed meanwhile.
+    let tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
+    let present = tenants::still_present(&tx, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
+    tx.commit().await.map_err(catalog_error)?;
     Ok(Snapshot { discovery, catalog, present, chunk_failures, standby })
 }
 
@@ -281,7 +307,9 @@ fn skip_unlogged(catalog: &Catalog, tenant: &str, plan: &mut checks::Plan) -> Ve
             cold.is_empty()
         });
     }
-    plan.tables.retain(|u| !unlogged(tenant, &u.table) && (!u.orphans.is_empty() || u.nulls.is_some()));
+    plan.tables.retain(|u| {
+        !unlogged(tenant, &u.table) && (!u.orphans.is_empty() || u.nulls.is_some() || !u.sequences.is_empty())
+    });
     skipped
         .into_iter()
         .map(|(schema, table)| ScanError {
@@ -339,7 +367,6 @@ async fn scan_tenant(
     plan: checks::Plan,
     samples: usize,
     cancel: &CancellationToken,
-    tls: db::Tls,
 ) -> (Vec<Finding>, Vec<ScanError>) {
     let mut findings = Vec::new();
     let mut errors = Vec::new();
@@ -349,7 +376,7 @@ async fn scan_tenant(
         table: table.map(str::to_string),
         message,
     };
-    let mut session: Option<deadpool_postgres::Object> = None;
+    let mut session: Option<Session> = None;
     let mut units = plan.tables.iter();
     let mut unit = units.next();
     let mut conflicts = 0;
@@ -368,15 +395,21 @@ async fn scan_tenant(
                 }
             };
         }
-        let Some(client) = session.as_deref() else { break };
-        let server_cancel = client.cancel_token();
+        let Some(live) = session.as_ref() else { break };
+        let server_cancel = live.canceller();
+        let client: &tokio_postgres::Client = live;
         let result = tokio::select! {
             result = run_unit(client, scan, tenant, current, samples) => result,
             _ = cancel.cancelled() => {
                 // Stop the query on the server before letting go of the session, so that
                 // nothing of ours keeps running (or waiting on a lock) after shutdown.
-                let _ = server_cancel.cancel_query(tls).await;
-                break;
+                server_cancel.cancel().await;
+                // Not rolled back here (a frozen server would not answer): closing the session
+                // ends its transaction.
+                if let Some(s) = session.take() {
+                    db::discard(s);
+                }
+                return (findings, errors);
             }
         };
         match result {
@@ -387,7 +420,9 @@ async fn scan_tenant(
             Err(e) if classify(&e) == ErrorKind::Conflict && conflicts < CONFLICT_RETRIES => {
                 // A conflict can also end the session (the standby terminates a session that
                 // still conflicts once idle): try again on a fresh one.
-                session = None;
+                if let Some(s) = session.take() {
+                    db::discard(s);
+                }
                 conflicts += 1;
                 tracing::info!(tenant, table = %current.table, attempt = conflicts, "recovery conflict; trying again");
                 continue;
@@ -416,7 +451,8 @@ async fn scan_tenant(
     (findings, errors)
 }
 
-/// Runs one table's work: its count statement, then (for nonzero counts) its sample statement.
+/// Runs one table's work: its count statement, its sequence statements, then (for nonzero
+/// counts) its sample statement, each in a transaction of its own.
 /// A statement that fails as a query (a declared relationship whose types do not compare, say)
 /// is run again check by check, so one bad check costs only itself; those failures come back
 /// with the findings. Any other failure is the unit's. A failing sample statement leaves the
@@ -431,7 +467,8 @@ async fn run_unit(
     let items = unit.items();
     let mut findings = Vec::new();
     let mut failed = Vec::new();
-    match count(client, scan, tenant, unit, &items).await {
+    let counted = if items.is_empty() { Ok(Vec::new()) } else { count(client, scan, tenant, unit, &items).await };
+    match counted {
         Ok(found) => findings = found,
         Err(e) if items.len() > 1 && classify(&e) == ErrorKind::Query => {
             for item in items {
@@ -443,6 +480,13 @@ async fn run_unit(
             }
         }
         Err(e) => return Err(e),
+    }
+    for probe in &unit.sequences {
+        match db::read_only(client, scan, &probe.sql(tenant), db::Parallel::Allowed).await {
+            Ok(rows) => findings.extend(probe.findings(tenant, &rows)),
+            Err(e) if classify(&e) == ErrorKind::Query => failed.push((ErrorKind::Query, e.to_string())),
+            Err(e) => return Err(e),
+        }
     }
     if let Some(sql) = unit.sample_sql(&findings, samples) {
         match db::read_only(client, scan, &sql, db::Parallel::Serial).await {
@@ -476,9 +520,8 @@ fn dropped(tenant: &str) -> ScanError {
 
 /// Whether `schema` exists now (a statement of its own: it sees every committed drop).
 async fn schema_exists(client: &tokio_postgres::Client, schema: &str) -> Result<bool, DbError> {
-    let row = client
-        .query_one("SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL", &[&schema])
-        .await?;
+    const EXISTS: &str = "SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL";
+    let row = client.query_typed_one(EXISTS, &[(&schema, Type::TEXT)]).await?;
     Ok(row.get(0))
 }
 

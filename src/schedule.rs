@@ -1,7 +1,9 @@
 //! The scheduler: scans on the cron schedule (and on demand), never two at once, and keeps the
 //! last good report for the HTTP endpoints.
 //!
-//! When `heal.enabled`, heal runs after each successful scan, inside the same no-overlap guard.
+//! When `heal.enabled`, heal runs after each successful scheduled scan, inside the same
+//! no-overlap guard; after a requested scan (`POST /scan`) only when `web.scan_requests.heal`
+//! allows it too.
 //!
 //! Invariants: at most one scan runs at a time (a tick that finds one running is skipped and
 //! counted); a failed scan keeps the previous report and its metrics; everything stops when the
@@ -12,20 +14,31 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::db::{self, Pool};
+use crate::heal;
 use crate::metrics::Metrics;
 use crate::report::Report;
 use crate::scan;
-use crate::{db, heal};
+
+/// Who asked for a scan: it decides whether heal may follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The cron schedule or `serve.scan_on_start`: heals when `heal.enabled`.
+    Schedule,
+    /// `POST /scan`: heals only when `web.scan_requests.heal` is set as well.
+    Request,
+}
 
 /// State shared by the schedule loop, the scans it starts and the HTTP handlers.
 pub struct Scheduler {
     config: Arc<Config>,
     pool: Pool,
+    /// One session for pings, so that a ping never waits behind a scan's sessions.
+    ping_pool: Pool,
     /// Writer sessions, only when `heal.enabled`: heal runs after every successful scan.
     heal_pool: Option<Pool>,
     metrics: Arc<Metrics>,
@@ -33,7 +46,7 @@ pub struct Scheduler {
     last_report: RwLock<Option<Arc<Report>>>,
     /// Set while a scan runs: the no-overlap guard.
     running: AtomicBool,
-    /// Whether the database answered the last connection attempt.
+    /// Whether the database answered the last ping or connection attempt in time.
     database_up: AtomicBool,
     shutdown: CancellationToken,
     /// The running scan task, awaited at shutdown.
@@ -43,11 +56,13 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Arc<Scheduler> {
         let pool = db::scan_pool(&config.database, &config.scan);
+        let ping_pool = db::ping_pool(&config.database, config.scan.connect_timeout);
         let heal_pool = config.heal.enabled.then(|| db::heal_pool(&config.heal, config.scan.connect_timeout));
         metrics.set_database_up(false);
         Arc::new(Scheduler {
             config,
             pool,
+            ping_pool,
             heal_pool,
             metrics,
             last_report: RwLock::new(None),
@@ -59,14 +74,18 @@ impl Scheduler {
     }
 
     /// Starts a scan in the background unless one is running; returns whether it started.
-    pub fn try_start_scan(self: &Arc<Self>) -> bool {
+    pub fn try_start_scan(self: &Arc<Self>, trigger: Trigger) -> bool {
         if self.shutdown.is_cancelled() || self.running.swap(true, Ordering::AcqRel) {
             return false;
         }
+        let heal = match trigger {
+            Trigger::Schedule => true,
+            Trigger::Request => self.config.web.scan_requests.heal,
+        };
         let me = Arc::clone(self);
         self.tasks.spawn(async move {
             let _running = ClearOnDrop(&me.running);
-            me.scan_once().await;
+            me.scan_once(heal).await;
         });
         true
     }
@@ -98,8 +117,9 @@ impl Scheduler {
         if !self.wait_for_database().await {
             return;
         }
+        self.tasks.spawn(Arc::clone(&self).watch_database());
         if self.config.serve.scan_on_start {
-            self.try_start_scan();
+            self.try_start_scan(Trigger::Schedule);
         }
         loop {
             let Some(next) = self.config.serve.schedule.upcoming(Utc).next() else { return };
@@ -107,7 +127,7 @@ impl Scheduler {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {
-                    if !self.try_start_scan() {
+                    if !self.try_start_scan(Trigger::Schedule) {
                         tracing::warn!("scheduled scan skipped: the previous scan is still running");
                         self.metrics.record_skipped_tick();
                     }
@@ -126,7 +146,7 @@ impl Scheduler {
     async fn wait_for_database(&self) -> bool {
         let mut backoff = self.config.serve.retry_initial_backoff;
         loop {
-            match db::ping(&self.pool, &self.config.database.target).await {
+            match self.ping().await {
                 Ok(()) => {
                     self.set_database_up(true);
                     return true;
@@ -144,12 +164,39 @@ impl Scheduler {
         }
     }
 
+    /// Pings every `database.ping_interval` until shutdown: `database_up` turns 0 when a ping
+    /// does not answer within `database.ping_timeout`, and 1 again when one does.
+    async fn watch_database(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.database_checks.ping_interval) => {}
+            }
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                result = self.ping() => result,
+            };
+            let was_up = self.database_up.load(Ordering::Acquire);
+            match result {
+                Ok(()) if !was_up => tracing::info!("database answers again"),
+                Err(ref e) if was_up => tracing::warn!(error = %e, "database ping failed"),
+                _ => {}
+            }
+            self.set_database_up(result.is_ok());
+        }
+    }
+
+    async fn ping(&self) -> Result<(), db::DbError> {
+        db::ping(&self.ping_pool, &self.config.database.target, self.config.database_checks.ping_timeout).await
+    }
+
     fn set_database_up(&self, up: bool) {
         self.database_up.store(up, Ordering::Release);
         self.metrics.set_database_up(up);
     }
 
-    async fn scan_once(&self) {
+    /// One scan; then heal, when `heal` and `heal.enabled`.
+    async fn scan_once(&self, heal: bool) {
         let clock = Instant::now();
         match scan::run(&self.config, &self.pool, &self.shutdown, None).await {
             Ok(scanned) => {
@@ -164,7 +211,7 @@ impl Scheduler {
                 }
                 self.set_database_up(true);
                 self.metrics.record_report(&scanned.report, self.config.metrics.max_tenant_series);
-                if let Some(pool) = &self.heal_pool {
+                if let Some(pool) = self.heal_pool.as_ref().filter(|_| heal) {
                     let plan = heal::Plan::build(&scanned, &self.config);
                     if let Err(e) =
                         heal::execute(&self.config.heal, pool, &plan, Some(&self.metrics), &self.shutdown).await

@@ -4,8 +4,8 @@
 //! Two families:
 //! - catalog checks ([`cross_schema_fk`], [`schema_drift`]) are pure functions of the catalog
 //!   and cost no query;
-//! - data checks ([`orphan_rows`], [`null_timestamps`]) plan set-based probes from the catalog;
-//!   [`work`] groups them into one unit per table, run as one statement.
+//! - data checks ([`orphan_rows`], [`null_timestamps`], [`sequence_behind`]) plan set-based
+//!   probes from the catalog; [`work`] groups them into one unit per table.
 //!
 //! Invariant: nothing here writes; every generated statement quotes its identifiers through
 //! [`crate::sql`].
@@ -15,12 +15,13 @@ pub mod null_timestamps;
 pub mod orphan_rows;
 pub mod reference;
 pub mod schema_drift;
+pub mod sequence_behind;
 pub mod work;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::catalog::{Catalog, Schema};
-use crate::config::ChecksConfig;
+use crate::config::{ChecksConfig, SameEntityKey};
 use crate::report::Finding;
 
 pub use reference::Shape;
@@ -33,6 +34,8 @@ pub struct Context<'a> {
     pub shared_schema: &'a str,
     pub reference: &'a Shape,
     pub config: &'a ChecksConfig,
+    /// `heal.same_entity_keys`: which orphans heal would copy is part of their finding.
+    pub same_entity_keys: &'a [SameEntityKey],
 }
 
 impl Context<'_> {
@@ -67,6 +70,10 @@ pub fn plan(ctx: &Context<'_>, tenant: &str) -> Plan {
         let table = probe.table.clone();
         unit(&mut tables, ctx, tenant, &table).nulls = Some(probe);
     }
+    for probe in sequence_behind::plan(ctx, tenant) {
+        let table = probe.table.clone();
+        unit(&mut tables, ctx, tenant, &table).sequences.push(probe);
+    }
     Plan { tables: tables.into_values().collect() }
 }
 
@@ -82,5 +89,6 @@ fn unit<'a>(
         relation: crate::catalog::relation(ctx.catalog, tenant, table),
         orphans: Vec::new(),
         nulls: None,
+        sequences: Vec::new(),
     })
 }

@@ -18,9 +18,10 @@
 use std::collections::BTreeSet;
 
 use super::Context;
-use crate::catalog::{self, Catalog, QualifiedName, Schema};
+use crate::catalog::{self, Catalog, QualifiedName, Schema, TypeSchema};
 use crate::checks::Shape;
-use crate::report::{Check, Detail, Finding, ParentLocation, RelationshipSource};
+use crate::config::SameEntityKey;
+use crate::report::{Check, CopyVerdict, Detail, Finding, ParentLocation, RelationshipSource};
 use crate::sql;
 
 /// One relationship to check in one tenant.
@@ -48,6 +49,22 @@ pub struct Probe {
     /// The parent as statements name it (`ONLY` unless partitioned), and the shared one.
     pub parent_relation: String,
     pub shared_relation: Option<String>,
+    /// Whether the parent key names the same entity in every schema (see [`same_entity`]).
+    pub same_entity: bool,
+}
+
+/// Whether `table(columns)` of `schema` is a key that means the same row in every schema: every
+/// column a built-in `uuid` (globally unique by construction), or the table listed in
+/// `heal.same_entity_keys`. Serial and identity keys come from each schema's own sequence, so
+/// the same number names unrelated rows.
+pub fn same_entity(keys: &[SameEntityKey], schema: &Schema, table: &str, columns: &[String]) -> bool {
+    let listed = keys.iter().any(|k| k.table == table && k.columns == columns);
+    let uuid = schema.tables.get(table).is_some_and(|t| {
+        columns
+            .iter()
+            .all(|c| t.column(c).is_some_and(|c| c.type_schema == TypeSchema::Catalog && c.data_type == "uuid"))
+    });
+    listed || uuid
 }
 
 /// A relationship before it is resolved against a tenant.
@@ -144,9 +161,12 @@ fn resolve(ctx: &Context<'_>, tenant: &str, schema: &Schema, shared: &Schema, c:
         usable(other, &c.parent_table, &c.parent_columns).then_some(())?;
         (declared, None)
     };
+    let key_schema = if in_shared { shared } else { schema };
+    let same_entity = same_entity(ctx.same_entity_keys, key_schema, &c.parent_table, &c.parent_columns);
     let probe =
         Probe::new(ctx.catalog, c.table, c.columns, parent_schema, c.parent_table, c.parent_columns, shared_parent);
     Some(Probe {
+        same_entity,
         source: c.source,
         constraint: c.constraint,
         constraint_validated: c.constraint_validated,
@@ -238,6 +258,7 @@ impl Probe {
             match_full: false,
             equality: Vec::new(),
             collations,
+            same_entity: false,
         }
     }
 
@@ -316,6 +337,11 @@ impl Probe {
                     relationship: self.source,
                     constraint: self.constraint.clone(),
                     constraint_validated: self.constraint_validated,
+                    heal_copy: match location {
+                        ParentLocation::Missing => CopyVerdict::NoSharedRow,
+                        ParentLocation::Shared if self.same_entity => CopyVerdict::Copy,
+                        ParentLocation::Shared => CopyVerdict::NotSameEntity,
+                    },
                 },
             })
             .collect()
@@ -366,6 +392,7 @@ mod tests {
             collations: vec![Some(QualifiedName { schema: "pg_catalog".into(), name: "C".into() })],
             parent_relation: "ONLY \"Tenant-1\".\"business_business\"".into(),
             shared_relation: Some("\"public\".\"business_business\"".into()),
+            same_entity: true,
         };
         let key = "p.\"id\" COLLATE \"pg_catalog\".\"C\" OPERATOR(\"ext\".=) c.\"business_id\"";
         assert_eq!(

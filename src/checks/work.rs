@@ -9,7 +9,7 @@
 //! [`crate::sql::sample_select`]), run only for nonzero counts. Which tables to run is the
 //! caller's choice, one unit at a time.
 
-use super::{null_timestamps, orphan_rows};
+use super::{null_timestamps, orphan_rows, sequence_behind};
 use crate::report::Finding;
 
 /// The data checks of one table of one tenant.
@@ -23,6 +23,9 @@ pub struct TableWork {
     pub orphans: Vec<orphan_rows::Probe>,
     /// Its required nullable timestamp columns, if any.
     pub nulls: Option<null_timestamps::Probe>,
+    /// Its columns drawing from a sequence of the tenant: one small statement each (the
+    /// sequence's state and the column's maximum, an index lookup).
+    pub sequences: Vec<sequence_behind::Probe>,
 }
 
 /// One check of a [`TableWork`]: a relationship (by index) or the NULL count pass.
@@ -164,6 +167,7 @@ mod tests {
             collations: vec![None],
             parent_relation: "ONLY \"t\".\"parent\"".into(),
             shared_relation: None,
+            same_entity: false,
         };
         let nulls = null_timestamps::Probe {
             table: "child".into(),
@@ -175,6 +179,7 @@ mod tests {
             relation: "ONLY \"t\".\"child\"".into(),
             orphans: vec![orphan],
             nulls: Some(nulls),
+            sequences: vec![],
         }
     }
 

@@ -4,10 +4,10 @@
 
 use std::fmt::Write as _;
 
-use super::{backfill, columns, copy, Repair};
+use super::{backfill, columns, copy, sequence, Repair};
 use crate::checks::orphan_rows;
-use crate::config::Config;
-use crate::report::{Check, Detail, DriftKind, Finding, ParentLocation};
+use crate::config::{AuditValues, Config};
+use crate::report::{Check, CopyVerdict, Detail, DriftKind, Finding, ParentLocation};
 use crate::scan::Scanned;
 use crate::sql;
 
@@ -30,8 +30,6 @@ pub struct Action {
     pub repair: Repair,
     /// The table of the finding.
     pub table: String,
-    /// The table the repair writes: the parent table for copies, else `table`.
-    pub writes: String,
     /// What the finding says, for people: the rows or column concerned.
     pub summary: String,
     pub steps: Vec<Step>,
@@ -45,6 +43,8 @@ pub enum Step {
     Batched(String),
     /// Run once in its own transaction, with its audit row.
     Once(OnceStep),
+    /// Copies orphans' parents with their closure, batch by batch (see [`copy`]).
+    Copy(Box<copy::CopySpec>),
 }
 
 /// A one-off statement (DDL, a sequence) and what its audit row says.
@@ -57,13 +57,40 @@ pub struct OnceStep {
     pub key: String,
     /// Counted as a change in the metrics (adding a column is; other steps are not).
     pub adds_column: bool,
+    /// Runs under `heal.validate_timeout` instead of `heal.statement_timeout` (a `VALIDATE`
+    /// reads the whole table, blocking no reads or writes).
+    pub long: bool,
+}
+
+impl Action {
+    /// (relation, privilege) of everything the repair writes: INSERT on every table a copy may
+    /// write (and UPDATE on their sequences), UPDATE for backfills, ownership for column
+    /// changes, UPDATE on a sequence to advance.
+    pub fn writes(&self) -> Vec<(String, &'static str)> {
+        match self.repair {
+            Repair::CopyMissingParents => {
+                let mut out = Vec::new();
+                for step in &self.steps {
+                    let Step::Copy(spec) = step else { continue };
+                    for (name, t) in spec.tables.iter().filter(|(_, t)| t.in_shared && t.unusable.is_none()) {
+                        out.push((name.clone(), "INSERT"));
+                        out.extend(t.sequences.iter().map(|(_, seq)| (seq.clone(), "UPDATE")));
+                    }
+                }
+                out
+            }
+            Repair::BackfillNullTimestamps => vec![(self.table.clone(), "UPDATE")],
+            Repair::AddMissingColumns => vec![(self.table.clone(), "OWNER")],
+            Repair::AdvanceSequences => Vec::new(),
+        }
+    }
 }
 
 impl Step {
     /// A one-off step on `table.column`, named `step` in its audit key.
     pub fn once(table: &str, column: &str, step: &str, sql: String) -> Step {
         let key = format!("jsonb_build_object('column', {}, 'step', {})", sql::literal(column), sql::literal(step));
-        Step::Once(OnceStep { sql, table: table.to_string(), key, adds_column: step == "add_column" })
+        Step::Once(OnceStep { sql, table: table.to_string(), key, adds_column: step == "add_column", long: false })
     }
 }
 
@@ -78,9 +105,15 @@ impl Plan {
             (heal.copy_missing_parents, Repair::CopyMissingParents),
             (heal.backfill_null_timestamps, Repair::BackfillNullTimestamps),
             (heal.add_missing_columns, Repair::AddMissingColumns),
+            (heal.advance_sequences, Repair::AdvanceSequences),
         ];
+        // A lost default is set before anything else of its column (a NOT NULL without it would
+        // fail the application's inserts).
+        let mut findings: Vec<&Finding> = scanned.report.findings.iter().collect();
+        findings
+            .sort_by_key(|f| !matches!(f.detail, Detail::SchemaDrift { difference: DriftKind::DefaultMismatch, .. }));
         for (_, repair) in repairs.into_iter().filter(|(on, _)| *on) {
-            for f in &scanned.report.findings {
+            for f in findings.iter().copied() {
                 let Some(action) = action(scanned, config, repair, f) else { continue };
                 match tenants.iter_mut().find(|t| t.schema == f.schema) {
                     Some(t) => t.actions.push(action),
@@ -97,6 +130,11 @@ impl Plan {
         let mut out = format!("-- heal plan for {target} (dry run: nothing is written; --execute applies it)\n\n");
         for tenant in &self.tenants {
             let _ = writeln!(out, "-- tenant {}", tenant.schema);
+            let _ = writeln!(
+                out,
+                "-- each transaction starts with SET LOCAL lock_timeout, statement_timeout and: {};",
+                super::search_path(&tenant.schema)
+            );
             for action in &tenant.actions {
                 let _ = writeln!(
                     out,
@@ -111,7 +149,18 @@ impl Plan {
                             let _ = writeln!(out, "-- batched: $1 = {batch_size} (heal.batch_size), $2 = run id; repeated until no row changes");
                             let _ = writeln!(out, "{sql};");
                         }
+                        Step::Copy(spec) => {
+                            let _ = writeln!(
+                                out,
+                                "-- batched: $1 = {batch_size} (heal.batch_size); repeated until no key is left"
+                            );
+                            out.push_str(&spec.render());
+                        }
                         Step::Once(once) => {
+                            if once.long {
+                                let _ =
+                                    writeln!(out, "-- under heal.validate_timeout instead of heal.statement_timeout");
+                            }
                             let _ = writeln!(out, "{};", once.sql);
                         }
                     }
@@ -130,17 +179,23 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
     let catalog = &scanned.catalog;
     let own = catalog.table(tenant, &table)?;
     let shared = &config.tenants.shared_schema;
-    let mut writes = table.clone();
     let (summary, steps) = match (repair, &f.check, &f.detail) {
         (
             Repair::CopyMissingParents,
             Check::OrphanRows,
-            Detail::OrphanRows { parent_table, parent_location: ParentLocation::Shared, .. },
+            Detail::OrphanRows {
+                parent_table,
+                parent_location: ParentLocation::Shared,
+                heal_copy: CopyVerdict::Copy,
+                ..
+            },
         ) => {
-            let probe = orphan_rows::probe_for(catalog, &scanned.shape, shared, f)?;
+            let probe =
+                orphan_rows::Probe { same_entity: true, ..orphan_rows::probe_for(catalog, &scanned.shape, shared, f)? };
             let summary = format!("{} orphan row(s) whose {parent_table} row exists in {shared}", f.count);
-            writes = parent_table.clone();
-            (summary, copy::steps(catalog, shared, tenant, &probe)?)
+            let full = config.heal.audit_values == AuditValues::Full;
+            let spec = copy::spec(catalog, shared, tenant, &probe, &config.heal.same_entity_keys, full)?;
+            (summary, vec![Step::Copy(Box::new(spec))])
         }
         (Repair::BackfillNullTimestamps, Check::NullTimestamps, Detail::NullTimestamps { data_type }) => {
             let column = f.columns.first()?;
@@ -168,6 +223,13 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                     let summary = format!("add column {name} {} as the reference has it", column.data_type);
                     (summary, columns::add(tenant, &table, own, column, &chain))
                 }
+                DriftKind::DefaultMismatch => {
+                    let default = column.default.as_deref()?;
+                    (
+                        format!("set the default of {name} to {default} as the reference has it"),
+                        columns::set_default(tenant, &table, column)?,
+                    )
+                }
                 DriftKind::NullabilityMismatch if column.not_null => {
                     let steps = columns::not_null(tenant, &table, own, column, &chain);
                     if steps.is_empty() {
@@ -178,7 +240,16 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                 _ => return None,
             }
         }
+        (Repair::AdvanceSequences, Check::SequenceBehind, Detail::SequenceBehind { next_value, column_max, .. }) => {
+            let column = f.columns.first()?;
+            let (seq_schema, seq) = own.column(column)?.sequence.clone()?;
+            if seq_schema != *tenant {
+                return None;
+            }
+            let summary = format!("move sequence {seq} from {next_value} past {column_max}, the largest {column}");
+            (summary, vec![Step::Batched(sequence::advance_sql("$2", tenant, &table, column, &seq, repair.name()))])
+        }
         _ => return None,
     };
-    Some(Action { repair, table, writes, summary, steps })
+    Some(Action { repair, table, summary, steps })
 }

@@ -69,13 +69,12 @@ async fn execute_repairs_what_is_healable_and_audits_every_change() {
         "tenant_e5 users_userprofile add_missing_columns {\"id\": 1}".to_string(),
         "tenant_e5 users_userprofile add_missing_columns {\"id\": 2}".to_string(),
     ];
-    // tenant_e5 gets the column; tenant_d4, backfilled just before, gets its NOT NULL back.
-    for s in
-        ["add_column", "set_default", "drop_stale_check", "add_check", "validate_check", "set_not_null", "drop_check"]
-    {
+    // tenant_e5 gets the column (with its default); tenant_d4, backfilled just before, gets its
+    // lost default and its NOT NULL back.
+    for s in ["add_column", "add_check", "validate_check", "set_not_null"] {
         expected.push(step("tenant_e5", s));
     }
-    for s in ["drop_stale_check", "add_check", "validate_check", "set_not_null", "drop_check"] {
+    for s in ["set_default", "add_check", "validate_check", "set_not_null"] {
         expected.push(step("tenant_d4", s));
     }
     expected.sort();
@@ -104,7 +103,6 @@ async fn execute_repairs_what_is_healable_and_audits_every_change() {
             "missing_schema tenant_gone 1  []".to_string(),
             "schema_drift tenant_c3.users_userprofile(business_id) 1 ForeignKeyTarget Some(\"business_business(id)\") Some(\"public.business_business(id)\") []".to_string(),
             "schema_drift tenant_d4.users_businessdetails(business_id) 1 MissingForeignKey Some(\"business_business(id)\") None []".to_string(),
-            "schema_drift tenant_d4.users_userprofile(updated_at) 1 DefaultMismatch Some(\"now()\") None []".to_string(),
             "unregistered_schema tenant_zz9 1  []".to_string(),
         ]
     );
@@ -124,9 +122,9 @@ async fn dry_run_prints_the_sql_and_writes_nothing() {
     let out = heal_cli(&url, "dry_run", "", false);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let plan = String::from_utf8_lossy(&out.stdout);
-    assert!(plan.contains("-- tenant tenant_c3\n-- copy_missing_parents on tenant_c3.users_userprofile: 2 orphan row(s) whose business_business row exists in public\n"), "{plan}");
-    assert!(plan.contains("  INSERT INTO \"tenant_c3\".\"business_business\" (\"id\", \"name\", \"business_num\", \"created_at\", \"updated_at\")\n"), "{plan}");
-    assert!(plan.contains("ALTER TABLE \"tenant_e5\".\"users_userprofile\" ADD COLUMN IF NOT EXISTS \"updated_at\" timestamp with time zone;\n"), "{plan}");
+    assert!(plan.contains("-- tenant tenant_c3\n-- each transaction starts with SET LOCAL lock_timeout, statement_timeout and: SET LOCAL search_path = pg_catalog, \"tenant_c3\";\n-- copy_missing_parents on tenant_c3.users_userprofile: 2 orphan row(s) whose business_business row exists in public\n"), "{plan}");
+    assert!(plan.contains("\nINSERT INTO \"tenant_c3\".\"business_business\" (\"id\", \"name\", \"business_num\", \"created_at\", \"updated_at\")\n"), "{plan}");
+    assert!(plan.contains("ALTER TABLE \"tenant_e5\".\"users_userprofile\" ADD COLUMN IF NOT EXISTS \"updated_at\" timestamp with time zone, ALTER COLUMN \"updated_at\" SET DEFAULT now();\n"), "{plan}");
     assert!(plan.ends_with("-- 3 tenant(s) to heal\n"), "{plan}");
     assert!(
         plan.contains(
@@ -139,9 +137,10 @@ async fn dry_run_prints_the_sql_and_writes_nothing() {
 }
 
 #[tokio::test]
-async fn missing_ancestors_are_copied_first() {
+async fn missing_ancestors_are_copied_with_their_parent() {
     // A tenant row points at business details that exist only in the shared schema, and those
-    // details point at a business that exists only there too.
+    // details point at a business that exists only there too. The details' integer key is listed
+    // as a same-entity key.
     let sql = "SELECT pg_temp.create_tenant('tenant_a');
         CREATE TABLE public.users_businessdetails (id int PRIMARY KEY, business_id uuid NOT NULL REFERENCES public.business_business (id), business_type text);
         INSERT INTO public.users_businessdetails VALUES (500, 'b0000000-0000-0000-0000-000000000005', 'shared details');
@@ -150,7 +149,8 @@ async fn missing_ancestors_are_copied_first() {
         INSERT INTO tenant_a.users_location VALUES (1, 500);
         RESET session_replication_role;";
     let url = heal_db("heal_ancestors", sql).await;
-    let out = heal_cli(&url, "ancestors", "", true);
+    let listed = "same_entity_keys = [{ table = 'users_businessdetails', columns = ['id'] }]\n";
+    let out = heal_cli(&url, "ancestors", listed, true);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let client = pg::connect(&url).await;
     let rows =
@@ -161,7 +161,10 @@ async fn missing_ancestors_are_copied_first() {
         [
             ("business_business".to_string(), format!("{{\"id\": \"{}\"}}", b("05"))),
             ("users_businessdetails".to_string(), "{\"id\": 500}".to_string()),
-            ("users_businessdetails".to_string(), "{\"step\": \"advance_sequence\", \"column\": \"id\"}".to_string()),
+            (
+                "users_businessdetails".to_string(),
+                "{\"column\": \"id\", \"sequence\": \"users_businessdetails_id_seq\"}".to_string()
+            ),
         ]
     );
     // The tenant's serial moved past the copied key: the application's next insert succeeds.
@@ -172,7 +175,7 @@ async fn missing_ancestors_are_copied_first() {
         .await
         .unwrap();
     assert_eq!(count(&url, "SELECT max(id)::bigint FROM tenant_a.users_businessdetails").await, 501);
-    let report = scan(&config(&url, HEAL)).await;
+    let report = scan(&config(&url, &format!("{HEAL}{listed}"))).await;
     assert_eq!(lines(&report.findings), Vec::<String>::new());
 }
 
@@ -319,7 +322,7 @@ async fn heal_refuses_replicas_but_scans_read_them() {
     let extra = format!("database_url = {:?}\n", primary.url("app"));
     let out = heal_cli(&replica_url, "replica_scan_primary_heal", &extra, true);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(count(&primary.url("app"), LOGGED).await, 20);
+    assert_eq!(count(&primary.url("app"), LOGGED).await, 16);
 }
 
 #[tokio::test]
@@ -354,16 +357,23 @@ fn tenant_audit_table_sql() -> &'static str {
        row_key jsonb NOT NULL, old_value jsonb, new_value jsonb);"
 }
 
+/// `POST /scan` enabled, and allowed to heal.
+const HEAL_ON_REQUEST: &str = "[web.scan_requests]\nenabled = true\nheal = true\n";
+
 #[tokio::test]
 async fn the_daemon_heals_after_each_scan_and_counts_it() {
     let url = heal_db("heal_daemon", DEMO_SQL).await;
-    let daemon =
-        start_daemon(config(&url, &format!("{HEAL}enabled = true\n[serve]\nschedule = '0 0 0 1 1 *'\n"))).await;
+    let daemon = start_daemon(config(
+        &url,
+        &format!("{HEAL}enabled = true\n[serve]\nschedule = '0 0 0 1 1 *'\n{HEAL_ON_REQUEST}"),
+    ))
+    .await;
     daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 1").await;
     assert_eq!(
         daemon.samples("tenant_audit_healed_rows_total").await,
         [
             "tenant_audit_healed_rows_total{repair=\"add_missing_columns\"} 3",
+            "tenant_audit_healed_rows_total{repair=\"advance_sequences\"} 0",
             "tenant_audit_healed_rows_total{repair=\"backfill_null_timestamps\"} 3",
             "tenant_audit_healed_rows_total{repair=\"copy_missing_parents\"} 3",
         ]
@@ -374,6 +384,6 @@ async fn the_daemon_heals_after_each_scan_and_counts_it() {
     daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 2").await;
     assert_eq!(daemon.samples("tenant_audit_findings").await[3], "tenant_audit_findings{check=\"orphan_rows\"} 3");
     assert_eq!(daemon.samples("tenant_audit_heal_errors_total").await.iter().filter(|l| !l.ends_with(" 0")).count(), 0);
-    assert_eq!(count(&url, LOGGED).await, 20);
+    assert_eq!(count(&url, LOGGED).await, 16);
     daemon.stop().await;
 }

@@ -40,6 +40,7 @@ async fn samples_of_a_five_million_row_table_need_no_sort() {
         shared_schema: "public",
         reference: &shape,
         config: &cfg.checks,
+        same_entity_keys: &cfg.heal.same_entity_keys,
     };
     let plan = checks::plan(&ctx, "tenant_a");
     let [unit] = plan.tables.as_slice() else { panic!("one table to scan: {plan:?}") };

@@ -1,6 +1,8 @@
 //! Test support: the throwaway PostgreSQL (`pg`), fixture databases, configs, and the binary.
 
+pub mod freeze;
 pub mod pg;
+pub mod pgbouncer;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -54,6 +56,9 @@ fn line(f: &Finding) -> String {
             format!("-> {parent_schema}.{parent_table} {parent_location:?} {relationship:?}")
         }
         Detail::NullTimestamps { data_type } => data_type.clone(),
+        Detail::SequenceBehind { sequence, next_value, column_max } => {
+            format!("{sequence} next {next_value} max {column_max}")
+        }
         Detail::SchemaDrift { difference, expected, actual } => format!("{difference:?} {expected:?} {actual:?}"),
         Detail::None => String::new(),
     };
@@ -197,7 +202,7 @@ pub async fn wait_until_scan_blocked(url: &str) {
     let watcher = pg::connect(url).await;
     let waiting =
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock'
-         AND datname = current_database()";
+           AND datname = current_database()";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while watcher.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
         assert!(std::time::Instant::now() < deadline, "the scan never blocked on the lock");
