@@ -4,10 +4,12 @@
 mod chart;
 mod cli;
 mod config_input;
+mod conninfo;
 mod daemon;
 mod dashboard;
 mod freeze;
 mod heal;
+mod heal_backfill;
 mod heal_ddl;
 mod heal_graph;
 mod heal_sequences;
