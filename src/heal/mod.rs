@@ -174,7 +174,38 @@ async fn execute_locked(
     cancel: &CancellationToken,
 ) -> Result<Outcome, HealError> {
     let target = &heal.database.target;
-    let guard = db::session(pool, target).await.map_err(HealError::Connect)?;
+    let mut guard = db::session(pool, target).await.map_err(HealError::Connect)?;
+    let lease = lease::Lease::new(run_id(), heal.statement_timeout);
+    // The checks before the run are four short transactions; a frozen server answers none.
+    let within = answer_within(heal, false);
+    match tokio::time::timeout(within * 4, prepare(&mut guard, heal, plan, &lease)).await {
+        Ok(prepared) => prepared?,
+        Err(_) => {
+            db::discard(guard);
+            let reason =
+                format!("no answer within {} (the checks before heal)", humantime::format_duration(within * 4));
+            return Err(HealError::Connect(DbError::Connect { target: target.clone(), reason }));
+        }
+    }
+    let client: &mut Client = &mut guard;
+    let result = run(heal, pool, client, plan, cancel, &lease).await;
+    // Released explicitly, so the next run need not wait for the expiry. (Every path of `run`
+    // returns here; cancellation is handled inside it, never by dropping it.) Three small
+    // statements: `heal.statement_timeout` bounds them (a frozen server leaves the lease to expire).
+    let release = async {
+        let tx = db::begin_heal(client, heal).await?;
+        lease.release(&tx).await?;
+        tx.commit().await?;
+        Ok::<(), DbError>(())
+    };
+    if tokio::time::timeout(heal.statement_timeout, release).await.is_err() {
+        db::discard(guard);
+    }
+    result
+}
+
+/// Before a run: never on a replica, the privileges there, the lease taken.
+async fn prepare(guard: &mut Client, heal: &HealConfig, plan: &Plan, lease: &lease::Lease) -> Result<(), HealError> {
     if guard
         .query_typed_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
         .await
@@ -183,25 +214,21 @@ async fn execute_locked(
     {
         return Err(HealError::Replica);
     }
-    check_privileges(&guard, plan).await?;
-    let mut guard = guard;
-    let client: &mut Client = &mut guard;
-    ensure_lease_table(client, heal).await?;
-    let lease = lease::Lease::new(run_id(), heal.statement_timeout);
-    let tx = db::begin_heal(client, heal).await?;
+    check_privileges(guard, plan).await?;
+    ensure_lease_table(guard, heal).await?;
+    let tx = db::begin_heal(guard, heal).await?;
     if !lease.acquire(&tx).await.map_err(DbError::from)? {
         return Err(HealError::LockedOut);
     }
     tx.commit().await.map_err(DbError::from)?;
-    let result = run(heal, pool, client, plan, cancel, &lease).await;
-    // Released explicitly, so the next run need not wait for the expiry. (Every path of `run`
-    // returns here; cancellation is handled inside it, never by dropping it.)
-    if let Ok(tx) = db::begin_heal(client, heal).await {
-        if lease.release(&tx).await.is_ok() {
-            let _ = tx.commit().await;
-        }
-    }
-    result
+    Ok(())
+}
+
+/// How long heal waits for a transaction before it gives the server up as frozen: the work's
+/// own statement timeout (`heal.validate_timeout` for a long step), plus `heal.statement_timeout`
+/// for the transaction's small statements and `heal.lock_timeout` for its lease renewal.
+fn answer_within(heal: &HealConfig, long: bool) -> std::time::Duration {
+    (if long { heal.validate_timeout } else { heal.statement_timeout }) + heal.statement_timeout + heal.lock_timeout
 }
 
 /// Creates the lease table if it is missing, under an advisory lock so that two healers
@@ -227,6 +254,8 @@ enum Stop {
     Cancelled,
     /// The run's lease is gone (it expired and another run took it): stop writing at once.
     LeaseLost,
+    /// The server did not answer within this long: stop the run (its session is closed).
+    NoAnswer(std::time::Duration),
 }
 
 impl From<DbError> for Stop {
@@ -250,6 +279,8 @@ struct Writer<'a> {
     heal: &'a HealConfig,
     /// The run's lease, renewed first in every transaction.
     lease: &'a lease::Lease,
+    /// Set when a transaction got no answer: the session's state is unknown, it is closed.
+    no_answer: bool,
     /// `SET LOCAL search_path` for the tenant at hand, run right after (see [`search_path`]).
     search_path: String,
 }
@@ -274,7 +305,8 @@ async fn run(
     let mut session = db::session(pool, &heal.database.target).await.map_err(HealError::Connect)?;
     let server_cancel = session.canceller();
     let client: &mut Client = &mut session;
-    let mut writer = Writer { server_cancel, client, cancel, heal, lease, search_path: String::new() };
+    let mut writer =
+        Writer { server_cancel, client, cancel, heal, lease, no_answer: false, search_path: String::new() };
     let mut outcome = Outcome { run_id: lease.holder.clone(), ..Outcome::default() };
     let mut budget = heal.max_rows_per_run;
     for (i, tenant) in plan.tenants.iter().enumerate() {
@@ -287,6 +319,10 @@ async fn run(
             break;
         }
         heal_tenant(&mut writer, heal, tenant, &mut budget, &mut outcome).await;
+    }
+    if writer.no_answer {
+        drop(writer);
+        db::discard(session);
     }
     tracing::info!(
         run_id = %outcome.run_id,
@@ -333,6 +369,13 @@ async fn heal_tenant(
                     outcome.interrupted = true;
                     return;
                 }
+                Err(Stop::NoAnswer(within)) => {
+                    let message = format!("the server did not answer within {}", humantime::format_duration(within));
+                    tracing::error!(schema = %tenant.schema, table = %action.table, error = %message, "heal stopped");
+                    outcome.errors.push((tenant.schema.clone(), action.repair, message));
+                    outcome.interrupted = true;
+                    return;
+                }
                 Err(Stop::Failed(e)) if e.code() == Some("55P03") => {
                     tracing::warn!(schema = %tenant.schema, table = %action.table, "heal skipped the tenant: lock not available within heal.lock_timeout");
                     outcome.skipped.push((tenant.schema.clone(), SkipReason::LockTimeout));
@@ -359,6 +402,20 @@ impl Writer<'_> {
             Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 't>,
         >,
     ) -> Result<T, Stop> {
+        self.transaction_within(false, work).await
+    }
+
+    /// [`Self::transaction`] for a step under `heal.validate_timeout` when `long`. A transaction
+    /// without an answer within [`answer_within`] is cancelled on the server and stops the run.
+    async fn transaction_within<T>(
+        &mut self,
+        long: bool,
+        work: impl for<'t> FnOnce(
+            &'t tokio_postgres::Transaction<'t>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 't>,
+        >,
+    ) -> Result<T, Stop> {
         if self.cancel.is_cancelled() {
             return Err(Stop::Cancelled);
         }
@@ -367,6 +424,8 @@ impl Writer<'_> {
         let heal = self.heal;
         let search_path = self.search_path.clone();
         let lease = self.lease;
+        let within = answer_within(heal, long);
+        let no_answer = &mut self.no_answer;
         let attempt = async {
             let tx = db::begin_heal(self.client, heal).await?;
             if !lease.renew(&tx).await? {
@@ -382,6 +441,11 @@ impl Writer<'_> {
             _ = cancel.cancelled() => {
                 server_cancel.cancel().await;
                 Err(Stop::Cancelled)
+            }
+            _ = tokio::time::sleep(within) => {
+                server_cancel.cancel().await;
+                *no_answer = true;
+                Err(Stop::NoAnswer(within))
             }
         }
     }
@@ -475,7 +539,7 @@ async fn run_once(
     let timeout =
         once.long.then(|| format!("SET LOCAL statement_timeout = '{}ms'", writer.heal.validate_timeout.as_millis()));
     writer
-        .transaction(move |tx| {
+        .transaction_within(once.long, move |tx| {
             Box::pin(async move {
                 if let Some(timeout) = timeout {
                     tx.batch_execute(&timeout).await?;

@@ -3,6 +3,7 @@
 
 mod chart;
 mod cli;
+mod conninfo;
 mod daemon;
 mod dashboard;
 mod freeze;
