@@ -353,6 +353,7 @@ async fn heal_tenant(
                 }
                 Step::Once(once) => run_once(writer, once, tenant, action, outcome).await,
                 Step::Copy(spec) => run_copy(writer, heal.batch_size, spec, budget, outcome).await,
+                Step::Backfill(spec) => run_backfill(writer, heal.batch_size, spec, budget, outcome).await,
             };
             match result {
                 Ok(()) => {}
@@ -484,6 +485,63 @@ async fn run_batches(
             return Ok(());
         }
     }
+}
+
+/// Runs a backfill range by range over every relation holding the table's rows, until the end of
+/// each (as it was when the run reached it), the budget runs out, or the run is cancelled.
+async fn run_backfill(
+    writer: &mut Writer<'_>,
+    batch_size: usize,
+    spec: &backfill::BackfillSpec,
+    budget: &mut u64,
+    outcome: &mut Outcome,
+) -> Result<(), Stop> {
+    let table_name = spec.table_name();
+    let relations = writer
+        .transaction(move |tx| {
+            Box::pin(async move { tx.query_typed(backfill::RELATIONS, &[(&table_name, Type::TEXT)]).await })
+        })
+        .await?;
+    let relations: Vec<String> = relations.iter().map(|r| r.get(0)).collect();
+    let step = (batch_size / backfill::ROWS_PER_BLOCK).max(1) as i64;
+    for relation in relations {
+        let sql = spec.batch_sql(&relation);
+        let name = relation.clone();
+        let blocks: i64 = writer
+            .transaction(move |tx| {
+                Box::pin(async move { tx.query_typed(backfill::BLOCKS, &[(&name, Type::TEXT)]).await })
+            })
+            .await?
+            .first()
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let mut start = 0;
+        while start < blocks.max(1) {
+            if *budget == 0 {
+                return Err(Stop::BudgetReached);
+            }
+            let end =
+                if start + step >= blocks { backfill::LAST_TID.to_string() } else { format!("({},0)", start + step) };
+            let (from, to) = (format!("({start},0)"), end);
+            let (sql, run_id) = (sql.clone(), outcome.run_id.clone());
+            let rows = writer
+                .transaction(move |tx| {
+                    Box::pin(async move {
+                        tx.query_typed(&sql, &[(&from, Type::TEXT), (&to, Type::TEXT), (&run_id, Type::TEXT)]).await
+                    })
+                })
+                .await?;
+            for row in &rows {
+                let (table, key): (String, String) = (row.get(0), row.get(1));
+                tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair = spec.repair, key = %key, "healed");
+            }
+            let changed = rows.len() as u64;
+            *outcome.changed.entry(spec.repair).or_default() += changed;
+            *budget = budget.saturating_sub(changed);
+            start += step;
+        }
+    }
+    Ok(())
 }
 
 /// Runs a copy batch by batch (keyset over the orphaned keys) until no key is left, the budget

@@ -8,6 +8,7 @@ mod daemon;
 mod dashboard;
 mod freeze;
 mod heal;
+mod heal_backfill;
 mod heal_ddl;
 mod heal_graph;
 mod heal_sequences;
