@@ -3,6 +3,7 @@
 
 mod chart;
 mod cli;
+mod config_input;
 mod conninfo;
 mod daemon;
 mod dashboard;
@@ -15,8 +16,12 @@ mod heal_sequences;
 mod listener;
 mod pgbouncer;
 mod prometheus;
+mod replica;
 mod rules;
 mod scan;
+mod scan_locks;
+mod scan_samples;
+mod scan_semantics;
 mod support;
 mod tls;
 mod tools;
