@@ -1,10 +1,14 @@
 //! One scan: discovery -> catalog -> checks -> report.
 //!
-//! Invariants: discovery and the catalog come from one read-only snapshot; each tenant's data
-//! checks run in one read-only `REPEATABLE READ` transaction of its own (one snapshot per
-//! tenant), at most `scan.concurrency` tenants at a time. A failing probe or tenant is recorded
-//! in the report and never fails the scan; only failures that leave nothing to scan (no
-//! connection, no discovery, no catalog) do.
+//! Invariants: discovery and the catalog come from one read-only snapshot (catalog tables only:
+//! no tenant relation is locked). The data checks run one table at a time, each table's
+//! [`TableWork`] as one statement in a short read-only transaction of its own, so a session
+//! holds locks only on the relations of the statement it is running, and a relationship's child
+//! and parent are read in one snapshot. At most `scan.concurrency` tenants are scanned at a time.
+//! A failing table or tenant is recorded in the report and never fails the scan: a locked table
+//! is that table's `timeout`, a terminated session fails the tenant it was serving, a statement
+//! cancelled by a recovery conflict is retried [`CONFLICT_RETRIES`] times. Only failures that
+//! leave nothing to scan (no connection, no discovery, no catalog of the shared schema) do.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -14,12 +18,17 @@ use futures::stream::{self, StreamExt};
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{self, Catalog};
-use crate::checks::{self, null_timestamps, orphan_rows, sequence_behind, Context, Shape};
+use crate::catalog::{self, Catalog, ChunkFailure};
+use crate::checks::work::{self, Item};
+use crate::checks::{self, Context, Shape, TableWork};
 use crate::config::{Config, ScanConfig};
-use crate::db::{self, DbError, Pool};
+use crate::db::{self, DbError, Pool, Session};
 use crate::report::{Check, Detail, ErrorKind, Finding, Report, ScanError, TenantCounts, REPORT_VERSION};
 use crate::tenants::{self, Discovery, DiscoveryError};
+
+/// How many times a statement cancelled by a recovery conflict (on a standby) is tried again
+/// before its table is reported as a `conflict` error.
+pub const CONFLICT_RETRIES: usize = 3;
 
 /// Failures that stop a scan before any tenant is looked at.
 #[derive(Debug, thiserror::Error)]
@@ -118,14 +127,21 @@ async fn run_until(
     let started_at = Utc::now();
     let clock = Instant::now();
     let target = &config.database.target;
-    let (discovery, catalog, present) = tokio::select! {
+    let Snapshot { discovery, catalog, present, chunk_failures, standby } = tokio::select! {
         snapshot = read_snapshot(config, pool) => snapshot?,
         _ = cancel.cancelled() => return Err(ScanFailure::Cancelled),
     };
     let mut errors = Vec::new();
     let mut tenants = BTreeSet::new();
     for tenant in &discovery.tenants {
-        if present.contains(tenant) {
+        if let Some(failure) = chunk_failures.iter().find(|f| f.schemas.contains(tenant)) {
+            errors.push(ScanError {
+                kind: classify(&failure.error),
+                schema: Some(tenant.clone()),
+                table: None,
+                message: format!("cannot read the catalog: {}", failure.error),
+            });
+        } else if present.contains(tenant) {
             tenants.insert(tenant.clone());
         } else {
             errors.push(dropped(tenant));
@@ -158,7 +174,14 @@ async fn run_until(
     let samples = config.report.sample_keys;
     // Plans are owned values so the stream's closure borrows nothing per item (which keeps the
     // whole scan future `Send` for callers that spawn it).
-    let work: Vec<(String, checks::Plan)> = tenants.iter().map(|t| (t.clone(), checks::plan(&ctx, t))).collect();
+    let mut work: Vec<(String, checks::Plan)> = Vec::new();
+    for tenant in &tenants {
+        let mut plan = checks::plan(&ctx, tenant);
+        if standby {
+            errors.extend(skip_unlogged(&catalog, tenant, &mut plan));
+        }
+        work.push((tenant.clone(), plan));
+    }
     let outcomes =
         stream::iter(work)
             .map(|(tenant, plan)| async move {
@@ -188,8 +211,12 @@ async fn run_until(
     findings
         .sort_by(|a, b| (a.check, &a.schema, &a.table, &a.columns).cmp(&(b.check, &b.schema, &b.table, &b.columns)));
     errors.sort_by(|a, b| (&a.schema, &a.table, a.kind).cmp(&(&b.schema, &b.table, b.kind)));
-    let failed: BTreeSet<&String> =
-        errors.iter().filter_map(|e| e.schema.as_ref()).filter(|s| discovery.tenants.contains(*s)).collect();
+    let failed: BTreeSet<&String> = errors
+        .iter()
+        .filter(|e| e.kind != ErrorKind::Skipped)
+        .filter_map(|e| e.schema.as_ref())
+        .filter(|s| discovery.tenants.contains(*s))
+        .collect();
     let report = Report {
         version: REPORT_VERSION,
         database: target.clone(),
@@ -214,9 +241,19 @@ async fn run_until(
     Ok(Scanned { report, catalog, shape })
 }
 
-/// Discovery and the catalog, from one read-only snapshot, and which tenants still exist once
-/// the catalog has been read (a tenant dropped meanwhile has tables missing from the catalog).
-async fn read_snapshot(config: &Config, pool: &Pool) -> Result<(Discovery, Catalog, BTreeSet<String>), ScanFailure> {
+/// What the scan learns before any data check: discovery and the catalog (from one read-only
+/// snapshot), the catalog chunks that failed, which tenants still exist once the catalog has
+/// been read (a tenant dropped meanwhile has tables missing from the catalog), and whether the
+/// server is a standby.
+struct Snapshot {
+    discovery: Discovery,
+    catalog: Catalog,
+    present: BTreeSet<String>,
+    chunk_failures: Vec<ChunkFailure>,
+    standby: bool,
+}
+
+async fn read_snapshot(config: &Config, pool: &Pool) -> Result<Snapshot, ScanFailure> {
     let mut session = db::session(pool, &config.database.target).await.map_err(ScanFailure::Connect)?;
     let client: &mut tokio_postgres::Client = &mut session;
     let result = snapshot(client, config).await;
@@ -233,23 +270,55 @@ async fn read_snapshot(config: &Config, pool: &Pool) -> Result<(Discovery, Catal
     }
 }
 
-async fn snapshot(
-    client: &mut tokio_postgres::Client,
-    config: &Config,
-) -> Result<(Discovery, Catalog, BTreeSet<String>), ScanFailure> {
+async fn snapshot(client: &mut tokio_postgres::Client, config: &Config) -> Result<Snapshot, ScanFailure> {
     let catalog_error = |e: tokio_postgres::Error| ScanFailure::Catalog(e.into());
-    let tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
+    let mut tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
     let discovery = tenants::discover(&tx, &config.tenants).await?;
-    let mut schemas = discovery.tenants.clone();
-    schemas.push(config.tenants.shared_schema.clone());
-    schemas.extend(config.tenants.reference_schema.clone());
-    let catalog = catalog::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?;
+    let mut required = vec![config.tenants.shared_schema.clone()];
+    required.extend(config.tenants.reference_schema.clone());
+    let (catalog, chunk_failures) =
+        catalog::read(&mut tx, &required, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
+    let standby: bool =
+        tx.query_typed_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(catalog_error)?.get(0);
     tx.commit().await.map_err(catalog_error)?;
     // A transaction of its own (a fresh snapshot) that sees the drops committed meanwhile.
     let tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
     let present = tenants::still_present(&tx, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
     tx.commit().await.map_err(catalog_error)?;
-    Ok((discovery, catalog, present))
+    Ok(Snapshot { discovery, catalog, present, chunk_failures, standby })
+}
+
+/// On a standby, unlogged tables cannot be read: leaves out of `plan` every table that is one
+/// and every relationship whose parent is one, and reports each such table once as `skipped`.
+fn skip_unlogged(catalog: &Catalog, tenant: &str, plan: &mut checks::Plan) -> Vec<ScanError> {
+    let unlogged = |schema: &str, table: &str| catalog.table(schema, table).is_some_and(|t| t.unlogged);
+    let mut skipped: BTreeSet<(String, String)> = BTreeSet::new();
+    for unit in &mut plan.tables {
+        if unlogged(tenant, &unit.table) {
+            skipped.insert((tenant.to_string(), unit.table.clone()));
+            continue;
+        }
+        unit.orphans.retain(|p| {
+            let parents = [Some(&p.parent_schema), p.shared_parent.as_ref()];
+            let cold: Vec<&String> = parents.into_iter().flatten().filter(|s| unlogged(s, &p.parent_table)).collect();
+            for schema in &cold {
+                skipped.insert((schema.to_string(), p.parent_table.clone()));
+            }
+            cold.is_empty()
+        });
+    }
+    plan.tables.retain(|u| {
+        !unlogged(tenant, &u.table) && (!u.orphans.is_empty() || u.nulls.is_some() || !u.sequences.is_empty())
+    });
+    skipped
+        .into_iter()
+        .map(|(schema, table)| ScanError {
+            kind: ErrorKind::Skipped,
+            schema: Some(if schema == tenant { schema } else { tenant.to_string() }),
+            table: Some(table),
+            message: "unlogged table: its rows cannot be read on a standby".into(),
+        })
+        .collect()
 }
 
 fn registry_findings(discovery: &Discovery) -> Vec<Finding> {
@@ -287,8 +356,8 @@ fn unreadable_tables(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str
     out
 }
 
-/// Runs one tenant's probes in its own snapshot, each under a savepoint so that one failing
-/// probe (a timeout, a type mismatch in a declared relationship) does not hide the others.
+/// Runs the work units of one tenant, one table at a time, each in a short transaction of its
+/// own. A session that dies (terminated, lost) is not reused: a terminated one ends the tenant.
 #[allow(clippy::too_many_arguments)]
 async fn scan_tenant(
     pool: &Pool,
@@ -307,44 +376,60 @@ async fn scan_tenant(
         table: table.map(str::to_string),
         message,
     };
-    if cancel.is_cancelled() {
-        return (findings, errors);
-    }
-    let mut session = match db::session(pool, target).await {
-        Ok(c) => c,
-        Err(e) => return (findings, vec![error(ErrorKind::Connection, None, e.to_string())]),
-    };
-    let server_cancel = session.canceller();
-    let client: &mut tokio_postgres::Client = &mut session;
-    let tx = match db::begin_scan(client, scan).await {
-        Ok(tx) => tx,
-        Err(e) => return (findings, vec![error(classify(&e), None, "cannot start transaction".into())]),
-    };
-    let snapshot = db::Snapshot::new(&tx);
-    let probes = plan
-        .orphans
-        .iter()
-        .map(Probe::Orphans)
-        .chain(plan.nulls.iter().map(Probe::Nulls))
-        .chain(plan.sequences.iter().map(Probe::Sequences));
-    for probe in probes {
+    let mut session: Option<Session> = None;
+    let mut units = plan.tables.iter();
+    let mut unit = units.next();
+    let mut conflicts = 0;
+    while let Some(current) = unit {
+        if cancel.is_cancelled() {
+            break;
+        }
+        if !session.as_ref().is_some_and(|s| !s.is_closed()) {
+            // Give the dead session back first: the pool may have no other slot.
+            drop(session.take());
+            session = match db::session(pool, target).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    errors.push(error(ErrorKind::Connection, None, e.to_string()));
+                    break;
+                }
+            };
+        }
+        let Some(live) = session.as_ref() else { break };
+        let server_cancel = live.canceller();
+        let client: &tokio_postgres::Client = live;
         let result = tokio::select! {
-            result = run_probe(&snapshot, tenant, &probe, samples) => result,
+            result = run_unit(client, scan, tenant, current, samples) => result,
             _ = cancel.cancelled() => {
                 // Stop the query on the server before letting go of the session, so that
                 // nothing of ours keeps running (or waiting on a lock) after shutdown.
                 server_cancel.cancel().await;
-                // Not rolled back here (a frozen server would not answer): dropping the
-                // transaction and the session closes them.
-                drop(tx);
-                db::discard(session);
+                // Not rolled back here (a frozen server would not answer): closing the session
+                // ends its transaction.
+                if let Some(s) = session.take() {
+                    db::discard(s);
+                }
                 return (findings, errors);
             }
         };
         match result {
-            Ok(found) => findings.extend(found),
+            Ok((found, failed)) => {
+                findings.extend(found);
+                errors.extend(failed.into_iter().map(|(kind, message)| error(kind, Some(&current.table), message)));
+            }
+            Err(e) if classify(&e) == ErrorKind::Conflict && conflicts < CONFLICT_RETRIES => {
+                // A conflict can also end the session (the standby terminates a session that
+                // still conflicts once idle): try again on a fresh one.
+                if let Some(s) = session.take() {
+                    db::discard(s);
+                }
+                conflicts += 1;
+                tracing::info!(tenant, table = %current.table, attempt = conflicts, "recovery conflict; trying again");
+                continue;
+            }
             Err(e)
-                if matches!(e.code(), Some("42P01" | "3F000")) && !schema_exists(&tx, tenant).await.unwrap_or(true) =>
+                if matches!(e.code(), Some("42P01" | "3F000"))
+                    && !schema_exists(client, tenant).await.unwrap_or(true) =>
             {
                 // The whole schema is gone: report that once, and nothing of a half-read tenant.
                 findings.clear();
@@ -354,29 +439,74 @@ async fn scan_tenant(
             }
             Err(e) => {
                 let kind = classify(&e);
-                errors.push(error(kind, Some(probe.table()), e.to_string()));
-                if kind == ErrorKind::Connection {
+                errors.push(error(kind, Some(&current.table), e.to_string()));
+                if matches!(kind, ErrorKind::Connection | ErrorKind::Terminated) {
                     break;
                 }
             }
         }
+        conflicts = 0;
+        unit = units.next();
     }
-    let _ = tx.rollback().await;
     (findings, errors)
 }
 
-/// Runs one probe in the tenant's snapshot (each statement under its own savepoint).
-async fn run_probe(
-    snapshot: &db::Snapshot<'_>,
+/// Runs one table's work: its count statement, its sequence statements, then (for nonzero
+/// counts) its sample statement, each in a transaction of its own.
+/// A statement that fails as a query (a declared relationship whose types do not compare, say)
+/// is run again check by check, so one bad check costs only itself; those failures come back
+/// with the findings. Any other failure is the unit's. A failing sample statement leaves the
+/// samples empty and never the counts.
+async fn run_unit(
+    client: &tokio_postgres::Client,
+    scan: &ScanConfig,
     tenant: &str,
-    probe: &Probe<'_>,
+    unit: &TableWork,
     samples: usize,
-) -> Result<Vec<Finding>, DbError> {
-    match probe {
-        Probe::Orphans(p) => orphan_rows::run(snapshot, tenant, p, samples).await,
-        Probe::Nulls(p) => null_timestamps::run(snapshot, tenant, p, samples).await,
-        Probe::Sequences(p) => sequence_behind::run(snapshot, tenant, p).await,
+) -> Result<(Vec<Finding>, Vec<(ErrorKind, String)>), DbError> {
+    let items = unit.items();
+    let mut findings = Vec::new();
+    let mut failed = Vec::new();
+    let counted = if items.is_empty() { Ok(Vec::new()) } else { count(client, scan, tenant, unit, &items).await };
+    match counted {
+        Ok(found) => findings = found,
+        Err(e) if items.len() > 1 && classify(&e) == ErrorKind::Query => {
+            for item in items {
+                match count(client, scan, tenant, unit, &[item]).await {
+                    Ok(found) => findings.extend(found),
+                    Err(e) if classify(&e) == ErrorKind::Query => failed.push((ErrorKind::Query, e.to_string())),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(e) => return Err(e),
     }
+    for probe in &unit.sequences {
+        match db::read_only(client, scan, &probe.sql(tenant), db::Parallel::Allowed).await {
+            Ok(rows) => findings.extend(probe.findings(tenant, &rows)),
+            Err(e) if classify(&e) == ErrorKind::Query => failed.push((ErrorKind::Query, e.to_string())),
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(sql) = unit.sample_sql(&findings, samples) {
+        match db::read_only(client, scan, &sql, db::Parallel::Serial).await {
+            Ok(rows) => work::attach_samples(&mut findings, rows.first().map(Vec::as_slice).unwrap_or_default()),
+            Err(e) => tracing::warn!(tenant, table = %unit.table, error = %e, "sample keys left out"),
+        }
+    }
+    Ok((findings, failed))
+}
+
+/// The findings of `items` of `unit`, counted by one statement.
+async fn count(
+    client: &tokio_postgres::Client,
+    scan: &ScanConfig,
+    tenant: &str,
+    unit: &TableWork,
+    items: &[Item],
+) -> Result<Vec<Finding>, DbError> {
+    let counts = db::counts(&db::read_only(client, scan, &unit.count_sql(items), db::Parallel::Allowed).await?)?;
+    Ok(unit.findings(tenant, items, &counts))
 }
 
 fn dropped(tenant: &str) -> ScanError {
@@ -388,38 +518,23 @@ fn dropped(tenant: &str) -> ScanError {
     }
 }
 
-enum Probe<'a> {
-    Orphans(&'a orphan_rows::Probe),
-    Nulls(&'a null_timestamps::Probe),
-    Sequences(&'a sequence_behind::Probe),
-}
-
-impl Probe<'_> {
-    fn table(&self) -> &str {
-        match self {
-            Probe::Orphans(p) => &p.table,
-            Probe::Nulls(p) => &p.table,
-            Probe::Sequences(p) => &p.table,
-        }
-    }
-}
-
-/// Whether `schema` exists now. `to_regnamespace` reads the system cache, which sees committed
-/// drops, where a query of `pg_namespace` would see the transaction's older snapshot.
-async fn schema_exists(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> Result<bool, DbError> {
+/// Whether `schema` exists now (a statement of its own: it sees every committed drop).
+async fn schema_exists(client: &tokio_postgres::Client, schema: &str) -> Result<bool, DbError> {
     const EXISTS: &str = "SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL";
-    let row = tx.query_typed_one(EXISTS, &[(&schema, Type::TEXT)]).await?;
+    let row = client.query_typed_one(EXISTS, &[(&schema, Type::TEXT)]).await?;
     Ok(row.get(0))
 }
 
-/// Maps a database error to the error kind of the report (and of the metrics).
+/// Maps a database error to the error kind of the report (and of the metrics). A terminated
+/// session (57P01) is the tenant's failure, not the scan's: the server is still there.
 fn classify(e: &DbError) -> ErrorKind {
-    if e.is_connection() {
-        return ErrorKind::Connection;
-    }
     match e.code() {
+        Some("57P01") => ErrorKind::Terminated,
+        _ if e.is_connection() => ErrorKind::Connection,
         Some("42501") => ErrorKind::Permission,
         Some("57014" | "55P03") => ErrorKind::Timeout,
+        Some("40001" | "40P01") => ErrorKind::Conflict,
+        Some(code) if code.starts_with("53") => ErrorKind::Resources,
         _ => ErrorKind::Query,
     }
 }

@@ -3,6 +3,7 @@
 
 mod chart;
 mod cli;
+mod config_input;
 mod conninfo;
 mod daemon;
 mod dashboard;
@@ -13,11 +14,16 @@ mod heal_ddl;
 mod heal_graph;
 mod heal_review;
 mod heal_sequences;
+mod heal_undo;
 mod listener;
 mod pgbouncer;
 mod prometheus;
+mod replica;
 mod rules;
 mod scan;
+mod scan_locks;
+mod scan_samples;
+mod scan_semantics;
 mod support;
 mod tls;
 mod tools;
