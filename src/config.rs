@@ -139,6 +139,8 @@ pub struct ScanConfig {
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
     pub connect_timeout: Duration,
+    /// The daemon's scans are full at least this often; between them they are incremental.
+    pub full_every: Duration,
 }
 
 /// Check settings.
@@ -360,6 +362,7 @@ struct RawScan {
     statement_timeout: String,
     lock_timeout: String,
     connect_timeout: String,
+    full_every: String,
 }
 
 impl Default for RawScan {
@@ -369,6 +372,7 @@ impl Default for RawScan {
             statement_timeout: "60s".into(),
             lock_timeout: "5s".into(),
             connect_timeout: "10s".into(),
+            full_every: "1h".into(),
         }
     }
 }
@@ -565,6 +569,7 @@ impl RawScan {
             statement_timeout: parse_duration("scan.statement_timeout", &self.statement_timeout)?,
             lock_timeout: parse_duration("scan.lock_timeout", &self.lock_timeout)?,
             connect_timeout: parse_duration("scan.connect_timeout", &self.connect_timeout)?,
+            full_every: parse_duration("scan.full_every", &self.full_every)?,
         })
     }
 }

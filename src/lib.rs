@@ -16,6 +16,8 @@
 //! - [`catalog`]: catalog introspection into plain data. Read-only; constant query count.
 //! - [`checks`]: one module per check. Pure planning from the catalog, plus the set-based SQL
 //!   that counts in the database.
+//! - [`incremental`]: per-table change signals and the state between scans that carries a
+//!   table's findings forward while nothing its checks read may have changed.
 //! - [`scan`]: one pass: tenants -> catalog -> checks -> report. A failing tenant is recorded,
 //!   never fatal.
 //! - [`heal`]: plans and repairs; the ONLY code that writes to a tenant database.
@@ -43,6 +45,7 @@ pub mod daemon;
 pub mod db;
 pub mod heal;
 pub mod http;
+pub mod incremental;
 pub mod metrics;
 pub mod report;
 pub mod scan;

@@ -6,7 +6,7 @@
 //! in the report and never fails the scan; only failures that leave nothing to scan (no
 //! connection, no discovery, no catalog) do.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use chrono::Utc;
@@ -19,7 +19,10 @@ use crate::catalog::{self, Catalog};
 use crate::checks::{self, null_timestamps, orphan_rows, Context, Shape};
 use crate::config::Config;
 use crate::db::{self, DbError};
-use crate::report::{Check, Detail, ErrorKind, Finding, Report, ScanError, TenantCounts, REPORT_VERSION};
+use crate::incremental::{self, Signals};
+use crate::report::{
+    Check, Detail, ErrorKind, Finding, Report, ScanError, ScanKind, ScanSummary, TenantCounts, REPORT_VERSION,
+};
 use crate::tenants::{self, Discovery, DiscoveryError};
 
 /// Failures that stop a scan before any tenant is looked at.
@@ -77,20 +80,38 @@ pub struct Scanned {
 /// Called after each tenant with (tenants done, tenants in all).
 pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
-/// Runs one scan of the database behind `pool`. Cancelling `cancel` stops it: running queries
-/// are cancelled on the server and the scan returns [`ScanFailure::Cancelled`].
+/// Runs one full scan of the database behind `pool`. Cancelling `cancel` stops it: running
+/// queries are cancelled on the server and the scan returns [`ScanFailure::Cancelled`].
 pub async fn run(
     config: &Config,
     pool: &Pool,
     cancel: &CancellationToken,
     progress: Option<Progress<'_>>,
 ) -> Result<Scanned, ScanFailure> {
+    run_with(config, pool, cancel, progress, None).await
+}
+
+/// Like [`run`], keeping `state` between scans: the data checks of a table run only when it
+/// or a table its checks read may have changed since `state` was updated (see
+/// [`incremental`]); the others' findings are carried forward. Without a state every scan is
+/// full.
+pub async fn run_with(
+    config: &Config,
+    pool: &Pool,
+    cancel: &CancellationToken,
+    progress: Option<Progress<'_>>,
+    mut state: Option<&mut incremental::State>,
+) -> Result<Scanned, ScanFailure> {
     let started_at = Utc::now();
     let clock = Instant::now();
     let target = &config.database.target;
-    let (discovery, catalog, present) = tokio::select! {
-        snapshot = read_snapshot(config, pool) => snapshot?,
+    let (discovery, catalog, present, signals) = tokio::select! {
+        snapshot = read_snapshot(config, pool, state.is_some()) => snapshot?,
         _ = cancel.cancelled() => return Err(ScanFailure::Cancelled),
+    };
+    let kind = match (state.as_deref_mut(), &signals) {
+        (Some(state), Some(signals)) => state.begin(signals, started_at, config.scan.full_every),
+        _ => ScanKind::Full,
     };
     let mut errors = Vec::new();
     let mut tenants = BTreeSet::new();
@@ -126,18 +147,41 @@ pub async fn run(
     let discovered = discovery.tenants.len();
     let samples = config.report.sample_keys;
     let tls = db::tls(&config.database);
+    let mut tally = Tally::default();
+    if let Some(state) = state.as_deref_mut() {
+        state.retain_tenants(&tenants);
+    }
     // Plans are owned values so the stream's closure borrows nothing per item (which keeps the
     // whole scan future `Send` for callers that spawn it).
-    let work: Vec<(String, checks::Plan)> = tenants.iter().map(|t| (t.clone(), checks::plan(&ctx, t))).collect();
+    let mut work = Vec::with_capacity(tenants.len());
+    for tenant in &tenants {
+        let mut plan = checks::plan(&ctx, tenant);
+        let inputs = match &signals {
+            Some(signals) => incremental::unit_inputs(&plan, tenant, &catalog, signals),
+            None => Default::default(),
+        };
+        if let (ScanKind::Incremental, Some(state)) = (kind, state.as_deref()) {
+            findings.extend(carry_forward(state, tenant, &mut plan, &inputs, &mut tally));
+        }
+        let checked = plan_tables(&plan);
+        tally.checked += checked.len();
+        work.push((tenant.clone(), plan, Unit { inputs, checked }));
+    }
     let outcomes = stream::iter(work)
-        .map(|(tenant, plan)| {
+        .map(|(tenant, plan, unit)| {
             let tls = tls.clone();
-            async move { scan_tenant(pool, target, &tenant, plan, samples, cancel, tls).await }
+            async move {
+                let outcome = scan_tenant(pool, target, &tenant, plan, samples, cancel, tls).await;
+                (tenant, unit, outcome)
+            }
         })
         .buffer_unordered(config.scan.concurrency);
     let mut outcomes = std::pin::pin!(outcomes);
     let mut done = 0;
-    while let Some((tenant_findings, tenant_errors)) = outcomes.next().await {
+    while let Some((tenant, unit, (tenant_findings, tenant_errors))) = outcomes.next().await {
+        if let Some(state) = state.as_deref_mut() {
+            remember(state, &tenant, &unit, &tenant_findings, &tenant_errors, started_at);
+        }
         findings.extend(tenant_findings);
         errors.extend(tenant_errors);
         done += 1;
@@ -168,12 +212,24 @@ pub async fn run(
         duration_seconds: clock.elapsed().as_secs_f64(),
         reference_schema: reference_schema.map(str::to_string),
         tenants: TenantCounts { discovered, scanned: discovered - failed.len(), failed: failed.len() },
+        scan: ScanSummary {
+            kind,
+            tables_checked: tally.checked,
+            tables_carried_forward: tally.carried,
+            oldest_carried_forward_at: tally.oldest,
+        },
         summary: Report::summarize(&findings),
         findings,
         errors,
     };
+    if let (ScanKind::Full, Some(state)) = (kind, state) {
+        state.full_scan_completed(started_at);
+    }
     tracing::info!(
         database = %report.database,
+        scan_kind = kind.name(),
+        tables_checked = tally.checked,
+        tables_carried_forward = tally.carried,
         tenants = report.tenants.discovered,
         failed = report.tenants.failed,
         findings = report.findings.len(),
@@ -184,12 +240,13 @@ pub async fn run(
     Ok(Scanned { report, catalog, shape })
 }
 
-/// Discovery and the catalog, from one read-only snapshot, and which tenants still exist once
-/// the catalog has been read (a tenant dropped meanwhile has tables missing from the catalog).
-async fn read_snapshot(config: &Config, pool: &Pool) -> Result<(Discovery, Catalog, BTreeSet<String>), ScanFailure> {
+/// Discovery, the catalog and, when asked for, the change signals, from one read-only snapshot,
+/// and which tenants still exist once the catalog has been read (a tenant dropped meanwhile has
+/// tables missing from the catalog).
+async fn read_snapshot(config: &Config, pool: &Pool, with_signals: bool) -> Result<ScanInputs, ScanFailure> {
     let mut session = db::session(pool, &config.database.target).await.map_err(ScanFailure::Connect)?;
     let client: &mut tokio_postgres::Client = &mut session;
-    let result = snapshot(client, config).await;
+    let result = snapshot(client, config, with_signals).await;
     // Whatever failed, a dead connection (or a server shutting down) means the database went
     // away: a connection failure, not a discovery or catalog one.
     match result {
@@ -203,10 +260,14 @@ async fn read_snapshot(config: &Config, pool: &Pool) -> Result<(Discovery, Catal
     }
 }
 
+/// Discovery, catalog, tenants still present, change signals.
+type ScanInputs = (Discovery, Catalog, BTreeSet<String>, Option<Signals>);
+
 async fn snapshot(
     client: &mut tokio_postgres::Client,
     config: &Config,
-) -> Result<(Discovery, Catalog, BTreeSet<String>), ScanFailure> {
+    with_signals: bool,
+) -> Result<ScanInputs, ScanFailure> {
     let catalog_error = |e: tokio_postgres::Error| ScanFailure::Catalog(e.into());
     let tx = client
         .build_transaction()
@@ -219,10 +280,86 @@ async fn snapshot(
     let mut schemas = discovery.tenants.clone();
     schemas.push(config.tenants.shared_schema.clone());
     schemas.extend(config.tenants.reference_schema.clone());
+    // The signals are read before the catalog and before any tenant's data: a change that
+    // lands after this point is counted in the next scan's signals.
+    let signals = match with_signals {
+        true => Some(incremental::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?),
+        false => None,
+    };
     let catalog = catalog::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?;
     tx.commit().await.map_err(catalog_error)?;
     let present = tenants::still_present(&*client, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
-    Ok((discovery, catalog, present))
+    Ok((discovery, catalog, present, signals))
+}
+
+/// Tables checked and carried forward so far, and the oldest carried-forward result.
+#[derive(Default)]
+struct Tally {
+    checked: usize,
+    carried: usize,
+    oldest: Option<chrono::DateTime<Utc>>,
+}
+
+/// One tenant's units: the inputs of every table with data checks, and the tables whose checks
+/// run in this scan.
+struct Unit {
+    inputs: BTreeMap<String, Option<u64>>,
+    checked: BTreeSet<String>,
+}
+
+/// The tables with data checks in `plan`.
+fn plan_tables(plan: &checks::Plan) -> BTreeSet<String> {
+    let orphans = plan.orphans.iter().map(|p| &p.table);
+    orphans.chain(plan.nulls.iter().map(|p| &p.table)).cloned().collect()
+}
+
+/// Takes out of `plan` the tables whose stored findings are still valid, and returns those
+/// findings.
+fn carry_forward(
+    state: &incremental::State,
+    tenant: &str,
+    plan: &mut checks::Plan,
+    inputs: &BTreeMap<String, Option<u64>>,
+    tally: &mut Tally,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut carried = BTreeSet::new();
+    for (table, hash) in inputs {
+        let Some((found, computed_at)) = hash.and_then(|h| state.carried(tenant, table, h)) else { continue };
+        out.extend_from_slice(found);
+        carried.insert(table.as_str());
+        tally.carried += 1;
+        tally.oldest = Some(tally.oldest.map_or(computed_at, |o| o.min(computed_at)));
+    }
+    plan.orphans.retain(|p| !carried.contains(p.table.as_str()));
+    plan.nulls.retain(|p| !carried.contains(p.table.as_str()));
+    out
+}
+
+/// Updates `state` with one tenant's outcome: the findings of every table checked without error
+/// are stored with their inputs; a tenant-level error forgets the tenant.
+fn remember(
+    state: &mut incremental::State,
+    tenant: &str,
+    unit: &Unit,
+    findings: &[Finding],
+    errors: &[ScanError],
+    started_at: chrono::DateTime<Utc>,
+) {
+    if errors.iter().any(|e| e.table.is_none()) {
+        state.forget_tenant(tenant);
+        return;
+    }
+    state.retain_tables(tenant, |table| unit.inputs.get(table).is_some_and(Option::is_some));
+    for table in &unit.checked {
+        let Some(Some(inputs)) = unit.inputs.get(table) else { continue };
+        if errors.iter().any(|e| e.table.as_deref() == Some(table)) {
+            state.forget_table(tenant, table);
+            continue;
+        }
+        let mine = findings.iter().filter(|f| f.table.as_deref() == Some(table)).cloned().collect();
+        state.store(tenant, table, *inputs, started_at, mine);
+    }
 }
 
 fn registry_findings(discovery: &Discovery) -> Vec<Finding> {

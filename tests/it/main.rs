@@ -6,6 +6,7 @@ mod cli;
 mod daemon;
 mod dashboard;
 mod heal;
+mod incremental;
 mod prometheus;
 mod rules;
 mod scan;
