@@ -72,7 +72,7 @@ fn rss() -> (u64, u64) {
 /// What every scan of the loop needs.
 struct Bench<'a> {
     config: &'a Config,
-    pool: &'a deadpool_postgres::Pool,
+    pool: &'a tenant_audit::db::Pool,
     metrics: &'a Metrics,
     never: &'a CancellationToken,
     state: &'a mut State,

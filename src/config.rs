@@ -12,6 +12,9 @@ use std::time::Duration;
 use regex::Regex;
 use serde::Deserialize;
 
+use crate::conninfo::{self, ConnInfo, RootCert};
+use crate::pgtls;
+
 /// Environment variable that overrides `database_url` (and `database_url_file`).
 pub const DATABASE_URL_ENV: &str = "TENANT_AUDIT_DATABASE_URL";
 /// Environment variable that overrides `heal.database_url` (and `heal.database_url_file`).
@@ -38,6 +41,7 @@ impl ConfigError {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database: DatabaseConfig,
+    pub database_checks: DatabaseChecks,
     pub tenants: TenantsConfig,
     pub scan: ScanConfig,
     pub checks: ChecksConfig,
@@ -61,6 +65,8 @@ pub struct HealConfig {
     pub max_rows_per_run: u64,
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
+    /// The statement timeout of a `VALIDATE CONSTRAINT` (it reads the whole table).
+    pub validate_timeout: Duration,
     /// Per timestamp column, the columns (or `now()`) whose value a NULL is set from, in order.
     pub fallbacks: BTreeMap<String, Vec<String>>,
 }
@@ -84,6 +90,9 @@ pub struct ServeConfig {
     /// First and largest wait between retries while the database is unreachable.
     pub retry_initial_backoff: Duration,
     pub retry_max_backoff: Duration,
+    /// The daemon's scan deadline: `scan.max_duration`, else the schedule's interval (so a hung
+    /// scan never holds more than one tick), at least a minute.
+    pub scan_max_duration: Duration,
 }
 
 /// Metric export settings.
@@ -93,14 +102,78 @@ pub struct MetricsConfig {
     pub max_tenant_series: usize,
 }
 
-/// Where and how to connect. `pg` holds the password; only `target` is ever displayed.
+/// Where and how to connect: a libpq connection string, validated at start-up. When it comes
+/// from `database_url_file`, the file is read again for every new connection (rotated passwords
+/// and short-lived IAM tokens), and so are the certificate files it names. Holds the password;
+/// only `target` is ever displayed.
 #[derive(Clone)]
 pub struct DatabaseConfig {
-    pub pg: tokio_postgres::Config,
-    /// `host:port/dbname`, safe to print.
+    /// `host:port/dbname` of the first host, safe to print.
     pub target: String,
-    /// Certificate authorities trusted besides the system's (`tls.ca_file`).
-    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The connection string as validated at start-up.
+    info: ConnInfo,
+    /// The URL file, when the string comes from one.
+    file: Option<PathBuf>,
+    /// The key (or environment variable) the string comes from, for messages.
+    key: String,
+    /// libpq parameters for what the string leaves out: `PG*` variables, then `tls.ca_file`.
+    defaults: BTreeMap<String, String>,
+}
+
+/// A connection string as it stands now, with the certificates it names.
+pub struct Resolved {
+    pub info: ConnInfo,
+    pub tls: pgtls::Material,
+}
+
+impl DatabaseConfig {
+    /// The connection string as validated at start-up.
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
+    }
+
+    /// The connection string for a new connection: the URL file read again (when there is one)
+    /// and the certificate files loaded.
+    pub fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let info = match &self.file {
+            Some(file) => parse_conninfo(&self.key, &read_url_file(&self.key, file)?, &self.defaults)?,
+            None => self.info.clone(),
+        };
+        let tls = load_material(&self.key, &info)?;
+        Ok(Resolved { info, tls })
+    }
+}
+
+/// The certificates of `info`: `sslrootcert` (a PEM file, or `system`), `sslcert` and `sslkey`.
+fn load_material(key: &str, info: &ConnInfo) -> Result<pgtls::Material, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |param: &str, message: String| ConfigError::invalid(key, format!("parameter {param}: {message}"));
+    let certs = |param: &str, file: &Path| -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+        let certs = CertificateDer::pem_file_iter(file)
+            .map_err(|e| invalid(param, format!("cannot read {}: {e}", file.display())))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(param, format!("{} is not valid PEM: {e}", file.display())))?;
+        if certs.is_empty() {
+            return Err(invalid(param, format!("{} holds no certificate", file.display())));
+        }
+        Ok(certs)
+    };
+    let roots = match &info.sslrootcert {
+        None => None,
+        Some(RootCert::System) => Some(rustls_native_certs::load_native_certs().certs),
+        Some(RootCert::File(file)) => Some(certs("sslrootcert", file)?),
+    };
+    let client = match (&info.sslcert, &info.sslkey) {
+        (Some(cert), Some(keyfile)) => {
+            let chain = certs("sslcert", cert)?;
+            let private = PrivateKeyDer::from_pem_file(keyfile)
+                .map_err(|e| invalid("sslkey", format!("cannot read a private key from {}: {e}", keyfile.display())))?;
+            Some((chain, private))
+        }
+        _ => None,
+    };
+    Ok(pgtls::Material { roots, client })
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -138,9 +211,29 @@ pub struct ScanConfig {
     pub concurrency: usize,
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
+    /// Per host, for the whole connection set-up (TCP, TLS, authentication).
     pub connect_timeout: Duration,
     /// The daemon's scans are full at least this often; between them they are incremental.
     pub full_every: Duration,
+    /// After this long a scan is cancelled (on the server too) and fails: `scan.max_duration`,
+    /// else one hour for `scan`; `serve` uses [`ServeConfig::scan_max_duration`].
+    pub max_duration: Duration,
+}
+
+/// The least `scan.max_duration` derived from a schedule (one firing every second must not
+/// cancel every scan after a second).
+pub const MIN_DERIVED_SCAN_MAX_DURATION: Duration = Duration::from_secs(60);
+
+/// The default `scan.max_duration` of a one-off `scan`.
+pub const CLI_SCAN_MAX_DURATION: Duration = Duration::from_secs(3600);
+
+/// The daemon's liveness checks of the database (`[database]`).
+#[derive(Debug, Clone)]
+pub struct DatabaseChecks {
+    /// How often the daemon pings the database.
+    pub ping_interval: Duration,
+    /// How long a ping may take before the database counts as down.
+    pub ping_timeout: Duration,
 }
 
 /// Check settings.
@@ -171,11 +264,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
-        let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let libpq =
+            conninfo::ENV_DEFAULTS.iter().filter_map(|(var, param)| env(var).map(|v| (param.to_string(), v))).collect();
         Config::from_toml(
             &text,
             path,
-            Env { database_url: env(DATABASE_URL_ENV), heal_database_url: env(HEAL_DATABASE_URL_ENV) },
+            Env { database_url: env(DATABASE_URL_ENV), heal_database_url: env(HEAL_DATABASE_URL_ENV), libpq },
         )
     }
 
@@ -197,6 +292,9 @@ pub struct Env {
     pub database_url: Option<String>,
     /// [`HEAL_DATABASE_URL_ENV`]
     pub heal_database_url: Option<String>,
+    /// libpq's `PG*` variables that are set, by the parameter each supplies
+    /// ([`conninfo::ENV_DEFAULTS`]): defaults where a connection string is silent.
+    pub libpq: BTreeMap<String, String>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -224,6 +322,30 @@ struct RawConfig {
     heal: RawHeal,
     #[serde(default)]
     tls: RawTls,
+    #[serde(default)]
+    database: RawDatabase,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDatabase {
+    ping_interval: String,
+    ping_timeout: String,
+}
+
+impl Default for RawDatabase {
+    fn default() -> Self {
+        RawDatabase { ping_interval: "15s".into(), ping_timeout: "5s".into() }
+    }
+}
+
+impl RawDatabase {
+    fn validate(self) -> Result<DatabaseChecks, ConfigError> {
+        Ok(DatabaseChecks {
+            ping_interval: parse_duration("database.ping_interval", &self.ping_interval)?,
+            ping_timeout: parse_duration("database.ping_timeout", &self.ping_timeout)?,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -232,13 +354,12 @@ struct RawTls {
     ca_file: Option<PathBuf>,
 }
 
-/// Reads the PEM certificates of `tls.ca_file` (relative to the config file).
-fn extra_roots(
-    tls: &RawTls,
-    config_path: &Path,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+/// `tls.ca_file` (relative to the config file), checked to hold PEM certificates. It is the
+/// `sslrootcert` of connection strings that name none (kept from before `sslrootcert` was
+/// understood).
+fn ca_file(tls: &RawTls, config_path: &Path) -> Result<Option<PathBuf>, ConfigError> {
     use rustls::pki_types::pem::PemObject;
-    let Some(file) = &tls.ca_file else { return Ok(Vec::new()) };
+    let Some(file) = &tls.ca_file else { return Ok(None) };
     let file = config_path.parent().unwrap_or(Path::new(".")).join(file);
     let invalid = |message: String| ConfigError::invalid("tls.ca_file", message);
     let certs = rustls::pki_types::CertificateDer::pem_file_iter(&file)
@@ -248,7 +369,7 @@ fn extra_roots(
     if certs.is_empty() {
         return Err(invalid(format!("{} holds no certificate", file.display())));
     }
-    Ok(certs)
+    Ok(Some(file))
 }
 
 #[derive(Debug, Deserialize)]
@@ -264,6 +385,7 @@ struct RawHeal {
     max_rows_per_run: u64,
     lock_timeout: String,
     statement_timeout: String,
+    validate_timeout: String,
     fallbacks: BTreeMap<String, Vec<String>>,
 }
 
@@ -281,6 +403,7 @@ impl Default for RawHeal {
             max_rows_per_run: 10_000,
             lock_timeout: "2s".into(),
             statement_timeout: "30s".into(),
+            validate_timeout: "1h".into(),
             fallbacks: BTreeMap::from([
                 ("updated_at".to_string(), chain(&["modified_at", "created_at", "now()"])),
                 ("modified_at".to_string(), chain(&["updated_at", "created_at", "now()"])),
@@ -363,6 +486,7 @@ struct RawScan {
     lock_timeout: String,
     connect_timeout: String,
     full_every: String,
+    max_duration: Option<String>,
 }
 
 impl Default for RawScan {
@@ -373,6 +497,7 @@ impl Default for RawScan {
             lock_timeout: "5s".into(),
             connect_timeout: "10s".into(),
             full_every: "1h".into(),
+            max_duration: None,
         }
     }
 }
@@ -407,16 +532,22 @@ impl Default for RawReport {
 
 impl RawConfig {
     fn validate(self, path: &Path, env: Env) -> Result<Config, ConfigError> {
-        let roots = extra_roots(&self.tls, path)?;
-        let mut database =
-            database_config("", self.database_url, self.database_url_file, path, env.database_url, DATABASE_URL_ENV)?;
-        database.extra_roots = roots.clone();
-        let mut heal = self.heal.validate(path, env.heal_database_url, &database)?;
-        heal.database.extra_roots = roots;
+        let mut defaults = env.libpq.clone();
+        if let Some(file) = ca_file(&self.tls, path)? {
+            defaults.entry("sslrootcert".to_string()).or_insert_with(|| file.display().to_string());
+        }
+        let source = UrlSource { config_path: path, defaults: &defaults };
+        let database =
+            source.database("", self.database_url, self.database_url_file, env.database_url, DATABASE_URL_ENV)?;
+        let heal = self.heal.validate(&source, env.heal_database_url, &database)?;
         let tenants = self.tenants.validate()?;
-        let scan = self.scan.validate()?;
+        let (scan, max_duration_set) = self.scan.validate()?;
         let checks = self.checks.validate()?;
-        let serve = self.serve.validate()?;
+        let mut serve = self.serve.validate()?;
+        if max_duration_set {
+            serve.scan_max_duration = scan.max_duration;
+        }
+        let database_checks = self.database.validate()?;
         if heal.add_missing_columns && tenants.reference_schema.is_none() {
             return Err(ConfigError::invalid(
                 "heal.add_missing_columns",
@@ -425,6 +556,7 @@ impl RawConfig {
         }
         Ok(Config {
             database,
+            database_checks,
             tenants,
             scan,
             checks,
@@ -436,57 +568,67 @@ impl RawConfig {
     }
 }
 
-/// Resolves a connection from `{prefix}database_url`, `{prefix}database_url_file` or the
-/// environment variable `env_name` (which wins).
-fn database_config(
-    prefix: &str,
-    url: Option<String>,
-    url_file: Option<PathBuf>,
-    config_path: &Path,
-    env_url: Option<String>,
-    env_name: &str,
-) -> Result<DatabaseConfig, ConfigError> {
-    let url_key = format!("{prefix}database_url");
-    let file_key = format!("{prefix}database_url_file");
-    let (key, url) = match (env_url, url, url_file) {
-        (Some(env), _, _) => (env_name.to_string(), env),
-        (None, Some(_), Some(_)) => {
-            let message = format!("set {url_key} or {file_key}, not both");
-            return Err(ConfigError::invalid(url_key, message));
-        }
-        (None, Some(url), None) => (url_key, url),
-        (None, None, Some(file)) => {
-            let file = config_path.parent().unwrap_or(Path::new(".")).join(file);
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| ConfigError::invalid(&file_key, format!("cannot read {}: {e}", file.display())))?;
-            (file_key, text.trim().to_string())
-        }
-        (None, None, None) => {
-            let message = format!("not set; set {url_key}, {file_key} or {env_name}");
-            return Err(ConfigError::invalid(url_key, message));
-        }
-    };
-    // The parser's messages describe the syntax problem, never the URL itself.
-    let pg = tokio_postgres::Config::from_str(&url)
-        .map_err(|e| ConfigError::invalid(&key, format!("invalid connection string: {e}")))?;
-    if pg.get_hosts().is_empty() {
-        return Err(ConfigError::invalid(key, "connection string names no host"));
-    }
-    let target = describe_target(&pg);
-    Ok(DatabaseConfig { pg, target, extra_roots: Vec::new() })
+/// Where connection strings are read from: files relative to the config file, with the libpq
+/// defaults of the environment.
+struct UrlSource<'a> {
+    config_path: &'a Path,
+    defaults: &'a BTreeMap<String, String>,
 }
 
-/// `host:port/dbname` for messages and logs; never includes credentials.
-pub fn describe_target(pg: &tokio_postgres::Config) -> String {
-    let host = match pg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".to_string(),
-    };
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let db = pg.get_dbname().or(pg.get_user()).unwrap_or("postgres");
-    format!("{host}:{port}/{db}")
+impl UrlSource<'_> {
+    /// Resolves a connection from `{prefix}database_url`, `{prefix}database_url_file` or the
+    /// environment variable `env_name` (which wins).
+    fn database(
+        &self,
+        prefix: &str,
+        url: Option<String>,
+        url_file: Option<PathBuf>,
+        env_url: Option<String>,
+        env_name: &str,
+    ) -> Result<DatabaseConfig, ConfigError> {
+        let url_key = format!("{prefix}database_url");
+        let file_key = format!("{prefix}database_url_file");
+        let (key, url, file) = match (env_url, url, url_file) {
+            (Some(env), _, _) => (env_name.to_string(), env, None),
+            (None, Some(_), Some(_)) => {
+                let message = format!("set {url_key} or {file_key}, not both");
+                return Err(ConfigError::invalid(url_key, message));
+            }
+            (None, Some(url), None) => (url_key, url, None),
+            (None, None, Some(file)) => {
+                let file = self.config_path.parent().unwrap_or(Path::new(".")).join(file);
+                (file_key.clone(), read_url_file(&file_key, &file)?, Some(file))
+            }
+            (None, None, None) => {
+                let message = format!("not set; set {url_key}, {file_key} or {env_name}");
+                return Err(ConfigError::invalid(url_key, message));
+            }
+        };
+        let info = parse_conninfo(&key, &url, self.defaults)?;
+        let target = describe_target(&info);
+        let database = DatabaseConfig { target, info, file, key, defaults: self.defaults.clone() };
+        // The certificate files must be readable now, not only at the first connection.
+        database.resolve()?;
+        Ok(database)
+    }
+}
+
+fn read_url_file(key: &str, file: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::invalid(key, format!("cannot read {}: {e}", file.display())))?;
+    Ok(text.trim().to_string())
+}
+
+/// The parser's messages name the parameter, never the URL itself (which holds the password).
+fn parse_conninfo(key: &str, url: &str, defaults: &BTreeMap<String, String>) -> Result<ConnInfo, ConfigError> {
+    conninfo::parse(url, defaults).map_err(|e| ConfigError::invalid(key, e.to_string()))
+}
+
+/// `host:port/dbname` (of the first host) for messages and logs; never includes credentials.
+pub fn describe_target(info: &ConnInfo) -> String {
+    let host = &info.hosts[0];
+    let db = info.dbname.as_deref().or(info.user.as_deref()).unwrap_or("postgres");
+    format!("{}:{}/{db}", host.host, host.port)
 }
 
 impl RawTenants {
@@ -560,29 +702,33 @@ pub fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
 }
 
 impl RawScan {
-    fn validate(self) -> Result<ScanConfig, ConfigError> {
+    /// The scan settings, and whether `scan.max_duration` was set.
+    fn validate(self) -> Result<(ScanConfig, bool), ConfigError> {
         if self.concurrency == 0 {
             return Err(ConfigError::invalid("scan.concurrency", "must be at least 1"));
         }
-        Ok(ScanConfig {
+        let max_duration = self.max_duration.as_deref().map(|v| parse_duration("scan.max_duration", v)).transpose()?;
+        let scan = ScanConfig {
             concurrency: self.concurrency,
             statement_timeout: parse_duration("scan.statement_timeout", &self.statement_timeout)?,
             lock_timeout: parse_duration("scan.lock_timeout", &self.lock_timeout)?,
             connect_timeout: parse_duration("scan.connect_timeout", &self.connect_timeout)?,
             full_every: parse_duration("scan.full_every", &self.full_every)?,
-        })
+            max_duration: max_duration.unwrap_or(CLI_SCAN_MAX_DURATION),
+        };
+        Ok((scan, max_duration.is_some()))
     }
 }
 
 impl RawHeal {
     fn validate(
         self,
-        path: &Path,
+        source: &UrlSource<'_>,
         env_url: Option<String>,
         scan_database: &DatabaseConfig,
     ) -> Result<HealConfig, ConfigError> {
         let database = if env_url.is_some() || self.database_url.is_some() || self.database_url_file.is_some() {
-            database_config("heal.", self.database_url, self.database_url_file, path, env_url, HEAL_DATABASE_URL_ENV)?
+            source.database("heal.", self.database_url, self.database_url_file, env_url, HEAL_DATABASE_URL_ENV)?
         } else {
             scan_database.clone()
         };
@@ -607,6 +753,7 @@ impl RawHeal {
             max_rows_per_run: self.max_rows_per_run,
             lock_timeout: parse_duration("heal.lock_timeout", &self.lock_timeout)?,
             statement_timeout: parse_duration("heal.statement_timeout", &self.statement_timeout)?,
+            validate_timeout: parse_duration("heal.validate_timeout", &self.validate_timeout)?,
             fallbacks: self.fallbacks,
         };
         if heal.enabled && !heal.any_repair() {
@@ -650,6 +797,7 @@ impl RawServe {
             shutdown_timeout: parse_duration("serve.shutdown_timeout", &self.shutdown_timeout)?,
             retry_initial_backoff,
             retry_max_backoff,
+            scan_max_duration: interval.max(MIN_DERIVED_SCAN_MAX_DURATION),
         })
     }
 }
@@ -718,7 +866,7 @@ mod tests {
 
     #[test]
     fn env_url_wins_and_missing_url_is_named() {
-        let env = Env { database_url: Some("postgres://b/y".into()), heal_database_url: None };
+        let env = Env { database_url: Some("postgres://b/y".into()), ..Env::default() };
         let c = Config::from_toml("database_url = 'postgres://a/x'", Path::new("c.toml"), env).unwrap();
         assert_eq!(c.database.target, "b:5432/y");
         assert_eq!(c.heal.database.target, "b:5432/y", "heal uses the scan connection by default");

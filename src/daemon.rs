@@ -17,7 +17,9 @@ use crate::schedule::{self, Scheduler};
 
 /// Serves on `listener` until `shutdown` is cancelled. The caller binds the listener (tests use
 /// port 0) and owns the shutdown trigger (signals in the binary).
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) {
+pub async fn run(mut config: Config, listener: TcpListener, shutdown: CancellationToken) {
+    // The daemon's scan deadline defaults to the schedule's interval, not the CLI's hour.
+    config.scan.max_duration = config.serve.scan_max_duration;
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let scheduler = Scheduler::new(Arc::clone(&config), Arc::clone(&metrics), shutdown.clone());

@@ -10,7 +10,10 @@
 //! - [`cli`]: clap types of the command line.
 //! - [`config`]: the TOML file and environment, validated once into [`config::Config`]. The only
 //!   reader of files and environment variables.
-//! - [`db`]: connection pools and session settings (`application_name`, timeouts, read-only).
+//! - [`conninfo`]: libpq connection strings (URL and `key=value`), with libpq's meaning. Pure.
+//! - [`pgtls`]: the TLS verification each `sslmode` asks for (rustls).
+//! - [`db`]: connections (deadline on the whole set-up, keepalives), pools, pings, and the one
+//!   helper per transaction kind that sets its timeouts with `SET LOCAL` (pooler-safe).
 //! - [`sql`]: identifier quoting; no SQL is built from an unquoted name.
 //! - [`tenants`]: tenant discovery (registry table and/or name patterns).
 //! - [`catalog`]: catalog introspection into plain data. Read-only; constant query count.
@@ -41,12 +44,14 @@ pub mod catalog;
 pub mod checks;
 pub mod cli;
 pub mod config;
+pub mod conninfo;
 pub mod daemon;
 pub mod db;
 pub mod heal;
 pub mod http;
 pub mod incremental;
 pub mod metrics;
+pub mod pgtls;
 pub mod report;
 pub mod scan;
 pub mod schedule;

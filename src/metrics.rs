@@ -60,7 +60,7 @@ pub const HEAL_RESULTS: [&str; 3] = ["success", "failure", "locked_out"];
 
 /// Label values of `tenant_audit_scan_errors_total{kind}` besides the per-tenant [`ErrorKind`]s:
 /// failures that stopped a whole scan.
-pub const SCAN_FAILURE_KINDS: [&str; 3] = ["discovery", "catalog", "config"];
+pub const SCAN_FAILURE_KINDS: [&str; 4] = ["discovery", "catalog", "config", "deadline"];
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");

@@ -10,15 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use chrono::Utc;
-use deadpool_postgres::Pool;
 use futures::stream::{self, StreamExt};
-use tokio_postgres::IsolationLevel;
+use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, Catalog};
 use crate::checks::{self, null_timestamps, orphan_rows, Context, Shape};
-use crate::config::Config;
-use crate::db::{self, DbError};
+use crate::config::{Config, ScanConfig};
+use crate::db::{self, DbError, Pool};
 use crate::incremental::{self, Signals};
 use crate::report::{
     Check, Detail, ErrorKind, Finding, Report, ScanError, ScanKind, ScanSummary, TenantCounts, REPORT_VERSION,
@@ -40,6 +39,8 @@ pub enum ScanFailure {
     ConnectionLost { tenants: usize, message: String },
     #[error("the scan was cancelled")]
     Cancelled,
+    #[error("the scan did not finish within scan.max_duration ({}); its statements were cancelled", humantime::format_duration(*.0))]
+    Deadline(std::time::Duration),
 }
 
 impl ScanFailure {
@@ -65,6 +66,7 @@ impl ScanFailure {
             ScanFailure::Catalog(_) => "catalog",
             ScanFailure::NoReference(_) => "config",
             ScanFailure::Cancelled => "cancelled",
+            ScanFailure::Deadline(_) => "deadline",
         }
     }
 }
@@ -81,7 +83,10 @@ pub struct Scanned {
 pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
 /// Runs one full scan of the database behind `pool`. Cancelling `cancel` stops it: running
-/// queries are cancelled on the server and the scan returns [`ScanFailure::Cancelled`].
+/// queries are cancelled on the server and the scan returns [`ScanFailure::Cancelled`]. After
+/// `scan.max_duration` the same happens and the scan fails with [`ScanFailure::Deadline`]:
+/// running statements get a cancel request each, the scan `scan.connect_timeout` more to wind
+/// down (a frozen server answers neither), then it is dropped with its sessions.
 pub async fn run(
     config: &Config,
     pool: &Pool,
@@ -96,6 +101,32 @@ pub async fn run(
 /// [`incremental`]); the others' findings are carried forward. Without a state every scan is
 /// full.
 pub async fn run_with(
+    config: &Config,
+    pool: &Pool,
+    cancel: &CancellationToken,
+    progress: Option<Progress<'_>>,
+    state: Option<&mut incremental::State>,
+) -> Result<Scanned, ScanFailure> {
+    let stop = cancel.child_token();
+    // Boxed so that it can be dropped (with its sessions) before the idle ones are closed.
+    let mut scan = Box::pin(run_until(config, pool, &stop, progress, state));
+    tokio::select! {
+        result = &mut scan => return result,
+        _ = tokio::time::sleep(config.scan.max_duration) => {}
+    }
+    tracing::warn!(
+        max_duration_seconds = config.scan.max_duration.as_secs_f64(),
+        "scan deadline reached; cancelling it"
+    );
+    stop.cancel();
+    let _ = tokio::time::timeout(config.scan.connect_timeout, &mut scan).await;
+    drop(scan);
+    // Sessions that went back to the pool while their statement still ran must not be reused.
+    db::drop_idle_sessions(pool);
+    Err(ScanFailure::Deadline(config.scan.max_duration))
+}
+
+async fn run_until(
     config: &Config,
     pool: &Pool,
     cancel: &CancellationToken,
@@ -146,7 +177,6 @@ pub async fn run_with(
     let total = tenants.len();
     let discovered = discovery.tenants.len();
     let samples = config.report.sample_keys;
-    let tls = db::tls(&config.database);
     let mut tally = Tally::default();
     if let Some(state) = state.as_deref_mut() {
         state.retain_tenants(&tenants);
@@ -168,12 +198,9 @@ pub async fn run_with(
         work.push((tenant.clone(), plan, Unit { inputs, checked }));
     }
     let outcomes = stream::iter(work)
-        .map(|(tenant, plan, unit)| {
-            let tls = tls.clone();
-            async move {
-                let outcome = scan_tenant(pool, target, &tenant, plan, samples, cancel, tls).await;
-                (tenant, unit, outcome)
-            }
+        .map(|(tenant, plan, unit)| async move {
+            let outcome = scan_tenant(pool, target, &config.scan, &tenant, plan, samples, cancel).await;
+            (tenant, unit, outcome)
         })
         .buffer_unordered(config.scan.concurrency);
     let mut outcomes = std::pin::pin!(outcomes);
@@ -269,13 +296,7 @@ async fn snapshot(
     with_signals: bool,
 ) -> Result<ScanInputs, ScanFailure> {
     let catalog_error = |e: tokio_postgres::Error| ScanFailure::Catalog(e.into());
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(catalog_error)?;
+    let tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
     let discovery = tenants::discover(&tx, &config.tenants).await?;
     let mut schemas = discovery.tenants.clone();
     schemas.push(config.tenants.shared_schema.clone());
@@ -288,7 +309,10 @@ async fn snapshot(
     };
     let catalog = catalog::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?;
     tx.commit().await.map_err(catalog_error)?;
-    let present = tenants::still_present(&*client, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
+    // A transaction of its own (a fresh snapshot) that sees the drops committed meanwhile.
+    let tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
+    let present = tenants::still_present(&tx, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
+    tx.commit().await.map_err(catalog_error)?;
     Ok((discovery, catalog, present, signals))
 }
 
@@ -399,14 +423,15 @@ fn unreadable_tables(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str
 
 /// Runs one tenant's probes in its own snapshot, each under a savepoint so that one failing
 /// probe (a timeout, a type mismatch in a declared relationship) does not hide the others.
+#[allow(clippy::too_many_arguments)]
 async fn scan_tenant(
     pool: &Pool,
     target: &str,
+    scan: &ScanConfig,
     tenant: &str,
     plan: checks::Plan,
     samples: usize,
     cancel: &CancellationToken,
-    tls: db::Tls,
 ) -> (Vec<Finding>, Vec<ScanError>) {
     let mut findings = Vec::new();
     let mut errors = Vec::new();
@@ -423,17 +448,11 @@ async fn scan_tenant(
         Ok(c) => c,
         Err(e) => return (findings, vec![error(ErrorKind::Connection, None, e.to_string())]),
     };
+    let server_cancel = session.canceller();
     let client: &mut tokio_postgres::Client = &mut session;
-    let server_cancel = client.cancel_token();
-    let tx = match client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-    {
+    let tx = match db::begin_scan(client, scan).await {
         Ok(tx) => tx,
-        Err(e) => return (findings, vec![error(classify(&e.into()), None, "cannot start transaction".into())]),
+        Err(e) => return (findings, vec![error(classify(&e), None, "cannot start transaction".into())]),
     };
     let snapshot = db::Snapshot::new(&tx);
     let probes = plan.orphans.iter().map(Probe::Orphans).chain(plan.nulls.iter().map(Probe::Nulls));
@@ -443,8 +462,12 @@ async fn scan_tenant(
             _ = cancel.cancelled() => {
                 // Stop the query on the server before letting go of the session, so that
                 // nothing of ours keeps running (or waiting on a lock) after shutdown.
-                let _ = server_cancel.cancel_query(tls).await;
-                break;
+                server_cancel.cancel().await;
+                // Not rolled back here (a frozen server would not answer): dropping the
+                // transaction and the session closes them.
+                drop(tx);
+                db::discard(session);
+                return (findings, errors);
             }
         };
         match result {
@@ -510,8 +533,8 @@ impl Probe<'_> {
 /// Whether `schema` exists now. `to_regnamespace` reads the system cache, which sees committed
 /// drops, where a query of `pg_namespace` would see the transaction's older snapshot.
 async fn schema_exists(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> Result<bool, DbError> {
-    let row =
-        tx.query_one("SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL", &[&schema]).await?;
+    const EXISTS: &str = "SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL";
+    let row = tx.query_typed_one(EXISTS, &[(&schema, Type::TEXT)]).await?;
     Ok(row.get(0))
 }
 

@@ -16,20 +16,22 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::db::{self, Pool};
 use crate::metrics::Metrics;
 use crate::report::{Report, ScanKind};
 use crate::scan;
-use crate::{db, heal, incremental};
+use crate::{heal, incremental};
 
 /// State shared by the schedule loop, the scans it starts and the HTTP handlers.
 pub struct Scheduler {
     config: Arc<Config>,
     pool: Pool,
+    /// One session for pings, so that a ping never waits behind a scan's sessions.
+    ping_pool: Pool,
     /// Writer sessions, only when `heal.enabled`: heal runs after every successful scan.
     heal_pool: Option<Pool>,
     metrics: Arc<Metrics>,
@@ -37,7 +39,7 @@ pub struct Scheduler {
     last_report: RwLock<Option<Arc<Report>>>,
     /// Set while a scan runs: the no-overlap guard.
     running: AtomicBool,
-    /// Whether the database answered the last connection attempt.
+    /// Whether the database answered the last ping or connection attempt in time.
     database_up: AtomicBool,
     shutdown: CancellationToken,
     /// The running scan task, awaited at shutdown.
@@ -50,11 +52,13 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Arc<Scheduler> {
         let pool = db::scan_pool(&config.database, &config.scan);
+        let ping_pool = db::ping_pool(&config.database, config.scan.connect_timeout);
         let heal_pool = config.heal.enabled.then(|| db::heal_pool(&config.heal, config.scan.connect_timeout));
         metrics.set_database_up(false);
         Arc::new(Scheduler {
             config,
             pool,
+            ping_pool,
             heal_pool,
             metrics,
             last_report: RwLock::new(None),
@@ -116,6 +120,7 @@ impl Scheduler {
         if !self.wait_for_database().await {
             return;
         }
+        self.tasks.spawn(Arc::clone(&self).watch_database());
         if self.config.serve.scan_on_start {
             self.try_start_scan();
         }
@@ -144,7 +149,7 @@ impl Scheduler {
     async fn wait_for_database(&self) -> bool {
         let mut backoff = self.config.serve.retry_initial_backoff;
         loop {
-            match db::ping(&self.pool, &self.config.database.target).await {
+            match self.ping().await {
                 Ok(()) => {
                     self.set_database_up(true);
                     return true;
@@ -160,6 +165,32 @@ impl Scheduler {
             }
             backoff = (backoff * 2).min(self.config.serve.retry_max_backoff);
         }
+    }
+
+    /// Pings every `database.ping_interval` until shutdown: `database_up` turns 0 when a ping
+    /// does not answer within `database.ping_timeout`, and 1 again when one does.
+    async fn watch_database(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.database_checks.ping_interval) => {}
+            }
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                result = self.ping() => result,
+            };
+            let was_up = self.database_up.load(Ordering::Acquire);
+            match result {
+                Ok(()) if !was_up => tracing::info!("database answers again"),
+                Err(ref e) if was_up => tracing::warn!(error = %e, "database ping failed"),
+                _ => {}
+            }
+            self.set_database_up(result.is_ok());
+        }
+    }
+
+    async fn ping(&self) -> Result<(), db::DbError> {
+        db::ping(&self.ping_pool, &self.config.database.target, self.config.database_checks.ping_timeout).await
     }
 
     fn set_database_up(&self, up: bool) {

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
 use crate::config::{Registry, TenantsConfig};
@@ -57,7 +58,7 @@ WHERE nspname NOT IN ('pg_catalog', 'information_schema')
 /// Discovers the tenants of the database `client` is connected to.
 pub async fn discover(client: &impl GenericClient, cfg: &TenantsConfig) -> Result<Discovery, DiscoveryError> {
     let schemas: BTreeSet<String> = client
-        .query(LIST_SCHEMAS, &[])
+        .query_typed(LIST_SCHEMAS, &[])
         .await
         .map_err(|e| DiscoveryError::Namespaces(e.into()))?
         .iter()
@@ -77,7 +78,7 @@ async fn read_registry(client: &impl GenericClient, registry: &Registry) -> Resu
         col = sql::ident(&registry.column),
         tbl = sql::qualified(&registry.schema, &registry.table),
     );
-    match client.query(&query, &[]).await {
+    match client.query_typed(&query, &[]).await {
         Ok(rows) => Ok(rows.iter().map(|r| r.get(0)).collect()),
         Err(e) => {
             let e = DbError::from(e);
@@ -89,12 +90,12 @@ async fn read_registry(client: &impl GenericClient, registry: &Registry) -> Resu
     }
 }
 
-/// Which of `names` still exist. Run after the catalog snapshot, outside it, to notice tenants
-/// dropped while the catalog was read.
+/// Which of `names` still exist. Run after the catalog snapshot, in a transaction of its own, to
+/// notice tenants dropped while the catalog was read.
 pub async fn still_present(client: &impl GenericClient, names: &[String]) -> Result<BTreeSet<String>, DbError> {
     const PRESENT: &str = "/* tenant-audit:discovery */
 SELECT nspname::text FROM pg_catalog.pg_namespace WHERE nspname = ANY($1)";
-    Ok(client.query(PRESENT, &[&names]).await?.iter().map(|r| r.get(0)).collect())
+    Ok(client.query_typed(PRESENT, &[(&names, Type::TEXT_ARRAY)]).await?.iter().map(|r| r.get(0)).collect())
 }
 
 /// Applies the discovery rules to the schema list and the registry contents.

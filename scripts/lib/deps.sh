@@ -34,6 +34,7 @@ _deps_debian() {
         command -v npm >/dev/null || missing+=(npm)
         command -v unzip >/dev/null || missing+=(unzip)
         command -v openssl >/dev/null || missing+=(openssl)
+        [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
         python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     fi
     [ ${#missing[@]} -eq 0 ] && return 0

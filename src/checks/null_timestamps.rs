@@ -6,6 +6,7 @@
 //! primary key, or `ctid` when there is none) are fetched only for nonzero counts.
 
 use super::Context;
+use crate::catalog::{Column, TypeSchema};
 use crate::db::{self, DbError, Snapshot};
 use crate::report::{Check, Detail, Finding};
 use crate::sql;
@@ -20,8 +21,9 @@ pub struct Probe {
     pub key: Vec<String>,
 }
 
-fn is_timestamp(data_type: &str) -> bool {
-    data_type.starts_with("timestamp") || data_type == "date"
+/// A built-in timestamp or date column (a tenant's own type of that name is not one).
+fn is_timestamp(c: &Column) -> bool {
+    c.type_schema == TypeSchema::Catalog && (c.data_type.starts_with("timestamp") || c.data_type == "date")
 }
 
 pub fn plan(ctx: &Context<'_>, tenant: &str) -> Vec<Probe> {
@@ -36,7 +38,7 @@ pub fn plan(ctx: &Context<'_>, tenant: &str) -> Vec<Probe> {
         let columns: Vec<(String, String)> = table
             .columns
             .iter()
-            .filter(|c| !c.not_null && is_timestamp(&c.data_type) && required(&c.name))
+            .filter(|c| !c.not_null && !c.generated && is_timestamp(c) && required(&c.name))
             .map(|c| (c.name.clone(), c.data_type.clone()))
             .collect();
         if !columns.is_empty() {

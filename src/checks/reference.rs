@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::catalog::{Catalog, Column, ForeignKey, Schema};
+use crate::catalog::{Catalog, Column, ForeignKey, Identity, Schema, TypeSchema};
 
 /// Where a foreign key points, relative to the schema that declares it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -57,30 +57,49 @@ impl FkShape {
 }
 
 /// The expected shape of one column: each attribute is `None` when the tenants do not agree on
-/// it (no value has a strict majority), and is then not compared.
+/// it (no value has a strict majority), and is then not compared. Types and defaults are the
+/// catalog's text relative to each column's own schema (see [`crate::catalog`]), so identical
+/// tenants have identical shapes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnShape {
+    /// The type's text and where it is defined, voted together.
     pub data_type: Option<String>,
+    pub type_schema: Option<TypeSchema>,
     pub not_null: Option<bool>,
     pub default: Option<Option<String>>,
+    /// Whether that default is volatile, voted with it.
+    pub default_volatile: Option<bool>,
+    /// Identity and generation, voted together.
+    pub kind: Option<(Option<Identity>, bool)>,
 }
 
 impl ColumnShape {
     fn of(c: &Column) -> ColumnShape {
         ColumnShape {
             data_type: Some(c.data_type.clone()),
+            type_schema: Some(c.type_schema.clone()),
             not_null: Some(c.not_null),
             default: Some(c.default.clone()),
+            default_volatile: Some(c.default_volatile),
+            kind: Some((c.identity, c.generated)),
         }
     }
 
-    /// The column as the reference has it, when its type is known.
+    /// The column as the reference has it, when its type is known and it is a plain column (an
+    /// identity or generated column is never added by heal).
     pub fn to_column(&self, name: &str) -> Option<Column> {
+        if self.kind != Some((None, false)) {
+            return None;
+        }
         Some(Column {
             name: name.to_string(),
             data_type: self.data_type.clone()?,
+            type_schema: self.type_schema.clone()?,
             not_null: self.not_null.unwrap_or(false),
             default: self.default.clone().flatten(),
+            default_volatile: self.default_volatile.unwrap_or(true),
+            identity: None,
+            generated: false,
         })
     }
 }
@@ -184,10 +203,15 @@ fn majority_table(having: &[(&str, &crate::catalog::Table)], shared: &str) -> Ta
         if found.len() * 2 <= m {
             continue;
         }
+        let data_type = majority(found.iter().map(|c| (&c.data_type, &c.type_schema)));
+        let default = majority(found.iter().map(|c| (&c.default, &c.default_volatile)));
         let shape = ColumnShape {
-            data_type: majority(found.iter().map(|c| &c.data_type)).cloned(),
+            data_type: data_type.map(|(t, _)| t.clone()),
+            type_schema: data_type.map(|(_, s)| s.clone()),
             not_null: majority(found.iter().map(|c| c.not_null)),
-            default: majority(found.iter().map(|c| &c.default)).cloned(),
+            default: default.map(|(d, _)| d.clone()),
+            default_volatile: default.map(|(_, v)| *v),
+            kind: majority(found.iter().map(|c| (c.identity, c.generated))),
         };
         columns.insert(name.clone(), shape);
     }
@@ -232,7 +256,16 @@ mod tests {
     use crate::catalog::Table;
 
     fn col(name: &str, ty: &str, not_null: bool) -> Column {
-        Column { name: name.into(), data_type: ty.into(), not_null, default: None }
+        Column {
+            name: name.into(),
+            data_type: ty.into(),
+            type_schema: TypeSchema::Catalog,
+            not_null,
+            default: None,
+            default_volatile: false,
+            identity: None,
+            generated: false,
+        }
     }
 
     fn fk(schema: &str, cols: &[&str], target_schema: &str, target: &str) -> ForeignKey {
@@ -302,8 +335,12 @@ mod tests {
             let column = Column {
                 name: "note".into(),
                 data_type: ty.to_string(),
+                type_schema: TypeSchema::Catalog,
                 not_null: i == 0,
                 default: default.map(str::to_string),
+                default_volatile: false,
+                identity: None,
+                generated: false,
             };
             let table = Table { columns: vec![column], primary_key: vec![], foreign_keys: vec![], readable: true };
             catalog.schemas.insert(format!("t{i}"), Schema { tables: [("notes".to_string(), table)].into() });
@@ -311,6 +348,16 @@ mod tests {
         let tenants: BTreeSet<String> = (0..5).map(|i| format!("t{i}")).collect();
         let shape = Shape::build(&catalog, &tenants, "public", None);
         let note = &shape.tables["notes"].columns["note"];
-        assert_eq!(note, &ColumnShape { data_type: Some("text".into()), not_null: Some(false), default: None });
+        assert_eq!(
+            note,
+            &ColumnShape {
+                data_type: Some("text".into()),
+                type_schema: Some(TypeSchema::Catalog),
+                not_null: Some(false),
+                default: None,
+                default_volatile: None,
+                kind: Some((None, false)),
+            }
+        );
     }
 }

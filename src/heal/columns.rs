@@ -1,42 +1,75 @@
-//! `add_missing_columns`: adds a column the reference has and the tenant lacks, the way the
-//! post-mortem's per-tenant migration did, made safe: add it nullable, set its default, backfill
-//! existing rows in batches, and only then make it NOT NULL through a `NOT VALID` check that is
-//! validated without blocking writes (so `SET NOT NULL` needs no table scan under its lock).
-//! A column the reference has NOT NULL and the tenant has nullable (a run stopped early, or a
-//! drifted tenant) gets the same backfill and NOT NULL steps, so a later run finishes the job.
+//! `add_missing_columns`: gives a tenant a column the reference has, with the reference's exact
+//! type, default and nullability, the way an expert would by hand:
+//!
+//! - a column whose existing rows all get the reference's non-volatile default (no fallback
+//!   column to fill them from): one metadata-only statement, `ADD COLUMN c T [NOT NULL] DEFAULT d`
+//!   (PostgreSQL 11+ stores the value once, no rewrite, no scan);
+//! - otherwise the staged path, with as few `ACCESS EXCLUSIVE` transactions as there can be:
+//!   `ADD COLUMN c T, ALTER COLUMN c SET DEFAULT d` in one statement (nullable, no rewrite, new
+//!   rows get the default), the batched backfill, then for a NOT NULL column a `NOT VALID` check
+//!   replacing any left by an interrupted run (one statement), `VALIDATE` (which blocks no reads or
+//!   writes) under `heal.validate_timeout`, and `SET NOT NULL` with the check dropped in the same
+//!   transaction (`SET NOT NULL` uses the validated check instead of scanning under its lock).
+//!
+//! Every state an interruption leaves is a finding the next run finishes: a column without its
+//! NOT NULL is a `nullability_mismatch` (backfill and NOT NULL steps again), a column without its
+//! default a `default_mismatch` ([`set_default`]). Types and defaults are the reference's text
+//! relative to its schema; heal runs them under the tenant's `search_path` (see
+//! [`super::search_path`]).
 
 use super::backfill;
 use super::plan::Step;
 use crate::catalog::{Column, Table};
 use crate::sql;
 
-/// The steps that add `column` to `tenant.table`. A default that draws from a sequence is left
-/// out (it would resolve to a sequence the tenant may not have); without a default or a
-/// fallback the existing rows cannot be filled, and NOT NULL is not applied.
+/// The steps that add `column` to `tenant.table`. Without a default or a fallback the existing
+/// rows cannot be filled, and NOT NULL is not applied.
 pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[String]) -> Vec<Step> {
     let tbl = sql::qualified(tenant, table);
     let col = sql::ident(&column.name);
-    let default = usable_default(column);
-    let mut steps = vec![Step::once(
-        table,
-        &column.name,
-        "add_column",
-        format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}", column.data_type),
-    )];
-    if let Some(default) = default {
-        steps.push(Step::once(
-            table,
-            &column.name,
-            "set_default",
-            format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET DEFAULT {default}"),
-        ));
+    let fills_from_columns = chain.iter().any(|e| e != "now()" && own.column(e).is_some());
+    match column.default.as_deref() {
+        Some(default) if !column.default_volatile && !fills_from_columns => {
+            let not_null = if column.not_null { " NOT NULL" } else { "" };
+            vec![Step::once(
+                table,
+                &column.name,
+                "add_column",
+                format!(
+                    "ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}{not_null} DEFAULT {default}",
+                    column.data_type
+                ),
+            )]
+        }
+        default => {
+            let set_default = default.map(|d| format!(", ALTER COLUMN {col} SET DEFAULT {d}")).unwrap_or_default();
+            let mut steps = vec![Step::once(
+                table,
+                &column.name,
+                "add_column",
+                format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}{set_default}", column.data_type),
+            )];
+            if column.not_null {
+                steps.extend(not_null(tenant, table, own, column, chain));
+            } else if let Some(fallback) = backfill::fallback(chain, Some(own), &column.data_type, default) {
+                steps.push(backfill_step(tenant, table, own, column, &fallback));
+            }
+            steps
+        }
     }
-    if column.not_null {
-        steps.extend(not_null(tenant, table, own, column, chain));
-    } else if let Some(fallback) = backfill::fallback(chain, Some(own), &column.data_type, default) {
-        steps.push(backfill_step(tenant, table, own, column, &fallback));
-    }
-    steps
+}
+
+/// Sets the reference's default on a column that has another one or none (a run stopped
+/// between adding a column and setting its default, or a drifted tenant). `None` when the
+/// reference has no default: heal does not drop defaults.
+pub fn set_default(tenant: &str, table: &str, column: &Column) -> Option<Vec<Step>> {
+    let default = column.default.as_deref()?;
+    let sql = format!(
+        "ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {default}",
+        sql::qualified(tenant, table),
+        sql::ident(&column.name)
+    );
+    Some(vec![Step::once(table, &column.name, "set_default", sql)])
 }
 
 /// The batched backfill of `column` from `fallback`, audited under this repair.
@@ -46,33 +79,35 @@ fn backfill_step(tenant: &str, table: &str, own: &Table, column: &Column, fallba
 
 /// Backfills `column` and makes it NOT NULL; nothing when its NULLs cannot be filled.
 pub fn not_null(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[String]) -> Vec<Step> {
-    let Some(fallback) = backfill::fallback(chain, Some(own), &column.data_type, usable_default(column)) else {
+    let Some(fallback) = backfill::fallback(chain, Some(own), &column.data_type, column.default.as_deref()) else {
         return Vec::new();
     };
     let tbl = sql::qualified(tenant, table);
     let col = sql::ident(&column.name);
     let check = sql::ident(&format!("tenant_audit_{}_not_null", column.name));
+    let mut validate =
+        Step::once(table, &column.name, "validate_check", format!("ALTER TABLE {tbl} VALIDATE CONSTRAINT {check}"));
+    if let Step::Once(once) = &mut validate {
+        once.long = true;
+    }
     vec![
         backfill_step(tenant, table, own, column, &fallback),
         // A check left by an interrupted run is replaced.
         Step::once(
             table,
             &column.name,
-            "drop_stale_check",
-            format!("ALTER TABLE {tbl} DROP CONSTRAINT IF EXISTS {check}"),
+            "add_check",
+            format!(
+                "ALTER TABLE {tbl} DROP CONSTRAINT IF EXISTS {check}, ADD CONSTRAINT {check} CHECK ({col} IS NOT NULL) NOT VALID"
+            ),
         ),
+        validate,
+        // One transaction: the check is gone exactly when the NOT NULL is there.
         Step::once(
             table,
             &column.name,
-            "add_check",
-            format!("ALTER TABLE {tbl} ADD CONSTRAINT {check} CHECK ({col} IS NOT NULL) NOT VALID"),
+            "set_not_null",
+            format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET NOT NULL; ALTER TABLE {tbl} DROP CONSTRAINT {check}"),
         ),
-        Step::once(table, &column.name, "validate_check", format!("ALTER TABLE {tbl} VALIDATE CONSTRAINT {check}")),
-        Step::once(table, &column.name, "set_not_null", format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET NOT NULL")),
-        Step::once(table, &column.name, "drop_check", format!("ALTER TABLE {tbl} DROP CONSTRAINT {check}")),
     ]
-}
-
-fn usable_default(column: &Column) -> Option<&str> {
-    column.default.as_deref().filter(|d| !d.contains("nextval("))
 }

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 
 use super::audit;
 use super::plan::Step;
-use crate::catalog::{Catalog, Table};
+use crate::catalog::{Catalog, Identity, Table};
 use crate::checks::orphan_rows::Probe;
 use crate::sql;
 
@@ -82,12 +82,16 @@ fn statement(catalog: &Catalog, shared: &str, tenant: &str, probe: &Probe) -> Op
     // the keys when the whole statement is done either way.
     let mut log_rows = Vec::new();
     for (i, level) in levels.iter().enumerate().rev() {
-        let columns = common_columns(catalog.table(tenant, &level.table)?, catalog.table(shared, &level.table)?);
+        let own = catalog.table(tenant, &level.table)?;
+        let columns = common_columns(own, catalog.table(shared, &level.table)?);
         if columns.is_empty() {
             return None;
         }
+        // A `GENERATED ALWAYS` identity takes a given value only when told so.
+        let always = columns.iter().any(|c| own.column(c).is_some_and(|c| c.identity == Some(Identity::Always)));
+        let overriding = if always { " OVERRIDING SYSTEM VALUE" } else { "" };
         ctes.push(format!(
-            "ins_{i} AS (\n  INSERT INTO {} ({})\n  SELECT {} FROM {} r\n  ON CONFLICT ({}) DO NOTHING\n  RETURNING *\n)",
+            "ins_{i} AS (\n  INSERT INTO {} ({}){overriding}\n  SELECT {} FROM {} r\n  ON CONFLICT ({}) DO NOTHING\n  RETURNING *\n)",
             sql::qualified(tenant, &level.table),
             sql::ident_list(&columns),
             sql::columns("r", &columns),
@@ -138,7 +142,8 @@ fn ancestors(catalog: &Catalog, shared: &str, tenant: &str, levels: &mut Vec<Lev
     }
 }
 
-/// Columns of the tenant table that the shared table has too, in the tenant's order.
+/// Columns of the tenant table that the shared table has too, in the tenant's order. Generated
+/// columns of the tenant are left out: it computes its own.
 fn common_columns(own: &Table, shared: &Table) -> Vec<String> {
-    own.columns.iter().filter(|c| shared.column(&c.name).is_some()).map(|c| c.name.clone()).collect()
+    own.columns.iter().filter(|c| !c.generated && shared.column(&c.name).is_some()).map(|c| c.name.clone()).collect()
 }

@@ -18,14 +18,14 @@ mod plan;
 
 use std::collections::BTreeMap;
 
-use deadpool_postgres::Pool;
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 pub use plan::{Action, OnceStep, Plan, Step, TenantPlan};
 
 use crate::config::HealConfig;
-use crate::db::{self, DbError};
+use crate::db::{self, DbError, Pool};
 use crate::metrics::Metrics;
 
 /// The advisory lock key that makes heal exclusive per database (`tenant-a` in ASCII).
@@ -157,11 +157,16 @@ async fn execute_locked(
 ) -> Result<Outcome, HealError> {
     let target = &heal.database.target;
     let guard = db::session(pool, target).await.map_err(HealError::Connect)?;
-    if guard.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(DbError::from)?.get::<_, bool>(0) {
+    if guard
+        .query_typed_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
+        .await
+        .map_err(DbError::from)?
+        .get::<_, bool>(0)
+    {
         return Err(HealError::Replica);
     }
     let locked: bool = guard
-        .query_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[&LOCK_KEY])
+        .query_typed_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[(&LOCK_KEY, Type::INT8)])
         .await
         .map_err(DbError::from)?
         .get(0);
@@ -171,7 +176,7 @@ async fn execute_locked(
     let result = run(heal, pool, &guard, plan, cancel).await;
     // Released explicitly: the pooled session outlives this run. (Every path of `run` returns
     // here; cancellation is handled inside it, never by dropping it.)
-    let _ = guard.query_one("SELECT pg_catalog.pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+    let _ = guard.query_typed_one("SELECT pg_catalog.pg_advisory_unlock($1)", &[(&LOCK_KEY, Type::INT8)]).await;
     result
 }
 
@@ -197,12 +202,20 @@ impl From<tokio_postgres::Error> for Stop {
 /// The session that writes, with what every transaction of it needs.
 struct Writer<'a> {
     client: &'a mut Client,
-    server_cancel: tokio_postgres::CancelToken,
-    tls: db::Tls,
+    server_cancel: db::Canceller,
     cancel: &'a CancellationToken,
-    /// `SET LOCAL` of both timeouts, run first in every transaction: the start-up options may be
-    /// dropped by a connection pooler, these cannot.
-    timeouts: String,
+    /// Its timeouts, set with `SET LOCAL` first in every transaction (`db::begin_heal`).
+    heal: &'a HealConfig,
+    /// `SET LOCAL search_path` for the tenant at hand, run right after (see [`search_path`]).
+    search_path: String,
+}
+
+/// `SET LOCAL search_path = pg_catalog, "<tenant>"`: the path types and defaults are deparsed
+/// relative to (see [`crate::catalog`]), so that the reference's definitions mean in the tenant
+/// what they mean in the reference. `pg_catalog` comes first: a tenant's own function named like
+/// a built-in one never runs in heal's statements, whose own names are all built-in or qualified.
+pub fn search_path(tenant: &str) -> String {
+    format!("SET LOCAL search_path = pg_catalog, {}", crate::sql::ident(tenant))
 }
 
 async fn run(
@@ -215,18 +228,9 @@ async fn run(
     ensure_audit_table(guard).await?;
     check_privileges(guard, plan).await?;
     let mut session = db::session(pool, &heal.database.target).await.map_err(HealError::Connect)?;
+    let server_cancel = session.canceller();
     let client: &mut Client = &mut session;
-    let mut writer = Writer {
-        server_cancel: client.cancel_token(),
-        tls: db::tls(&heal.database),
-        client,
-        cancel,
-        timeouts: format!(
-            "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'",
-            heal.lock_timeout.as_millis(),
-            heal.statement_timeout.as_millis()
-        ),
-    };
+    let mut writer = Writer { server_cancel, client, cancel, heal, search_path: String::new() };
     let mut outcome = Outcome { run_id: run_id(), ..Outcome::default() };
     let mut budget = heal.max_rows_per_run;
     for (i, tenant) in plan.tenants.iter().enumerate() {
@@ -260,6 +264,7 @@ async fn heal_tenant(
     budget: &mut u64,
     outcome: &mut Outcome,
 ) {
+    writer.search_path = search_path(&tenant.schema);
     for action in &tenant.actions {
         for step in &action.steps {
             let result = match step {
@@ -294,7 +299,7 @@ async fn heal_tenant(
 }
 
 impl Writer<'_> {
-    /// Runs `work` in one transaction (timeouts set first), unless cancelled: then the running
+    /// Runs `work` in one transaction (timeouts and search path set first), unless cancelled: then the running
     /// statement is cancelled on the server and the transaction rolls back.
     async fn transaction<T>(
         &mut self,
@@ -309,19 +314,19 @@ impl Writer<'_> {
         }
         let cancel = self.cancel.clone();
         let server_cancel = self.server_cancel.clone();
-        let tls = self.tls.clone();
-        let timeouts = self.timeouts.clone();
+        let heal = self.heal;
+        let search_path = self.search_path.clone();
         let attempt = async {
-            let tx = self.client.transaction().await?;
-            tx.batch_execute(&timeouts).await?;
+            let tx = db::begin_heal(self.client, heal).await?;
+            tx.batch_execute(&search_path).await?;
             let value = work(&tx).await?;
             tx.commit().await?;
-            Ok::<T, tokio_postgres::Error>(value)
+            Ok::<T, DbError>(value)
         };
         tokio::select! {
             result = attempt => Ok(result?),
             _ = cancel.cancelled() => {
-                let _ = server_cancel.cancel_query(tls).await;
+                server_cancel.cancel().await;
                 Err(Stop::Cancelled)
             }
         }
@@ -345,8 +350,11 @@ async fn run_batches(
         }
         let run_id = outcome.run_id.clone();
         let sql = sql.to_string();
-        let rows =
-            writer.transaction(move |tx| Box::pin(async move { tx.query(&sql, &[&limit, &run_id]).await })).await?;
+        let rows = writer
+            .transaction(move |tx| {
+                Box::pin(async move { tx.query_typed(&sql, &[(&limit, Type::INT8), (&run_id, Type::TEXT)]).await })
+            })
+            .await?;
         for row in &rows {
             let (table, key): (String, String) = (row.get(0), row.get(1));
             tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %table, repair = repair.name(), key = %key, "healed");
@@ -370,11 +378,16 @@ async fn run_once(
 ) -> Result<(), Stop> {
     let record = audit::record_once(&tenant.schema, &once.table, action.repair.name(), &once.key);
     let (statement, run_id) = (once.sql.clone(), outcome.run_id.clone());
+    let timeout =
+        once.long.then(|| format!("SET LOCAL statement_timeout = '{}ms'", writer.heal.validate_timeout.as_millis()));
     writer
         .transaction(move |tx| {
             Box::pin(async move {
+                if let Some(timeout) = timeout {
+                    tx.batch_execute(&timeout).await?;
+                }
                 tx.batch_execute(&statement).await?;
-                tx.execute(&record, &[&run_id, &statement]).await
+                tx.query_typed(&record, &[(&run_id, Type::TEXT), (&statement, Type::TEXT)]).await
             })
         })
         .await?;
@@ -388,7 +401,7 @@ async fn run_once(
 /// Creates the audit table if it is missing.
 async fn ensure_audit_table(client: &Client) -> Result<(), HealError> {
     let exists: bool = client
-        .query_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[&audit::table()])
+        .query_typed_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[(&audit::table(), Type::TEXT)])
         .await
         .map_err(|e| HealError::AuditTable(e.into()))?
         .get(0);
@@ -421,7 +434,11 @@ LIMIT 1";
             privileges.push(privilege.to_string());
         }
     }
-    if let Some(row) = client.query_opt(CHECK, &[&rels, &privileges]).await.map_err(DbError::from)? {
+    if let Some(row) = client
+        .query_typed_opt(CHECK, &[(&rels, Type::TEXT_ARRAY), (&privileges, Type::TEXT_ARRAY)])
+        .await
+        .map_err(DbError::from)?
+    {
         let (rel, privilege): (String, String) = (row.get(0), row.get(1));
         let what = if privilege == "OWNER" { "ownership (to add columns)".to_string() } else { privilege };
         return Err(HealError::Privileges(format!("no {what} on {rel}")));

@@ -57,13 +57,16 @@ pub struct OnceStep {
     pub key: String,
     /// Counted as a change in the metrics (adding a column is; other steps are not).
     pub adds_column: bool,
+    /// Runs under `heal.validate_timeout` instead of `heal.statement_timeout` (a `VALIDATE`
+    /// reads the whole table, blocking no reads or writes).
+    pub long: bool,
 }
 
 impl Step {
     /// A one-off step on `table.column`, named `step` in its audit key.
     pub fn once(table: &str, column: &str, step: &str, sql: String) -> Step {
         let key = format!("jsonb_build_object('column', {}, 'step', {})", sql::literal(column), sql::literal(step));
-        Step::Once(OnceStep { sql, table: table.to_string(), key, adds_column: step == "add_column" })
+        Step::Once(OnceStep { sql, table: table.to_string(), key, adds_column: step == "add_column", long: false })
     }
 }
 
@@ -79,8 +82,13 @@ impl Plan {
             (heal.backfill_null_timestamps, Repair::BackfillNullTimestamps),
             (heal.add_missing_columns, Repair::AddMissingColumns),
         ];
+        // A lost default is set before anything else of its column (a NOT NULL without it would
+        // fail the application's inserts).
+        let mut findings: Vec<&Finding> = scanned.report.findings.iter().collect();
+        findings
+            .sort_by_key(|f| !matches!(f.detail, Detail::SchemaDrift { difference: DriftKind::DefaultMismatch, .. }));
         for (_, repair) in repairs.into_iter().filter(|(on, _)| *on) {
-            for f in &scanned.report.findings {
+            for f in findings.iter().copied() {
                 let Some(action) = action(scanned, config, repair, f) else { continue };
                 match tenants.iter_mut().find(|t| t.schema == f.schema) {
                     Some(t) => t.actions.push(action),
@@ -97,6 +105,11 @@ impl Plan {
         let mut out = format!("-- heal plan for {target} (dry run: nothing is written; --execute applies it)\n\n");
         for tenant in &self.tenants {
             let _ = writeln!(out, "-- tenant {}", tenant.schema);
+            let _ = writeln!(
+                out,
+                "-- each transaction starts with SET LOCAL lock_timeout, statement_timeout and: {};",
+                super::search_path(&tenant.schema)
+            );
             for action in &tenant.actions {
                 let _ = writeln!(
                     out,
@@ -112,6 +125,10 @@ impl Plan {
                             let _ = writeln!(out, "{sql};");
                         }
                         Step::Once(once) => {
+                            if once.long {
+                                let _ =
+                                    writeln!(out, "-- under heal.validate_timeout instead of heal.statement_timeout");
+                            }
                             let _ = writeln!(out, "{};", once.sql);
                         }
                     }
@@ -186,6 +203,13 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                 DriftKind::MissingColumn => {
                     let summary = format!("add column {name} {} as the reference has it", column.data_type);
                     (summary, columns::add(tenant, &table, own, column, &chain))
+                }
+                DriftKind::DefaultMismatch => {
+                    let default = column.default.as_deref()?;
+                    (
+                        format!("set the default of {name} to {default} as the reference has it"),
+                        columns::set_default(tenant, &table, column)?,
+                    )
                 }
                 DriftKind::NullabilityMismatch if column.not_null => {
                     let steps = columns::not_null(tenant, &table, own, column, &chain);

@@ -69,13 +69,12 @@ async fn execute_repairs_what_is_healable_and_audits_every_change() {
         "tenant_e5 users_userprofile add_missing_columns {\"id\": 1}".to_string(),
         "tenant_e5 users_userprofile add_missing_columns {\"id\": 2}".to_string(),
     ];
-    // tenant_e5 gets the column; tenant_d4, backfilled just before, gets its NOT NULL back.
-    for s in
-        ["add_column", "set_default", "drop_stale_check", "add_check", "validate_check", "set_not_null", "drop_check"]
-    {
+    // tenant_e5 gets the column (with its default); tenant_d4, backfilled just before, gets its
+    // lost default and its NOT NULL back.
+    for s in ["add_column", "add_check", "validate_check", "set_not_null"] {
         expected.push(step("tenant_e5", s));
     }
-    for s in ["drop_stale_check", "add_check", "validate_check", "set_not_null", "drop_check"] {
+    for s in ["set_default", "add_check", "validate_check", "set_not_null"] {
         expected.push(step("tenant_d4", s));
     }
     expected.sort();
@@ -104,7 +103,6 @@ async fn execute_repairs_what_is_healable_and_audits_every_change() {
             "missing_schema tenant_gone 1  []".to_string(),
             "schema_drift tenant_c3.users_userprofile(business_id) 1 ForeignKeyTarget Some(\"business_business(id)\") Some(\"public.business_business(id)\") []".to_string(),
             "schema_drift tenant_d4.users_businessdetails(business_id) 1 MissingForeignKey Some(\"business_business(id)\") None []".to_string(),
-            "schema_drift tenant_d4.users_userprofile(updated_at) 1 DefaultMismatch Some(\"now()\") None []".to_string(),
             "unregistered_schema tenant_zz9 1  []".to_string(),
         ]
     );
@@ -124,9 +122,9 @@ async fn dry_run_prints_the_sql_and_writes_nothing() {
     let out = heal_cli(&url, "dry_run", "", false);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let plan = String::from_utf8_lossy(&out.stdout);
-    assert!(plan.contains("-- tenant tenant_c3\n-- copy_missing_parents on tenant_c3.users_userprofile: 2 orphan row(s) whose business_business row exists in public\n"), "{plan}");
+    assert!(plan.contains("-- tenant tenant_c3\n-- each transaction starts with SET LOCAL lock_timeout, statement_timeout and: SET LOCAL search_path = pg_catalog, \"tenant_c3\";\n-- copy_missing_parents on tenant_c3.users_userprofile: 2 orphan row(s) whose business_business row exists in public\n"), "{plan}");
     assert!(plan.contains("  INSERT INTO \"tenant_c3\".\"business_business\" (\"id\", \"name\", \"business_num\", \"created_at\", \"updated_at\")\n"), "{plan}");
-    assert!(plan.contains("ALTER TABLE \"tenant_e5\".\"users_userprofile\" ADD COLUMN IF NOT EXISTS \"updated_at\" timestamp with time zone;\n"), "{plan}");
+    assert!(plan.contains("ALTER TABLE \"tenant_e5\".\"users_userprofile\" ADD COLUMN IF NOT EXISTS \"updated_at\" timestamp with time zone, ALTER COLUMN \"updated_at\" SET DEFAULT now();\n"), "{plan}");
     assert!(plan.ends_with("-- 3 tenant(s) to heal\n"), "{plan}");
     assert!(
         plan.contains(
@@ -319,7 +317,7 @@ async fn heal_refuses_replicas_but_scans_read_them() {
     let extra = format!("database_url = {:?}\n", primary.url("app"));
     let out = heal_cli(&replica_url, "replica_scan_primary_heal", &extra, true);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(count(&primary.url("app"), LOGGED).await, 20);
+    assert_eq!(count(&primary.url("app"), LOGGED).await, 16);
 }
 
 #[tokio::test]
@@ -374,6 +372,6 @@ async fn the_daemon_heals_after_each_scan_and_counts_it() {
     daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 2").await;
     assert_eq!(daemon.samples("tenant_audit_findings").await[3], "tenant_audit_findings{check=\"orphan_rows\"} 3");
     assert_eq!(daemon.samples("tenant_audit_heal_errors_total").await.iter().filter(|l| !l.ends_with(" 0")).count(), 0);
-    assert_eq!(count(&url, LOGGED).await, 20);
+    assert_eq!(count(&url, LOGGED).await, 16);
     daemon.stop().await;
 }

@@ -27,7 +27,7 @@ async fn database(name: &str, tenants: usize) -> (String, tokio_postgres::Client
 }
 
 /// The incremental scan (keeping `state`) and a full scan, one after the other.
-async fn both(config: &Config, pool: &deadpool_postgres::Pool, state: &mut State) -> (Report, Report) {
+async fn both(config: &Config, pool: &tenant_audit::db::Pool, state: &mut State) -> (Report, Report) {
     let never = CancellationToken::new();
     let incremental = tenant_audit::scan::run_with(config, pool, &never, None, Some(state)).await;
     let full = tenant_audit::scan::run(config, pool, &never, None).await;

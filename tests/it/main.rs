@@ -6,6 +6,7 @@ mod cli;
 mod daemon;
 mod dashboard;
 mod heal;
+mod heal_ddl;
 mod incremental;
 mod prometheus;
 mod rules;

@@ -1,0 +1,187 @@
+//! Heal's DDL against real PostgreSQL: types and defaults compared and written structurally
+//! (schema names inside literals, schemas whose name ends another's, a tenant's own types), the
+//! one-statement add-column, and the staged add-column stopped after each of its steps.
+
+use tenant_audit::heal::{self, Plan, Step};
+
+use crate::support::{cli, config, config_file, fixture_db, lines, pg, scan};
+
+const HEAL: &str = "[tenants]\ninclude = ['^tenant_']\nreference_schema = 'tenant_template'\n\
+    [heal]\nadd_missing_columns = true\n";
+
+/// Every tenant (and the template) has its own `status` enum and a `pages` table whose defaults
+/// hold the template's name as text and a type of `extra_tenant_a`, a schema whose name ends with
+/// a tenant's name. `tenant_b` lacks two columns.
+const STRUCTURAL: &str =
+    "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_template', 'tenant_a', 'tenant_b']) t;
+    CREATE SCHEMA extra_tenant_a;
+    CREATE TYPE extra_tenant_a.mood AS ENUM ('happy', 'sad');
+    DO $$ DECLARE s text; BEGIN
+      FOREACH s IN ARRAY ARRAY['tenant_template', 'tenant_a', 'tenant_b'] LOOP
+        EXECUTE format('CREATE TYPE %I.status AS ENUM (''new'', ''old'')', s);
+        EXECUTE format('CREATE TABLE %1$I.pages (id serial PRIMARY KEY,
+          page text NOT NULL DEFAULT ''tenant_template.html'',
+          mood extra_tenant_a.mood DEFAULT ''happy'',
+          status %1$I.status NOT NULL DEFAULT ''new'')', s);
+      END LOOP;
+    END $$;
+    ALTER TABLE tenant_b.pages DROP COLUMN page, DROP COLUMN status;
+    INSERT INTO tenant_b.pages (mood) VALUES ('sad'), (NULL);
+    CREATE TABLE public.ddl_log (id serial PRIMARY KEY, tag text NOT NULL);
+    CREATE FUNCTION public.log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS
+      $$ BEGIN INSERT INTO public.ddl_log (tag) VALUES (tg_tag); END $$;
+    CREATE EVENT TRIGGER count_ddl ON ddl_command_start EXECUTE FUNCTION public.log_ddl();";
+
+async fn rows(url: &str, sql: &str) -> Vec<String> {
+    let client = pg::connect(url).await;
+    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+/// `column type [NOT NULL] [DEFAULT expr]` of every column of `schema.table`, as PostgreSQL
+/// prints them with the default search path.
+async fn definition(url: &str, schema: &str, table: &str) -> Vec<String> {
+    let sql = format!(
+        "SELECT format('%s %s%s%s', a.attname, format_type(a.atttypid, a.atttypmod),
+                CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END,
+                coalesce(' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid), ''))
+         FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+         WHERE a.attrelid = '{schema}.{table}'::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
+    );
+    rows(url, &sql).await
+}
+
+#[tokio::test]
+async fn schema_names_in_text_never_drift_and_heal_writes_the_reference_definition_in_one_statement() {
+    let url = fixture_db("heal_ddl_structural", STRUCTURAL).await;
+    let cfg = config(&url, HEAL);
+    // Identical tenants do not differ: only tenant_b's two missing columns are found.
+    let report = scan(&cfg).await;
+    assert_eq!(
+        lines(&report.findings),
+        [
+            "schema_drift tenant_b.pages(page) 1 MissingColumn Some(\"text NOT NULL DEFAULT 'tenant_template.html'::text\") None []",
+            "schema_drift tenant_b.pages(status) 1 MissingColumn Some(\"status NOT NULL DEFAULT 'new'::status\") None []",
+        ]
+    );
+
+    let filenode = "SELECT pg_relation_filenode('tenant_b.pages')::text";
+    let before = rows(&url, filenode).await;
+    let path = config_file("heal_ddl_structural", &format!("database_url = {url:?}\n{HEAL}"));
+    let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // The audit table, then one metadata-only statement per column: no other DDL, no rewrite.
+    assert_eq!(
+        rows(&url, "SELECT tag FROM public.ddl_log ORDER BY id").await,
+        ["CREATE SCHEMA", "CREATE TABLE", "ALTER TABLE", "ALTER TABLE"]
+    );
+    assert_eq!(rows(&url, filenode).await, before);
+    assert_eq!(
+        definition(&url, "tenant_b", "pages").await,
+        [
+            "id integer NOT NULL DEFAULT nextval('tenant_b.pages_id_seq'::regclass)",
+            "mood extra_tenant_a.mood DEFAULT 'happy'::extra_tenant_a.mood",
+            "page text NOT NULL DEFAULT 'tenant_template.html'::text",
+            "status tenant_b.status NOT NULL DEFAULT 'new'::tenant_b.status",
+        ]
+    );
+    assert_eq!(
+        rows(&url, "SELECT format('%s %s %s', id, page, status) FROM tenant_b.pages ORDER BY id").await,
+        ["1 tenant_template.html new", "2 tenant_template.html new"]
+    );
+    assert_eq!(lines(&scan(&cfg).await.findings), Vec::<String>::new());
+}
+
+/// `tenant_x` lacks `updated_at`, which the template has NOT NULL DEFAULT now(); its fallback
+/// `modified_at` makes it the staged path.
+const STAGED: &str = "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_template', 'tenant_x']) t;
+    INSERT INTO tenant_x.users_userprofile (user_id, created_at, modified_at)
+      SELECT g, now(), '2020-01-01'::timestamptz + g * interval '1 day' FROM generate_series(1, 5) g;
+    ALTER TABLE tenant_x.users_userprofile DROP COLUMN updated_at;";
+
+const FINAL: [&str; 6] = [
+    "id integer NOT NULL DEFAULT nextval('tenant_x.users_userprofile_id_seq'::regclass)",
+    "user_id integer NOT NULL",
+    "business_id uuid",
+    "created_at timestamp with time zone",
+    "modified_at timestamp with time zone",
+    "updated_at timestamp with time zone NOT NULL DEFAULT now()",
+];
+
+/// Checks the end state of a staged add-column: the reference's definition, every row filled
+/// from `modified_at`, no check left behind, no finding.
+async fn assert_finished(url: &str) {
+    assert_eq!(definition(url, "tenant_x", "users_userprofile").await, FINAL);
+    assert_eq!(
+        rows(
+            url,
+            "SELECT count(*)::text FROM tenant_x.users_userprofile WHERE updated_at IS DISTINCT FROM modified_at"
+        )
+        .await,
+        ["0"]
+    );
+    assert_eq!(rows(url, "SELECT count(*)::text FROM pg_constraint WHERE conname LIKE 'tenant_audit%'").await, ["0"]);
+    assert_eq!(lines(&scan(&config(url, HEAL)).await.findings), Vec::<String>::new());
+}
+
+async fn heal_all(url: &str, name: &str) {
+    let path = config_file(name, &format!("database_url = {url:?}\n{HEAL}"));
+    let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn a_staged_add_column_stopped_after_any_step_is_finished_by_the_next_run() {
+    let steps = ["add_column", "backfill", "add_check", "validate_check", "set_not_null"];
+    for stop_after in 1..=steps.len() {
+        let url = fixture_db(&format!("heal_ddl_staged_{stop_after}"), STAGED).await;
+        let cfg = config(&url, HEAL);
+        let pool = tenant_audit::db::scan_pool(&cfg.database, &cfg.scan);
+        let scanned = tenant_audit::scan::run(&cfg, &pool, &Default::default(), None).await.unwrap();
+        let mut plan = Plan::build(&scanned, &cfg);
+        let [tenant] = plan.tenants.as_mut_slice() else { panic!("one tenant to heal: {plan:?}") };
+        let [action] = tenant.actions.as_mut_slice() else { panic!("one action: {tenant:?}") };
+        let names: Vec<&str> = action
+            .steps
+            .iter()
+            .map(|s| match s {
+                Step::Batched(_) => "backfill",
+                Step::Once(o) if o.sql.contains("VALIDATE") => "validate_check",
+                Step::Once(o) if o.sql.contains("ADD CONSTRAINT") => "add_check",
+                Step::Once(o) if o.sql.contains("SET NOT NULL") => "set_not_null",
+                Step::Once(_) => "add_column",
+            })
+            .collect();
+        assert_eq!(names, steps);
+        // The stop: only the first steps run, as when a run is killed between two of them.
+        action.steps.truncate(stop_after);
+        let heal_pool = tenant_audit::db::heal_pool(&cfg.heal, cfg.scan.connect_timeout);
+        let outcome = heal::execute(&cfg.heal, &heal_pool, &plan, None, &Default::default()).await.unwrap();
+        assert_eq!(outcome.errors, []);
+        heal_all(&url, &format!("heal_ddl_staged_{stop_after}")).await;
+        assert_finished(&url).await;
+    }
+}
+
+#[tokio::test]
+async fn a_column_that_lost_its_default_gets_it_back_before_its_not_null() {
+    // What an interrupted add-column of an earlier version left: the column, nullable, no default.
+    let sql = format!(
+        "{STAGED}
+        ALTER TABLE tenant_x.users_userprofile ADD COLUMN updated_at timestamptz;
+        UPDATE tenant_x.users_userprofile SET updated_at = modified_at WHERE id < 3;"
+    );
+    let url = fixture_db("heal_ddl_lost_default", &sql).await;
+    assert_eq!(
+        lines(&scan(&config(&url, HEAL)).await.findings),
+        [
+            "null_timestamps tenant_x.users_userprofile(updated_at) 4 timestamp with time zone [\"3\", \"4\", \"5\", \"6\"]",
+            "schema_drift tenant_x.users_userprofile(updated_at) 1 NullabilityMismatch Some(\"NOT NULL\") Some(\"NULL\") []",
+            "schema_drift tenant_x.users_userprofile(updated_at) 1 DefaultMismatch Some(\"now()\") None []",
+        ]
+    );
+    heal_all(&url, "heal_ddl_lost_default").await;
+    assert_finished(&url).await;
+    let steps =
+        rows(&url, "SELECT row_key->>'step' FROM tenant_audit.heal_log WHERE row_key ? 'step' ORDER BY id").await;
+    assert_eq!(steps, ["set_default", "add_check", "validate_check", "set_not_null"]);
+}
