@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Path of the TOML configuration file.
     #[arg(long)]
     pub config: PathBuf,
+    /// Path of the listener's web config file (Prometheus exporter-toolkit format: TLS, basic
+    /// auth); overrides `web.config_file`.
+    #[arg(long = "web.config.file", value_name = "PATH")]
+    pub web_config_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -1,7 +1,8 @@
 //! The configuration file and environment, validated once into [`Config`].
 //!
 //! Invariants: this is the only module that reads configuration files or environment
-//! variables; everything else takes a validated [`Config`]. Errors name the offending key (or
+//! variables (the listener's exporter-toolkit file is parsed by [`crate::web_config`], called
+//! from here); everything else takes a validated [`Config`]. Errors name the offending key (or
 //! file line) and never contain the database password.
 
 use std::collections::BTreeMap;
@@ -29,6 +30,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, line: usize, message: String },
     #[error("config key {key}: {message}")]
     Invalid { key: String, message: String },
+    #[error(transparent)]
+    WebConfig(#[from] crate::web_config::WebConfigError),
 }
 
 impl ConfigError {
@@ -49,6 +52,7 @@ pub struct Config {
     pub serve: ServeConfig,
     pub metrics: MetricsConfig,
     pub heal: HealConfig,
+    pub web: WebConfig,
 }
 
 /// Repairs; every one is off unless enabled.
@@ -323,6 +327,8 @@ struct RawConfig {
     #[serde(default)]
     tls: RawTls,
     #[serde(default)]
+    web: RawWeb,
+    #[serde(default)]
     database: RawDatabase,
 }
 
@@ -548,6 +554,7 @@ impl RawConfig {
             serve.scan_max_duration = scan.max_duration;
         }
         let database_checks = self.database.validate()?;
+        let web = self.web.validate(path, &heal)?;
         if heal.add_missing_columns && tenants.reference_schema.is_none() {
             return Err(ConfigError::invalid(
                 "heal.add_missing_columns",
@@ -564,6 +571,7 @@ impl RawConfig {
             serve,
             metrics: MetricsConfig { max_tenant_series: self.metrics.max_tenant_series },
             heal,
+            web,
         })
     }
 }
@@ -802,6 +810,130 @@ impl RawServe {
     }
 }
 
+/// The HTTP listener of `serve` (`[web]`): its security file, its bounds and `POST /scan`.
+#[derive(Debug, Clone)]
+pub struct WebConfig {
+    /// TLS and basic authentication from `web.config_file` (or `--web.config.file`).
+    pub security: Option<std::sync::Arc<crate::web_config::WebSecurity>>,
+    /// Time a client has to send a request's headers, TLS handshake included; also how long a
+    /// kept-alive connection may wait for its next request.
+    pub header_read_timeout: Duration,
+    /// Longest time a read or a write may make no progress (a stalled body, a client that does
+    /// not read its response).
+    pub idle_timeout: Duration,
+    /// Most open connections; further clients wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// `/metrics` requires credentials when `basic_auth_users` are configured.
+    pub metrics_auth: bool,
+    /// `/report` requires credentials when `basic_auth_users` are configured.
+    pub report_auth: bool,
+    pub scan_requests: ScanRequestsConfig,
+}
+
+/// `POST /scan` (`[web.scan_requests]`).
+#[derive(Debug, Clone)]
+pub struct ScanRequestsConfig {
+    /// Off by default: the endpoint answers 403.
+    pub enabled: bool,
+    /// Least time between two accepted requests; earlier ones get 429 with `Retry-After`.
+    pub min_interval: Duration,
+    /// A requested scan may heal (with `heal.enabled`); off by default, so that no HTTP request
+    /// writes unless the operator allowed exactly that.
+    pub heal: bool,
+}
+
+impl WebConfig {
+    /// Loads the web config file at `path` (the `--web.config.file` flag), replacing the file's.
+    pub fn load_security(&mut self, path: &Path) -> Result<(), ConfigError> {
+        self.security = Some(std::sync::Arc::new(crate::web_config::WebSecurity::load(path)?));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWeb {
+    config_file: Option<PathBuf>,
+    header_read_timeout: String,
+    idle_timeout: String,
+    max_connections: usize,
+    metrics_auth: bool,
+    report_auth: bool,
+    scan_requests: RawScanRequests,
+}
+
+impl Default for RawWeb {
+    fn default() -> Self {
+        RawWeb {
+            config_file: None,
+            header_read_timeout: "10s".into(),
+            idle_timeout: "60s".into(),
+            max_connections: 512,
+            metrics_auth: true,
+            report_auth: true,
+            scan_requests: RawScanRequests::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawScanRequests {
+    enabled: bool,
+    min_interval: String,
+    heal: bool,
+}
+
+impl Default for RawScanRequests {
+    fn default() -> Self {
+        RawScanRequests { enabled: false, min_interval: "1m".into(), heal: false }
+    }
+}
+
+impl RawWeb {
+    fn validate(self, config_path: &Path, heal: &HealConfig) -> Result<WebConfig, ConfigError> {
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            return Err(ConfigError::invalid("web.max_connections", "must be between 1 and 1000000"));
+        }
+        let requests = self.scan_requests;
+        if requests.heal && !(requests.enabled && heal.enabled) {
+            return Err(ConfigError::invalid(
+                "web.scan_requests.heal",
+                "needs web.scan_requests.enabled = true and heal.enabled = true",
+            ));
+        }
+        let security = match self.config_file {
+            Some(file) => {
+                let file = config_path.parent().unwrap_or(Path::new(".")).join(file);
+                Some(std::sync::Arc::new(crate::web_config::WebSecurity::load(&file)?))
+            }
+            None => None,
+        };
+        Ok(WebConfig {
+            security,
+            header_read_timeout: bounded_duration("web.header_read_timeout", &self.header_read_timeout)?,
+            idle_timeout: bounded_duration("web.idle_timeout", &self.idle_timeout)?,
+            max_connections: self.max_connections,
+            metrics_auth: self.metrics_auth,
+            report_auth: self.report_auth,
+            scan_requests: ScanRequestsConfig {
+                enabled: requests.enabled,
+                min_interval: bounded_duration("web.scan_requests.min_interval", &requests.min_interval)?,
+                heal: requests.heal,
+            },
+        })
+    }
+}
+
+/// A duration of at most a year: larger values would overflow the timers that use it.
+fn bounded_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    let d = parse_duration(key, value)?;
+    if d > Duration::from_secs(366 * 24 * 3600) {
+        return Err(ConfigError::invalid(key, "must be at most a year"));
+    }
+    Ok(d)
+}
+
 /// The longest time between two of the next 1,000 firings of `schedule`: its interval for a
 /// regular schedule, the weekend for a weekdays-only one.
 pub fn schedule_interval(schedule: &cron::Schedule) -> Option<Duration> {
@@ -909,6 +1041,32 @@ mod tests {
             err.to_string().starts_with("config key heal.add_missing_columns: needs tenants.reference_schema"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn web_defaults_close_the_write_paths() {
+        let c = parse("database_url = 'postgres://db/app'").unwrap();
+        assert!(c.web.security.is_none() && !c.web.scan_requests.enabled && !c.web.scan_requests.heal);
+        assert_eq!(
+            (c.web.header_read_timeout, c.web.idle_timeout, c.web.max_connections, c.web.scan_requests.min_interval),
+            (Duration::from_secs(10), Duration::from_secs(60), 512, Duration::from_secs(60))
+        );
+        for (extra, expected) in [
+            (
+                "[web.scan_requests]\nheal = true\n",
+                "config key web.scan_requests.heal: needs web.scan_requests.enabled = true and heal.enabled = true",
+            ),
+            ("[web]\nmax_connections = 0\n", "config key web.max_connections: must be between 1 and 1000000"),
+            ("[web]\nheader_read_timeout = '0s'\n", "config key web.header_read_timeout: must be greater than zero"),
+            ("[web]\nidle_timeout = '5000 years'\n", "config key web.idle_timeout: must be at most a year"),
+            (
+                "[web]\nconfig_file = 'missing.yml'\n",
+                "web config file /etc/missing.yml: (file): cannot read: No such file or directory (os error 2)",
+            ),
+        ] {
+            let err = parse(&format!("database_url = 'postgres://db/app'\n{extra}")).unwrap_err();
+            assert_eq!(err.to_string(), expected);
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub async fn run(mut config: Config, listener: TcpListener, shutdown: Cancellati
     let metrics = Arc::new(Metrics::new());
     let scheduler = Scheduler::new(Arc::clone(&config), Arc::clone(&metrics), shutdown.clone());
     let endpoints = Endpoints { scheduler: Arc::clone(&scheduler), metrics };
-    let http = tokio::spawn(http::serve(listener, endpoints, shutdown.clone()));
+    let http = tokio::spawn(http::serve(listener, endpoints, config.web.clone(), shutdown.clone()));
     let schedule = tokio::spawn(Arc::clone(&scheduler).run());
 
     shutdown.cancelled().await;

@@ -27,7 +27,9 @@
 //! - [`report`]: report types and their table and JSON renderings.
 //! - [`metrics`]: the Prometheus registry, rebuilt from each finished report.
 //! - [`schedule`]: the cron loop; one scan at a time; keeps the last good report.
-//! - [`http`]: the HTTP endpoints; never queries PostgreSQL.
+//! - [`http`]: the HTTP listener and endpoints: TLS, basic auth, timeouts, a connection cap,
+//!   accept back-off, responses encoded once per change. Never queries PostgreSQL.
+//! - [`web_config`]: the listener's exporter-toolkit web config file (TLS, basic auth users).
 //! - [`daemon`]: `serve`: wires scheduler and HTTP together, shuts down within the timeout.
 //!
 //! Outside `src/`: `dashboards/` (Grafana dashboard, alert rules and their promtool tests),
@@ -39,6 +41,8 @@
 //! - Every identifier in generated SQL goes through [`sql::ident`]; values are bind parameters.
 //! - No password is ever logged or put into an error message.
 //! - A scrape of `/metrics` costs no database query: metrics change only when a scan ends.
+//! - No HTTP request writes to a database unless the operator enabled both `POST /scan`
+//!   (`web.scan_requests.enabled`) and healing on request (`web.scan_requests.heal`).
 
 pub mod catalog;
 pub mod checks;
@@ -57,3 +61,4 @@ pub mod scan;
 pub mod schedule;
 pub mod sql;
 pub mod tenants;
+pub mod web_config;

@@ -117,13 +117,17 @@ fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args.config)?;
+    let mut config = Config::load(&args.config)?;
+    if let Some(path) = &args.web_config_file {
+        config.web.load_security(path)?;
+    }
     let listen = config.serve.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (serve.listen)"))?;
     let address = listener.local_addr().context("cannot read the listening address")?;
-    tracing::info!(%address, database = %config.database.target, "listening; metrics at http://{address}/metrics");
+    let scheme = if config.web.security.as_ref().is_some_and(|s| s.tls.is_some()) { "https" } else { "http" };
+    tracing::info!(%address, database = %config.database.target, "listening; metrics at {scheme}://{address}/metrics");
     let shutdown = shutdown_on_signals()?;
     daemon::run(config, listener, shutdown).await;
     Ok(ExitCode::SUCCESS)

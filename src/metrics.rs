@@ -4,8 +4,11 @@
 //! skipped tick or the database state), never on a scrape; per-finding series are rebuilt from each successful
 //! report, so a fixed problem's series disappears on the next scan; per-schema series are capped
 //! at `metrics.max_tenant_series` and the rest are only in the aggregates. Names and labels are
-//! documented in docs/metrics.md.
+//! documented in docs/metrics.md. Every method that changes a metric ends with
+//! [`Metrics::changed`], so that [`Metrics::generation`] tells the HTTP layer when its encoded
+//! copy is stale.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use prometheus::{
@@ -20,6 +23,8 @@ pub struct Metrics {
     /// Held while a report is applied and while metrics are encoded, so a scrape never sees a
     /// half-rebuilt set of per-finding series.
     consistency: Mutex<()>,
+    /// Incremented after every change: the HTTP layer re-encodes only when it moved.
+    generation: AtomicU64,
     orphan_rows: IntGaugeVec,
     null_timestamps: IntGaugeVec,
     cross_schema_fks: IntGaugeVec,
@@ -109,6 +114,7 @@ impl Metrics {
         let r = Registry::new();
         let per_schema = ["schema", "table", "column"];
         let m = Metrics {
+            generation: AtomicU64::new(0),
             orphan_rows: gauge_vec(
                 &r,
                 "tenant_audit_orphan_rows",
@@ -336,6 +342,7 @@ impl Metrics {
         for e in &report.errors {
             self.scan_errors.with_label_values(&[e.kind.name()]).inc();
         }
+        self.changed();
     }
 
     /// Records a scan that failed as a whole; the last good findings stay exported.
@@ -344,6 +351,7 @@ impl Metrics {
         self.last_scan_duration.set(duration_seconds);
         self.scans.with_label_values(&["failure"]).inc();
         self.scan_errors.with_label_values(&[kind]).inc();
+        self.changed();
     }
 
     /// Records a heal run: its changes, skipped tenants and errors, or why it did not run.
@@ -364,14 +372,28 @@ impl Metrics {
             }
             Err(e) => self.heal_runs.with_label_values(&[e.metric_label()]).inc(),
         }
+        self.changed();
     }
 
     pub fn set_database_up(&self, up: bool) {
         self.database_up.set(i64::from(up));
+        self.changed();
     }
 
     pub fn record_skipped_tick(&self) {
         self.skipped_ticks.inc();
+        self.changed();
+    }
+
+    /// Marks the metrics changed; called after every change.
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// A number that moves whenever a metric changed. Read it before [`Metrics::encode`]: an
+    /// encoding is current for the generation read before it.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The Prometheus text exposition of every metric.

@@ -1,7 +1,9 @@
 //! The scheduler: scans on the cron schedule (and on demand), never two at once, and keeps the
 //! last good report for the HTTP endpoints.
 //!
-//! When `heal.enabled`, heal runs after each successful scan, inside the same no-overlap guard.
+//! When `heal.enabled`, heal runs after each successful scheduled scan, inside the same
+//! no-overlap guard; after a requested scan (`POST /scan`) only when `web.scan_requests.heal`
+//! allows it too.
 //!
 //! Scheduled scans are incremental (see [`crate::incremental`]): the state they carry forward
 //! lives here between scans. A scan asked for (`POST /scan`) is full, and so is the scan after
@@ -25,6 +27,15 @@ use crate::metrics::Metrics;
 use crate::report::{Report, ScanKind};
 use crate::scan;
 use crate::{heal, incremental};
+
+/// Who asked for a scan: it decides whether heal may follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The cron schedule or `serve.scan_on_start`: heals when `heal.enabled`.
+    Schedule,
+    /// `POST /scan`: heals only when `web.scan_requests.heal` is set as well.
+    Request,
+}
 
 /// State shared by the schedule loop, the scans it starts and the HTTP handlers.
 pub struct Scheduler {
@@ -70,25 +81,21 @@ impl Scheduler {
         })
     }
 
-    /// Starts a full scan in the background unless one is running (a scan asked for checks
-    /// everything); returns whether it started.
-    pub fn try_start_scan(self: &Arc<Self>) -> bool {
-        self.start(ScanKind::Full)
-    }
-
-    /// Starts a scheduled scan: incremental unless `scan.full_every` or the signals say full.
-    fn try_start_scheduled_scan(self: &Arc<Self>) -> bool {
-        self.start(ScanKind::Incremental)
-    }
-
-    fn start(self: &Arc<Self>, kind: ScanKind) -> bool {
+    /// Starts a scan in the background unless one is running; returns whether it started. A
+    /// scheduled scan is incremental unless `scan.full_every` or the signals say full; a
+    /// requested one checks everything.
+    pub fn try_start_scan(self: &Arc<Self>, trigger: Trigger) -> bool {
         if self.shutdown.is_cancelled() || self.running.swap(true, Ordering::AcqRel) {
             return false;
         }
+        let (kind, heal) = match trigger {
+            Trigger::Schedule => (ScanKind::Incremental, true),
+            Trigger::Request => (ScanKind::Full, self.config.web.scan_requests.heal),
+        };
         let me = Arc::clone(self);
         self.tasks.spawn(async move {
             let _running = ClearOnDrop(&me.running);
-            me.scan_once(kind).await;
+            me.scan_once(kind, heal).await;
         });
         true
     }
@@ -122,7 +129,7 @@ impl Scheduler {
         }
         self.tasks.spawn(Arc::clone(&self).watch_database());
         if self.config.serve.scan_on_start {
-            self.try_start_scan();
+            self.try_start_scan(Trigger::Schedule);
         }
         loop {
             let Some(next) = self.config.serve.schedule.upcoming(Utc).next() else { return };
@@ -130,7 +137,7 @@ impl Scheduler {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {
-                    if !self.try_start_scheduled_scan() {
+                    if !self.try_start_scan(Trigger::Schedule) {
                         tracing::warn!("scheduled scan skipped: the previous scan is still running");
                         self.metrics.record_skipped_tick();
                     }
@@ -198,8 +205,9 @@ impl Scheduler {
         self.metrics.set_database_up(up);
     }
 
-    /// Runs one scan; `ScanKind::Full` starts from an empty incremental state.
-    async fn scan_once(&self, kind: ScanKind) {
+    /// One scan (`ScanKind::Full` starts from an empty incremental state); then heal, when
+    /// `heal` and `heal.enabled`.
+    async fn scan_once(&self, kind: ScanKind, heal: bool) {
         let clock = Instant::now();
         let stored = self.incremental.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut state = stored.filter(|_| kind == ScanKind::Incremental).unwrap_or_default();
@@ -218,7 +226,7 @@ impl Scheduler {
                 }
                 self.set_database_up(true);
                 self.metrics.record_report(&scanned.report, self.config.metrics.max_tenant_series);
-                if let Some(pool) = &self.heal_pool {
+                if let Some(pool) = self.heal_pool.as_ref().filter(|_| heal) {
                     let plan = heal::Plan::build(&scanned, &self.config);
                     let healed =
                         heal::execute(&self.config.heal, pool, &plan, Some(&self.metrics), &self.shutdown).await;

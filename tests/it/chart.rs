@@ -114,6 +114,41 @@ fn default_values_render_a_locked_down_single_replica() {
 }
 
 #[test]
+fn secure_values_mount_the_web_config_and_certificates() {
+    let home = temp_dir("helm-secure");
+    let out = render(&home, &["-f", "helm/tenant-audit/ci/secure-values.yaml"]);
+    for expected in [
+        "args: [\"serve\", \"--config\", \"/etc/tenant-audit/config.toml\", \"--log-format\", \"json\", \"--web.config.file\", \"/etc/tenant-audit-web/web.yml\"]",
+        "mountPath: /etc/tenant-audit-web\n",
+        "secretName: tenant-audit-web\n",
+        "mountPath: /etc/tenant-audit-web-tls\n",
+        "secretName: tenant-audit-web-tls\n",
+        "mountPath: /etc/tenant-audit-db-ca\n",
+        "secretName: orders-db-ca\n",
+        "mountPath: /etc/tenant-audit-db-client\n",
+        "secretName: orders-db-auditor-cert\n",
+        "defaultMode: 0440",
+        "scheme: HTTPS",
+        "scheme: https",
+        "basicAuth:\n        password:\n          key: password\n          name: tenant-audit-scraper",
+        "kind: NetworkPolicy",
+        "- Egress",
+        "cidr: 10.20.0.0/16",
+    ] {
+        assert!(out.contains(expected), "secure render lacks {expected:?}:\n{out}");
+    }
+    let default = render(&home, &[]);
+    for absent in ["--web.config.file", "kind: NetworkPolicy", "tenant-audit-db-ca", "scheme: HTTPS"] {
+        assert!(!default.contains(absent), "{absent} is off by default");
+    }
+    assert_eq!(default.matches("scheme: HTTP\n").count(), 2, "both probes use plain HTTP by default");
+    let no_egress =
+        render(&home, &["--set", "networkPolicy.enabled=true", "--show-only", "templates/networkpolicy.yaml"]);
+    assert!(no_egress.contains("- Ingress") && !no_egress.contains("Egress"), "{no_egress}");
+    std::fs::remove_dir_all(&home).unwrap();
+}
+
+#[test]
 fn chart_ships_the_rules_and_dashboard_of_dashboards() {
     for (copy, original) in
         [("files/alerts.yml", "dashboards/alerts.yml"), ("files/tenant-audit.json", "dashboards/tenant-audit.json")]
@@ -141,6 +176,7 @@ fn values_schema_rejects_unknown_keys_and_a_missing_secret() {
         ("nope=1", "additional properties 'nope' not allowed"),
         ("database.existingSecret=", "/database/existingSecret"),
         ("service.publishNotReadyAddresses=maybe", "/service/publishNotReadyAddresses"),
+        ("web.scheme=https", "/web/scheme"),
     ] {
         let out = helm(&home).args(["template", "tenant-audit", CHART, "--set", set]).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

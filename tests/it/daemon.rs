@@ -10,8 +10,11 @@ use crate::support::{
 };
 
 /// Registry and patterns as in the demo; a schedule that will not fire during a test (scans run
-/// at start-up and on POST /scan).
-const DAEMON: &str = "[tenants]\ninclude = ['^tenant_']\n[serve]\nschedule = '0 0 0 1 1 *'\n";
+/// at start-up and on POST /scan, enabled here and not rate limited).
+const DAEMON: &str = "[tenants]\ninclude = ['^tenant_']\n[web.scan_requests]\nenabled = true\nmin_interval = '1ms'\n\
+    [serve]\nschedule = '0 0 0 1 1 *'\n";
+/// `POST /scan` enabled, without its rate limit.
+const SCAN_REQUESTS: &str = "[web.scan_requests]\nenabled = true\nmin_interval = '1ms'\n";
 
 fn sorted<const N: usize>(lines: [String; N]) -> Vec<String> {
     let mut v = lines.to_vec();
@@ -251,7 +254,8 @@ async fn database_restart_in_the_middle_of_a_scan_fails_it_and_the_next_succeeds
     pg::connect(&cluster.url("postgres")).await.batch_execute("CREATE DATABASE restart").await.unwrap();
     let url = cluster.url("restart");
     pg::connect(&url).await.batch_execute(&format!("{BASE_SQL}\n{LOCKABLE_SQL}")).await.unwrap();
-    let daemon = start_daemon(config(&url, "[serve]\nschedule = '0 0 0 1 1 *'\n[scan]\nlock_timeout = '60s'\n")).await;
+    let extra = format!("{SCAN_REQUESTS}[serve]\nschedule = '0 0 0 1 1 *'\n[scan]\nlock_timeout = '60s'\n");
+    let daemon = start_daemon(config(&url, &extra)).await;
     daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
 
     // The next scan blocks on a lock; the server crashes and restarts under it. (The cluster
@@ -287,8 +291,10 @@ async fn overlapping_scans_are_skipped_or_refused() {
     // A locked table keeps the first scheduled scan running while more ticks and a request arrive.
     let url = fixture_db("daemon_overlap", LOCKABLE_SQL).await;
     let locker = lock_audit_trail(&url).await;
-    let extra = "[serve]\nschedule = '* * * * * *'\nscan_on_start = false\n[scan]\nlock_timeout = '60s'\n";
-    let daemon = start_daemon(config(&url, extra)).await;
+    let extra = format!(
+        "{SCAN_REQUESTS}[serve]\nschedule = '* * * * * *'\nscan_on_start = false\n[scan]\nlock_timeout = '60s'\n"
+    );
+    let daemon = start_daemon(config(&url, &extra)).await;
     daemon.wait_for("tenant_audit_skipped_ticks_total 1").await;
     assert_eq!(daemon.post("/scan").await, (409, "{\"status\":\"a scan is already running\"}".to_string()));
     assert_eq!(daemon.samples("tenant_audit_scans_total").await[1], "tenant_audit_scans_total{result=\"success\"} 0");
@@ -315,7 +321,7 @@ async fn sigterm_cancels_running_queries_and_exits_in_time() {
 
     wait_until_scan_blocked(&url).await;
     let watcher = pg::connect(&url).await;
-    let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit'";
+    let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND datname = current_database()";
 
     let sent = Instant::now();
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());

@@ -352,11 +352,17 @@ fn tenant_audit_table_sql() -> &'static str {
        row_key jsonb NOT NULL, old_value jsonb, new_value jsonb);"
 }
 
+/// `POST /scan` enabled, and allowed to heal.
+const HEAL_ON_REQUEST: &str = "[web.scan_requests]\nenabled = true\nheal = true\n";
+
 #[tokio::test]
 async fn the_daemon_heals_after_each_scan_and_counts_it() {
     let url = heal_db("heal_daemon", DEMO_SQL).await;
-    let daemon =
-        start_daemon(config(&url, &format!("{HEAL}enabled = true\n[serve]\nschedule = '0 0 0 1 1 *'\n"))).await;
+    let daemon = start_daemon(config(
+        &url,
+        &format!("{HEAL}enabled = true\n[serve]\nschedule = '0 0 0 1 1 *'\n{HEAL_ON_REQUEST}"),
+    ))
+    .await;
     daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 1").await;
     assert_eq!(
         daemon.samples("tenant_audit_healed_rows_total").await,

@@ -213,7 +213,8 @@ async fn unflushed_changes_are_reported_once_the_statistics_are_flushed() {
 async fn scheduled_scans_are_incremental_and_report_what_they_carried() {
     let (url, session) = database("incremental_daemon", 3).await;
     session.batch_execute("SELECT pg_stat_force_next_flush()").await.expect("flush");
-    let daemon = start_daemon(config(&url, &format!("{CONFIG}[serve]\nschedule = '* * * * * *'\n"))).await;
+    let extra = "[serve]\nschedule = '* * * * * *'\n[web.scan_requests]\nenabled = true\nmin_interval = '1ms'\n";
+    let daemon = start_daemon(config(&url, &format!("{CONFIG}{extra}"))).await;
     daemon.wait_for("tenant_audit_scans_completed_total{scan_kind=\"incremental\"} 1").await;
     assert_eq!(
         daemon.samples("tenant_audit_scans_completed_total").await[0],

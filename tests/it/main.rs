@@ -8,6 +8,7 @@ mod dashboard;
 mod heal;
 mod heal_ddl;
 mod incremental;
+mod listener;
 mod prometheus;
 mod rules;
 mod scan;

@@ -196,7 +196,8 @@ pub async fn lock_audit_trail(url: &str) -> tokio_postgres::Client {
 pub async fn wait_until_scan_blocked(url: &str) {
     let watcher = pg::connect(url).await;
     let waiting =
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock'";
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenant-audit' AND wait_event_type = 'Lock'
+           AND datname = current_database()";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while watcher.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
         assert!(std::time::Instant::now() < deadline, "the scan never blocked on the lock");
