@@ -177,45 +177,43 @@ async fn run_until(
     let total = tenants.len();
     let discovered = discovery.tenants.len();
     let samples = config.report.sample_keys;
-    let mut tally = Tally::default();
     if let Some(state) = state.as_deref_mut() {
         state.retain_tenants(&tenants);
     }
-    // Plans are owned values so the stream's closure borrows nothing per item (which keeps the
-    // whole scan future `Send` for callers that spawn it).
-    let mut work = Vec::with_capacity(tenants.len());
-    for tenant in &tenants {
-        let mut plan = checks::plan(&ctx, tenant);
-        let inputs = match &signals {
-            Some(signals) => incremental::unit_inputs(&plan, tenant, &catalog, signals),
-            None => Default::default(),
-        };
-        if let (ScanKind::Incremental, Some(state)) = (kind, state.as_deref()) {
-            findings.extend(carry_forward(state, tenant, &mut plan, &inputs, &mut tally));
-        }
-        let checked = plan_tables(&plan);
-        tally.checked += checked.len();
-        work.push((tenant.clone(), plan, Unit { inputs, checked }));
-    }
-    let outcomes = stream::iter(work)
-        .map(|(tenant, plan, unit)| async move {
-            let outcome = scan_tenant(pool, target, &config.scan, &tenant, plan, samples, cancel).await;
-            (tenant, unit, outcome)
-        })
-        .buffer_unordered(config.scan.concurrency);
-    let mut outcomes = std::pin::pin!(outcomes);
+    // Each tenant is planned (and its carried-forward findings taken) only when its turn comes,
+    // so that at most `scan.concurrency` plans exist at a time. The plan and the tenant's name
+    // are owned values, so the stream's closure borrows nothing per item (which keeps the
+    // whole scan future `Send` for callers that spawn it). The closure and the loop below take
+    // turns on the state, never at once.
+    let shared = std::sync::Mutex::new(Progressive { state, tally: Tally::default(), findings });
     let mut done = 0;
-    while let Some((tenant, unit, (tenant_findings, tenant_errors))) = outcomes.next().await {
-        if let Some(state) = state.as_deref_mut() {
-            remember(state, &tenant, &unit, &tenant_findings, &tenant_errors, started_at);
-        }
-        findings.extend(tenant_findings);
-        errors.extend(tenant_errors);
-        done += 1;
-        if let Some(report_progress) = progress {
-            report_progress(done, total);
+    {
+        let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+        let outcomes = stream::iter(tenants.iter().cloned())
+            .map(|tenant: String| {
+                let (plan, unit) = prepare(&ctx, &tenant, kind, signals.as_ref(), &mut lock());
+                async move {
+                    let outcome = scan_tenant(pool, target, &config.scan, &tenant, plan, samples, cancel).await;
+                    (tenant, unit, outcome)
+                }
+            })
+            .buffer_unordered(config.scan.concurrency);
+        let mut outcomes = std::pin::pin!(outcomes);
+        while let Some((tenant, unit, (tenant_findings, tenant_errors))) = outcomes.next().await {
+            let mut progressive = lock();
+            if let Some(state) = progressive.state.as_deref_mut() {
+                remember(state, &tenant, &unit, &tenant_findings, &tenant_errors, started_at);
+            }
+            progressive.findings.extend(tenant_findings);
+            drop(progressive);
+            errors.extend(tenant_errors);
+            done += 1;
+            if let Some(report_progress) = progress {
+                report_progress(done, total);
+            }
         }
     }
+    let Progressive { state, tally, mut findings } = shared.into_inner().unwrap_or_else(|e| e.into_inner());
     if cancel.is_cancelled() {
         return Err(ScanFailure::Cancelled);
     }
@@ -314,6 +312,37 @@ async fn snapshot(
     let present = tenants::still_present(&tx, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
     tx.commit().await.map_err(catalog_error)?;
     Ok((discovery, catalog, present, signals))
+}
+
+/// What the tenants' turns add up as the scan goes: the incremental state, the tally and the
+/// findings.
+struct Progressive<'s> {
+    state: Option<&'s mut incremental::State>,
+    tally: Tally,
+    findings: Vec<Finding>,
+}
+
+/// One tenant's plan, without the tables whose stored findings are carried forward (those go
+/// to `progressive.findings`), and its units.
+fn prepare(
+    ctx: &Context<'_>,
+    tenant: &str,
+    kind: ScanKind,
+    signals: Option<&Signals>,
+    progressive: &mut Progressive<'_>,
+) -> (checks::Plan, Unit) {
+    let mut plan = checks::plan(ctx, tenant);
+    let inputs = match signals {
+        Some(signals) => incremental::unit_inputs(&plan, tenant, ctx.catalog, signals),
+        None => BTreeMap::new(),
+    };
+    if let (ScanKind::Incremental, Some(state)) = (kind, progressive.state.as_deref()) {
+        let carried = carry_forward(state, tenant, &mut plan, &inputs, &mut progressive.tally);
+        progressive.findings.extend(carried);
+    }
+    let checked = plan_tables(&plan);
+    progressive.tally.checked += checked.len();
+    (plan, Unit { inputs, checked })
 }
 
 /// Tables checked and carried forward so far, and the oldest carried-forward result.
