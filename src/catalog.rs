@@ -69,6 +69,9 @@ pub struct Column {
     /// Whether the default calls a volatile function (`nextval`, `random()`, ...): such a
     /// default gives every row its own value, so adding the column with it rewrites the table.
     pub default_volatile: bool,
+    /// The sequence the column draws its values from, (schema, name): an identity column's own,
+    /// or the one its default calls `nextval` on (serial columns).
+    pub sequence: Option<(String, String)>,
     /// `GENERATED ... AS IDENTITY`.
     pub identity: Option<Identity>,
     /// `GENERATED ALWAYS AS (...) STORED`: computed by PostgreSQL, never written.
@@ -143,6 +146,23 @@ const DEFAULT_VOLATILE: &str = "EXISTS (
          WHERE dep.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND dep.objid = d.oid
            AND p.provolatile = 'v')";
 
+/// `[schema, name]` of the column's sequence: the identity's (a dependency of the sequence on the
+/// column) or the one the default references (a dependency of the default on a sequence).
+const SEQUENCE: &str = "CASE WHEN a.attidentity <> '' THEN (
+         SELECT ARRAY[sn.nspname::text, s.relname::text] FROM pg_catalog.pg_depend dep
+         JOIN pg_catalog.pg_class s ON s.oid = dep.objid AND s.relkind = 'S'
+         JOIN pg_catalog.pg_namespace sn ON sn.oid = s.relnamespace
+         WHERE dep.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND dep.refobjid = c.oid
+           AND dep.refobjsubid = a.attnum AND dep.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+           AND dep.deptype = 'i' LIMIT 1)
+       WHEN d.oid IS NOT NULL THEN (
+         SELECT ARRAY[sn.nspname::text, s.relname::text] FROM pg_catalog.pg_depend dep
+         JOIN pg_catalog.pg_class s ON s.oid = dep.refobjid AND s.relkind = 'S'
+         JOIN pg_catalog.pg_namespace sn ON sn.oid = s.relnamespace
+         WHERE dep.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND dep.objid = d.oid
+           AND dep.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+         ORDER BY 1 LIMIT 1) END";
+
 /// Columns of every ordinary and partitioned table, with primary-key position, type, default,
 /// identity, generation and privileges. Partitions are left out: their rows are read through the
 /// parent. Defaults are deparsed without their relation (`pg_get_expr(adbin, 0)`: a default
@@ -159,7 +179,8 @@ SELECT n.nspname::text, c.relname::text, a.attname::text,
        pg_catalog.has_schema_privilege(n.oid, 'USAGE') AND pg_catalog.has_table_privilege(c.oid, 'SELECT'),
        CASE WHEN tn.nspname = 'pg_catalog' THEN NULL WHEN tn.oid = n.oid THEN '' ELSE tn.nspname::text END,
        a.attidentity::text, a.attgenerated <> '',
-       {volatile}
+       {volatile},
+       {sequence}
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -173,6 +194,7 @@ ORDER BY 1, 2, a.attnum",
         data_type = relative("pg_catalog.format_type(a.atttypid, a.atttypmod)"),
         default = relative("pg_catalog.pg_get_expr(d.adbin, 0)"),
         volatile = DEFAULT_VOLATILE,
+        sequence = SEQUENCE,
     )
 }
 
@@ -230,6 +252,10 @@ pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Cat
             not_null: row.get(4),
             default: row.get(5),
             default_volatile: row.get(11),
+            sequence: row.get::<_, Option<Vec<String>>>(12).and_then(|v| match <[String; 2]>::try_from(v) {
+                Ok([schema, name]) => Some((schema, name)),
+                Err(_) => None,
+            }),
             identity,
             generated: row.get(10),
         });

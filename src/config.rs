@@ -73,11 +73,35 @@ pub struct HealConfig {
     pub validate_timeout: Duration,
     /// Per timestamp column, the columns (or `now()`) whose value a NULL is set from, in order.
     pub fallbacks: BTreeMap<String, Vec<String>>,
+    /// Tables whose key (not a `uuid`) still means the same row in every schema, so copying a
+    /// row with it from the shared schema is safe.
+    pub same_entity_keys: Vec<SameEntityKey>,
+    /// Advance tenant sequences found behind their column (`sequence_behind`).
+    pub advance_sequences: bool,
+    /// What the audit table keeps of a copied or changed row.
+    pub audit_values: AuditValues,
+}
+
+/// A table whose key identifies the same entity in every schema (`heal.same_entity_keys`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SameEntityKey {
+    pub table: String,
+    pub columns: Vec<String>,
+}
+
+/// `heal.audit_values`: `full` keeps each copied row and each new value in the audit table,
+/// `keys` only the keys (no personal data in the audit table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditValues {
+    Full,
+    Keys,
 }
 
 impl HealConfig {
     pub fn any_repair(&self) -> bool {
-        self.copy_missing_parents || self.backfill_null_timestamps || self.add_missing_columns
+        self.copy_missing_parents || self.backfill_null_timestamps || self.add_missing_columns || self.advance_sequences
     }
 }
 
@@ -393,6 +417,9 @@ struct RawHeal {
     statement_timeout: String,
     validate_timeout: String,
     fallbacks: BTreeMap<String, Vec<String>>,
+    same_entity_keys: Vec<SameEntityKey>,
+    advance_sequences: bool,
+    audit_values: AuditValues,
 }
 
 impl Default for RawHeal {
@@ -410,6 +437,9 @@ impl Default for RawHeal {
             lock_timeout: "2s".into(),
             statement_timeout: "30s".into(),
             validate_timeout: "1h".into(),
+            same_entity_keys: Vec::new(),
+            advance_sequences: false,
+            audit_values: AuditValues::Full,
             fallbacks: BTreeMap::from([
                 ("updated_at".to_string(), chain(&["modified_at", "created_at", "now()"])),
                 ("modified_at".to_string(), chain(&["updated_at", "created_at", "now()"])),
@@ -751,6 +781,12 @@ impl RawHeal {
                 ));
             }
         }
+        for (i, key) in self.same_entity_keys.iter().enumerate() {
+            non_empty(&format!("heal.same_entity_keys[{i}].table"), &key.table)?;
+            if key.columns.is_empty() {
+                return Err(ConfigError::invalid(format!("heal.same_entity_keys[{i}].columns"), "must not be empty"));
+            }
+        }
         let heal = HealConfig {
             enabled: self.enabled,
             database,
@@ -763,11 +799,14 @@ impl RawHeal {
             statement_timeout: parse_duration("heal.statement_timeout", &self.statement_timeout)?,
             validate_timeout: parse_duration("heal.validate_timeout", &self.validate_timeout)?,
             fallbacks: self.fallbacks,
+            same_entity_keys: self.same_entity_keys,
+            advance_sequences: self.advance_sequences,
+            audit_values: self.audit_values,
         };
         if heal.enabled && !heal.any_repair() {
             return Err(ConfigError::invalid(
                 "heal.enabled",
-                "no repair is enabled: set copy_missing_parents, backfill_null_timestamps or add_missing_columns",
+                "no repair is enabled: set copy_missing_parents, backfill_null_timestamps, add_missing_columns or advance_sequences",
             ));
         }
         Ok(heal)
@@ -1041,6 +1080,20 @@ mod tests {
             err.to_string().starts_with("config key heal.add_missing_columns: needs tenants.reference_schema"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn same_entity_keys_and_audit_values_are_validated() {
+        let c = parse("database_url = 'postgres://db/app'\n[heal]\nsame_entity_keys = [{ table = 'category', columns = ['id'] }]\naudit_values = 'keys'\n").unwrap();
+        assert_eq!(c.heal.same_entity_keys, [SameEntityKey { table: "category".into(), columns: vec!["id".into()] }]);
+        assert_eq!(c.heal.audit_values, AuditValues::Keys);
+        let err = parse(
+            "database_url = 'postgres://db/app'\n[heal]\nsame_entity_keys = [{ table = 'category', columns = [] }]\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "config key heal.same_entity_keys[0].columns: must not be empty");
+        let err = parse("database_url = 'postgres://db/app'\n[heal]\naudit_values = 'rows'\n").unwrap_err();
+        assert!(err.to_string().starts_with("config file /etc/t.toml, line 3: unknown variant `rows`"), "{err}");
     }
 
     #[test]

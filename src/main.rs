@@ -49,12 +49,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `heal`: exit 0 when everything planned was done (or printed), 1 when tenants were left for a
-/// later run (a lock, the row cap, another healer), 2 on error.
+/// `heal`: exit 0 when everything planned was done (or printed), 1 when tenants or keys were left
+/// (a lock, the row cap, another healer, orphans set aside), 2 on error.
 async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
     if !config.heal.any_repair() {
-        anyhow::bail!("no repair is enabled: set heal.copy_missing_parents, heal.backfill_null_timestamps or heal.add_missing_columns");
+        anyhow::bail!("no repair is enabled: set heal.copy_missing_parents, heal.backfill_null_timestamps, heal.add_missing_columns or heal.advance_sequences");
     }
     let cancel = shutdown_on_signals()?;
     let scanned = scan::run(&config, &db::scan_pool(&config.database, &config.scan), &cancel, None).await?;
@@ -83,7 +83,7 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         eprintln!("tenant-audit: heal interrupted; every committed batch is whole, run it again to finish");
         return Ok(ExitCode::from(1));
     }
-    Ok(if outcome.skipped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if outcome.skipped.is_empty() && outcome.set_aside.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// The error of a scan that met failures (other than tenants dropped meanwhile), if it did.

@@ -27,6 +27,7 @@ pub struct Metrics {
     generation: AtomicU64,
     orphan_rows: IntGaugeVec,
     null_timestamps: IntGaugeVec,
+    sequence_behind: IntGaugeVec,
     cross_schema_fks: IntGaugeVec,
     schema_drift: IntGaugeVec,
     registry_findings: IntGaugeVec,
@@ -48,6 +49,7 @@ pub struct Metrics {
     healed_rows: IntCounterVec,
     heal_errors: IntCounterVec,
     heal_skipped_tenants: IntCounterVec,
+    heal_set_aside: IntCounter,
     heal_runs: IntCounterVec,
     last_heal_timestamp: Gauge,
     scan_kind_duration: GaugeVec,
@@ -57,7 +59,8 @@ pub struct Metrics {
 }
 
 /// The repairs heal can make: the `repair` label of the heal metrics.
-pub const REPAIRS: [&str; 3] = ["copy_missing_parents", "backfill_null_timestamps", "add_missing_columns"];
+pub const REPAIRS: [&str; 4] =
+    ["copy_missing_parents", "backfill_null_timestamps", "add_missing_columns", "advance_sequences"];
 /// Why heal left a tenant alone: the `reason` label of `tenant_audit_heal_skipped_tenants_total`.
 pub const HEAL_SKIP_REASONS: [&str; 2] = ["lock_timeout", "max_rows_per_run"];
 /// Outcomes of a heal run: the `result` label of `tenant_audit_heal_runs_total`.
@@ -125,6 +128,12 @@ impl Metrics {
                 &r,
                 "tenant_audit_null_timestamps",
                 "NULL values in a required timestamp column.",
+                &per_schema,
+            ),
+            sequence_behind: gauge_vec(
+                &r,
+                "tenant_audit_sequence_behind",
+                "How many of a tenant sequence's next values are already taken in its column.",
                 &per_schema,
             ),
             cross_schema_fks: gauge_vec(
@@ -229,6 +238,11 @@ impl Metrics {
                 "Tenants heal left for a later run, by reason.",
                 &["reason"],
             ),
+            heal_set_aside: counter(
+                &r,
+                "tenant_audit_heal_set_aside_total",
+                "Orphaned keys a copy set aside (broken chain, not the same entity, a clash).",
+            ),
             heal_runs: counter_vec(
                 &r,
                 "tenant_audit_heal_runs_total",
@@ -311,6 +325,7 @@ impl Metrics {
         for vec in [
             &self.orphan_rows,
             &self.null_timestamps,
+            &self.sequence_behind,
             &self.cross_schema_fks,
             &self.schema_drift,
             &self.registry_findings,
@@ -366,6 +381,7 @@ impl Metrics {
                 for (_, reason) in &outcome.skipped {
                     self.heal_skipped_tenants.with_label_values(&[reason.name()]).inc();
                 }
+                self.heal_set_aside.inc_by(outcome.set_aside.len() as u64);
                 for (_, repair, _) in &outcome.errors {
                     self.heal_errors.with_label_values(&[repair.name()]).inc();
                 }
@@ -412,6 +428,7 @@ impl Metrics {
                 self.orphan_rows.with_label_values(&[&f.schema, table, &column, parent_table, parent_location.name()])
             }
             Detail::NullTimestamps { .. } => self.null_timestamps.with_label_values(&[&f.schema, table, &column]),
+            Detail::SequenceBehind { .. } => self.sequence_behind.with_label_values(&[&f.schema, table, &column]),
             Detail::CrossSchemaFk { target_schema, target_table, reason, .. } => self
                 .cross_schema_fks
                 .with_label_values(&[&f.schema, table, &column, target_schema, target_table, reason.name()]),

@@ -20,6 +20,7 @@ pub const REPORT_VERSION: u32 = 1;
 pub enum Check {
     CrossSchemaFk,
     OrphanRows,
+    SequenceBehind,
     MissingSchema,
     NullTimestamps,
     SchemaDrift,
@@ -27,9 +28,10 @@ pub enum Check {
 }
 
 impl Check {
-    pub const ALL: [Check; 6] = [
+    pub const ALL: [Check; 7] = [
         Check::CrossSchemaFk,
         Check::OrphanRows,
+        Check::SequenceBehind,
         Check::MissingSchema,
         Check::NullTimestamps,
         Check::SchemaDrift,
@@ -40,6 +42,7 @@ impl Check {
         match self {
             Check::CrossSchemaFk => "cross_schema_fk",
             Check::OrphanRows => "orphan_rows",
+            Check::SequenceBehind => "sequence_behind",
             Check::MissingSchema => "missing_schema",
             Check::NullTimestamps => "null_timestamps",
             Check::SchemaDrift => "schema_drift",
@@ -49,7 +52,7 @@ impl Check {
 
     pub fn severity(self) -> Severity {
         match self {
-            Check::CrossSchemaFk | Check::OrphanRows => Severity::Critical,
+            Check::CrossSchemaFk | Check::OrphanRows | Check::SequenceBehind => Severity::Critical,
             Check::MissingSchema | Check::NullTimestamps | Check::SchemaDrift => Severity::Warning,
             Check::UnregisteredSchema => Severity::Info,
         }
@@ -101,6 +104,8 @@ pub enum Detail {
         constraint: Option<String>,
         /// Whether the constraint is validated; `false` for one added `NOT VALID`.
         constraint_validated: Option<bool>,
+        /// Whether heal's `copy_missing_parents` would copy the missing parent, and if not, why.
+        heal_copy: CopyVerdict,
     },
     NullTimestamps {
         data_type: String,
@@ -109,6 +114,14 @@ pub enum Detail {
         difference: DriftKind,
         expected: Option<String>,
         actual: Option<String>,
+    },
+    SequenceBehind {
+        /// `schema.name` of the sequence.
+        sequence: String,
+        /// The value the next `nextval` returns.
+        next_value: i64,
+        /// The column's largest value, at or above `next_value`.
+        column_max: i64,
     },
     None,
 }
@@ -132,11 +145,38 @@ impl FkReason {
     }
 }
 
+/// Whether heal would copy an orphan's missing parent from the shared schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyVerdict {
+    /// A row with the key exists in the shared schema and is the same entity: the key is a
+    /// `uuid` (globally unique by construction) or the table is in `heal.same_entity_keys`.
+    Copy,
+    /// A row with the key exists in the shared schema, but a key drawn from each schema's own
+    /// sequence (an integer, say) names unrelated rows there: copying it would re-parent the
+    /// orphans to another entity. List the table in `heal.same_entity_keys` only if the
+    /// application guarantees the key means the same row everywhere.
+    NotSameEntity,
+    /// No row with the key exists in the shared schema.
+    NoSharedRow,
+}
+
+impl CopyVerdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            CopyVerdict::Copy => "copy",
+            CopyVerdict::NotSameEntity => "not_same_entity",
+            CopyVerdict::NoSharedRow => "no_shared_row",
+        }
+    }
+}
+
 /// Where the missing parent of an orphan row can be found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ParentLocation {
-    /// The key exists in the shared schema's table of that name: healable by copying.
+    /// A row with the key exists in the shared schema's table of that name (whether it is the
+    /// same entity is [`CopyVerdict`]'s business).
     Shared,
     /// The key exists nowhere.
     Missing,
@@ -406,18 +446,35 @@ fn describe(f: &Finding) -> String {
             };
             format!("constraint {constraint} references {}: {why}", display_name(target_schema, target_table))
         }
-        Detail::OrphanRows { parent_schema, parent_table, parent_columns, parent_location, relationship, .. } => {
+        Detail::OrphanRows {
+            parent_schema,
+            parent_table,
+            parent_columns,
+            parent_location,
+            relationship,
+            heal_copy,
+            ..
+        } => {
             format!(
-                "{} row(s) without parent in {}({}); parent {}, {} relationship",
+                "{} row(s) without parent in {}({}); parent {}, {} relationship{}",
                 f.count,
                 display_name(parent_schema, parent_table),
                 parent_columns.join(", "),
                 match parent_location {
-                    ParentLocation::Shared => "exists in the shared schema",
+                    ParentLocation::Shared => "key exists in the shared schema",
                     ParentLocation::Missing => "missing everywhere",
                 },
-                format!("{relationship:?}").to_lowercase()
+                format!("{relationship:?}").to_lowercase(),
+                match heal_copy {
+                    CopyVerdict::NotSameEntity => {
+                        "; not copied by heal: the key is not globally unique (not a uuid), so the shared row is another entity (heal.same_entity_keys)"
+                    }
+                    _ => "",
+                }
             )
+        }
+        Detail::SequenceBehind { sequence, next_value, column_max } => {
+            format!("sequence {sequence} would next give {next_value}, the column already holds up to {column_max}")
         }
         Detail::NullTimestamps { data_type } => format!("{} NULL value(s) ({data_type})", f.count),
         Detail::SchemaDrift { difference, expected, actual } => format!(

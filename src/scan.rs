@@ -15,7 +15,7 @@ use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, Catalog};
-use crate::checks::{self, null_timestamps, orphan_rows, Context, Shape};
+use crate::checks::{self, null_timestamps, orphan_rows, sequence_behind, Context, Shape};
 use crate::config::{Config, ScanConfig};
 use crate::db::{self, DbError, Pool};
 use crate::incremental::{self, Signals};
@@ -166,6 +166,7 @@ async fn run_until(
         shared_schema: &config.tenants.shared_schema,
         reference: &shape,
         config: &config.checks,
+        same_entity_keys: &config.heal.same_entity_keys,
     };
 
     let mut findings = registry_findings(&discovery);
@@ -410,7 +411,14 @@ fn remember(
             state.forget_table(tenant, table);
             continue;
         }
-        let mine = findings.iter().filter(|f| f.table.as_deref() == Some(table)).cloned().collect();
+        // Only what the unit's inputs decide is stored: `sequence_behind` also depends on the
+        // sequence's state, which no counter tracks, so it runs in every scan.
+        let mine = findings
+            .iter()
+            .filter(|f| matches!(f.check, Check::OrphanRows | Check::NullTimestamps))
+            .filter(|f| f.table.as_deref() == Some(table))
+            .cloned()
+            .collect();
         state.store(tenant, table, *inputs, started_at, mine);
     }
 }
@@ -484,7 +492,12 @@ async fn scan_tenant(
         Err(e) => return (findings, vec![error(classify(&e), None, "cannot start transaction".into())]),
     };
     let snapshot = db::Snapshot::new(&tx);
-    let probes = plan.orphans.iter().map(Probe::Orphans).chain(plan.nulls.iter().map(Probe::Nulls));
+    let probes = plan
+        .orphans
+        .iter()
+        .map(Probe::Orphans)
+        .chain(plan.nulls.iter().map(Probe::Nulls))
+        .chain(plan.sequences.iter().map(Probe::Sequences));
     for probe in probes {
         let result = tokio::select! {
             result = run_probe(&snapshot, tenant, &probe, samples) => result,
@@ -533,6 +546,7 @@ async fn run_probe(
     match probe {
         Probe::Orphans(p) => orphan_rows::run(snapshot, tenant, p, samples).await,
         Probe::Nulls(p) => null_timestamps::run(snapshot, tenant, p, samples).await,
+        Probe::Sequences(p) => sequence_behind::run(snapshot, tenant, p).await,
     }
 }
 
@@ -548,6 +562,7 @@ fn dropped(tenant: &str) -> ScanError {
 enum Probe<'a> {
     Orphans(&'a orphan_rows::Probe),
     Nulls(&'a null_timestamps::Probe),
+    Sequences(&'a sequence_behind::Probe),
 }
 
 impl Probe<'_> {
@@ -555,6 +570,7 @@ impl Probe<'_> {
         match self {
             Probe::Orphans(p) => &p.table,
             Probe::Nulls(p) => &p.table,
+            Probe::Sequences(p) => &p.table,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! Two families:
 //! - catalog checks ([`cross_schema_fk`], [`schema_drift`]) are pure functions of the catalog
 //!   and cost no query;
-//! - data checks ([`orphan_rows`], [`null_timestamps`]) plan set-based probes from the catalog
+//! - data checks ([`orphan_rows`], [`null_timestamps`], [`sequence_behind`]) plan set-based probes from the catalog
 //!   and run them inside a tenant's read-only snapshot.
 //!
 //! Invariant: nothing here writes; every generated statement quotes its identifiers through
@@ -15,11 +15,12 @@ pub mod null_timestamps;
 pub mod orphan_rows;
 pub mod reference;
 pub mod schema_drift;
+pub mod sequence_behind;
 
 use std::collections::BTreeSet;
 
 use crate::catalog::{Catalog, Schema};
-use crate::config::ChecksConfig;
+use crate::config::{ChecksConfig, SameEntityKey};
 use crate::report::Finding;
 
 pub use reference::Shape;
@@ -31,6 +32,8 @@ pub struct Context<'a> {
     pub shared_schema: &'a str,
     pub reference: &'a Shape,
     pub config: &'a ChecksConfig,
+    /// `heal.same_entity_keys`: which orphans heal would copy is part of their finding.
+    pub same_entity_keys: &'a [SameEntityKey],
 }
 
 impl Context<'_> {
@@ -52,10 +55,15 @@ pub fn catalog_findings(ctx: &Context<'_>, tenant: &str) -> Vec<Finding> {
 pub struct Plan {
     pub orphans: Vec<orphan_rows::Probe>,
     pub nulls: Vec<null_timestamps::Probe>,
+    pub sequences: Vec<sequence_behind::Probe>,
 }
 
 /// Plans the data checks of one tenant; probes touching unreadable tables are left out (the
 /// caller reports those tables as permission errors).
 pub fn plan(ctx: &Context<'_>, tenant: &str) -> Plan {
-    Plan { orphans: orphan_rows::plan(ctx, tenant), nulls: null_timestamps::plan(ctx, tenant) }
+    Plan {
+        orphans: orphan_rows::plan(ctx, tenant),
+        nulls: null_timestamps::plan(ctx, tenant),
+        sequences: sequence_behind::plan(ctx, tenant),
+    }
 }

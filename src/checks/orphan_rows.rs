@@ -11,9 +11,10 @@
 use std::collections::BTreeSet;
 
 use super::Context;
-use crate::catalog::Schema;
+use crate::catalog::{Schema, TypeSchema};
+use crate::config::SameEntityKey;
 use crate::db::{self, DbError, Snapshot};
-use crate::report::{Check, Detail, Finding, ParentLocation, RelationshipSource};
+use crate::report::{Check, CopyVerdict, Detail, Finding, ParentLocation, RelationshipSource};
 use crate::sql;
 
 /// One relationship to check in one tenant.
@@ -34,6 +35,22 @@ pub struct Probe {
     pub constraint_validated: Option<bool>,
     /// `MATCH FULL` semantics: a partly NULL key counts as an orphan.
     pub match_full: bool,
+    /// Whether the parent key names the same entity in every schema (see [`same_entity`]).
+    pub same_entity: bool,
+}
+
+/// Whether `table(columns)` of `schema` is a key that means the same row in every schema: every
+/// column a built-in `uuid` (globally unique by construction), or the table listed in
+/// `heal.same_entity_keys`. Serial and identity keys come from each schema's own sequence, so
+/// the same number names unrelated rows.
+pub fn same_entity(keys: &[SameEntityKey], schema: &Schema, table: &str, columns: &[String]) -> bool {
+    let listed = keys.iter().any(|k| k.table == table && k.columns == columns);
+    let uuid = schema.tables.get(table).is_some_and(|t| {
+        columns
+            .iter()
+            .all(|c| t.column(c).is_some_and(|c| c.type_schema == TypeSchema::Catalog && c.data_type == "uuid"))
+    });
+    listed || uuid
 }
 
 /// A relationship before it is resolved against a tenant.
@@ -126,7 +143,10 @@ fn resolve(ctx: &Context<'_>, tenant: &str, schema: &Schema, shared: &Schema, c:
         usable(other, &c.parent_table, &c.parent_columns).then_some(())?;
         (declared, None)
     };
+    let key_schema = if in_shared { shared } else { schema };
+    let same_entity = same_entity(ctx.same_entity_keys, key_schema, &c.parent_table, &c.parent_columns);
     Some(Probe {
+        same_entity,
         table: c.table,
         columns: c.columns,
         parent_schema,
@@ -229,6 +249,11 @@ pub async fn run(
                 relationship: probe.source,
                 constraint: probe.constraint.clone(),
                 constraint_validated: probe.constraint_validated,
+                heal_copy: match location {
+                    ParentLocation::Missing => CopyVerdict::NoSharedRow,
+                    ParentLocation::Shared if probe.same_entity => CopyVerdict::Copy,
+                    ParentLocation::Shared => CopyVerdict::NotSameEntity,
+                },
             },
         });
     }
@@ -252,6 +277,7 @@ mod tests {
             constraint: Some("fk".into()),
             constraint_validated: Some(true),
             match_full: false,
+            same_entity: true,
         };
         assert_eq!(
             probe.count_sql("Tenant-1"),

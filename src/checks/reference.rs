@@ -98,6 +98,7 @@ impl ColumnShape {
             not_null: self.not_null.unwrap_or(false),
             default: self.default.clone().flatten(),
             default_volatile: self.default_volatile.unwrap_or(true),
+            sequence: None,
             identity: None,
             generated: false,
         })
@@ -263,6 +264,7 @@ mod tests {
             not_null,
             default: None,
             default_volatile: false,
+            sequence: None,
             identity: None,
             generated: false,
         }
@@ -339,6 +341,7 @@ mod tests {
                 not_null: i == 0,
                 default: default.map(str::to_string),
                 default_volatile: false,
+                sequence: None,
                 identity: None,
                 generated: false,
             };

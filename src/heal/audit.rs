@@ -30,10 +30,11 @@ CREATE TABLE IF NOT EXISTS {table} (
     )
 }
 
-/// `SELECT` list of one audit row: (`$2` run id, schema, table, repair, key, old, new).
-pub fn row(schema: &str, table: &str, repair: &str, key: &str, old: &str, new: &str) -> String {
+/// `SELECT` list of one audit row: (`run` the run id's parameter, schema, table, repair, key,
+/// old, new).
+pub fn row(run: &str, schema: &str, table: &str, repair: &str, key: &str, old: &str, new: &str) -> String {
     format!(
-        "SELECT $2, {}, {}, {}, {key}, {old}, {new}",
+        "SELECT {run}, {}, {}, {}, {key}, {old}, {new}",
         sql::literal(schema),
         sql::literal(table),
         sql::literal(repair)

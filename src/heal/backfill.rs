@@ -40,7 +40,7 @@ pub fn statement(tenant: &str, table: &str, key: &[String], column: &str, fallba
     };
     let old = format!("jsonb_build_object({}, NULL)", sql::literal(column));
     let new = format!("jsonb_build_object({}, u.{col})", sql::literal(column));
-    let log = format!("{} FROM changed u", audit::row(tenant, table, repair, &key_json, &old, &new));
+    let log = format!("{} FROM changed u", audit::row("$2", tenant, table, repair, &key_json, &old, &new));
     format!(
         "WITH batch AS (\n  SELECT c.ctid AS row_id FROM {tbl} c\n  WHERE c.{col} IS NULL AND {fallback} IS NOT NULL\n  LIMIT $1 FOR UPDATE OF c SKIP LOCKED\n),\n\
          changed AS (\n  UPDATE {tbl} c SET {col} = {fallback}\n  FROM batch b WHERE c.ctid = b.row_id AND c.{col} IS NULL\n  RETURNING {returning_key}, c.{col}\n),\n{}",

@@ -1,149 +1,560 @@
 //! `copy_missing_parents`: copies parent rows that exist only in the shared schema into the
-//! tenant's own table, together with their own missing parents, in one statement per batch.
+//! tenant's own table, with every ancestor row they need, following the tenant's foreign keys
+//! over the whole graph (diamonds, self-references, cycles, composite keys, any depth).
 //!
-//! The statement picks up to `$1` orphaned keys (the scan's predicate, evaluated again inside the
-//! statement), selects the shared parent rows for them, walks the tenant's foreign keys up from
-//! the parent table to find ancestor rows the tenant lacks, inserts everything with
-//! `ON CONFLICT (key) DO NOTHING` (a row that arrived meanwhile is left alone; a clash on any
-//! other unique key fails the batch loudly instead of being skipped silently), and writes one
-//! audit row per inserted row. Foreign keys are checked
-//! at the end of the statement, so ancestors and parents go in together consistently. Only
-//! columns both tables have are copied (tenant schemas drift).
+//! Invariants:
+//! - only the same entity is copied: a row is looked up by a key that is a `uuid` or listed in
+//!   `heal.same_entity_keys`; a row reached through any other key (an integer drawn from each
+//!   schema's own sequence) sets its orphan aside, whether or not the tenant has a row of that
+//!   key (that row would be another entity);
+//! - one orphaned key that cannot be repaired (its chain is broken, a unique constraint or a
+//!   check clashes) is set aside with its reason and never blocks the others: batches page
+//!   through the orphaned keys (keyset, in key order), and a batch whose insert fails is retried
+//!   key by key under savepoints;
+//! - each batch is one transaction: pick the keys (the scan's predicate again), compute the
+//!   closure with one lookup per table and level, insert everything in one statement (foreign
+//!   keys are checked when the statement ends, so the order of rows within it does not matter,
+//!   and deferrable ones at commit), write one audit row per inserted row, and move the
+//!   sequences of the tables written past the copied keys;
+//! - generated columns are left out; a `GENERATED ALWAYS` identity is inserted with
+//!   `OVERRIDING SYSTEM VALUE`; a row that arrived meanwhile is left alone (`ON CONFLICT (key)
+//!   DO NOTHING`, and such a row is not audited).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::audit;
-use super::plan::Step;
-use crate::catalog::{Catalog, Identity, Table};
-use crate::checks::orphan_rows::Probe;
+use tokio_postgres::types::Type;
+use tokio_postgres::Transaction;
+
+use super::{audit, sequence};
+use crate::catalog::{Catalog, Identity, Table, TypeSchema};
+use crate::checks::orphan_rows::{self, Probe};
+use crate::config::SameEntityKey;
 use crate::sql;
 
-/// How far up the foreign-key graph ancestors are copied.
-const MAX_DEPTH: usize = 8;
-
-/// One table whose missing rows the statement copies: its CTE of rows to copy and its key.
-struct Level {
-    table: String,
-    cte: String,
-    key: Vec<String>,
+/// A copy, planned from the catalog: the orphans it starts from and every table it may reach.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopySpec {
+    pub tenant: String,
+    pub shared: String,
+    /// The orphans' table.
+    pub child: String,
+    /// `$1` limit, `$2..` the keyset cursor (text, NULL for the first batch): the next orphaned
+    /// keys (as text) whose parent exists in the shared schema, in key order.
+    pub pick_sql: String,
+    /// How many key columns `pick_sql` pages by.
+    pub key_len: usize,
+    /// The parent table and the columns the orphans reference.
+    pub root: String,
+    pub root_columns: Vec<String>,
+    /// Every table the copy may write, by name.
+    pub tables: BTreeMap<String, CopyTable>,
+    /// `heal.audit_values = "full"`: the audit table keeps each copied row.
+    pub audit_full: bool,
 }
 
-/// The steps for one orphan relationship: the batched copy, then, for every table it writes
-/// whose key is one integer column, a step that moves the key's sequence past the copied keys
-/// (rows copied with their keys do not advance it, and the application's next insert would
-/// collide). `None` when nothing can be copied (no shared parent table, or no column in common).
-pub fn steps(catalog: &Catalog, shared: &str, tenant: &str, probe: &Probe) -> Option<Vec<Step>> {
-    let (sql, levels) = statement(catalog, shared, tenant, probe)?;
-    let mut steps = vec![Step::Batched(sql)];
-    for level in levels {
-        let [key] = level.key.as_slice() else { continue };
-        let integer = catalog
-            .table(tenant, &level.table)?
-            .column(key)
-            .is_some_and(|c| matches!(c.data_type.as_str(), "integer" | "bigint" | "smallint"));
-        if integer {
-            steps.push(Step::once(&level.table, key, "advance_sequence", advance_sequence(tenant, &level.table, key)));
-        }
-    }
-    Some(steps)
+/// One table of the tenant the copy may write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyTable {
+    /// The primary key; rows are inserted `ON CONFLICT` on it.
+    pub key: Vec<String>,
+    /// Column types (relative to the tenant) of every column used to look rows up.
+    pub types: BTreeMap<String, String>,
+    /// Columns copied: those both tables have, generated ones left out.
+    pub columns: Vec<String>,
+    /// A `GENERATED ALWAYS` identity is among `columns`.
+    pub overriding: bool,
+    /// The shared schema has this table.
+    pub in_shared: bool,
+    /// The tenant's foreign keys to tables of its own schema.
+    pub edges: Vec<Edge>,
+    /// (column, sequence) of the columns drawing from a sequence of the tenant's schema.
+    pub sequences: Vec<(String, String)>,
+    /// Why no row of this table can be copied, when none can.
+    pub unusable: Option<String>,
 }
 
-/// Sets the column's own sequence (serial or identity; none: nothing happens) to the largest
-/// key, only when it is behind.
-fn advance_sequence(tenant: &str, table: &str, key: &str) -> String {
-    let table_name = sql::qualified(tenant, table);
-    format!(
-        "SELECT pg_catalog.setval(s.seq, s.top) FROM (\n  SELECT pg_catalog.pg_get_serial_sequence({}, {})::regclass AS seq, (SELECT max({}) FROM {table_name}) AS top\n) s\nWHERE s.top > coalesce(pg_catalog.pg_sequence_last_value(s.seq), 0)",
-        sql::literal(&table_name),
-        sql::literal(key),
-        sql::ident(key),
-    )
+/// A foreign key from one copied table to another table of the tenant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Edge {
+    pub columns: Vec<String>,
+    pub target: String,
+    pub target_columns: Vec<String>,
+    /// The target's columns are a same-entity key (see [`orphan_rows::same_entity`]).
+    pub same_entity: bool,
 }
 
-fn statement(catalog: &Catalog, shared: &str, tenant: &str, probe: &Probe) -> Option<(String, Vec<Level>)> {
-    let shared_parent = probe.shared_parent.as_deref()?;
-    let mut ctes = vec![format!(
-        "batch AS (\n  SELECT DISTINCT {cols} FROM {child} c\n  WHERE {orphan} AND {in_shared}\n  ORDER BY {cols} LIMIT $1\n)",
-        cols = sql::columns("c", &probe.columns),
-        child = sql::qualified(tenant, &probe.table),
+/// Plans the copy for one orphan relationship; `None` when nothing can be copied (no shared
+/// parent table, or no column in common).
+pub fn spec(
+    catalog: &Catalog,
+    shared: &str,
+    tenant: &str,
+    probe: &Probe,
+    keys: &[SameEntityKey],
+    audit_full: bool,
+) -> Option<CopySpec> {
+    let shared_schema = catalog.schemas.get(shared)?;
+    let child = catalog.table(tenant, &probe.table)?;
+    let types: Vec<String> =
+        probe.columns.iter().map(|c| child.column(c).map(|c| c.data_type.clone())).collect::<Option<_>>()?;
+    let cols = sql::columns("c", &probe.columns);
+    let cursor_params: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("${}::text::{t}", i + 2)).collect();
+    let pick_sql = format!(
+        "SELECT {texts} FROM (\n  SELECT DISTINCT {cols} FROM {tbl} c\n  WHERE {orphan} AND {in_shared}\n    AND ($2::text IS NULL OR ({cols}) > ({cursor}))\n  ORDER BY {cols} LIMIT $1\n) c",
+        texts = probe.columns.iter().map(|c| format!("c.{}::text", sql::ident(c))).collect::<Vec<_>>().join(", "),
+        tbl = sql::qualified(tenant, &probe.table),
         orphan = probe.orphan_condition(),
         in_shared = probe.in_shared(),
-    )];
-    ctes.push(format!(
-        "rows_0 AS (\n  SELECT s.* FROM {} s WHERE ({}) IN (SELECT * FROM batch)\n)",
-        sql::qualified(shared_parent, &probe.parent_table),
-        sql::columns("s", &probe.parent_columns)
-    ));
-    let mut levels =
-        vec![Level { table: probe.parent_table.clone(), cte: "rows_0".into(), key: probe.parent_columns.clone() }];
-    ancestors(catalog, shared, tenant, &mut levels, &mut ctes);
-
-    // Inserts are written ancestors first, in foreign-key dependency order; PostgreSQL checks
-    // the keys when the whole statement is done either way.
-    let mut log_rows = Vec::new();
-    for (i, level) in levels.iter().enumerate().rev() {
-        let own = catalog.table(tenant, &level.table)?;
-        let columns = common_columns(own, catalog.table(shared, &level.table)?);
-        if columns.is_empty() {
-            return None;
+        cursor = cursor_params.join(", "),
+    );
+    let mut tables = BTreeMap::new();
+    let mut queue = vec![probe.parent_table.clone()];
+    while let Some(name) = queue.pop() {
+        if tables.contains_key(&name) {
+            continue;
         }
-        // A `GENERATED ALWAYS` identity takes a given value only when told so.
-        let always = columns.iter().any(|c| own.column(c).is_some_and(|c| c.identity == Some(Identity::Always)));
-        let overriding = if always { " OVERRIDING SYSTEM VALUE" } else { "" };
-        ctes.push(format!(
-            "ins_{i} AS (\n  INSERT INTO {} ({}){overriding}\n  SELECT {} FROM {} r\n  ON CONFLICT ({}) DO NOTHING\n  RETURNING *\n)",
-            sql::qualified(tenant, &level.table),
-            sql::ident_list(&columns),
-            sql::columns("r", &columns),
-            level.cte,
-            sql::ident_list(&level.key),
-        ));
-        let key = audit::key_json("i", &level.key);
+        let own = catalog.table(tenant, &name)?;
+        let theirs = catalog.table(shared, &name);
+        let table = copy_table(own, theirs, tenant, shared_schema, keys);
+        queue.extend(table.edges.iter().map(|e| e.target.clone()));
+        tables.insert(name, table);
+    }
+    let root = tables.get(&probe.parent_table)?;
+    if !root.in_shared || root.columns.is_empty() {
+        return None;
+    }
+    Some(CopySpec {
+        tenant: tenant.to_string(),
+        shared: shared.to_string(),
+        child: probe.table.clone(),
+        pick_sql,
+        key_len: probe.columns.len(),
+        root: probe.parent_table.clone(),
+        root_columns: probe.parent_columns.clone(),
+        tables,
+        audit_full,
+    })
+}
+
+fn copy_table(
+    own: &Table,
+    theirs: Option<&Table>,
+    tenant: &str,
+    shared: &crate::catalog::Schema,
+    keys: &[SameEntityKey],
+) -> CopyTable {
+    let columns: Vec<String> = match theirs {
+        Some(t) => {
+            own.columns.iter().filter(|c| !c.generated && t.column(&c.name).is_some()).map(|c| c.name.clone()).collect()
+        }
+        None => Vec::new(),
+    };
+    let overriding = columns.iter().any(|c| own.column(c).is_some_and(|c| c.identity == Some(Identity::Always)));
+    let edges = own
+        .foreign_keys
+        .iter()
+        .filter(|fk| fk.target_schema == tenant)
+        .map(|fk| Edge {
+            columns: fk.columns.clone(),
+            target: fk.target_table.clone(),
+            target_columns: fk.target_columns.clone(),
+            same_entity: orphan_rows::same_entity(keys, shared, &fk.target_table, &fk.target_columns),
+        })
+        .collect();
+    let types = own.columns.iter().map(|c| (c.name.clone(), c.data_type.clone())).collect();
+    let sequences = own
+        .columns
+        .iter()
+        .filter_map(|c| match &c.sequence {
+            Some((schema, seq)) if schema == tenant && columns.contains(&c.name) => Some((c.name.clone(), seq.clone())),
+            _ => None,
+        })
+        .collect();
+    let own_type = own.columns.iter().any(|c| c.type_schema == TypeSchema::Own && own.primary_key.contains(&c.name));
+    let unusable = if own.primary_key.is_empty() {
+        Some("the table has no primary key".to_string())
+    } else if own_type {
+        Some("its primary key has a type of the tenant's own schema".to_string())
+    } else if !own.primary_key.iter().all(|k| columns.contains(k)) {
+        Some("the shared table lacks a primary-key column".to_string())
+    } else {
+        None
+    };
+    CopyTable {
+        key: own.primary_key.clone(),
+        types,
+        columns,
+        overriding,
+        in_shared: theirs.is_some(),
+        edges,
+        sequences,
+        unusable,
+    }
+}
+
+impl CopySpec {
+    /// The statements of one batch as the plan prints them: the pick, then per table the insert
+    /// (with its keys as `$n` text arrays) and its sequence moves.
+    pub fn render(&self) -> String {
+        let mut out = format!("-- pick up to $1 orphaned keys after the cursor $2..:\n{};\n", self.pick_sql);
+        out.push_str("-- then per table of the rows' closure over the tenant's foreign keys (keys as $n text arrays), one statement with the audit rows ($1 run id), then its sequences:\n");
+        for (name, table) in &self.tables {
+            if table.in_shared && table.unusable.is_none() {
+                out.push_str(&format!("{};\n", self.insert_cte(name, table, 1)));
+                for (column, seq) in &table.sequences {
+                    let sql = sequence::advance_sql("$1", &self.tenant, name, column, seq, "copy_missing_parents");
+                    out.push_str(&format!("{sql};\n"));
+                }
+            }
+        }
+        out
+    }
+
+    /// `INSERT ... SELECT ... WHERE key IN (unnest($first::text[]::T[], ...)) ... RETURNING *`.
+    fn insert_cte(&self, name: &str, table: &CopyTable, first: usize) -> String {
+        let arrays: Vec<String> = table
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("${}::text[]::{}[]", first + i, table.types[k]))
+            .collect();
+        format!(
+            "INSERT INTO {} ({}){}\n  SELECT {} FROM {} s WHERE ({}) IN (SELECT * FROM unnest({}))\n  ON CONFLICT ({}) DO NOTHING\n  RETURNING *",
+            sql::qualified(&self.tenant, name),
+            sql::ident_list(&table.columns),
+            if table.overriding { " OVERRIDING SYSTEM VALUE" } else { "" },
+            sql::columns("s", &table.columns),
+            sql::qualified(&self.shared, name),
+            sql::columns("s", &table.key),
+            arrays.join(", "),
+            sql::ident_list(&table.key),
+        )
+    }
+
+    /// One lookup of `values` of `columns` in `table`: per value (by ordinality) whether the
+    /// tenant has it, and the shared row's key and foreign-key values.
+    fn lookup_sql(&self, name: &str, table: &CopyTable, columns: &[String]) -> String {
+        let arrays: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("${}::text[]::{}[]", i + 1, table.types.get(c).map(String::as_str).unwrap_or("text")))
+            .collect();
+        let vcols: Vec<String> = (0..columns.len()).map(|i| format!("v{i}")).collect();
+        let match_v = |alias: &str| {
+            columns
+                .iter()
+                .zip(&vcols)
+                .map(|(c, v)| format!("{alias}.{} = v.{v}", sql::ident(c)))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        let mut select = vec![
+            "v.ord::text".to_string(),
+            format!("EXISTS (SELECT 1 FROM {} t WHERE {})::text", sql::qualified(&self.tenant, name), match_v("t")),
+        ];
+        let mut from = format!("unnest({}) WITH ORDINALITY AS v({}, ord)", arrays.join(", "), vcols.join(", "));
+        if table.in_shared {
+            select.extend(table.key.iter().map(|k| format!("s.{}::text", sql::ident(k))));
+            for edge in &table.edges {
+                select.extend(edge.columns.iter().map(|c| format!("s.{}::text", sql::ident(c))));
+            }
+            from.push_str(&format!(" LEFT JOIN {} s ON {}", sql::qualified(&self.shared, name), match_v("s")));
+        }
+        format!("SELECT {} FROM {from}", select.join(", "))
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Orphaned keys picked; zero when the relationship is done.
+    pub picked: usize,
+    /// The cursor after this batch.
+    pub cursor: Vec<String>,
+    /// (table, key) of every row inserted, audited.
+    pub inserted: Vec<(String, String)>,
+    /// (orphaned key, reason) of the keys set aside.
+    pub set_aside: Vec<(String, String)>,
+    /// Sequences moved: (table, sequence).
+    pub sequences: Vec<(String, String)>,
+}
+
+/// A row the closure needs, or why a key's chain ends.
+#[derive(Debug, Clone)]
+enum Node {
+    /// `fks` holds the row's foreign-key values (per edge of its table) until it is expanded.
+    Row {
+        table: String,
+        key: Vec<String>,
+        children: Vec<usize>,
+        fks: Vec<Vec<Option<String>>>,
+    },
+    /// Present in the tenant already (and the same entity).
+    Satisfied,
+    Broken(String),
+}
+
+/// Runs one batch in `tx`: `limit` keys after `cursor`.
+pub async fn batch(
+    tx: &Transaction<'_>,
+    spec: &CopySpec,
+    limit: i64,
+    cursor: &[String],
+    run_id: &str,
+) -> Result<BatchOutcome, tokio_postgres::Error> {
+    let mut params: Vec<(Option<String>, Type)> = Vec::new();
+    for i in 0..spec.key_len {
+        params.push((cursor.get(i).cloned(), Type::TEXT));
+    }
+    let mut typed: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = vec![(&limit, Type::INT8)];
+    typed.extend(params.iter().map(|(v, t)| (v as &(dyn tokio_postgres::types::ToSql + Sync), t.clone())));
+    let picked: Vec<Vec<String>> = tx
+        .query_typed(&spec.pick_sql, &typed)
+        .await?
+        .iter()
+        .map(|r| (0..spec.key_len).map(|i| r.get::<_, Option<String>>(i).unwrap_or_default()).collect())
+        .collect();
+    let mut out =
+        BatchOutcome { picked: picked.len(), cursor: picked.last().cloned().unwrap_or_default(), ..Default::default() };
+    if picked.is_empty() {
+        return Ok(out);
+    }
+
+    // The closure: nodes are rows to copy (or chain ends), found level by level.
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut memo: BTreeMap<(String, Vec<String>, Vec<String>), usize> = BTreeMap::new();
+    let mut by_key: BTreeMap<(String, Vec<String>), usize> = BTreeMap::new();
+    // (parent node or none for a root, root index, table, columns, values, same entity)
+    struct Want {
+        parent: Option<usize>,
+        root: usize,
+        table: String,
+        columns: Vec<String>,
+        values: Vec<String>,
+        same_entity: bool,
+    }
+    let mut roots: Vec<Option<usize>> = vec![None; picked.len()];
+    let mut wants: Vec<Want> = picked
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Want {
+            parent: None,
+            root: i,
+            table: spec.root.clone(),
+            columns: spec.root_columns.clone(),
+            values: v.clone(),
+            same_entity: true,
+        })
+        .collect();
+    while !wants.is_empty() {
+        // Resolve what is known, group the rest by (table, columns) for one lookup each.
+        let mut groups: BTreeMap<(String, Vec<String>), Vec<Vec<String>>> = BTreeMap::new();
+        for w in &wants {
+            let memo_key = (w.table.clone(), w.columns.clone(), w.values.clone());
+            if !memo.contains_key(&memo_key) {
+                let group = groups.entry((w.table.clone(), w.columns.clone())).or_default();
+                if !group.contains(&w.values) {
+                    group.push(w.values.clone());
+                }
+            }
+        }
+        let mut expand: Vec<usize> = Vec::new();
+        for ((name, columns), values) in groups {
+            let Some(table) = spec.tables.get(&name) else { continue };
+            let sql = spec.lookup_sql(&name, table, &columns);
+            let arrays: Vec<Vec<String>> =
+                (0..columns.len()).map(|i| values.iter().map(|v| v[i].clone()).collect()).collect();
+            let typed: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
+                arrays.iter().map(|a| (a as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT_ARRAY)).collect();
+            let same_entity =
+                wants.iter().find(|w| w.table == name && w.columns == columns).is_some_and(|w| w.same_entity);
+            let describe = |v: &[String]| format!("{}({}) = ({})", name, columns.join(", "), v.join(", "));
+            for row in tx.query_typed(&sql, &typed).await? {
+                let text = |i: usize| row.get::<_, Option<String>>(i);
+                let Some(ord) = text(0).and_then(|o| o.parse::<usize>().ok()) else { continue };
+                let v = values[ord - 1].clone();
+                let in_tenant = text(1).as_deref() == Some("true");
+                let key: Option<Vec<String>> =
+                    if table.in_shared { (0..table.key.len()).map(|i| text(2 + i)).collect() } else { None };
+                let node = if in_tenant && same_entity {
+                    Node::Satisfied
+                } else if !same_entity {
+                    Node::Broken(format!(
+                        "{} is not a same-entity key (not a uuid, not in heal.same_entity_keys): the row it names in the shared schema is another entity than the tenant's",
+                        describe(&v)
+                    ))
+                } else if let Some(key) = key {
+                    if let Some(reason) = &table.unusable {
+                        Node::Broken(format!("{} cannot be copied: {reason}", describe(&v)))
+                    } else if let Some(&existing) = by_key.get(&(name.clone(), key.clone())) {
+                        memo.insert((name.clone(), columns.clone(), v), existing);
+                        continue;
+                    } else {
+                        // The row's foreign-key values, following its table's edges.
+                        let mut at = 2 + table.key.len();
+                        let mut fks = Vec::new();
+                        for edge in &table.edges {
+                            let vals: Vec<Option<String>> = (0..edge.columns.len()).map(|i| text(at + i)).collect();
+                            at += edge.columns.len();
+                            fks.push(vals);
+                        }
+                        nodes.push(Node::Row { table: name.clone(), key: key.clone(), children: Vec::new(), fks });
+                        let id = nodes.len() - 1;
+                        by_key.insert((name.clone(), key), id);
+                        memo.insert((name.clone(), columns.clone(), v), id);
+                        expand.push(id);
+                        continue;
+                    }
+                } else {
+                    Node::Broken(format!("{} exists in neither the tenant nor the shared schema", describe(&v)))
+                };
+                nodes.push(node);
+                memo.insert((name.clone(), columns.clone(), v), nodes.len() - 1);
+            }
+        }
+        // Attach every want to its resolved node.
+        for w in &wants {
+            let Some(&id) = memo.get(&(w.table.clone(), w.columns.clone(), w.values.clone())) else { continue };
+            match w.parent {
+                None => roots[w.root] = Some(id),
+                Some(p) => {
+                    if let Node::Row { children, .. } = &mut nodes[p] {
+                        children.push(id);
+                    }
+                }
+            }
+        }
+        // The next level: the foreign keys of the rows found in this one.
+        let mut next = Vec::new();
+        for id in expand {
+            let Node::Row { table: name, fks, .. } = &mut nodes[id] else { continue };
+            let fks = std::mem::take(fks);
+            let table = &spec.tables[name.as_str()];
+            for (edge, vals) in table.edges.iter().zip(fks) {
+                // MATCH SIMPLE: a key with a NULL column references nothing.
+                let Some(values) = vals.into_iter().collect::<Option<Vec<String>>>() else { continue };
+                next.push(Want {
+                    parent: Some(id),
+                    root: 0,
+                    table: edge.target.clone(),
+                    columns: edge.target_columns.clone(),
+                    values,
+                    same_entity: edge.same_entity,
+                });
+            }
+        }
+        wants = next;
+    }
+
+    // Per orphaned key: the rows it needs, or the first broken link of its chain.
+    let mut good: Vec<(usize, BTreeSet<usize>)> = Vec::new();
+    for (i, root) in roots.iter().enumerate() {
+        let key_text = picked[i].join(", ");
+        let Some(root) = *root else {
+            out.set_aside.push((key_text, "the parent row disappeared from the shared schema".into()));
+            continue;
+        };
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![root];
+        let mut broken = None;
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            match &nodes[id] {
+                Node::Row { children, .. } => stack.extend(children.iter().copied()),
+                Node::Satisfied => {}
+                Node::Broken(reason) => {
+                    broken = Some(reason.clone());
+                    break;
+                }
+            }
+        }
+        match broken {
+            Some(reason) => out.set_aside.push((key_text, reason)),
+            None => good.push((i, seen)),
+        }
+    }
+
+    // Everything in one statement; on failure, key by key so one clash blocks no other key.
+    let all: BTreeSet<usize> = good.iter().flat_map(|(_, s)| s.iter().copied()).collect();
+    tx.batch_execute("SAVEPOINT copy_batch").await?;
+    match insert(tx, spec, &nodes, &all, run_id).await {
+        Ok(rows) => {
+            tx.batch_execute("RELEASE SAVEPOINT copy_batch").await?;
+            out.inserted = rows;
+        }
+        Err(_) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT copy_batch").await?;
+            for (i, rows) in &good {
+                tx.batch_execute("SAVEPOINT copy_key").await?;
+                match insert(tx, spec, &nodes, rows, run_id).await {
+                    Ok(inserted) => {
+                        tx.batch_execute("RELEASE SAVEPOINT copy_key").await?;
+                        out.inserted.extend(inserted);
+                    }
+                    Err(e) => {
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT copy_key").await?;
+                        let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+                        out.set_aside.push((picked[*i].join(", "), message));
+                    }
+                }
+            }
+        }
+    }
+
+    // The sequences of the tables written, past the copied keys, in this same transaction.
+    let written: BTreeSet<&String> = out.inserted.iter().map(|(t, _)| t).collect();
+    for name in written {
+        for (column, seq) in &spec.tables[name].sequences {
+            let sql = sequence::advance_sql("$1", &spec.tenant, name, column, seq, "copy_missing_parents");
+            if !tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?.is_empty() {
+                out.sequences.push((name.clone(), seq.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Inserts the rows `ids` of `nodes` (grouped by table) in one statement with their audit rows;
+/// returns (table, key) of each row inserted.
+async fn insert(
+    tx: &Transaction<'_>,
+    spec: &CopySpec,
+    nodes: &[Node],
+    ids: &BTreeSet<usize>,
+    run_id: &str,
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let mut per_table: BTreeMap<&String, Vec<&Vec<String>>> = BTreeMap::new();
+    for id in ids {
+        if let Node::Row { table, key, .. } = &nodes[*id] {
+            per_table.entry(table).or_default().push(key);
+        }
+    }
+    if per_table.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut arrays: Vec<Vec<String>> = Vec::new();
+    let mut ctes = Vec::new();
+    let mut log_rows = Vec::new();
+    for (i, (name, keys)) in per_table.iter().enumerate() {
+        let table = &spec.tables[*name];
+        let first = arrays.len() + 2;
+        for k in 0..table.key.len() {
+            arrays.push(keys.iter().map(|key| key[k].clone()).collect());
+        }
+        ctes.push(format!("ins_{i} AS (\n  {}\n)", spec.insert_cte(name, table, first)));
+        let new = if spec.audit_full { "to_jsonb(i)" } else { "NULL::jsonb" };
+        let key = audit::key_json("i", &table.key);
         log_rows.push(format!(
             "{} FROM ins_{i} i",
-            audit::row(tenant, &level.table, "copy_missing_parents", &key, "NULL::jsonb", "to_jsonb(i)")
+            audit::row("$1", &spec.tenant, name, "copy_missing_parents", &key, "NULL::jsonb", new)
         ));
     }
     ctes.push(audit::log_and_return(&log_rows.join("\n  UNION ALL\n  ")));
-    Some((format!("WITH {}", ctes.join(",\n")), levels))
-}
-
-/// Adds, breadth first, a level for every table the copied rows reference through the tenant's
-/// own foreign keys, when the shared schema has that table too: its rows referenced by the level
-/// below and missing from the tenant.
-fn ancestors(catalog: &Catalog, shared: &str, tenant: &str, levels: &mut Vec<Level>, ctes: &mut Vec<String>) {
-    let mut visited: BTreeSet<String> = levels.iter().map(|l| l.table.clone()).collect();
-    let mut next = 0;
-    while next < levels.len() && levels.len() < MAX_DEPTH {
-        let (table, below) = (levels[next].table.clone(), levels[next].cte.clone());
-        next += 1;
-        let (Some(own), Some(shared_table)) = (catalog.table(tenant, &table), catalog.table(shared, &table)) else {
-            continue;
-        };
-        for fk in own.foreign_keys.iter().filter(|fk| fk.target_schema == tenant) {
-            let target_shared = catalog.table(shared, &fk.target_table);
-            let usable = shared_table.has_columns(&fk.columns)
-                && target_shared.is_some_and(|t| t.has_columns(&fk.target_columns))
-                && !visited.contains(&fk.target_table);
-            if !usable {
-                continue;
-            }
-            visited.insert(fk.target_table.clone());
-            let cte = format!("rows_{}", levels.len());
-            ctes.push(format!(
-                "{cte} AS (\n  SELECT s.* FROM {} s\n  WHERE EXISTS (SELECT 1 FROM {below} r WHERE {})\n    AND NOT EXISTS (SELECT 1 FROM {} t WHERE {})\n)",
-                sql::qualified(shared, &fk.target_table),
-                sql::key_match("s", &fk.target_columns, "r", &fk.columns),
-                sql::qualified(tenant, &fk.target_table),
-                sql::key_match("t", &fk.target_columns, "s", &fk.target_columns),
-            ));
-            levels.push(Level { table: fk.target_table.clone(), cte, key: fk.target_columns.clone() });
-        }
-    }
-}
-
-/// Columns of the tenant table that the shared table has too, in the tenant's order. Generated
-/// columns of the tenant are left out: it computes its own.
-fn common_columns(own: &Table, shared: &Table) -> Vec<String> {
-    own.columns.iter().filter(|c| !c.generated && shared.column(&c.name).is_some()).map(|c| c.name.clone()).collect()
+    let sql = format!("WITH {}", ctes.join(",\n"));
+    let run_id = run_id.to_string();
+    let mut typed: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = vec![(&run_id, Type::TEXT)];
+    typed.extend(arrays.iter().map(|a| (a as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT_ARRAY)));
+    Ok(tx.query_typed(&sql, &typed).await?.iter().map(|r| (r.get(0), r.get(1))).collect())
 }

@@ -3,7 +3,9 @@
 //! Invariants:
 //! - nothing is written without an explicit `execute` (the CLI's `--execute`, the daemon's
 //!   `heal.enabled`); a plan is built from a finished scan and only reads memory;
-//! - one healer per database at a time (`pg_try_advisory_lock`), never on a server in recovery;
+//! - one healer per database at a time, through poolers too (the lease of [`lease`], renewed in
+//!   every write transaction with a transaction-level advisory lock), never on a server in
+//!   recovery;
 //! - every write runs in a short transaction with `lock_timeout` and `statement_timeout` (the
 //!   heal session's settings), in batches of `heal.batch_size`, re-checking its predicate inside
 //!   the writing statement, and records each change in `tenant_audit.heal_log` in the same
@@ -14,7 +16,9 @@ mod audit;
 mod backfill;
 mod columns;
 mod copy;
+mod lease;
 mod plan;
+mod sequence;
 
 use std::collections::BTreeMap;
 
@@ -22,13 +26,15 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+pub use copy::CopySpec;
 pub use plan::{Action, OnceStep, Plan, Step, TenantPlan};
 
 use crate::config::HealConfig;
 use crate::db::{self, DbError, Pool};
 use crate::metrics::Metrics;
 
-/// The advisory lock key that makes heal exclusive per database (`tenant-a` in ASCII).
+/// The advisory lock key that makes heal exclusive per database (`tenant-a` in ASCII): taken at
+/// transaction level by every write transaction of a run that holds the lease.
 pub const LOCK_KEY: i64 = 0x7465_6e61_6e74_2d61;
 
 /// The repairs, each enabled separately in `[heal]`.
@@ -37,6 +43,7 @@ pub enum Repair {
     CopyMissingParents,
     BackfillNullTimestamps,
     AddMissingColumns,
+    AdvanceSequences,
 }
 
 impl Repair {
@@ -46,6 +53,7 @@ impl Repair {
             Repair::CopyMissingParents => "copy_missing_parents",
             Repair::BackfillNullTimestamps => "backfill_null_timestamps",
             Repair::AddMissingColumns => "add_missing_columns",
+            Repair::AdvanceSequences => "advance_sequences",
         }
     }
 }
@@ -61,6 +69,10 @@ pub enum HealError {
     LockedOut,
     #[error("cannot create the audit table tenant_audit.heal_log: {0} (create it as described in docs/heal.md)")]
     AuditTable(DbError),
+    #[error(
+        "cannot create the lease table tenant_audit.heal_lease: {0} (create it as described in docs/permissions.md)"
+    )]
+    LeaseTable(DbError),
     #[error("the heal role lacks write privileges: {0} (see docs/heal.md)")]
     Privileges(String),
     #[error("heal failed: {0}")]
@@ -103,6 +115,9 @@ pub struct Outcome {
     pub skipped: Vec<(String, SkipReason)>,
     /// Repairs that failed: (schema, repair, message). The rest of the tenant went on.
     pub errors: Vec<(String, Repair, String)>,
+    /// Orphaned keys a copy left alone: (schema, child table, key, reason). The other keys of
+    /// their relationship were healed.
+    pub set_aside: Vec<(String, String, String, String)>,
     /// The run was cancelled (shutdown or a signal) before it finished.
     pub interrupted: bool,
 }
@@ -120,6 +135,9 @@ impl Outcome {
         }
         for (schema, reason) in &self.skipped {
             out.push_str(&format!("skipped {schema}: {}\n", reason.name()));
+        }
+        for (schema, table, key, reason) in &self.set_aside {
+            out.push_str(&format!("set aside {} key ({key}): {reason}\n", crate::sql::display_name(schema, table)));
         }
         out.push_str(&format!(
             "heal run {}: {} change(s), {} tenant(s) skipped, {} error(s)\n",
@@ -165,19 +183,41 @@ async fn execute_locked(
     {
         return Err(HealError::Replica);
     }
-    let locked: bool = guard
-        .query_typed_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[(&LOCK_KEY, Type::INT8)])
-        .await
-        .map_err(DbError::from)?
-        .get(0);
-    if !locked {
+    check_privileges(&guard, plan).await?;
+    let mut guard = guard;
+    let client: &mut Client = &mut guard;
+    ensure_lease_table(client, heal).await?;
+    let lease = lease::Lease::new(run_id(), heal.statement_timeout);
+    let tx = db::begin_heal(client, heal).await?;
+    if !lease.acquire(&tx).await.map_err(DbError::from)? {
         return Err(HealError::LockedOut);
     }
-    let result = run(heal, pool, &guard, plan, cancel).await;
-    // Released explicitly: the pooled session outlives this run. (Every path of `run` returns
-    // here; cancellation is handled inside it, never by dropping it.)
-    let _ = guard.query_typed_one("SELECT pg_catalog.pg_advisory_unlock($1)", &[(&LOCK_KEY, Type::INT8)]).await;
+    tx.commit().await.map_err(DbError::from)?;
+    let result = run(heal, pool, client, plan, cancel, &lease).await;
+    // Released explicitly, so the next run need not wait for the expiry. (Every path of `run`
+    // returns here; cancellation is handled inside it, never by dropping it.)
+    if let Ok(tx) = db::begin_heal(client, heal).await {
+        if lease.release(&tx).await.is_ok() {
+            let _ = tx.commit().await;
+        }
+    }
     result
+}
+
+/// Creates the lease table if it is missing, under an advisory lock so that two healers
+/// starting at once do not both create it.
+async fn ensure_lease_table(client: &mut Client, heal: &HealConfig) -> Result<(), HealError> {
+    let create = async {
+        let tx = db::begin_heal(client, heal).await?;
+        if !tx.query_typed_one(lease::EXISTS, &[]).await?.get::<_, bool>(0) {
+            tx.query_typed("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[(&lease::CREATE_LOCK_KEY, Type::INT8)])
+                .await?;
+            tx.batch_execute(&lease::create_sql()).await?;
+        }
+        tx.commit().await?;
+        Ok::<(), DbError>(())
+    };
+    create.await.map_err(HealError::LeaseTable)
 }
 
 /// Why a step stopped short.
@@ -185,6 +225,8 @@ enum Stop {
     Failed(DbError),
     BudgetReached,
     Cancelled,
+    /// The run's lease is gone (it expired and another run took it): stop writing at once.
+    LeaseLost,
 }
 
 impl From<DbError> for Stop {
@@ -206,6 +248,8 @@ struct Writer<'a> {
     cancel: &'a CancellationToken,
     /// Its timeouts, set with `SET LOCAL` first in every transaction (`db::begin_heal`).
     heal: &'a HealConfig,
+    /// The run's lease, renewed first in every transaction.
+    lease: &'a lease::Lease,
     /// `SET LOCAL search_path` for the tenant at hand, run right after (see [`search_path`]).
     search_path: String,
 }
@@ -224,17 +268,17 @@ async fn run(
     guard: &Client,
     plan: &Plan,
     cancel: &CancellationToken,
+    lease: &lease::Lease,
 ) -> Result<Outcome, HealError> {
     ensure_audit_table(guard).await?;
-    check_privileges(guard, plan).await?;
     let mut session = db::session(pool, &heal.database.target).await.map_err(HealError::Connect)?;
     let server_cancel = session.canceller();
     let client: &mut Client = &mut session;
-    let mut writer = Writer { server_cancel, client, cancel, heal, search_path: String::new() };
-    let mut outcome = Outcome { run_id: run_id(), ..Outcome::default() };
+    let mut writer = Writer { server_cancel, client, cancel, heal, lease, search_path: String::new() };
+    let mut outcome = Outcome { run_id: lease.holder.clone(), ..Outcome::default() };
     let mut budget = heal.max_rows_per_run;
     for (i, tenant) in plan.tenants.iter().enumerate() {
-        if cancel.is_cancelled() {
+        if cancel.is_cancelled() || outcome.interrupted {
             outcome.interrupted = true;
             break;
         }
@@ -272,6 +316,7 @@ async fn heal_tenant(
                     run_batches(writer, heal.batch_size, sql, tenant, action.repair, budget, outcome).await
                 }
                 Step::Once(once) => run_once(writer, once, tenant, action, outcome).await,
+                Step::Copy(spec) => run_copy(writer, heal.batch_size, spec, budget, outcome).await,
             };
             match result {
                 Ok(()) => {}
@@ -280,6 +325,11 @@ async fn heal_tenant(
                     return;
                 }
                 Err(Stop::Cancelled) => {
+                    outcome.interrupted = true;
+                    return;
+                }
+                Err(Stop::LeaseLost) => {
+                    tracing::error!(run_id = %outcome.run_id, "heal stopped: its lease expired and another run holds it");
                     outcome.interrupted = true;
                     return;
                 }
@@ -316,15 +366,19 @@ impl Writer<'_> {
         let server_cancel = self.server_cancel.clone();
         let heal = self.heal;
         let search_path = self.search_path.clone();
+        let lease = self.lease;
         let attempt = async {
             let tx = db::begin_heal(self.client, heal).await?;
+            if !lease.renew(&tx).await? {
+                return Ok(None);
+            }
             tx.batch_execute(&search_path).await?;
             let value = work(&tx).await?;
             tx.commit().await?;
-            Ok::<T, DbError>(value)
+            Ok::<Option<T>, DbError>(Some(value))
         };
         tokio::select! {
-            result = attempt => Ok(result?),
+            result = attempt => result?.ok_or(Stop::LeaseLost),
             _ = cancel.cancelled() => {
                 server_cancel.cancel().await;
                 Err(Stop::Cancelled)
@@ -365,6 +419,46 @@ async fn run_batches(
         if changed == 0 {
             return Ok(());
         }
+    }
+}
+
+/// Runs a copy batch by batch (keyset over the orphaned keys) until no key is left, the budget
+/// runs out, or the run is cancelled.
+async fn run_copy(
+    writer: &mut Writer<'_>,
+    batch_size: usize,
+    spec: &copy::CopySpec,
+    budget: &mut u64,
+    outcome: &mut Outcome,
+) -> Result<(), Stop> {
+    let repair = Repair::CopyMissingParents.name();
+    let mut cursor: Vec<String> = Vec::new();
+    loop {
+        let limit = (*budget).min(batch_size as u64) as i64;
+        if limit == 0 {
+            return Err(Stop::BudgetReached);
+        }
+        let (run_id, spec_owned, at) = (outcome.run_id.clone(), spec.clone(), cursor.clone());
+        let done = writer
+            .transaction(move |tx| Box::pin(async move { copy::batch(tx, &spec_owned, limit, &at, &run_id).await }))
+            .await?;
+        for (table, key) in &done.inserted {
+            tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair, key = %key, "healed");
+        }
+        for (table, seq) in &done.sequences {
+            tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair, sequence = %seq, "sequence moved past the copied keys");
+        }
+        for (key, reason) in &done.set_aside {
+            tracing::warn!(run_id = %outcome.run_id, schema = %spec.tenant, table = %spec.child, key = %key, reason = %reason, "orphan set aside");
+            outcome.set_aside.push((spec.tenant.clone(), spec.child.clone(), key.clone(), reason.clone()));
+        }
+        let changed = done.inserted.len() as u64;
+        *outcome.changed.entry(repair).or_default() += changed;
+        *budget = budget.saturating_sub(changed);
+        if done.picked == 0 {
+            return Ok(());
+        }
+        cursor = done.cursor;
     }
 }
 
@@ -421,17 +515,14 @@ WHERE r.oid IS NOT NULL AND NOT CASE t.privilege
     WHEN 'OWNER' THEN pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = r.oid), 'USAGE')
     ELSE pg_catalog.has_table_privilege(r.oid, t.privilege) END
 LIMIT 1";
-    let mut rels = vec![audit::table()];
-    let mut privileges = vec!["INSERT".to_string()];
+    let mut rels = vec![audit::table(), lease::table(), lease::table(), lease::table()];
+    let mut privileges = ["INSERT", "INSERT", "UPDATE", "DELETE"].map(String::from).to_vec();
     for tenant in &plan.tenants {
         for action in &tenant.actions {
-            let privilege = match action.repair {
-                Repair::CopyMissingParents => "INSERT",
-                Repair::BackfillNullTimestamps => "UPDATE",
-                Repair::AddMissingColumns => "OWNER",
-            };
-            rels.push(crate::sql::qualified(&tenant.schema, &action.writes));
-            privileges.push(privilege.to_string());
+            for (rel, privilege) in action.writes() {
+                rels.push(crate::sql::qualified(&tenant.schema, &rel));
+                privileges.push(privilege.to_string());
+            }
         }
     }
     if let Some(row) = client

@@ -4,10 +4,10 @@
 
 use std::fmt::Write as _;
 
-use super::{backfill, columns, copy, Repair};
+use super::{backfill, columns, copy, sequence, Repair};
 use crate::checks::orphan_rows::Probe;
-use crate::config::Config;
-use crate::report::{Check, Detail, DriftKind, Finding, ParentLocation};
+use crate::config::{AuditValues, Config};
+use crate::report::{Check, CopyVerdict, Detail, DriftKind, Finding, ParentLocation};
 use crate::scan::Scanned;
 use crate::sql;
 
@@ -30,8 +30,6 @@ pub struct Action {
     pub repair: Repair,
     /// The table of the finding.
     pub table: String,
-    /// The table the repair writes: the parent table for copies, else `table`.
-    pub writes: String,
     /// What the finding says, for people: the rows or column concerned.
     pub summary: String,
     pub steps: Vec<Step>,
@@ -45,6 +43,8 @@ pub enum Step {
     Batched(String),
     /// Run once in its own transaction, with its audit row.
     Once(OnceStep),
+    /// Copies orphans' parents with their closure, batch by batch (see [`copy`]).
+    Copy(Box<copy::CopySpec>),
 }
 
 /// A one-off statement (DDL, a sequence) and what its audit row says.
@@ -60,6 +60,30 @@ pub struct OnceStep {
     /// Runs under `heal.validate_timeout` instead of `heal.statement_timeout` (a `VALIDATE`
     /// reads the whole table, blocking no reads or writes).
     pub long: bool,
+}
+
+impl Action {
+    /// (relation, privilege) of everything the repair writes: INSERT on every table a copy may
+    /// write (and UPDATE on their sequences), UPDATE for backfills, ownership for column
+    /// changes, UPDATE on a sequence to advance.
+    pub fn writes(&self) -> Vec<(String, &'static str)> {
+        match self.repair {
+            Repair::CopyMissingParents => {
+                let mut out = Vec::new();
+                for step in &self.steps {
+                    let Step::Copy(spec) = step else { continue };
+                    for (name, t) in spec.tables.iter().filter(|(_, t)| t.in_shared && t.unusable.is_none()) {
+                        out.push((name.clone(), "INSERT"));
+                        out.extend(t.sequences.iter().map(|(_, seq)| (seq.clone(), "UPDATE")));
+                    }
+                }
+                out
+            }
+            Repair::BackfillNullTimestamps => vec![(self.table.clone(), "UPDATE")],
+            Repair::AddMissingColumns => vec![(self.table.clone(), "OWNER")],
+            Repair::AdvanceSequences => Vec::new(),
+        }
+    }
 }
 
 impl Step {
@@ -81,6 +105,7 @@ impl Plan {
             (heal.copy_missing_parents, Repair::CopyMissingParents),
             (heal.backfill_null_timestamps, Repair::BackfillNullTimestamps),
             (heal.add_missing_columns, Repair::AddMissingColumns),
+            (heal.advance_sequences, Repair::AdvanceSequences),
         ];
         // A lost default is set before anything else of its column (a NOT NULL without it would
         // fail the application's inserts).
@@ -124,6 +149,13 @@ impl Plan {
                             let _ = writeln!(out, "-- batched: $1 = {batch_size} (heal.batch_size), $2 = run id; repeated until no row changes");
                             let _ = writeln!(out, "{sql};");
                         }
+                        Step::Copy(spec) => {
+                            let _ = writeln!(
+                                out,
+                                "-- batched: $1 = {batch_size} (heal.batch_size); repeated until no key is left"
+                            );
+                            out.push_str(&spec.render());
+                        }
                         Step::Once(once) => {
                             if once.long {
                                 let _ =
@@ -147,7 +179,6 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
     let catalog = &scanned.catalog;
     let own = catalog.table(tenant, &table)?;
     let shared = &config.tenants.shared_schema;
-    let mut writes = table.clone();
     let (summary, steps) = match (repair, &f.check, &f.detail) {
         (
             Repair::CopyMissingParents,
@@ -160,6 +191,7 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                 relationship,
                 constraint,
                 constraint_validated,
+                heal_copy: CopyVerdict::Copy,
             },
         ) => {
             let probe = Probe {
@@ -173,10 +205,12 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                 constraint: constraint.clone(),
                 constraint_validated: *constraint_validated,
                 match_full: false,
+                same_entity: true,
             };
             let summary = format!("{} orphan row(s) whose {parent_table} row exists in {shared}", f.count);
-            writes = parent_table.clone();
-            (summary, copy::steps(catalog, shared, tenant, &probe)?)
+            let full = config.heal.audit_values == AuditValues::Full;
+            let spec = copy::spec(catalog, shared, tenant, &probe, &config.heal.same_entity_keys, full)?;
+            (summary, vec![Step::Copy(Box::new(spec))])
         }
         (Repair::BackfillNullTimestamps, Check::NullTimestamps, Detail::NullTimestamps { data_type }) => {
             let column = f.columns.first()?;
@@ -221,7 +255,16 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                 _ => return None,
             }
         }
+        (Repair::AdvanceSequences, Check::SequenceBehind, Detail::SequenceBehind { next_value, column_max, .. }) => {
+            let column = f.columns.first()?;
+            let (seq_schema, seq) = own.column(column)?.sequence.clone()?;
+            if seq_schema != *tenant {
+                return None;
+            }
+            let summary = format!("move sequence {seq} from {next_value} past {column_max}, the largest {column}");
+            (summary, vec![Step::Batched(sequence::advance_sql("$2", tenant, &table, column, &seq, repair.name()))])
+        }
         _ => return None,
     };
-    Some(Action { repair, table, writes, summary, steps })
+    Some(Action { repair, table, summary, steps })
 }

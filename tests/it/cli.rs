@@ -36,7 +36,8 @@ async fn json_report_and_exit_codes() {
                 "parent_location": "shared",
                 "relationship": "constraint",
                 "constraint": "users_userprofile_business_id_fk",
-                "constraint_validated": true
+                "constraint_validated": true,
+                "heal_copy": "copy"
             }
         })
     );

@@ -99,6 +99,7 @@ async fn metrics_show_every_check_and_drop_fixed_series() {
             "tenant_audit_findings{check=\"null_timestamps\"} 1",
             "tenant_audit_findings{check=\"orphan_rows\"} 5",
             "tenant_audit_findings{check=\"schema_drift\"} 5",
+            "tenant_audit_findings{check=\"sequence_behind\"} 0",
             "tenant_audit_findings{check=\"unregistered_schema\"} 1",
         ]
     );

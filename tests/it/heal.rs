@@ -123,7 +123,7 @@ async fn dry_run_prints_the_sql_and_writes_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let plan = String::from_utf8_lossy(&out.stdout);
     assert!(plan.contains("-- tenant tenant_c3\n-- each transaction starts with SET LOCAL lock_timeout, statement_timeout and: SET LOCAL search_path = pg_catalog, \"tenant_c3\";\n-- copy_missing_parents on tenant_c3.users_userprofile: 2 orphan row(s) whose business_business row exists in public\n"), "{plan}");
-    assert!(plan.contains("  INSERT INTO \"tenant_c3\".\"business_business\" (\"id\", \"name\", \"business_num\", \"created_at\", \"updated_at\")\n"), "{plan}");
+    assert!(plan.contains("\nINSERT INTO \"tenant_c3\".\"business_business\" (\"id\", \"name\", \"business_num\", \"created_at\", \"updated_at\")\n"), "{plan}");
     assert!(plan.contains("ALTER TABLE \"tenant_e5\".\"users_userprofile\" ADD COLUMN IF NOT EXISTS \"updated_at\" timestamp with time zone, ALTER COLUMN \"updated_at\" SET DEFAULT now();\n"), "{plan}");
     assert!(plan.ends_with("-- 3 tenant(s) to heal\n"), "{plan}");
     assert!(
@@ -137,9 +137,10 @@ async fn dry_run_prints_the_sql_and_writes_nothing() {
 }
 
 #[tokio::test]
-async fn missing_ancestors_are_copied_first() {
+async fn missing_ancestors_are_copied_with_their_parent() {
     // A tenant row points at business details that exist only in the shared schema, and those
-    // details point at a business that exists only there too.
+    // details point at a business that exists only there too. The details' integer key is listed
+    // as a same-entity key.
     let sql = "SELECT pg_temp.create_tenant('tenant_a');
         CREATE TABLE public.users_businessdetails (id int PRIMARY KEY, business_id uuid NOT NULL REFERENCES public.business_business (id), business_type text);
         INSERT INTO public.users_businessdetails VALUES (500, 'b0000000-0000-0000-0000-000000000005', 'shared details');
@@ -148,7 +149,8 @@ async fn missing_ancestors_are_copied_first() {
         INSERT INTO tenant_a.users_location VALUES (1, 500);
         RESET session_replication_role;";
     let url = heal_db("heal_ancestors", sql).await;
-    let out = heal_cli(&url, "ancestors", "", true);
+    let listed = "same_entity_keys = [{ table = 'users_businessdetails', columns = ['id'] }]\n";
+    let out = heal_cli(&url, "ancestors", listed, true);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let client = pg::connect(&url).await;
     let rows =
@@ -159,7 +161,10 @@ async fn missing_ancestors_are_copied_first() {
         [
             ("business_business".to_string(), format!("{{\"id\": \"{}\"}}", b("05"))),
             ("users_businessdetails".to_string(), "{\"id\": 500}".to_string()),
-            ("users_businessdetails".to_string(), "{\"step\": \"advance_sequence\", \"column\": \"id\"}".to_string()),
+            (
+                "users_businessdetails".to_string(),
+                "{\"column\": \"id\", \"sequence\": \"users_businessdetails_id_seq\"}".to_string()
+            ),
         ]
     );
     // The tenant's serial moved past the copied key: the application's next insert succeeds.
@@ -170,7 +175,7 @@ async fn missing_ancestors_are_copied_first() {
         .await
         .unwrap();
     assert_eq!(count(&url, "SELECT max(id)::bigint FROM tenant_a.users_businessdetails").await, 501);
-    let report = scan(&config(&url, HEAL)).await;
+    let report = scan(&config(&url, &format!("{HEAL}{listed}"))).await;
     assert_eq!(lines(&report.findings), Vec::<String>::new());
 }
 
@@ -368,6 +373,7 @@ async fn the_daemon_heals_after_each_scan_and_counts_it() {
         daemon.samples("tenant_audit_healed_rows_total").await,
         [
             "tenant_audit_healed_rows_total{repair=\"add_missing_columns\"} 3",
+            "tenant_audit_healed_rows_total{repair=\"advance_sequences\"} 0",
             "tenant_audit_healed_rows_total{repair=\"backfill_null_timestamps\"} 3",
             "tenant_audit_healed_rows_total{repair=\"copy_missing_parents\"} 3",
         ]

@@ -69,10 +69,11 @@ async fn schema_names_in_text_never_drift_and_heal_writes_the_reference_definiti
     let path = config_file("heal_ddl_structural", &format!("database_url = {url:?}\n{HEAL}"));
     let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    // The audit table, then one metadata-only statement per column: no other DDL, no rewrite.
+    // The lease and audit tables, then one metadata-only statement per column: no other DDL, no
+    // rewrite.
     assert_eq!(
         rows(&url, "SELECT tag FROM public.ddl_log ORDER BY id").await,
-        ["CREATE SCHEMA", "CREATE TABLE", "ALTER TABLE", "ALTER TABLE"]
+        ["CREATE SCHEMA", "CREATE TABLE", "CREATE SCHEMA", "CREATE TABLE", "ALTER TABLE", "ALTER TABLE"]
     );
     assert_eq!(rows(&url, filenode).await, before);
     assert_eq!(
@@ -145,6 +146,7 @@ async fn a_staged_add_column_stopped_after_any_step_is_finished_by_the_next_run(
             .iter()
             .map(|s| match s {
                 Step::Batched(_) => "backfill",
+                Step::Copy(_) => "copy",
                 Step::Once(o) if o.sql.contains("VALIDATE") => "validate_check",
                 Step::Once(o) if o.sql.contains("ADD CONSTRAINT") => "add_check",
                 Step::Once(o) if o.sql.contains("SET NOT NULL") => "set_not_null",

@@ -6,7 +6,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tenant_audit::config::Config;
 use tenant_audit::incremental::State;
-use tenant_audit::report::{Report, ScanKind};
+use tenant_audit::report::{Check, Report, ScanKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{config, lines, pg, start_daemon, BASE_SQL};
@@ -34,7 +34,8 @@ async fn both(config: &Config, pool: &tenant_audit::db::Pool, state: &mut State)
     (incremental.expect("incremental scan").report, full.expect("full scan").report)
 }
 
-/// Statements of one random change to the database. `tenants` are the current tenants (at
+/// Statements of one random change to the database (rows get explicit keys: a sequence may
+/// have been set behind). `tenants` are the current tenants (at
 /// least one); `next` numbers new tenants.
 fn change(rng: &mut SmallRng, tenants: &mut Vec<String>, next: &mut usize) -> String {
     let t = tenants[rng.gen_range(0..tenants.len())].clone();
@@ -43,12 +44,14 @@ fn change(rng: &mut SmallRng, tenants: &mut Vec<String>, next: &mut usize) -> St
         |sql: String| format!("SET session_replication_role = replica; {sql}; RESET session_replication_role");
     match rng.gen_range(0..16) {
         0 => format!(
-            "INSERT INTO {t}.users_userprofile (user_id, business_id, created_at, modified_at) \
-             SELECT u.id, b.id, now(), now() FROM public.auth_user u, {t}.business_business b ORDER BY 1, 2 LIMIT 3"
+            "INSERT INTO {t}.users_userprofile (id, user_id, business_id, created_at, modified_at) \
+             SELECT (SELECT coalesce(max(id), 0) FROM {t}.users_userprofile) + row_number() OVER (), u.id, b.id, now(), now() \
+             FROM public.auth_user u, {t}.business_business b ORDER BY u.id, b.id LIMIT 3"
         ),
         // An orphan (or a row whose parent exists), loaded the way a replica-mode load bypasses the key.
         1 => replica(format!(
-            "INSERT INTO {t}.users_userprofile (user_id, business_id, created_at, modified_at) VALUES ({}, '{}', now(), now())",
+            "INSERT INTO {t}.users_userprofile (id, user_id, business_id, created_at, modified_at) \
+             VALUES ((SELECT coalesce(max(id), 0) + 1 FROM {t}.users_userprofile), {}, '{}', now(), now())",
             rng.gen_range(1..=25),
             business(rng)
         )),
@@ -92,7 +95,14 @@ fn change(rng: &mut SmallRng, tenants: &mut Vec<String>, next: &mut usize) -> St
             tenants.retain(|x| *x != t);
             format!("DROP SCHEMA {t} CASCADE; DELETE FROM public.customers_client WHERE schema_name = '{t}'")
         }
-        14 => "ANALYZE".to_string(),
+        14 if rng.gen_bool(0.5) => "ANALYZE".to_string(),
+        // A sequence set behind its column (or back past it): no table counter moves.
+        14 => match rng.gen_bool(0.5) {
+            true => format!("SELECT setval('{t}.users_userprofile_id_seq', 1)"),
+            false => format!(
+                "SELECT setval('{t}.users_userprofile_id_seq', (SELECT coalesce(max(id), 0) + 1 FROM {t}.users_userprofile))"
+            ),
+        },
         _ => "SELECT pg_stat_reset()".to_string(),
     }
 }
@@ -106,7 +116,7 @@ async fn incremental_scans_equal_full_scans_under_random_changes() {
     let mut rng = SmallRng::seed_from_u64(11);
     let mut tenants: Vec<String> = (0..4).map(|i| format!("tenant_{i}")).collect();
     let mut next = tenants.len();
-    let (mut carried, mut incremental_rounds, mut resets) = (0, 0, 0);
+    let (mut carried, mut incremental_rounds, mut resets, mut sequence_rounds) = (0, 0, 0, 0);
     for round in 0..60 {
         let mut applied = Vec::new();
         // Most rounds change little (which is what incremental scans are for), some change more.
@@ -122,6 +132,7 @@ async fn incremental_scans_equal_full_scans_under_random_changes() {
         assert_eq!(inc.errors, full.errors, "round {round} after {applied:#?}");
         assert_eq!(inc.tenants, full.tenants, "round {round}");
         assert_eq!(full.scan.kind, ScanKind::Full);
+        sequence_rounds += usize::from(full.findings.iter().any(|f| f.check == Check::SequenceBehind));
         let reset = applied.iter().any(|s| s.contains("pg_stat_reset"));
         if reset {
             resets += 1;
@@ -141,6 +152,7 @@ async fn incremental_scans_equal_full_scans_under_random_changes() {
     // The test must exercise what it claims: statistics resets, and incremental rounds that
     // carried most tables forward.
     assert!(resets >= 2, "{resets} statistics resets");
+    assert!(sequence_rounds >= 5, "{sequence_rounds} rounds with a sequence behind");
     assert!(incremental_rounds >= 40, "{incremental_rounds} incremental rounds of 60");
     assert!(carried >= incremental_rounds * 4, "{carried} tables carried forward in {incremental_rounds} rounds");
 }

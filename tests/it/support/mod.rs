@@ -1,6 +1,8 @@
 //! Test support: the throwaway PostgreSQL (`pg`), fixture databases, configs, and the binary.
 
+pub mod freeze;
 pub mod pg;
+pub mod pgbouncer;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -54,6 +56,9 @@ fn line(f: &Finding) -> String {
             format!("-> {parent_schema}.{parent_table} {parent_location:?} {relationship:?}")
         }
         Detail::NullTimestamps { data_type } => data_type.clone(),
+        Detail::SequenceBehind { sequence, next_value, column_max } => {
+            format!("{sequence} next {next_value} max {column_max}")
+        }
         Detail::SchemaDrift { difference, expected, actual } => format!("{difference:?} {expected:?} {actual:?}"),
         Detail::None => String::new(),
     };

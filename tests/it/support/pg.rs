@@ -9,8 +9,10 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// `pg_stat_statements.max` is raised so that the tests counting statements never see entries
+/// evicted by the thousands of distinct probe statements of a large fixture.
 const SETTINGS: &str = "-c fsync=off -c full_page_writes=off -c synchronous_commit=off \
-    -c shared_preload_libraries=pg_stat_statements -c max_locks_per_transaction=1024 -c max_connections=200";
+    -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.max=20000 -c max_locks_per_transaction=1024 -c max_connections=200";
 
 /// A private cluster in a temp dir (`DIR/data`, log `DIR/pg.log`, socket in `DIR`).
 pub struct Cluster {
@@ -97,6 +99,12 @@ impl Cluster {
     /// Starts the stopped cluster again on the same port and data dir.
     pub fn restart(&self) {
         self.pg_ctl_start();
+    }
+
+    /// The postmaster's process id (first line of `postmaster.pid`).
+    pub fn postmaster_pid(&self) -> u32 {
+        let text = fs::read_to_string(self.dir().join("data/postmaster.pid")).expect("read postmaster.pid");
+        text.lines().next().and_then(|l| l.trim().parse().ok()).expect("postmaster.pid starts with the pid")
     }
 
     pub fn url(&self, db: &str) -> String {

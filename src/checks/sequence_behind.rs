@@ -1,0 +1,91 @@
+//! `sequence_behind`: tenant sequences whose next value is at or below their column's current
+//! maximum, so the application's next `INSERT` with the default key fails with a duplicate key.
+//! Whoever caused it (a restore, a clone script, rows copied with their keys by another tool)
+//! the symptom is the same.
+//!
+//! One statement per column that draws from a sequence of the tenant's own schema (a serial's
+//! `nextval` default or an identity): it reads the sequence's state and the column's `max()`,
+//! an index lookup when the column leads an index (its primary key, for serials and identities).
+//! Descending sequences are not checked.
+
+use super::Context;
+use crate::db::{DbError, Snapshot};
+use crate::report::{Check, Detail, Finding};
+use crate::sql;
+
+/// One column and the sequence it draws from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub table: String,
+    pub column: String,
+    /// The sequence's name, in the tenant's schema.
+    pub sequence: String,
+}
+
+pub fn plan(ctx: &Context<'_>, tenant: &str) -> Vec<Probe> {
+    let schema = ctx.schema(tenant);
+    let mut out = Vec::new();
+    for (table_name, table) in schema.tables.iter().filter(|(_, t)| t.readable) {
+        for column in &table.columns {
+            let Some((seq_schema, seq_name)) = &column.sequence else { continue };
+            if seq_schema == tenant {
+                out.push(Probe { table: table_name.clone(), column: column.name.clone(), sequence: seq_name.clone() });
+            }
+        }
+    }
+    out
+}
+
+impl Probe {
+    /// One row (next value, column maximum) when the sequence is behind, none otherwise.
+    pub fn sql(&self, tenant: &str) -> String {
+        let seq = sql::qualified(tenant, &self.sequence);
+        format!(
+            "SELECT x.next_value::text, x.top::text FROM (\n  \
+             SELECT CASE WHEN s.is_called THEN s.last_value::numeric + q.seqincrement ELSE s.last_value::numeric END AS next_value,\n         \
+             (SELECT max(c.{col}) FROM {tbl} c)::numeric AS top\n  \
+             FROM {seq} s JOIN pg_catalog.pg_sequence q ON q.seqrelid = {seq_literal}::pg_catalog.regclass\n  \
+             WHERE q.seqincrement > 0\n) x\nWHERE x.top >= x.next_value",
+            col = sql::ident(&self.column),
+            tbl = sql::qualified(tenant, &self.table),
+            seq_literal = sql::literal(&seq),
+        )
+    }
+}
+
+/// Runs one probe in the tenant's snapshot.
+pub async fn run(snapshot: &Snapshot<'_>, tenant: &str, probe: &Probe) -> Result<Vec<Finding>, DbError> {
+    let rows = snapshot.rows(&probe.sql(tenant)).await?;
+    let Some(row) = rows.first() else { return Ok(Vec::new()) };
+    let value = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
+    let (Some(next_value), Some(column_max)) = (value(0), value(1)) else { return Ok(Vec::new()) };
+    Ok(vec![Finding {
+        check: Check::SequenceBehind,
+        severity: Check::SequenceBehind.severity(),
+        schema: tenant.to_string(),
+        table: Some(probe.table.clone()),
+        columns: vec![probe.column.clone()],
+        // How many of the next values collide at most.
+        count: column_max.abs_diff(next_value) + 1,
+        sample_keys: Vec::new(),
+        detail: Detail::SequenceBehind { sequence: sql::display_name(tenant, &probe.sequence), next_value, column_max },
+    }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_statement_reads_sequence_and_column() {
+        let probe = Probe { table: "users".into(), column: "id".into(), sequence: "users_id_seq".into() };
+        assert_eq!(
+            probe.sql("t"),
+            "SELECT x.next_value::text, x.top::text FROM (\n  \
+             SELECT CASE WHEN s.is_called THEN s.last_value::numeric + q.seqincrement ELSE s.last_value::numeric END AS next_value,\n         \
+             (SELECT max(c.\"id\") FROM \"t\".\"users\" c)::numeric AS top\n  \
+             FROM \"t\".\"users_id_seq\" s JOIN pg_catalog.pg_sequence q ON q.seqrelid = '\"t\".\"users_id_seq\"'::pg_catalog.regclass\n  \
+             WHERE q.seqincrement > 0\n) x\nWHERE x.top >= x.next_value"
+        );
+    }
+}
