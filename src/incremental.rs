@@ -248,10 +248,32 @@ impl State {
     }
 }
 
-/// The inputs hash of every unit of one tenant's plan, by table; a table whose inputs cannot
-/// be established (a signal is missing: the table or a parent appeared after the signals were
-/// read) is left out and always checked.
-pub fn unit_inputs(plan: &Plan, tenant: &str, catalog: &Catalog, signals: &Signals) -> BTreeMap<String, Option<u64>> {
+/// Hashes of the catalog entry and signal of tables outside the tenants (the shared schema's,
+/// a declared schema's), which every tenant's units read: computed once per scan.
+#[derive(Debug, Default)]
+pub struct SharedTables(HashMap<(String, String), Option<u64>>);
+
+/// The hash of one table's catalog entry and change signal; `None` when it has no signal (it
+/// appeared after the signals were read).
+fn table_hash(catalog: &Catalog, signals: &Signals, schema: &str, name: &str) -> Option<u64> {
+    let signal = signals.tables.get(&(schema.to_string(), name.to_string()))?;
+    let mut h = DefaultHasher::new();
+    (schema, name).hash(&mut h);
+    format!("{:?}", catalog.table(schema, name)).hash(&mut h);
+    signal.hash(&mut h);
+    Some(h.finish())
+}
+
+/// The inputs hash of every unit of one tenant's plan, by table; `None` for a table whose
+/// inputs cannot be established (a signal is missing: the table or a parent appeared after the
+/// signals were read), which is then always checked.
+pub fn unit_inputs(
+    plan: &Plan,
+    tenant: &str,
+    catalog: &Catalog,
+    signals: &Signals,
+    shared: &mut SharedTables,
+) -> BTreeMap<String, Option<u64>> {
     let mut reads: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
     for p in &plan.orphans {
         let tables = reads.entry(&p.table).or_default();
@@ -263,6 +285,7 @@ pub fn unit_inputs(plan: &Plan, tenant: &str, catalog: &Catalog, signals: &Signa
     for p in &plan.nulls {
         reads.entry(&p.table).or_default();
     }
+    let mut own: HashMap<&str, Option<u64>> = HashMap::new();
     reads
         .into_iter()
         .map(|(table, parents)| {
@@ -274,10 +297,16 @@ pub fn unit_inputs(plan: &Plan, tenant: &str, catalog: &Catalog, signals: &Signa
             format!("{probes:?}").hash(&mut h);
             let mut complete = true;
             for (schema, name) in std::iter::once((tenant, table)).chain(parents) {
-                (schema, name).hash(&mut h);
-                format!("{:?}", catalog.table(schema, name)).hash(&mut h);
-                match signals.tables.get(&(schema.to_string(), name.to_string())) {
-                    Some(s) => s.hash(&mut h),
+                let hash = if schema == tenant {
+                    *own.entry(name).or_insert_with(|| table_hash(catalog, signals, schema, name))
+                } else {
+                    *shared
+                        .0
+                        .entry((schema.to_string(), name.to_string()))
+                        .or_insert_with(|| table_hash(catalog, signals, schema, name))
+                };
+                match hash {
+                    Some(x) => x.hash(&mut h),
                     None => complete = false,
                 }
             }

@@ -186,7 +186,8 @@ async fn run_until(
     // are owned values, so the stream's closure borrows nothing per item (which keeps the
     // whole scan future `Send` for callers that spawn it). The closure and the loop below take
     // turns on the state, never at once.
-    let shared = std::sync::Mutex::new(Progressive { state, tally: Tally::default(), findings });
+    let shared =
+        std::sync::Mutex::new(Progressive { state, shared: Default::default(), tally: Tally::default(), findings });
     let mut done = 0;
     {
         let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,7 +215,7 @@ async fn run_until(
             }
         }
     }
-    let Progressive { state, tally, mut findings } = shared.into_inner().unwrap_or_else(|e| e.into_inner());
+    let Progressive { state, tally, mut findings, .. } = shared.into_inner().unwrap_or_else(|e| e.into_inner());
     if cancel.is_cancelled() {
         return Err(ScanFailure::Cancelled);
     }
@@ -319,6 +320,7 @@ async fn snapshot(
 /// findings.
 struct Progressive<'s> {
     state: Option<&'s mut incremental::State>,
+    shared: incremental::SharedTables,
     tally: Tally,
     findings: Vec<Finding>,
 }
@@ -334,7 +336,7 @@ fn prepare(
 ) -> (checks::Plan, Unit) {
     let mut plan = checks::plan(ctx, tenant);
     let inputs = match signals {
-        Some(signals) => incremental::unit_inputs(&plan, tenant, ctx.catalog, signals),
+        Some(signals) => incremental::unit_inputs(&plan, tenant, ctx.catalog, signals, &mut progressive.shared),
         None => BTreeMap::new(),
     };
     if let (ScanKind::Incremental, Some(state)) = (kind, progressive.state.as_deref()) {
