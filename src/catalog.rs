@@ -50,6 +50,16 @@ pub struct Table {
     pub foreign_keys: Vec<ForeignKey>,
     /// Whether the scanning role may read the table (schema `USAGE` and table `SELECT`).
     pub readable: bool,
+    /// The table's enabled user triggers that fire on `INSERT` or `UPDATE` (heal's writes).
+    pub triggers: Vec<Trigger>,
+}
+
+/// A user trigger of a table, enabled for ordinary sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    pub name: String,
+    pub on_insert: bool,
+    pub on_update: bool,
 }
 
 /// A column as the schema declares it.
@@ -163,6 +173,12 @@ const SEQUENCE: &str = "CASE WHEN a.attidentity <> '' THEN (
            AND dep.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
          ORDER BY 1 LIMIT 1) END";
 
+/// The enabled user triggers of the table that fire on `INSERT` (`tgtype` bit 4) or `UPDATE`
+/// (bit 16), in name order: the `FROM` of three arrays (name, on insert, on update).
+const TRIGGERS: &str = "FROM pg_catalog.pg_trigger t
+             WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgenabled IN ('O', 'A') AND t.tgtype & 20 <> 0
+             ORDER BY t.tgname";
+
 /// Columns of every ordinary and partitioned table, with primary-key position, type, default,
 /// identity, generation and privileges. Partitions are left out: their rows are read through the
 /// parent. Defaults are deparsed without their relation (`pg_get_expr(adbin, 0)`: a default
@@ -180,7 +196,8 @@ SELECT n.nspname::text, c.relname::text, a.attname::text,
        CASE WHEN tn.nspname = 'pg_catalog' THEN NULL WHEN tn.oid = n.oid THEN '' ELSE tn.nspname::text END,
        a.attidentity::text, a.attgenerated <> '',
        {volatile},
-       {sequence}
+       {sequence},
+       {triggers}
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -195,6 +212,9 @@ ORDER BY 1, 2, a.attnum",
         default = relative("pg_catalog.pg_get_expr(d.adbin, 0)"),
         volatile = DEFAULT_VOLATILE,
         sequence = SEQUENCE,
+        triggers = ["t.tgname::text", "t.tgtype & 4 <> 0", "t.tgtype & 16 <> 0"]
+            .map(|field| format!("ARRAY(SELECT {field} {TRIGGERS})"))
+            .join(",\n       "),
     )
 }
 
@@ -235,6 +255,13 @@ pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Cat
             table.primary_key[pos] = name.clone();
         }
         table.readable = readable;
+        // Repeated on every column row of the table (an index lookup each): kept once.
+        let (names, inserts, updates): (Vec<String>, Vec<bool>, Vec<bool>) = (row.get(13), row.get(14), row.get(15));
+        table.triggers = names
+            .into_iter()
+            .zip(inserts.into_iter().zip(updates))
+            .map(|(name, (on_insert, on_update))| Trigger { name, on_insert, on_update })
+            .collect();
         let type_schema = match row.get::<_, Option<String>>(8) {
             None => TypeSchema::Catalog,
             Some(s) if s.is_empty() => TypeSchema::Own,

@@ -1123,6 +1123,58 @@ mod tests {
     }
 
     #[test]
+    fn scan_deadline_and_pings() {
+        let c = parse("database_url = 'postgres://db/app'").unwrap();
+        assert_eq!(c.scan.max_duration, CLI_SCAN_MAX_DURATION);
+        assert_eq!(c.serve.scan_max_duration, Duration::from_secs(300), "the schedule's interval");
+        assert_eq!(
+            (c.database_checks.ping_interval, c.database_checks.ping_timeout),
+            (Duration::from_secs(15), Duration::from_secs(5))
+        );
+        let c = parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '* * * * * *'\n").unwrap();
+        assert_eq!(c.serve.scan_max_duration, Duration::from_secs(60), "at least a minute");
+        let c = parse("database_url = 'postgres://db/app'\n[scan]\nmax_duration = '10m'\n").unwrap();
+        assert_eq!(
+            (c.scan.max_duration, c.serve.scan_max_duration),
+            (Duration::from_secs(600), Duration::from_secs(600))
+        );
+        let err = parse("database_url = 'postgres://db/app'\n[database]\nping_timeout = '0s'\n").unwrap_err();
+        assert_eq!(err.to_string(), "config key database.ping_timeout: must be greater than zero");
+    }
+
+    #[test]
+    fn the_url_file_is_read_again_for_each_connection() {
+        let dir = std::env::temp_dir().join(format!("tenant-audit-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("url"), "postgres://u:one@db/app\n").unwrap();
+        let c = Config::from_toml("database_url_file = 'url'", &dir.join("c.toml"), Env::default()).unwrap();
+        std::fs::write(dir.join("url"), "postgres://u:two@db2/app").unwrap();
+        let now = c.database.resolve().unwrap().info;
+        assert_eq!((now.password.as_deref(), now.hosts[0].host.as_str()), (Some("two"), "db2"));
+        std::fs::write(dir.join("url"), "postgres://u:three@db/app?sslmode=sometimes").unwrap();
+        let err = c.database.resolve().err().unwrap().to_string();
+        assert!(
+            err.starts_with("config key database_url_file: invalid connection string: parameter sslmode:"),
+            "{err}"
+        );
+        assert!(!err.contains("three"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn invalid_connection_strings_name_key_and_parameter() {
+        let err = parse("database_url = 'postgres://u:secret@db/app?sslmode=verify-fulll'").unwrap_err().to_string();
+        assert!(
+            err.starts_with("config key database_url: invalid connection string: parameter sslmode: invalid value"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"));
+        let env = Env { libpq: BTreeMap::from([("sslmode".to_string(), "require".to_string())]), ..Env::default() };
+        let c = Config::from_toml("database_url = 'postgres://db/app'", Path::new("c.toml"), env).unwrap();
+        assert_eq!(c.database.info().sslmode, conninfo::SslMode::Require, "PGSSLMODE where the URL is silent");
+    }
+
+    #[test]
     fn discovery_must_be_configured() {
         let err = parse("database_url = 'postgres://db/app'\n[tenants]\nregistry = false\n").unwrap_err();
         assert!(err.to_string().starts_with("config key tenants: no tenant discovery"), "{err}");

@@ -10,7 +10,8 @@
 //! never do. Every connection is bounded: the TLS handshake and each request's headers must
 //! arrive within `web.header_read_timeout`, no read or write may stall longer than
 //! `web.idle_timeout`, at most `web.max_connections` are open, and accept errors (EMFILE) back
-//! off instead of spinning, logged at most once per [`ACCEPT_LOG_INTERVAL`].
+//! off instead of spinning, logged at most once per [`ACCEPT_LOG_INTERVAL`]. At shutdown, open
+//! connections get [`SHUTDOWN_GRACE`] to finish.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -47,6 +48,10 @@ pub const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// First and longest wait after an accept error that is not about one connection.
 const ACCEPT_FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const ACCEPT_MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// At shutdown, how long open connections may take to finish their request before the listener
+/// stops waiting for them (a half-sent request would otherwise hold shutdown for the whole
+/// header-read timeout).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Bcrypt verifications running at once: wrong passwords cannot take every core.
 const BCRYPT_SLOTS: usize = 2;
 /// Verified credentials remembered (as SHA-256 digests), so a scrape costs no bcrypt.
@@ -103,7 +108,10 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints, web: WebConfig, 
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let open = graceful.count();
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::info!(open_at_shutdown = open, "shutdown: stopped waiting for open connections");
+    }
 }
 
 /// Back-off and log rate limit of accept errors.

@@ -43,7 +43,8 @@ pub struct Scheduler {
     pool: Pool,
     /// One session for pings, so that a ping never waits behind a scan's sessions.
     ping_pool: Pool,
-    /// Writer sessions, only when `heal.enabled`: heal runs after every successful scan.
+    /// Writer sessions, only when `heal.enabled`: heal runs after every successful scheduled scan
+    /// (after a requested one only with `web.scan_requests.heal`).
     heal_pool: Option<Pool>,
     metrics: Arc<Metrics>,
     /// The last successful scan's report; `None` until one completes.

@@ -290,7 +290,7 @@ mod tests {
         }
         let foreign_keys =
             fk_target_schema.map(|s| vec![fk(name, &["business_id"], s, "business_business")]).unwrap_or_default();
-        let table = Table { columns, primary_key: vec!["id".into()], foreign_keys, readable: true };
+        let table = Table { columns, primary_key: vec!["id".into()], foreign_keys, readable: true, triggers: vec![] };
         Schema { tables: [("users_userprofile".to_string(), table)].into() }
     }
 
@@ -345,7 +345,13 @@ mod tests {
                 identity: None,
                 generated: false,
             };
-            let table = Table { columns: vec![column], primary_key: vec![], foreign_keys: vec![], readable: true };
+            let table = Table {
+                columns: vec![column],
+                primary_key: vec![],
+                foreign_keys: vec![],
+                readable: true,
+                triggers: vec![],
+            };
             catalog.schemas.insert(format!("t{i}"), Schema { tables: [("notes".to_string(), table)].into() });
         }
         let tenants: BTreeSet<String> = (0..5).map(|i| format!("t{i}")).collect();

@@ -1,13 +1,23 @@
-//! `backfill_null_timestamps`: sets NULL required timestamps from a fallback chain of other
-//! columns (`heal.fallbacks`, default `updated_at <- modified_at, created_at, now()`).
+//! `backfill_null_timestamps` (and the backfill of an added column): sets NULLs from a fallback
+//! chain of other columns (`heal.fallbacks`, default `updated_at <- modified_at, created_at,
+//! now()`).
 //!
-//! One statement per batch: it locks up to `$1` rows that are still NULL and have a non-NULL
-//! fallback (skipping rows the application holds locked), updates them re-checking `IS NULL`,
-//! and writes one audit row per update.
+//! Invariants: the table is read about once whatever the number of NULLs. Batches page through
+//! each relation that holds the table's rows (the table itself and, for an inheritance parent or
+//! a partitioned table, every descendant with storage, each read `ONLY`) by ranges of blocks
+//! (`ctid` ranges: a TID range scan reads just those blocks), so a row is identified by
+//! (relation, `ctid`) and is changed exactly once. Per batch, one statement locks the rows of the
+//! range that are still NULL and have a non-NULL fallback (rows the application holds locked are
+//! skipped, left for the next run), updates them re-checking `IS NULL`, and writes one audit row
+//! per update. Rows appended after the run started are left for the next run.
 
 use super::audit;
 use crate::catalog::Table;
 use crate::sql;
+
+/// How many rows a block range of one batch is sized for: `heal.batch_size` rows is about
+/// `heal.batch_size / ROWS_PER_BLOCK` blocks (at least one).
+pub const ROWS_PER_BLOCK: usize = 100;
 
 /// The fallback expression for `column`, cast to its type: `COALESCE(c."a"::T, ..., now()::T)`
 /// from the chain entries the table has (`now()` always qualifies), or `None` when none does.
@@ -29,22 +39,69 @@ pub fn fallback(chain: &[String], table: Option<&Table>, data_type: &str, extra:
     (!parts.is_empty()).then(|| format!("COALESCE({})", parts.join(", ")))
 }
 
-/// The batched statement that sets `column` from `fallback` where it is NULL, audited under
-/// `repair`. Rows are keyed by the primary key, or by `ctid` when there is none.
-pub fn statement(tenant: &str, table: &str, key: &[String], column: &str, fallback: &str, repair: &str) -> String {
-    let col = sql::ident(column);
-    let (returning_key, key_json) = if key.is_empty() {
-        ("b.row_id::text AS row_id".to_string(), "jsonb_build_object('ctid', u.row_id)".to_string())
-    } else {
-        (sql::columns("c", key), audit::key_json("u", key))
-    };
-    let old = format!("jsonb_build_object({}, NULL)", sql::literal(column));
-    let new = format!("jsonb_build_object({}, u.{col})", sql::literal(column));
-    let log = format!("{} FROM changed u", audit::row("$2", tenant, table, repair, &key_json, &old, &new));
-    format!(
-        "WITH batch AS (\n  SELECT c.ctid AS row_id FROM {tbl} c\n  WHERE c.{col} IS NULL AND {fallback} IS NOT NULL\n  LIMIT $1 FOR UPDATE OF c SKIP LOCKED\n),\n\
-         changed AS (\n  UPDATE {tbl} c SET {col} = {fallback}\n  FROM batch b WHERE c.ctid = b.row_id AND c.{col} IS NULL\n  RETURNING {returning_key}, c.{col}\n),\n{}",
-        audit::log_and_return(&log),
-        tbl = sql::qualified(tenant, table),
-    )
+/// A backfill of one column, planned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackfillSpec {
+    pub tenant: String,
+    pub table: String,
+    pub column: String,
+    /// The fallback expression (rows aliased `c`).
+    pub fallback: String,
+    /// The primary key; rows are audited by it, or by (relation, `ctid`) without one.
+    pub key: Vec<String>,
+    /// The repair the audit rows name.
+    pub repair: &'static str,
+}
+
+/// `$1` the table: every relation with storage that holds its rows (itself, its inheritance
+/// children and partitions, recursively), quoted and qualified. Reads only the catalog: no lock
+/// on the relations (a table with thousands of partitions must not fill the lock table).
+pub const RELATIONS: &str = "WITH RECURSIVE r(oid) AS (
+  SELECT $1::pg_catalog.regclass::pg_catalog.oid
+  UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN r ON i.inhparent = r.oid
+)
+SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+FROM r JOIN pg_catalog.pg_class c ON c.oid = r.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r'
+ORDER BY 1";
+
+/// `$1` one relation: its size in blocks, read in a transaction of its own (one lock at a time).
+pub const BLOCKS: &str =
+    "SELECT (pg_catalog.pg_relation_size($1::pg_catalog.regclass) / pg_catalog.current_setting('block_size')::bigint)::bigint";
+
+/// The end of the last range: past any block a relation can have, so rows appended during the
+/// run are covered too.
+pub const LAST_TID: &str = "(4294967294,0)";
+
+impl BackfillSpec {
+    /// The table's qualified name, the parameter of [`RELATIONS`].
+    pub fn table_name(&self) -> String {
+        sql::qualified(&self.tenant, &self.table)
+    }
+
+    /// The statement of one batch on `relation` (a quoted, qualified name from [`RELATIONS`]):
+    /// `$1`, `$2` the block range's first and end `ctid`, `$3` the run id.
+    pub fn batch_sql(&self, relation: &str) -> String {
+        let col = sql::ident(&self.column);
+        let fallback = &self.fallback;
+        let (returning_key, key_json) = if self.key.is_empty() {
+            (
+                format!("{}::text AS relation, c.ctid::text AS row_id", sql::literal(relation)),
+                "jsonb_build_object('relation', u.relation, 'ctid', u.row_id)".to_string(),
+            )
+        } else {
+            (sql::columns("c", &self.key), audit::key_json("u", &self.key))
+        };
+        let old = format!("jsonb_build_object({}, NULL)", sql::literal(&self.column));
+        let new = format!("jsonb_build_object({}, u.{col})", sql::literal(&self.column));
+        let log = format!(
+            "{} FROM changed u",
+            audit::row("$3", &self.tenant, &self.table, self.repair, &key_json, &old, &new)
+        );
+        format!(
+            "WITH batch AS (\n  SELECT c.ctid AS row_id FROM ONLY {relation} c\n  WHERE c.ctid >= $1::tid AND c.ctid < $2::tid AND c.{col} IS NULL AND {fallback} IS NOT NULL\n  FOR UPDATE OF c SKIP LOCKED\n),\n\
+             changed AS (\n  UPDATE ONLY {relation} c SET {col} = {fallback}\n  FROM batch b WHERE c.ctid = b.row_id AND c.{col} IS NULL\n  RETURNING {returning_key}, c.{col}\n),\n{}",
+            audit::log_and_return(&log),
+        )
+    }
 }

@@ -74,7 +74,14 @@ pub fn set_default(tenant: &str, table: &str, column: &Column) -> Option<Vec<Ste
 
 /// The batched backfill of `column` from `fallback`, audited under this repair.
 fn backfill_step(tenant: &str, table: &str, own: &Table, column: &Column, fallback: &str) -> Step {
-    Step::Batched(backfill::statement(tenant, table, &own.primary_key, &column.name, fallback, "add_missing_columns"))
+    Step::Backfill(Box::new(backfill::BackfillSpec {
+        tenant: tenant.to_string(),
+        table: table.to_string(),
+        column: column.name.clone(),
+        fallback: fallback.to_string(),
+        key: own.primary_key.clone(),
+        repair: "add_missing_columns",
+    }))
 }
 
 /// Backfills `column` and makes it NOT NULL; nothing when its NULLs cannot be filled.

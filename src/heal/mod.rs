@@ -174,7 +174,38 @@ async fn execute_locked(
     cancel: &CancellationToken,
 ) -> Result<Outcome, HealError> {
     let target = &heal.database.target;
-    let guard = db::session(pool, target).await.map_err(HealError::Connect)?;
+    let mut guard = db::session(pool, target).await.map_err(HealError::Connect)?;
+    let lease = lease::Lease::new(run_id(), heal.statement_timeout);
+    // The checks before the run are four short transactions; a frozen server answers none.
+    let within = answer_within(heal, false);
+    match tokio::time::timeout(within * 4, prepare(&mut guard, heal, plan, &lease)).await {
+        Ok(prepared) => prepared?,
+        Err(_) => {
+            db::discard(guard);
+            let reason =
+                format!("no answer within {} (the checks before heal)", humantime::format_duration(within * 4));
+            return Err(HealError::Connect(DbError::Connect { target: target.clone(), reason }));
+        }
+    }
+    let client: &mut Client = &mut guard;
+    let result = run(heal, pool, client, plan, cancel, &lease).await;
+    // Released explicitly, so the next run need not wait for the expiry. (Every path of `run`
+    // returns here; cancellation is handled inside it, never by dropping it.) Three small
+    // statements: `heal.statement_timeout` bounds them (a frozen server leaves the lease to expire).
+    let release = async {
+        let tx = db::begin_heal(client, heal).await?;
+        lease.release(&tx).await?;
+        tx.commit().await?;
+        Ok::<(), DbError>(())
+    };
+    if tokio::time::timeout(heal.statement_timeout, release).await.is_err() {
+        db::discard(guard);
+    }
+    result
+}
+
+/// Before a run: never on a replica, the privileges there, the lease taken.
+async fn prepare(guard: &mut Client, heal: &HealConfig, plan: &Plan, lease: &lease::Lease) -> Result<(), HealError> {
     if guard
         .query_typed_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
         .await
@@ -183,25 +214,21 @@ async fn execute_locked(
     {
         return Err(HealError::Replica);
     }
-    check_privileges(&guard, plan).await?;
-    let mut guard = guard;
-    let client: &mut Client = &mut guard;
-    ensure_lease_table(client, heal).await?;
-    let lease = lease::Lease::new(run_id(), heal.statement_timeout);
-    let tx = db::begin_heal(client, heal).await?;
+    check_privileges(guard, plan).await?;
+    ensure_lease_table(guard, heal).await?;
+    let tx = db::begin_heal(guard, heal).await?;
     if !lease.acquire(&tx).await.map_err(DbError::from)? {
         return Err(HealError::LockedOut);
     }
     tx.commit().await.map_err(DbError::from)?;
-    let result = run(heal, pool, client, plan, cancel, &lease).await;
-    // Released explicitly, so the next run need not wait for the expiry. (Every path of `run`
-    // returns here; cancellation is handled inside it, never by dropping it.)
-    if let Ok(tx) = db::begin_heal(client, heal).await {
-        if lease.release(&tx).await.is_ok() {
-            let _ = tx.commit().await;
-        }
-    }
-    result
+    Ok(())
+}
+
+/// How long heal waits for a transaction before it gives the server up as frozen: the work's
+/// own statement timeout (`heal.validate_timeout` for a long step), plus `heal.statement_timeout`
+/// for the transaction's small statements and `heal.lock_timeout` for its lease renewal.
+fn answer_within(heal: &HealConfig, long: bool) -> std::time::Duration {
+    (if long { heal.validate_timeout } else { heal.statement_timeout }) + heal.statement_timeout + heal.lock_timeout
 }
 
 /// Creates the lease table if it is missing, under an advisory lock so that two healers
@@ -227,6 +254,8 @@ enum Stop {
     Cancelled,
     /// The run's lease is gone (it expired and another run took it): stop writing at once.
     LeaseLost,
+    /// The server did not answer within this long: stop the run (its session is closed).
+    NoAnswer(std::time::Duration),
 }
 
 impl From<DbError> for Stop {
@@ -250,6 +279,8 @@ struct Writer<'a> {
     heal: &'a HealConfig,
     /// The run's lease, renewed first in every transaction.
     lease: &'a lease::Lease,
+    /// Set when a transaction got no answer: the session's state is unknown, it is closed.
+    no_answer: bool,
     /// `SET LOCAL search_path` for the tenant at hand, run right after (see [`search_path`]).
     search_path: String,
 }
@@ -274,7 +305,8 @@ async fn run(
     let mut session = db::session(pool, &heal.database.target).await.map_err(HealError::Connect)?;
     let server_cancel = session.canceller();
     let client: &mut Client = &mut session;
-    let mut writer = Writer { server_cancel, client, cancel, heal, lease, search_path: String::new() };
+    let mut writer =
+        Writer { server_cancel, client, cancel, heal, lease, no_answer: false, search_path: String::new() };
     let mut outcome = Outcome { run_id: lease.holder.clone(), ..Outcome::default() };
     let mut budget = heal.max_rows_per_run;
     for (i, tenant) in plan.tenants.iter().enumerate() {
@@ -287,6 +319,10 @@ async fn run(
             break;
         }
         heal_tenant(&mut writer, heal, tenant, &mut budget, &mut outcome).await;
+    }
+    if writer.no_answer {
+        drop(writer);
+        db::discard(session);
     }
     tracing::info!(
         run_id = %outcome.run_id,
@@ -317,6 +353,7 @@ async fn heal_tenant(
                 }
                 Step::Once(once) => run_once(writer, once, tenant, action, outcome).await,
                 Step::Copy(spec) => run_copy(writer, heal.batch_size, spec, budget, outcome).await,
+                Step::Backfill(spec) => run_backfill(writer, heal.batch_size, spec, budget, outcome).await,
             };
             match result {
                 Ok(()) => {}
@@ -330,6 +367,13 @@ async fn heal_tenant(
                 }
                 Err(Stop::LeaseLost) => {
                     tracing::error!(run_id = %outcome.run_id, "heal stopped: its lease expired and another run holds it");
+                    outcome.interrupted = true;
+                    return;
+                }
+                Err(Stop::NoAnswer(within)) => {
+                    let message = format!("the server did not answer within {}", humantime::format_duration(within));
+                    tracing::error!(schema = %tenant.schema, table = %action.table, error = %message, "heal stopped");
+                    outcome.errors.push((tenant.schema.clone(), action.repair, message));
                     outcome.interrupted = true;
                     return;
                 }
@@ -359,6 +403,20 @@ impl Writer<'_> {
             Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 't>,
         >,
     ) -> Result<T, Stop> {
+        self.transaction_within(false, work).await
+    }
+
+    /// [`Self::transaction`] for a step under `heal.validate_timeout` when `long`. A transaction
+    /// without an answer within [`answer_within`] is cancelled on the server and stops the run.
+    async fn transaction_within<T>(
+        &mut self,
+        long: bool,
+        work: impl for<'t> FnOnce(
+            &'t tokio_postgres::Transaction<'t>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 't>,
+        >,
+    ) -> Result<T, Stop> {
         if self.cancel.is_cancelled() {
             return Err(Stop::Cancelled);
         }
@@ -367,6 +425,8 @@ impl Writer<'_> {
         let heal = self.heal;
         let search_path = self.search_path.clone();
         let lease = self.lease;
+        let within = answer_within(heal, long);
+        let no_answer = &mut self.no_answer;
         let attempt = async {
             let tx = db::begin_heal(self.client, heal).await?;
             if !lease.renew(&tx).await? {
@@ -382,6 +442,11 @@ impl Writer<'_> {
             _ = cancel.cancelled() => {
                 server_cancel.cancel().await;
                 Err(Stop::Cancelled)
+            }
+            _ = tokio::time::sleep(within) => {
+                server_cancel.cancel().await;
+                *no_answer = true;
+                Err(Stop::NoAnswer(within))
             }
         }
     }
@@ -420,6 +485,63 @@ async fn run_batches(
             return Ok(());
         }
     }
+}
+
+/// Runs a backfill range by range over every relation holding the table's rows, until the end of
+/// each (as it was when the run reached it), the budget runs out, or the run is cancelled.
+async fn run_backfill(
+    writer: &mut Writer<'_>,
+    batch_size: usize,
+    spec: &backfill::BackfillSpec,
+    budget: &mut u64,
+    outcome: &mut Outcome,
+) -> Result<(), Stop> {
+    let table_name = spec.table_name();
+    let relations = writer
+        .transaction(move |tx| {
+            Box::pin(async move { tx.query_typed(backfill::RELATIONS, &[(&table_name, Type::TEXT)]).await })
+        })
+        .await?;
+    let relations: Vec<String> = relations.iter().map(|r| r.get(0)).collect();
+    let step = (batch_size / backfill::ROWS_PER_BLOCK).max(1) as i64;
+    for relation in relations {
+        let sql = spec.batch_sql(&relation);
+        let name = relation.clone();
+        let blocks: i64 = writer
+            .transaction(move |tx| {
+                Box::pin(async move { tx.query_typed(backfill::BLOCKS, &[(&name, Type::TEXT)]).await })
+            })
+            .await?
+            .first()
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let mut start = 0;
+        while start < blocks.max(1) {
+            if *budget == 0 {
+                return Err(Stop::BudgetReached);
+            }
+            let end =
+                if start + step >= blocks { backfill::LAST_TID.to_string() } else { format!("({},0)", start + step) };
+            let (from, to) = (format!("({start},0)"), end);
+            let (sql, run_id) = (sql.clone(), outcome.run_id.clone());
+            let rows = writer
+                .transaction(move |tx| {
+                    Box::pin(async move {
+                        tx.query_typed(&sql, &[(&from, Type::TEXT), (&to, Type::TEXT), (&run_id, Type::TEXT)]).await
+                    })
+                })
+                .await?;
+            for row in &rows {
+                let (table, key): (String, String) = (row.get(0), row.get(1));
+                tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair = spec.repair, key = %key, "healed");
+            }
+            let changed = rows.len() as u64;
+            *outcome.changed.entry(spec.repair).or_default() += changed;
+            *budget = budget.saturating_sub(changed);
+            start += step;
+        }
+    }
+    Ok(())
 }
 
 /// Runs a copy batch by batch (keyset over the orphaned keys) until no key is left, the budget
@@ -475,7 +597,7 @@ async fn run_once(
     let timeout =
         once.long.then(|| format!("SET LOCAL statement_timeout = '{}ms'", writer.heal.validate_timeout.as_millis()));
     writer
-        .transaction(move |tx| {
+        .transaction_within(once.long, move |tx| {
             Box::pin(async move {
                 if let Some(timeout) = timeout {
                     tx.batch_execute(&timeout).await?;

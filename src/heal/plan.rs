@@ -33,6 +33,8 @@ pub struct Action {
     /// What the finding says, for people: the rows or column concerned.
     pub summary: String,
     pub steps: Vec<Step>,
+    /// `table.trigger (EVENT)` of every enabled user trigger heal's writes fire.
+    pub triggers: Vec<String>,
 }
 
 /// One statement of a repair.
@@ -45,6 +47,8 @@ pub enum Step {
     Once(OnceStep),
     /// Copies orphans' parents with their closure, batch by batch (see [`copy`]).
     Copy(Box<copy::CopySpec>),
+    /// Sets NULLs from a fallback, block range by block range (see [`backfill`]).
+    Backfill(Box<backfill::BackfillSpec>),
 }
 
 /// A one-off statement (DDL, a sequence) and what its audit row says.
@@ -143,11 +147,29 @@ impl Plan {
                     sql::display_name(&tenant.schema, &action.table),
                     action.summary
                 );
+                if !action.triggers.is_empty() {
+                    let _ = writeln!(out, "-- fires triggers: {}", action.triggers.join(", "));
+                }
                 for step in &action.steps {
                     match step {
                         Step::Batched(sql) => {
                             let _ = writeln!(out, "-- batched: $1 = {batch_size} (heal.batch_size), $2 = run id; repeated until no row changes");
                             let _ = writeln!(out, "{sql};");
+                        }
+                        Step::Backfill(spec) => {
+                            let _ = writeln!(
+                                out,
+                                "-- the relations holding the rows ($1 = {}):\n{};",
+                                sql::literal(&spec.table_name()),
+                                backfill::RELATIONS
+                            );
+                            let _ = writeln!(
+                                out,
+                                "-- then per relation: its size ($1 = the relation):\n{};",
+                                backfill::BLOCKS
+                            );
+                            let _ = writeln!(out, "-- and per range of {} block(s) ($1, $2 its first and end ctid, the last one ending at {}; $3 run id):", (batch_size / backfill::ROWS_PER_BLOCK).max(1), backfill::LAST_TID);
+                            let _ = writeln!(out, "{};", spec.batch_sql(&sql::qualified(&spec.tenant, &spec.table)));
                         }
                         Step::Copy(spec) => {
                             let _ = writeln!(
@@ -219,14 +241,14 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
             let summary = format!("{} NULL {column} value(s) set from {}", f.count, chain.join(", "));
             (
                 summary,
-                vec![Step::Batched(backfill::statement(
-                    tenant,
-                    &table,
-                    &own.primary_key,
-                    column,
-                    &fallback,
-                    repair.name(),
-                ))],
+                vec![Step::Backfill(Box::new(backfill::BackfillSpec {
+                    tenant: tenant.clone(),
+                    table: table.clone(),
+                    column: column.clone(),
+                    fallback,
+                    key: own.primary_key.clone(),
+                    repair: repair.name(),
+                }))],
             )
         }
         (Repair::AddMissingColumns, Check::SchemaDrift, Detail::SchemaDrift { difference, .. }) => {
@@ -266,5 +288,32 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
         }
         _ => return None,
     };
-    Some(Action { repair, table, summary, steps })
+    let triggers = fired_triggers(catalog, tenant, &steps);
+    Some(Action { repair, table, summary, steps, triggers })
+}
+
+/// The enabled user triggers the steps' writes fire: `INSERT` triggers of every table a copy
+/// may write, `UPDATE` triggers of a backfilled table (its inheritance children's own triggers
+/// are not listed). DDL fires none.
+fn fired_triggers(catalog: &crate::catalog::Catalog, tenant: &str, steps: &[Step]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut add = |table: &str, insert: bool| {
+        let Some(t) = catalog.table(tenant, table) else { return };
+        for trigger in t.triggers.iter().filter(|t| if insert { t.on_insert } else { t.on_update }) {
+            let event = if insert { "INSERT" } else { "UPDATE" };
+            out.push(format!("{}.{} ({event})", sql::display_name(tenant, table), trigger.name));
+        }
+    };
+    for step in steps {
+        match step {
+            Step::Copy(spec) => {
+                for (name, _) in spec.tables.iter().filter(|(_, t)| t.in_shared && t.unusable.is_none()) {
+                    add(name, true);
+                }
+            }
+            Step::Backfill(spec) => add(&spec.table, false),
+            Step::Batched(_) | Step::Once(_) => {}
+        }
+    }
+    out
 }

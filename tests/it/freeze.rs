@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::freeze::{freeze, Proxy};
 use crate::support::{
-    cli, config, config_file, lock_audit_trail, metric_lines, pg, start_daemon, wait_until_scan_blocked, RunningDaemon,
-    BASE_SQL, LOCKABLE_SQL,
+    cli, config, config_file, lock_audit_trail, many_orphans, metric_lines, pg, start_daemon, wait_until_scan_blocked,
+    RunningDaemon, BASE_SQL, LOCKABLE_SQL,
 };
 
 /// Process start-up and scheduling on a loaded two-core CI machine, added to each documented
@@ -96,6 +96,70 @@ async fn scan_exits_2_within_its_bound_when_the_server_freezes() {
     locker.batch_execute("COMMIT").await.unwrap();
     let (code, err, _) = scan_cli("freeze_after", &url);
     assert_eq!(code, Some(0), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heal_stops_within_its_bound_when_the_server_freezes() {
+    let cluster = pg::Cluster::start();
+    pg::connect(&cluster.url("postgres")).await.batch_execute("CREATE DATABASE app").await.unwrap();
+    let url = cluster.url("app");
+    let fixture = format!("{BASE_SQL}\nSELECT pg_temp.create_tenant('tenant_template');\n{}", many_orphans(6000));
+    pg::connect(&url).await.batch_execute(&fixture).await.unwrap();
+    // heal.statement_timeout 1 s + lock_timeout 1 s: a transaction without an answer in
+    // 1 + 1 + 1 = 3 s stops the run (docs/reliability.md).
+    let toml = "[tenants]\ninclude = ['^tenant_']\nreference_schema = 'tenant_template'\n\
+        [scan]\nconnect_timeout = '2s'\n\
+        [heal]\ncopy_missing_parents = true\nbatch_size = 5\nstatement_timeout = '1s'\nlock_timeout = '1s'\n";
+    let path = config_file("freeze_heal", toml);
+    // The rerun in big batches: only the frozen run needs to be slow.
+    let rerun_path = config_file("freeze_heal_rerun", &toml.replace("batch_size = 5", "batch_size = 500"));
+    let heal = |path: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_tenant-audit"))
+            .args(["heal", "--config", path.to_str().unwrap(), "--execute"])
+            .env("TENANT_AUDIT_DATABASE_URL", &url)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let copied = "SELECT count(*) FROM tenant_a.business_business WHERE id::text LIKE 'c%'";
+    let watcher = pg::connect(&url).await;
+    let child = heal(&path);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while watcher.query_one(copied, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(Instant::now() < deadline, "heal never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let frozen = freeze(&cluster);
+    let since = Instant::now();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let took = since.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.lines().last(),
+        Some(
+            "tenant-audit: error: 1 repair(s) failed; first: copy_missing_parents on tenant_a: the server did not \
+             answer within 3s"
+        ),
+        "{err}"
+    );
+    // The transaction's 3 s, the cancel request's C, the lease release's heal.statement_timeout.
+    let bound = Duration::from_secs(3) + C + Duration::from_secs(1);
+    assert!(took < bound + SLACK, "took {took:?}; the bound is 3 s + C + 1 s = {bound:?}");
+
+    // Thawed, the next run finishes the job.
+    frozen.thaw();
+    let rerun = heal(&rerun_path);
+    let out = tokio::task::spawn_blocking(move || rerun.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let logged = "SELECT count(*) FROM tenant_audit.heal_log";
+    let counts = (
+        watcher.query_one(copied, &[]).await.unwrap().get::<_, i64>(0),
+        watcher.query_one(logged, &[]).await.unwrap().get::<_, i64>(0),
+    );
+    assert_eq!(counts, (6000, 6000));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

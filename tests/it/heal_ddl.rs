@@ -145,7 +145,8 @@ async fn a_staged_add_column_stopped_after_any_step_is_finished_by_the_next_run(
             .steps
             .iter()
             .map(|s| match s {
-                Step::Batched(_) => "backfill",
+                Step::Backfill(_) => "backfill",
+                Step::Batched(_) => "batched",
                 Step::Copy(_) => "copy",
                 Step::Once(o) if o.sql.contains("VALIDATE") => "validate_check",
                 Step::Once(o) if o.sql.contains("ADD CONSTRAINT") => "add_check",

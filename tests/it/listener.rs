@@ -186,11 +186,20 @@ async fn client_certificates_are_required_when_configured() {
     certificates(&dir);
     let url = fixture_db("listener_mtls", DEMO_SQL).await;
     let web = web_config(&dir, "  client_ca_file: ca.pem\n  client_auth_type: RequireAndVerifyClientCert\n");
-    let daemon = start_daemon(config(&url, &format!("{DAEMON}[web]\nconfig_file = {web:?}\n"))).await;
+    let extra = format!("{DAEMON}[web]\nconfig_file = {web:?}\nheader_read_timeout = '1s'\n");
+    let daemon = start_daemon(config(&url, &extra)).await;
     let base = daemon.base.replace("http://", "https://");
     assert!(https_client(&dir, false).get(format!("{base}/healthz")).send().await.is_err(), "no client certificate");
     let (status, _, body) = send(https_client(&dir, true).get(format!("{base}/healthz")), None).await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // A client that never starts its TLS handshake is closed after header_read_timeout.
+    let mut silent = tokio::net::TcpStream::connect(daemon.base.trim_start_matches("http://")).await.unwrap();
+    let opened = Instant::now();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut buf)).await.unwrap().unwrap();
+    let took = opened.elapsed();
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(3), "closed after {took:?}");
+    assert_eq!(buf.len(), 0);
     daemon.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -256,6 +265,30 @@ async fn half_sent_requests_are_closed_within_the_header_timeout() {
     let answered: Vec<_> = closed.iter().filter(|(_, _, body)| body.starts_with("HTTP/1.1 200")).collect();
     assert_eq!(answered.len(), 0);
     daemon.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_half_sent_requests() {
+    let url = fixture_db("listener_shutdown", DEMO_SQL).await;
+    let daemon = start_daemon(config(&url, &format!("{DAEMON}[web]\nheader_read_timeout = '5m'\n"))).await;
+    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    let address = daemon.base.trim_start_matches("http://").to_string();
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        slow.push(stream);
+    }
+    // Each connection is being served (an answered scrape follows them in accept order).
+    assert_eq!(daemon.get("/healthz").await.0, 200);
+    let stopping = Instant::now();
+    daemon.stop().await;
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(4), "shutdown took {took:?}; the grace is 2 s, header_read_timeout 5 min");
+    assert!(
+        took >= tenant_audit::http::SHUTDOWN_GRACE,
+        "shutdown took {took:?}: it did not wait for the open requests"
+    );
 }
 
 /// utime + stime of process `pid`, in clock ticks (/proc/PID/stat fields 14 and 15).

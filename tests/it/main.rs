@@ -3,10 +3,12 @@
 
 mod chart;
 mod cli;
+mod conninfo;
 mod daemon;
 mod dashboard;
 mod freeze;
 mod heal;
+mod heal_backfill;
 mod heal_ddl;
 mod heal_graph;
 mod heal_sequences;

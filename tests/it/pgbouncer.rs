@@ -10,7 +10,9 @@ use tenant_audit::heal::{self, Plan};
 use tenant_audit::report::ErrorKind;
 
 use crate::support::pgbouncer::PgBouncer;
-use crate::support::{config, config_file, lines, lock_audit_trail, pg, scan, BASE_SQL, DEMO_SQL, LOCKABLE_SQL};
+use crate::support::{
+    config, config_file, lines, lock_audit_trail, many_orphans, pg, scan, BASE_SQL, DEMO_SQL, LOCKABLE_SQL,
+};
 
 /// The demo's discovery against a template schema, with every repair enabled.
 const HEAL: &str = "[tenants]\ninclude = ['^tenant_']\nreference_schema = 'tenant_template'\n\
@@ -124,17 +126,4 @@ async fn heal_in_process(cfg: &tenant_audit::config::Config) -> heal::Outcome {
 
 async fn count(url: &str, sql: &str) -> i64 {
     pg::connect(url).await.query_one(sql, &[]).await.unwrap().get(0)
-}
-
-/// `n` rows of `tenant_a` pointing at shared parents its own table lacks: `n` copies to make.
-fn many_orphans(n: u32) -> String {
-    format!(
-        "SELECT pg_temp.create_tenant('tenant_a');
-        INSERT INTO public.business_business (id, name)
-          SELECT ('c0000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid, 'shared ' || g FROM generate_series(1, {n}) g;
-        SET session_replication_role = replica;
-        INSERT INTO tenant_a.users_userprofile (user_id, business_id, created_at, modified_at)
-          SELECT 1, ('c0000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid, now(), now() FROM generate_series(1, {n}) g;
-        RESET session_replication_role;"
-    )
 }

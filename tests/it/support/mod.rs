@@ -209,3 +209,16 @@ pub async fn wait_until_scan_blocked(url: &str) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// `n` rows of `tenant_a` pointing at shared parents its own table lacks: `n` copies to make.
+pub fn many_orphans(n: u32) -> String {
+    format!(
+        "SELECT pg_temp.create_tenant('tenant_a');
+        INSERT INTO public.business_business (id, name)
+          SELECT ('c0000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid, 'shared ' || g FROM generate_series(1, {n}) g;
+        SET session_replication_role = replica;
+        INSERT INTO tenant_a.users_userprofile (user_id, business_id, created_at, modified_at)
+          SELECT 1, ('c0000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid, now(), now() FROM generate_series(1, {n}) g;
+        RESET session_replication_role;"
+    )
+}
