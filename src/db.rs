@@ -2,7 +2,7 @@
 //!
 //! Invariants: every session is tagged `application_name = 'tenant-audit'`. Nothing relies on
 //! startup parameters or session state, so sessions survive a transaction-pooling PgBouncer:
-//! every transaction starts through [`begin_scan`] or [`begin_heal`], which set what it needs
+//! every transaction starts through [`begin_scan`], [`begin_heal`] or [`begin_heal_checks`], which set what it needs
 //! with `SET LOCAL` (timeouts, `search_path`, `standard_conforming_strings`) and declare it
 //! read-only or read-write; statements with parameters go through `query_typed` (unnamed
 //! statements), so no named prepared statement outlives its transaction.
@@ -359,6 +359,14 @@ pub async fn begin_scan<'a>(client: &'a mut Client, scan: &ScanConfig) -> Result
 /// with heal's timeouts. Every heal statement runs in one of these.
 pub async fn begin_heal<'a>(client: &'a mut Client, heal: &HealConfig) -> Result<Transaction<'a>, DbError> {
     let tx = client.build_transaction().read_only(false).start().await?;
+    tx.batch_execute(&set_local(heal.statement_timeout, heal.lock_timeout)).await?;
+    Ok(tx)
+}
+
+/// Starts a read-only transaction with heal's timeouts: heal's checks before it writes (which
+/// must also run on a replica, to find out that it is one).
+pub async fn begin_heal_checks<'a>(client: &'a mut Client, heal: &HealConfig) -> Result<Transaction<'a>, DbError> {
+    let tx = client.build_transaction().read_only(true).start().await?;
     tx.batch_execute(&set_local(heal.statement_timeout, heal.lock_timeout)).await?;
     Ok(tx)
 }

@@ -206,15 +206,15 @@ async fn execute_locked(
 
 /// Before a run: never on a replica, the privileges there, the lease taken.
 async fn prepare(guard: &mut Client, heal: &HealConfig, plan: &Plan, lease: &lease::Lease) -> Result<(), HealError> {
-    if guard
-        .query_typed_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
-        .await
-        .map_err(DbError::from)?
-        .get::<_, bool>(0)
+    // In a transaction of ours, like every statement: through a pooler, a statement outside one
+    // would run with whatever session state the last client left on the server connection.
+    let tx = db::begin_heal_checks(guard, heal).await?;
+    if tx.query_typed_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(DbError::from)?.get::<_, bool>(0)
     {
         return Err(HealError::Replica);
     }
-    check_privileges(guard, plan).await?;
+    check_privileges(&tx, plan).await?;
+    tx.commit().await.map_err(DbError::from)?;
     ensure_lease_table(guard, heal).await?;
     let tx = db::begin_heal(guard, heal).await?;
     if !lease.acquire(&tx).await.map_err(DbError::from)? {
@@ -296,12 +296,14 @@ pub fn search_path(tenant: &str) -> String {
 async fn run(
     heal: &HealConfig,
     pool: &Pool,
-    guard: &Client,
+    guard: &mut Client,
     plan: &Plan,
     cancel: &CancellationToken,
     lease: &lease::Lease,
 ) -> Result<Outcome, HealError> {
-    ensure_audit_table(guard).await?;
+    let tx = db::begin_heal(guard, heal).await.map_err(HealError::AuditTable)?;
+    ensure_audit_table(&tx).await?;
+    tx.commit().await.map_err(|e| HealError::AuditTable(e.into()))?;
     let mut session = db::session(pool, &heal.database.target).await.map_err(HealError::Connect)?;
     let server_cancel = session.canceller();
     let client: &mut Client = &mut session;
@@ -615,7 +617,7 @@ async fn run_once(
 }
 
 /// Creates the audit table if it is missing.
-async fn ensure_audit_table(client: &Client) -> Result<(), HealError> {
+async fn ensure_audit_table(client: &tokio_postgres::Transaction<'_>) -> Result<(), HealError> {
     let exists: bool = client
         .query_typed_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[(&audit::table(), Type::TEXT)])
         .await
@@ -629,7 +631,7 @@ async fn ensure_audit_table(client: &Client) -> Result<(), HealError> {
 
 /// Checks, in one query, that the role may write every table the plan touches: INSERT for
 /// copies, UPDATE for backfills, ownership for added columns, and INSERT on the audit table.
-async fn check_privileges(client: &Client, plan: &Plan) -> Result<(), HealError> {
+async fn check_privileges(client: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), HealError> {
     // Relations dropped since the scan are left to fail (and be reported) in their own repair.
     const CHECK: &str = "SELECT t.rel, t.privilege
 FROM unnest($1::text[], $2::text[]) AS t(rel, privilege), LATERAL pg_catalog.to_regclass(t.rel) AS r(oid)
