@@ -1,11 +1,19 @@
 //! Catalog introspection: tables, columns, primary keys and foreign keys of the tenant, shared
 //! and reference schemas, as plain data.
 //!
-//! Invariants: read-only; exactly [`QUERY_COUNT`] queries whatever the number of schemas (the
-//! schema list is one array parameter), never one query per tenant. Every query carries the
-//! [`QUERY_TAG`] comment so its executions can be counted in `pg_stat_statements`, and every
-//! name in them is qualified with `pg_catalog`: the columns query changes the transaction's
-//! `search_path` row by row (see [`RELATIVE`]).
+//! Invariants: read-only; [`QUERY_COUNT`] queries per chunk of at most [`CHUNK_SCHEMAS`]
+//! schemas (the schema list is one array parameter), never one query per tenant, and each chunk
+//! under a savepoint of its own, so that a chunk that fails costs its schemas, not the scan.
+//! Every query carries the [`QUERY_TAG`] comment so its executions can be counted in
+//! `pg_stat_statements`. Nothing here opens a user relation: only `pg_catalog` tables are read
+//! (no `::regclass` casts, no deparsing with a relation), so a migration holding `ACCESS
+//! EXCLUSIVE` on a tenant table never delays the catalog.
+//!
+//! Only ordinary and partitioned tables are tables here: views, materialized views and foreign
+//! tables are never audited, and partitions are read through their partitioned table.
+//!
+//! Every name in the queries is qualified with `pg_catalog`: the columns query changes the
+//! transaction's `search_path` row by row (see [`RELATIVE`]).
 //!
 //! Types and defaults are never edited as text. PostgreSQL deparses each one relative to the
 //! column's own schema (`search_path = pg_catalog, <schema>`, transaction-local): an object of the
@@ -22,11 +30,14 @@ use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
 use crate::db::DbError;
+use crate::sql;
 
 /// The comment that opens every catalog query.
 pub const QUERY_TAG: &str = "/* tenant-audit:catalog */";
-/// How many queries [`read`] issues.
-pub const QUERY_COUNT: usize = 2;
+/// How many queries [`read`] issues per chunk.
+pub const QUERY_COUNT: usize = 3;
+/// The most schemas one chunk of catalog queries covers.
+pub const CHUNK_SCHEMAS: usize = 200;
 
 /// The catalog of every requested schema that exists, by schema name.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -50,8 +61,30 @@ pub struct Table {
     pub foreign_keys: Vec<ForeignKey>,
     /// Whether the scanning role may read the table (schema `USAGE` and table `SELECT`).
     pub readable: bool,
+    /// A partitioned table: its rows are those of its partitions, so it is read without `ONLY`.
+    /// Any other table is read with `ONLY`, so that an inheritance parent never counts the rows
+    /// of its children (which are tables of their own).
+    pub partitioned: bool,
+    /// `UNLOGGED`: its rows cannot be read on a standby.
+    pub unlogged: bool,
+    /// The collation of each collatable column, by column name.
+    pub collations: BTreeMap<String, QualifiedName>,
     /// The table's enabled user triggers that fire on `INSERT` or `UPDATE` (heal's writes).
     pub triggers: Vec<Trigger>,
+}
+
+/// A schema-qualified catalog object name (a collation, an operator's schema and name).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QualifiedName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl QualifiedName {
+    /// `"schema"."name"`, both parts quoted (for collations).
+    pub fn quoted(&self) -> String {
+        sql::qualified(&self.schema, &self.name)
+    }
 }
 
 /// A user trigger of a table, enabled for ordinary sessions.
@@ -121,6 +154,8 @@ pub struct ForeignKey {
     pub deferrable: bool,
     /// `MATCH FULL`: a key with some NULL columns (but not all) is a violation too.
     pub match_full: bool,
+    /// The constraint's equality operator per key column (`conpfeqop`): `parent = child`.
+    pub equality: Vec<QualifiedName>,
 }
 
 impl Table {
@@ -136,6 +171,18 @@ impl Table {
 impl Catalog {
     pub fn table(&self, schema: &str, table: &str) -> Option<&Table> {
         self.schemas.get(schema)?.tables.get(table)
+    }
+}
+
+/// How a relation is named in a data statement: `ONLY "s"."t"`, or `"s"."t"` for a partitioned
+/// table (`ONLY` would leave out every row of its partitions) and for a relation the catalog
+/// does not know.
+pub fn relation(catalog: &Catalog, schema: &str, table: &str) -> String {
+    let partitioned = catalog.table(schema, table).is_some_and(|t| t.partitioned);
+    if partitioned {
+        sql::qualified(schema, table)
+    } else {
+        format!("ONLY {}", sql::qualified(schema, table))
     }
 }
 
@@ -229,7 +276,14 @@ SELECT n.nspname::text, c.relname::text, con.conname::text,
        ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(num, ord)
              JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.num
              ORDER BY k.ord),
-       con.convalidated, con.condeferrable, con.confmatchtype = 'f'
+       con.convalidated, con.condeferrable, con.confmatchtype = 'f',
+       ARRAY(SELECT opn.nspname::text FROM unnest(con.conpfeqop) WITH ORDINALITY k(op, ord)
+             JOIN pg_catalog.pg_operator o ON o.oid = k.op
+             JOIN pg_catalog.pg_namespace opn ON opn.oid = o.oprnamespace
+             ORDER BY k.ord),
+       ARRAY(SELECT o.oprname::text FROM unnest(con.conpfeqop) WITH ORDINALITY k(op, ord)
+             JOIN pg_catalog.pg_operator o ON o.oid = k.op
+             ORDER BY k.ord)
 FROM pg_catalog.pg_constraint con
 JOIN pg_catalog.pg_class c ON c.oid = con.conrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -238,8 +292,60 @@ JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
 WHERE con.contype = 'f' AND con.conparentid = 0 AND n.nspname = ANY($1)
 ORDER BY 1, 2, 3";
 
-/// Reads the catalog of `schemas` (names that do not exist are simply absent from the result).
-pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Catalog, DbError> {
+/// Per ordinary or partitioned table: whether it is partitioned, whether it is unlogged, and the
+/// collation of each collatable column (three parallel arrays: column, schema and name).
+const RELATIONS: &str = "/* tenant-audit:catalog */
+SELECT n.nspname::text, c.relname::text, c.relkind = 'p', c.relpersistence = 'u',
+       coalesce(coll.columns, '{}'), coalesce(coll.schemas, '{}'), coalesce(coll.names, '{}')
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN LATERAL (
+    SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum),
+           pg_catalog.array_agg(cn.nspname::text ORDER BY a.attnum),
+           pg_catalog.array_agg(co.collname::text ORDER BY a.attnum)
+    FROM pg_catalog.pg_attribute a
+    JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
+    JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
+    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+) coll(columns, schemas, names)
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY($1)";
+
+/// A chunk of schemas whose catalog could not be read.
+#[derive(Debug)]
+pub struct ChunkFailure {
+    pub schemas: Vec<String>,
+    pub error: DbError,
+}
+
+/// Reads the catalog of `required` (all in one chunk: a failure there is the caller's failure)
+/// and of `schemas` in chunks of [`CHUNK_SCHEMAS`], each chunk under its own savepoint of `tx`:
+/// a failing chunk is returned with its schemas, and the other chunks are read all the same.
+/// Names that do not exist are simply absent from the result.
+pub async fn read(
+    tx: &mut tokio_postgres::Transaction<'_>,
+    required: &[String],
+    schemas: &[String],
+) -> Result<(Catalog, Vec<ChunkFailure>), DbError> {
+    let mut catalog = read_chunk(&*tx, required).await?;
+    let mut failures = Vec::new();
+    for chunk in schemas.chunks(CHUNK_SCHEMAS) {
+        let savepoint = tx.savepoint("catalog_chunk").await?;
+        match read_chunk(&savepoint, chunk).await {
+            Ok(part) => {
+                savepoint.commit().await?;
+                catalog.schemas.extend(part.schemas);
+            }
+            Err(error) => {
+                savepoint.rollback().await?;
+                failures.push(ChunkFailure { schemas: chunk.to_vec(), error });
+            }
+        }
+    }
+    Ok((catalog, failures))
+}
+
+/// The catalog of `schemas` in [`QUERY_COUNT`] queries.
+async fn read_chunk(client: &impl GenericClient, schemas: &[String]) -> Result<Catalog, DbError> {
     let mut catalog = Catalog::default();
     for row in client.query_typed(&columns_sql(), &[(&schemas, Type::TEXT_ARRAY)]).await? {
         // A relation dropped while this query runs comes back with NULL privileges: skip it.
@@ -299,10 +405,33 @@ pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Cat
             validated: row.get(7),
             deferrable: row.get(8),
             match_full: row.get(9),
+            equality: row
+                .get::<_, Vec<String>>(10)
+                .into_iter()
+                .zip(row.get::<_, Vec<String>>(11))
+                .map(|(schema, name)| QualifiedName { schema, name })
+                .collect(),
         };
         if let Some(t) = catalog.schemas.get_mut(&schema).and_then(|s| s.tables.get_mut(&table)) {
             t.foreign_keys.push(fk);
         }
+    }
+    for row in client.query_typed(RELATIONS, &[(&schemas, Type::TEXT_ARRAY)]).await? {
+        let Some(t) =
+            catalog.schemas.get_mut(&row.get::<_, String>(0)).and_then(|s| s.tables.get_mut(&row.get::<_, String>(1)))
+        else {
+            continue;
+        };
+        t.partitioned = row.get(2);
+        t.unlogged = row.get(3);
+        let columns: Vec<String> = row.get(4);
+        let schemas: Vec<String> = row.get(5);
+        let names: Vec<String> = row.get(6);
+        t.collations = columns
+            .into_iter()
+            .zip(schemas.into_iter().zip(names))
+            .map(|(column, (schema, name))| (column, QualifiedName { schema, name }))
+            .collect();
     }
     Ok(catalog)
 }

@@ -411,8 +411,8 @@ struct RawHeal {
     copy_missing_parents: bool,
     backfill_null_timestamps: bool,
     add_missing_columns: bool,
-    batch_size: usize,
-    max_rows_per_run: u64,
+    batch_size: i64,
+    max_rows_per_run: i64,
     lock_timeout: String,
     statement_timeout: String,
     validate_timeout: String,
@@ -477,7 +477,7 @@ impl Default for RawServe {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawMetrics {
-    max_tenant_series: usize,
+    max_tenant_series: i64,
 }
 
 impl Default for RawMetrics {
@@ -517,7 +517,7 @@ impl Default for RawTenants {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawScan {
-    concurrency: usize,
+    concurrency: i64,
     statement_timeout: String,
     lock_timeout: String,
     connect_timeout: String,
@@ -557,7 +557,7 @@ impl Default for RawChecks {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawReport {
-    sample_keys: usize,
+    sample_keys: i64,
 }
 
 impl Default for RawReport {
@@ -597,9 +597,11 @@ impl RawConfig {
             tenants,
             scan,
             checks,
-            report: ReportConfig { sample_keys: self.report.sample_keys },
+            report: ReportConfig { sample_keys: bounded("report.sample_keys", self.report.sample_keys, 0, 1000)? },
             serve,
-            metrics: MetricsConfig { max_tenant_series: self.metrics.max_tenant_series },
+            metrics: MetricsConfig {
+                max_tenant_series: bounded("metrics.max_tenant_series", self.metrics.max_tenant_series, 0, 1_000_000)?,
+            },
             heal,
             web,
         })
@@ -729,28 +731,59 @@ fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Parses a human duration such as `30s`, `2m` or `1h 30m`.
+/// `value` of `key` as a number within `min..=max`, or an error naming the key and the bounds.
+fn bounded(key: &str, value: i64, min: usize, max: usize) -> Result<usize, ConfigError> {
+    match usize::try_from(value) {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ConfigError::invalid(key, format!("{value} is out of range: must be between {min} and {max}"))),
+    }
+}
+
+/// The longest duration any setting accepts.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The longest timeout: PostgreSQL's own settings stop at 2^31 - 1 ms (24.8 days), and a scan
+/// statement that long is a mistake.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses a human duration such as `30s`, `2m` or `1h 30m`, greater than zero and at most a
+/// year.
 pub fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
     let d = humantime::parse_duration(value)
         .map_err(|e| ConfigError::invalid(key, format!("invalid duration {value:?}: {e}")))?;
     if d.is_zero() {
         return Err(ConfigError::invalid(key, "must be greater than zero"));
     }
+    if d > MAX_DURATION {
+        return Err(ConfigError::invalid(key, "must be at most a year"));
+    }
     Ok(d)
+}
+
+/// A timeout sent to PostgreSQL (or bounding a connection attempt): whole milliseconds from
+/// 1 ms to 24 h. Below 1 ms PostgreSQL would round it to 0, which disables the timeout.
+pub fn parse_timeout(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    let d = parse_duration(key, value)?;
+    if d < Duration::from_millis(1) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{value:?} is below 1ms (PostgreSQL would disable the timeout)"),
+        ));
+    }
+    if d > MAX_TIMEOUT {
+        return Err(ConfigError::invalid(key, format!("{value:?} is longer than the 24h maximum")));
+    }
+    Ok(Duration::from_millis(d.as_millis() as u64))
 }
 
 impl RawScan {
     /// The scan settings, and whether `scan.max_duration` was set.
     fn validate(self) -> Result<(ScanConfig, bool), ConfigError> {
-        if self.concurrency == 0 {
-            return Err(ConfigError::invalid("scan.concurrency", "must be at least 1"));
-        }
         let max_duration = self.max_duration.as_deref().map(|v| parse_duration("scan.max_duration", v)).transpose()?;
         let scan = ScanConfig {
-            concurrency: self.concurrency,
-            statement_timeout: parse_duration("scan.statement_timeout", &self.statement_timeout)?,
-            lock_timeout: parse_duration("scan.lock_timeout", &self.lock_timeout)?,
-            connect_timeout: parse_duration("scan.connect_timeout", &self.connect_timeout)?,
+            concurrency: bounded("scan.concurrency", self.concurrency, 1, 256)?,
+            statement_timeout: parse_timeout("scan.statement_timeout", &self.statement_timeout)?,
+            lock_timeout: parse_timeout("scan.lock_timeout", &self.lock_timeout)?,
+            connect_timeout: parse_timeout("scan.connect_timeout", &self.connect_timeout)?,
             full_every: parse_duration("scan.full_every", &self.full_every)?,
             max_duration: max_duration.unwrap_or(CLI_SCAN_MAX_DURATION),
         };
@@ -770,9 +803,6 @@ impl RawHeal {
         } else {
             scan_database.clone()
         };
-        if self.batch_size == 0 {
-            return Err(ConfigError::invalid("heal.batch_size", "must be at least 1"));
-        }
         for (column, chain) in &self.fallbacks {
             if chain.is_empty() {
                 return Err(ConfigError::invalid(
@@ -793,11 +823,11 @@ impl RawHeal {
             copy_missing_parents: self.copy_missing_parents,
             backfill_null_timestamps: self.backfill_null_timestamps,
             add_missing_columns: self.add_missing_columns,
-            batch_size: self.batch_size,
-            max_rows_per_run: self.max_rows_per_run,
-            lock_timeout: parse_duration("heal.lock_timeout", &self.lock_timeout)?,
-            statement_timeout: parse_duration("heal.statement_timeout", &self.statement_timeout)?,
-            validate_timeout: parse_duration("heal.validate_timeout", &self.validate_timeout)?,
+            batch_size: bounded("heal.batch_size", self.batch_size, 1, 100_000)?,
+            max_rows_per_run: bounded("heal.max_rows_per_run", self.max_rows_per_run, 0, 1_000_000_000_000)? as u64,
+            lock_timeout: parse_timeout("heal.lock_timeout", &self.lock_timeout)?,
+            statement_timeout: parse_timeout("heal.statement_timeout", &self.statement_timeout)?,
+            validate_timeout: parse_timeout("heal.validate_timeout", &self.validate_timeout)?,
             fallbacks: self.fallbacks,
             same_entity_keys: self.same_entity_keys,
             advance_sequences: self.advance_sequences,
@@ -820,7 +850,9 @@ impl RawServe {
             .parse()
             .map_err(|e| ConfigError::invalid("serve.listen", format!("invalid address {:?}: {e}", self.listen)))?;
         let schedule = cron::Schedule::from_str(&self.schedule).map_err(|e| {
-            ConfigError::invalid("serve.schedule", format!("invalid cron expression {:?}: {e}", self.schedule))
+            // The parser's messages can span lines; a config error is one.
+            let reason = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            ConfigError::invalid("serve.schedule", format!("invalid cron expression {:?}: {reason}", self.schedule))
         })?;
         let interval = schedule_interval(&schedule)
             .ok_or_else(|| ConfigError::invalid("serve.schedule", format!("{:?} never fires twice", self.schedule)))?;
@@ -841,7 +873,7 @@ impl RawServe {
             schedule,
             scan_on_start: self.scan_on_start,
             ready_max_age,
-            shutdown_timeout: parse_duration("serve.shutdown_timeout", &self.shutdown_timeout)?,
+            shutdown_timeout: parse_timeout("serve.shutdown_timeout", &self.shutdown_timeout)?,
             retry_initial_backoff,
             retry_max_backoff,
             scan_max_duration: interval.max(MIN_DERIVED_SCAN_MAX_DURATION),
@@ -950,27 +982,18 @@ impl RawWeb {
         };
         Ok(WebConfig {
             security,
-            header_read_timeout: bounded_duration("web.header_read_timeout", &self.header_read_timeout)?,
-            idle_timeout: bounded_duration("web.idle_timeout", &self.idle_timeout)?,
+            header_read_timeout: parse_duration("web.header_read_timeout", &self.header_read_timeout)?,
+            idle_timeout: parse_duration("web.idle_timeout", &self.idle_timeout)?,
             max_connections: self.max_connections,
             metrics_auth: self.metrics_auth,
             report_auth: self.report_auth,
             scan_requests: ScanRequestsConfig {
                 enabled: requests.enabled,
-                min_interval: bounded_duration("web.scan_requests.min_interval", &requests.min_interval)?,
+                min_interval: parse_duration("web.scan_requests.min_interval", &requests.min_interval)?,
                 heal: requests.heal,
             },
         })
     }
-}
-
-/// A duration of at most a year: larger values would overflow the timers that use it.
-fn bounded_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
-    let d = parse_duration(key, value)?;
-    if d > Duration::from_secs(366 * 24 * 3600) {
-        return Err(ConfigError::invalid(key, "must be at most a year"));
-    }
-    Ok(d)
 }
 
 /// The longest time between two of the next 1,000 firings of `schedule`: its interval for a
@@ -1080,6 +1103,40 @@ mod tests {
             err.to_string().starts_with("config key heal.add_missing_columns: needs tenants.reference_schema"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn numbers_and_durations_are_bounded_with_the_key_named() {
+        let cases = [
+            (
+                "[scan]\nconcurrency = 4611686018427387904",
+                "config key scan.concurrency: 4611686018427387904 is out of range: must be between 1 and 256",
+            ),
+            ("[scan]\nconcurrency = -1", "config key scan.concurrency: -1 is out of range: must be between 1 and 256"),
+            (
+                "[scan]\nlock_timeout = '500us'",
+                "config key scan.lock_timeout: \"500us\" is below 1ms (PostgreSQL would disable the timeout)",
+            ),
+            (
+                "[scan]\nstatement_timeout = '30d'",
+                "config key scan.statement_timeout: \"30d\" is longer than the 24h maximum",
+            ),
+            ("[heal]\nbatch_size = 0", "config key heal.batch_size: 0 is out of range: must be between 1 and 100000"),
+            (
+                "[report]\nsample_keys = 9223372036854775807",
+                "config key report.sample_keys: 9223372036854775807 is out of range: must be between 0 and 1000",
+            ),
+            ("[serve]\nready_max_age = '500years'", "config key serve.ready_max_age: must be at most a year"),
+        ];
+        for (toml, expected) in cases {
+            let err = parse(&format!("database_url = 'postgres://db/app'\n{toml}\n")).unwrap_err();
+            assert_eq!(err.to_string(), expected);
+        }
+        let c = parse("database_url = 'postgres://db/app'\n[scan]\nlock_timeout = '1500us'\n").unwrap();
+        assert_eq!(c.scan.lock_timeout, Duration::from_millis(1));
+        let err = parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '0 0 * * * * * *'\n").unwrap_err();
+        assert!(!err.to_string().contains('\n'), "{err}");
+        assert!(err.to_string().starts_with("config key serve.schedule: invalid cron expression"), "{err}");
     }
 
     #[test]

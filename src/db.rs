@@ -406,36 +406,46 @@ pub async fn ping(pool: &Pool, target: &str, within: Duration) -> Result<(), DbE
     }
 }
 
-/// A tenant's read-only snapshot (its transaction) that runs each check statement under a
-/// savepoint of its own, in one round trip: `SAVEPOINT; statement; RELEASE` go as one simple
-/// query message. A failing statement rolls its savepoint back, so the snapshot stays usable
-/// for the tenant's other checks.
-pub struct Snapshot<'a> {
-    tx: &'a tokio_postgres::Transaction<'a>,
+/// Whether a statement may use parallel workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parallel {
+    Allowed,
+    Serial,
 }
 
-impl<'a> Snapshot<'a> {
-    pub fn new(tx: &'a tokio_postgres::Transaction<'a>) -> Snapshot<'a> {
-        Snapshot { tx }
-    }
-
-    /// Runs `sql` (a single statement without parameters) and returns its rows as text.
-    pub async fn rows(&self, sql: &str) -> Result<Vec<Vec<Option<String>>>, DbError> {
-        let batch = format!("SAVEPOINT check_statement; {sql}; RELEASE SAVEPOINT check_statement");
-        match self.tx.simple_query(&batch).await {
-            Ok(messages) => Ok(messages
-                .into_iter()
-                .filter_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(row) => {
-                        Some((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect())
-                    }
-                    _ => None,
-                })
-                .collect()),
-            Err(e) => {
-                let _ = self.tx.batch_execute("ROLLBACK TO SAVEPOINT check_statement").await;
-                Err(e.into())
+/// Runs `sql` (one statement without parameters) in a short read-only transaction of its own
+/// and returns its rows as text: `BEGIN READ ONLY; SET LOCAL ...; statement; COMMIT` go as one
+/// simple query message, one round trip. The session holds the statement's locks only while it
+/// runs. After a failure the transaction is rolled back (when the session still lives), so the
+/// session is clean for the next statement. A `Serial` statement gets no parallel workers: a
+/// bounded scan then meets rows in the table's physical order, so its samples are stable.
+pub async fn read_only(
+    client: &tokio_postgres::Client,
+    scan: &ScanConfig,
+    sql: &str,
+    plan: Parallel,
+) -> Result<Vec<Vec<Option<String>>>, DbError> {
+    let serial = match plan {
+        Parallel::Allowed => "",
+        Parallel::Serial => "SET LOCAL max_parallel_workers_per_gather = 0; ",
+    };
+    let batch =
+        format!("BEGIN READ ONLY; {}; {serial}{sql}; COMMIT", set_local(scan.statement_timeout, scan.lock_timeout));
+    match client.simple_query(&batch).await {
+        Ok(messages) => Ok(messages
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => {
+                    Some((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect())
+                }
+                _ => None,
+            })
+            .collect()),
+        Err(e) => {
+            if !client.is_closed() {
+                let _ = client.batch_execute("ROLLBACK").await;
             }
+            Err(e.into())
         }
     }
 }

@@ -274,29 +274,15 @@ pub fn unit_inputs(
     signals: &Signals,
     shared: &mut SharedTables,
 ) -> BTreeMap<String, Option<u64>> {
-    let mut reads: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
-    for p in &plan.orphans {
-        let tables = reads.entry(&p.table).or_default();
-        tables.push((&p.parent_schema, &p.parent_table));
-        if let Some(shared) = &p.shared_parent {
-            tables.push((shared, &p.parent_table));
-        }
-    }
-    for p in &plan.nulls {
-        reads.entry(&p.table).or_default();
-    }
     let mut own: HashMap<&str, Option<u64>> = HashMap::new();
-    reads
-        .into_iter()
-        .map(|(table, parents)| {
+    plan.tables
+        .iter()
+        .filter(|unit| !unit.orphans.is_empty() || unit.nulls.is_some())
+        .map(|unit| {
             let mut h = DefaultHasher::new();
-            let probes = (
-                plan.orphans.iter().filter(|p| p.table == table).collect::<Vec<_>>(),
-                plan.nulls.iter().filter(|p| p.table == table).collect::<Vec<_>>(),
-            );
-            format!("{probes:?}").hash(&mut h);
+            format!("{:?}", (&unit.relation, &unit.orphans, &unit.nulls)).hash(&mut h);
             let mut complete = true;
-            for (schema, name) in std::iter::once((tenant, table)).chain(parents) {
+            for (schema, name) in unit.relations(tenant) {
                 let hash = if schema == tenant {
                     *own.entry(name).or_insert_with(|| table_hash(catalog, signals, schema, name))
                 } else {
@@ -310,7 +296,7 @@ pub fn unit_inputs(
                     None => complete = false,
                 }
             }
-            (table.to_string(), complete.then(|| h.finish()))
+            (unit.table.clone(), complete.then(|| h.finish()))
         })
         .collect()
 }

@@ -18,7 +18,10 @@ fn main() -> ExitCode {
         Command::Scan(_) => "warn",
         Command::Serve(_) | Command::Heal(_) => "info",
     };
-    init_logging(cli.log_format, cli.log_filter.as_deref().unwrap_or(default_filter));
+    if let Err(e) = init_logging(cli.log_format, cli.log_filter.as_deref().unwrap_or(default_filter)) {
+        eprintln!("tenant-audit: error: {e:#}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -28,8 +31,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "warn".into());
+/// Installs the log subscriber; an invalid filter is an error, never silently replaced.
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
+        let reason = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        anyhow::anyhow!("invalid log filter {filter:?} (--log-filter or RUST_LOG): {reason}")
+    })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -38,6 +45,7 @@ fn init_logging(format: LogFormat, filter: &str) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

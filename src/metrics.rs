@@ -285,13 +285,7 @@ impl Metrics {
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         // Counters exist from the start, so that rate() and alert rules see them before the
         // first error.
-        for kind in [
-            ErrorKind::TenantDropped,
-            ErrorKind::Permission,
-            ErrorKind::Timeout,
-            ErrorKind::Connection,
-            ErrorKind::Query,
-        ] {
+        for kind in ErrorKind::ALL {
             m.scan_errors.with_label_values(&[kind.name()]);
         }
         for kind in SCAN_FAILURE_KINDS {

@@ -257,12 +257,33 @@ pub enum ErrorKind {
     /// The tenant's schema was dropped while the scan ran: reported, not a failure.
     TenantDropped,
     Permission,
+    /// A statement or lock timeout (SQLSTATE 57014, 55P03).
     Timeout,
     Connection,
     Query,
+    /// Cancelled by a recovery conflict on a standby (40001, 40P01) on every attempt.
+    Conflict,
+    /// The server session was terminated (57P01, e.g. `pg_terminate_backend`).
+    Terminated,
+    /// The server ran out of a resource: memory, the shared lock table, disk, connections (53xxx).
+    Resources,
+    /// Not read on purpose (an unlogged table on a standby): reported, not a failure.
+    Skipped,
 }
 
 impl ErrorKind {
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::TenantDropped,
+        ErrorKind::Permission,
+        ErrorKind::Timeout,
+        ErrorKind::Connection,
+        ErrorKind::Query,
+        ErrorKind::Conflict,
+        ErrorKind::Terminated,
+        ErrorKind::Resources,
+        ErrorKind::Skipped,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             ErrorKind::TenantDropped => "tenant_dropped",
@@ -270,7 +291,17 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Connection => "connection",
             ErrorKind::Query => "query",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Terminated => "terminated",
+            ErrorKind::Resources => "resources",
+            ErrorKind::Skipped => "skipped",
         }
+    }
+
+    /// Whether an error of this kind means the scan missed data: everything but a tenant
+    /// dropped meanwhile and a table skipped on purpose.
+    pub fn is_failure(self) -> bool {
+        !matches!(self, ErrorKind::TenantDropped | ErrorKind::Skipped)
     }
 }
 
@@ -368,16 +399,19 @@ impl Report {
             .collect()
     }
 
-    /// Errors other than tenants dropped during the scan (which are expected in a live system).
+    /// Errors other than tenants dropped during the scan (which are expected in a live system)
+    /// and tables skipped on purpose.
     pub fn failures(&self) -> impl Iterator<Item = &ScanError> {
-        self.errors.iter().filter(|e| e.kind != ErrorKind::TenantDropped)
+        self.errors.iter().filter(|e| e.kind.is_failure())
     }
 
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a report always serializes")
     }
 
-    /// The human rendering: one block per check with findings, most severe first.
+    /// The human rendering: one block per check with findings, most severe first. Every name,
+    /// key and message is escaped (see [`escape`]): identifiers can hold terminal control
+    /// sequences.
     pub fn to_table(&self) -> String {
         let mut out = String::new();
         for check in Check::ALL {
@@ -395,9 +429,9 @@ impl Report {
                 summary.schemas
             );
             for f in self.findings.iter().filter(|f| f.check == check) {
-                let _ = writeln!(out, "  {}", describe(f));
+                let _ = writeln!(out, "  {}", escape(&describe(f)));
                 if !f.sample_keys.is_empty() {
-                    let _ = writeln!(out, "      sample keys: {}", f.sample_keys.join(", "));
+                    let _ = writeln!(out, "      sample keys: {}", escape(&f.sample_keys.join(", ")));
                 }
             }
             out.push('\n');
@@ -410,7 +444,7 @@ impl Report {
             "Scanned {} of {} tenants of {} in {:.2}s; {} findings, {} errors.",
             self.tenants.scanned,
             self.tenants.discovered,
-            self.database,
+            escape(&self.database),
             self.duration_seconds,
             self.findings.len(),
             self.errors.len()
@@ -425,10 +459,30 @@ impl Report {
             );
         }
         for e in &self.errors {
-            let _ = writeln!(out, "  error [{}] {}: {}", e.kind.name(), e.place(), e.message);
+            let _ = writeln!(out, "  error [{}] {}: {}", e.kind.name(), escape(&e.place()), escape(&e.message));
         }
         out
     }
+}
+
+/// `text` safe for a terminal: control characters (C0, DEL, C1: ESC sequences, carriage
+/// returns, newlines) and the invisible format characters that reorder or hide text
+/// (bidirectional overrides and isolates such as U+202E, zero-width characters) become `\u{..}`
+/// escapes, and a backslash becomes `\\`, so an escape in the output is always ours.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let hidden =
+            matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}');
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if c.is_control() || hidden {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One line describing a finding for people.
@@ -490,4 +544,14 @@ fn describe(f: &Finding) -> String {
         },
     };
     format!("{place}{cols}: {detail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_neutralises_terminal_sequences() {
+        assert_eq!(escape("tenant\u{1b}[2J\u{202e}cba\r\nx\\y é"), "tenant\\u{1b}[2J\\u{202e}cba\\u{d}\\u{a}x\\\\y é");
+    }
 }

@@ -1,10 +1,19 @@
 //! One scan: discovery -> catalog -> checks -> report.
 //!
-//! Invariants: discovery and the catalog come from one read-only snapshot; each tenant's data
-//! checks run in one read-only `REPEATABLE READ` transaction of its own (one snapshot per
-//! tenant), at most `scan.concurrency` tenants at a time. A failing probe or tenant is recorded
-//! in the report and never fails the scan; only failures that leave nothing to scan (no
-//! connection, no discovery, no catalog) do.
+//! Invariants: discovery and the catalog come from one read-only snapshot (catalog tables only:
+//! no tenant relation is locked). The data checks run one table at a time, each table's
+//! [`TableWork`] as one statement in a short read-only transaction of its own, so a session
+//! holds locks only on the relations of the statement it is running, and a relationship's child
+//! and parent are read in one snapshot. At most `scan.concurrency` tenants are scanned at a time.
+//! A failing table or tenant is recorded in the report and never fails the scan: a locked table
+//! is that table's `timeout`, a terminated session fails the tenant it was serving, a statement
+//! cancelled by a recovery conflict is retried [`CONFLICT_RETRIES`] times. Only failures that
+//! leave nothing to scan (no connection, no discovery, no catalog of the shared schema) do.
+//!
+//! With an incremental state ([`run_with`]) the change signals are read in the catalog
+//! snapshot, before any data, and a table's orphan and NULL-timestamp checks are left out when
+//! its stored findings are still valid (see [`incremental`]); each tenant is planned only when
+//! its turn comes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -14,15 +23,20 @@ use futures::stream::{self, StreamExt};
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{self, Catalog};
-use crate::checks::{self, null_timestamps, orphan_rows, sequence_behind, Context, Shape};
+use crate::catalog::{self, Catalog, ChunkFailure};
+use crate::checks::work::{self, Item};
+use crate::checks::{self, Context, Shape, TableWork};
 use crate::config::{Config, ScanConfig};
-use crate::db::{self, DbError, Pool};
+use crate::db::{self, DbError, Pool, Session};
 use crate::incremental::{self, Signals};
 use crate::report::{
     Check, Detail, ErrorKind, Finding, Report, ScanError, ScanKind, ScanSummary, TenantCounts, REPORT_VERSION,
 };
 use crate::tenants::{self, Discovery, DiscoveryError};
+
+/// How many times a statement cancelled by a recovery conflict (on a standby) is tried again
+/// before its table is reported as a `conflict` error.
+pub const CONFLICT_RETRIES: usize = 3;
 
 /// Failures that stop a scan before any tenant is looked at.
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +96,8 @@ pub struct Scanned {
 /// Called after each tenant with (tenants done, tenants in all).
 pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
-/// Runs one full scan of the database behind `pool`. Cancelling `cancel` stops it: running
-/// queries are cancelled on the server and the scan returns [`ScanFailure::Cancelled`]. After
+/// Runs one full scan of the database behind `pool`. Cancelling `cancel` stops it: running queries
+/// are cancelled on the server and the scan returns [`ScanFailure::Cancelled`]. After
 /// `scan.max_duration` the same happens and the scan fails with [`ScanFailure::Deadline`]:
 /// running statements get a cancel request each, the scan `scan.connect_timeout` more to wind
 /// down (a frozen server answers neither), then it is dropped with its sessions.
@@ -96,8 +110,8 @@ pub async fn run(
     run_with(config, pool, cancel, progress, None).await
 }
 
-/// Like [`run`], keeping `state` between scans: the data checks of a table run only when it
-/// or a table its checks read may have changed since `state` was updated (see
+/// Like [`run`], keeping `state` between scans: the orphan and NULL-timestamp checks of a table
+/// run only when it or a table they read may have changed since `state` was updated (see
 /// [`incremental`]); the others' findings are carried forward. Without a state every scan is
 /// full.
 pub async fn run_with(
@@ -136,7 +150,7 @@ async fn run_until(
     let started_at = Utc::now();
     let clock = Instant::now();
     let target = &config.database.target;
-    let (discovery, catalog, present, signals) = tokio::select! {
+    let Snapshot { discovery, catalog, present, chunk_failures, standby, signals } = tokio::select! {
         snapshot = read_snapshot(config, pool, state.is_some()) => snapshot?,
         _ = cancel.cancelled() => return Err(ScanFailure::Cancelled),
     };
@@ -147,7 +161,14 @@ async fn run_until(
     let mut errors = Vec::new();
     let mut tenants = BTreeSet::new();
     for tenant in &discovery.tenants {
-        if present.contains(tenant) {
+        if let Some(failure) = chunk_failures.iter().find(|f| f.schemas.contains(tenant)) {
+            errors.push(ScanError {
+                kind: classify(&failure.error),
+                schema: Some(tenant.clone()),
+                table: None,
+                message: format!("cannot read the catalog: {}", failure.error),
+            });
+        } else if present.contains(tenant) {
             tenants.insert(tenant.clone());
         } else {
             errors.push(dropped(tenant));
@@ -185,15 +206,20 @@ async fn run_until(
     // so that at most `scan.concurrency` plans exist at a time. The plan and the tenant's name
     // are owned values, so the stream's closure borrows nothing per item (which keeps the
     // whole scan future `Send` for callers that spawn it). The closure and the loop below take
-    // turns on the state, never at once.
-    let shared =
-        std::sync::Mutex::new(Progressive { state, shared: Default::default(), tally: Tally::default(), findings });
+    // turns on the shared part, never at once.
+    let shared = std::sync::Mutex::new(Progressive {
+        state,
+        shared: Default::default(),
+        tally: Tally::default(),
+        findings,
+        errors,
+    });
     let mut done = 0;
     {
         let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
         let outcomes = stream::iter(tenants.iter().cloned())
             .map(|tenant: String| {
-                let (plan, unit) = prepare(&ctx, &tenant, kind, signals.as_ref(), &mut lock());
+                let (plan, unit) = prepare(&ctx, &tenant, kind, signals.as_ref(), standby, &mut lock());
                 async move {
                     let outcome = scan_tenant(pool, target, &config.scan, &tenant, plan, samples, cancel).await;
                     (tenant, unit, outcome)
@@ -207,15 +233,16 @@ async fn run_until(
                 remember(state, &tenant, &unit, &tenant_findings, &tenant_errors, started_at);
             }
             progressive.findings.extend(tenant_findings);
+            progressive.errors.extend(tenant_errors);
             drop(progressive);
-            errors.extend(tenant_errors);
             done += 1;
             if let Some(report_progress) = progress {
                 report_progress(done, total);
             }
         }
     }
-    let Progressive { state, tally, mut findings, .. } = shared.into_inner().unwrap_or_else(|e| e.into_inner());
+    let Progressive { state, tally, mut findings, mut errors, .. } =
+        shared.into_inner().unwrap_or_else(|e| e.into_inner());
     if cancel.is_cancelled() {
         return Err(ScanFailure::Cancelled);
     }
@@ -229,8 +256,12 @@ async fn run_until(
     findings
         .sort_by(|a, b| (a.check, &a.schema, &a.table, &a.columns).cmp(&(b.check, &b.schema, &b.table, &b.columns)));
     errors.sort_by(|a, b| (&a.schema, &a.table, a.kind).cmp(&(&b.schema, &b.table, b.kind)));
-    let failed: BTreeSet<&String> =
-        errors.iter().filter_map(|e| e.schema.as_ref()).filter(|s| discovery.tenants.contains(*s)).collect();
+    let failed: BTreeSet<&String> = errors
+        .iter()
+        .filter(|e| e.kind != ErrorKind::Skipped)
+        .filter_map(|e| e.schema.as_ref())
+        .filter(|s| discovery.tenants.contains(*s))
+        .collect();
     let report = Report {
         version: REPORT_VERSION,
         database: target.clone(),
@@ -267,10 +298,21 @@ async fn run_until(
     Ok(Scanned { report, catalog, shape })
 }
 
-/// Discovery, the catalog and, when asked for, the change signals, from one read-only snapshot,
-/// and which tenants still exist once the catalog has been read (a tenant dropped meanwhile has
-/// tables missing from the catalog).
-async fn read_snapshot(config: &Config, pool: &Pool, with_signals: bool) -> Result<ScanInputs, ScanFailure> {
+/// What the scan learns before any data check: discovery and the catalog (from one read-only
+/// snapshot), the catalog chunks that failed, which tenants still exist once the catalog has
+/// been read (a tenant dropped meanwhile has tables missing from the catalog), and whether the
+/// server is a standby.
+struct Snapshot {
+    discovery: Discovery,
+    catalog: Catalog,
+    present: BTreeSet<String>,
+    chunk_failures: Vec<ChunkFailure>,
+    standby: bool,
+    /// The change signals, read before the catalog (only for incremental scans).
+    signals: Option<Signals>,
+}
+
+async fn read_snapshot(config: &Config, pool: &Pool, with_signals: bool) -> Result<Snapshot, ScanFailure> {
     let mut session = db::session(pool, &config.database.target).await.map_err(ScanFailure::Connect)?;
     let client: &mut tokio_postgres::Client = &mut session;
     let result = snapshot(client, config, with_signals).await;
@@ -287,54 +329,64 @@ async fn read_snapshot(config: &Config, pool: &Pool, with_signals: bool) -> Resu
     }
 }
 
-/// Discovery, catalog, tenants still present, change signals.
-type ScanInputs = (Discovery, Catalog, BTreeSet<String>, Option<Signals>);
-
 async fn snapshot(
     client: &mut tokio_postgres::Client,
     config: &Config,
     with_signals: bool,
-) -> Result<ScanInputs, ScanFailure> {
+) -> Result<Snapshot, ScanFailure> {
     let catalog_error = |e: tokio_postgres::Error| ScanFailure::Catalog(e.into());
-    let tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
+    let mut tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
     let discovery = tenants::discover(&tx, &config.tenants).await?;
-    let mut schemas = discovery.tenants.clone();
-    schemas.push(config.tenants.shared_schema.clone());
-    schemas.extend(config.tenants.reference_schema.clone());
     // The signals are read before the catalog and before any tenant's data: a change that
     // lands after this point is counted in the next scan's signals.
     let signals = match with_signals {
-        true => Some(incremental::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?),
+        true => {
+            let mut schemas = discovery.tenants.clone();
+            schemas.push(config.tenants.shared_schema.clone());
+            schemas.extend(config.tenants.reference_schema.clone());
+            Some(incremental::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?)
+        }
         false => None,
     };
-    let catalog = catalog::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?;
+    let mut required = vec![config.tenants.shared_schema.clone()];
+    required.extend(config.tenants.reference_schema.clone());
+    let (catalog, chunk_failures) =
+        catalog::read(&mut tx, &required, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
+    let standby: bool =
+        tx.query_typed_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(catalog_error)?.get(0);
     tx.commit().await.map_err(catalog_error)?;
     // A transaction of its own (a fresh snapshot) that sees the drops committed meanwhile.
     let tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
     let present = tenants::still_present(&tx, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
     tx.commit().await.map_err(catalog_error)?;
-    Ok((discovery, catalog, present, signals))
+    Ok(Snapshot { discovery, catalog, present, chunk_failures, standby, signals })
 }
 
-/// What the tenants' turns add up as the scan goes: the incremental state, the tally and the
-/// findings.
+/// What the tenants' turns add up as the scan goes: the incremental state, the hashes of the
+/// shared tables, the tally, the findings and the errors.
 struct Progressive<'s> {
     state: Option<&'s mut incremental::State>,
     shared: incremental::SharedTables,
     tally: Tally,
     findings: Vec<Finding>,
+    errors: Vec<ScanError>,
 }
 
-/// One tenant's plan, without the tables whose stored findings are carried forward (those go
+/// One tenant's plan, without the checks whose stored findings are carried forward (those go
 /// to `progressive.findings`), and its units.
 fn prepare(
     ctx: &Context<'_>,
     tenant: &str,
     kind: ScanKind,
     signals: Option<&Signals>,
+    standby: bool,
     progressive: &mut Progressive<'_>,
 ) -> (checks::Plan, Unit) {
     let mut plan = checks::plan(ctx, tenant);
+    if standby {
+        let skipped = skip_unlogged(ctx.catalog, tenant, &mut plan);
+        progressive.errors.extend(skipped);
+    }
     let inputs = match signals {
         Some(signals) => incremental::unit_inputs(&plan, tenant, ctx.catalog, signals, &mut progressive.shared),
         None => BTreeMap::new(),
@@ -356,21 +408,21 @@ struct Tally {
     oldest: Option<chrono::DateTime<Utc>>,
 }
 
-/// One tenant's units: the inputs of every table with data checks, and the tables whose checks
-/// run in this scan.
+/// One tenant's units: the inputs of every table with orphan or NULL-timestamp checks, and the
+/// tables whose checks run in this scan.
 struct Unit {
     inputs: BTreeMap<String, Option<u64>>,
     checked: BTreeSet<String>,
 }
 
-/// The tables with data checks in `plan`.
+/// The tables of `plan` with orphan or NULL-timestamp checks (`sequence_behind` runs in every
+/// scan and does not count).
 fn plan_tables(plan: &checks::Plan) -> BTreeSet<String> {
-    let orphans = plan.orphans.iter().map(|p| &p.table);
-    orphans.chain(plan.nulls.iter().map(|p| &p.table)).cloned().collect()
+    plan.tables.iter().filter(|u| !u.orphans.is_empty() || u.nulls.is_some()).map(|u| u.table.clone()).collect()
 }
 
-/// Takes out of `plan` the tables whose stored findings are still valid, and returns those
-/// findings.
+/// Takes out of `plan` the orphan and NULL-timestamp checks of the tables whose stored findings
+/// are still valid (their `sequence_behind` statements stay), and returns those findings.
 fn carry_forward(
     state: &incremental::State,
     tenant: &str,
@@ -379,16 +431,16 @@ fn carry_forward(
     tally: &mut Tally,
 ) -> Vec<Finding> {
     let mut out = Vec::new();
-    let mut carried = BTreeSet::new();
-    for (table, hash) in inputs {
-        let Some((found, computed_at)) = hash.and_then(|h| state.carried(tenant, table, h)) else { continue };
+    for unit in &mut plan.tables {
+        let Some(Some(hash)) = inputs.get(&unit.table) else { continue };
+        let Some((found, computed_at)) = state.carried(tenant, &unit.table, *hash) else { continue };
         out.extend_from_slice(found);
-        carried.insert(table.as_str());
+        unit.orphans.clear();
+        unit.nulls = None;
         tally.carried += 1;
         tally.oldest = Some(tally.oldest.map_or(computed_at, |o| o.min(computed_at)));
     }
-    plan.orphans.retain(|p| !carried.contains(p.table.as_str()));
-    plan.nulls.retain(|p| !carried.contains(p.table.as_str()));
+    plan.tables.retain(|u| !u.orphans.is_empty() || u.nulls.is_some() || !u.sequences.is_empty());
     out
 }
 
@@ -423,6 +475,39 @@ fn remember(
             .collect();
         state.store(tenant, table, *inputs, started_at, mine);
     }
+}
+
+/// On a standby, unlogged tables cannot be read: leaves out of `plan` every table that is one
+/// and every relationship whose parent is one, and reports each such table once as `skipped`.
+fn skip_unlogged(catalog: &Catalog, tenant: &str, plan: &mut checks::Plan) -> Vec<ScanError> {
+    let unlogged = |schema: &str, table: &str| catalog.table(schema, table).is_some_and(|t| t.unlogged);
+    let mut skipped: BTreeSet<(String, String)> = BTreeSet::new();
+    for unit in &mut plan.tables {
+        if unlogged(tenant, &unit.table) {
+            skipped.insert((tenant.to_string(), unit.table.clone()));
+            continue;
+        }
+        unit.orphans.retain(|p| {
+            let parents = [Some(&p.parent_schema), p.shared_parent.as_ref()];
+            let cold: Vec<&String> = parents.into_iter().flatten().filter(|s| unlogged(s, &p.parent_table)).collect();
+            for schema in &cold {
+                skipped.insert((schema.to_string(), p.parent_table.clone()));
+            }
+            cold.is_empty()
+        });
+    }
+    plan.tables.retain(|u| {
+        !unlogged(tenant, &u.table) && (!u.orphans.is_empty() || u.nulls.is_some() || !u.sequences.is_empty())
+    });
+    skipped
+        .into_iter()
+        .map(|(schema, table)| ScanError {
+            kind: ErrorKind::Skipped,
+            schema: Some(if schema == tenant { schema } else { tenant.to_string() }),
+            table: Some(table),
+            message: "unlogged table: its rows cannot be read on a standby".into(),
+        })
+        .collect()
 }
 
 fn registry_findings(discovery: &Discovery) -> Vec<Finding> {
@@ -460,8 +545,8 @@ fn unreadable_tables(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str
     out
 }
 
-/// Runs one tenant's probes in its own snapshot, each under a savepoint so that one failing
-/// probe (a timeout, a type mismatch in a declared relationship) does not hide the others.
+/// Runs the work units of one tenant, one table at a time, each in a short transaction of its
+/// own. A session that dies (terminated, lost) is not reused: a terminated one ends the tenant.
 #[allow(clippy::too_many_arguments)]
 async fn scan_tenant(
     pool: &Pool,
@@ -480,44 +565,60 @@ async fn scan_tenant(
         table: table.map(str::to_string),
         message,
     };
-    if cancel.is_cancelled() {
-        return (findings, errors);
-    }
-    let mut session = match db::session(pool, target).await {
-        Ok(c) => c,
-        Err(e) => return (findings, vec![error(ErrorKind::Connection, None, e.to_string())]),
-    };
-    let server_cancel = session.canceller();
-    let client: &mut tokio_postgres::Client = &mut session;
-    let tx = match db::begin_scan(client, scan).await {
-        Ok(tx) => tx,
-        Err(e) => return (findings, vec![error(classify(&e), None, "cannot start transaction".into())]),
-    };
-    let snapshot = db::Snapshot::new(&tx);
-    let probes = plan
-        .orphans
-        .iter()
-        .map(Probe::Orphans)
-        .chain(plan.nulls.iter().map(Probe::Nulls))
-        .chain(plan.sequences.iter().map(Probe::Sequences));
-    for probe in probes {
+    let mut session: Option<Session> = None;
+    let mut units = plan.tables.iter();
+    let mut unit = units.next();
+    let mut conflicts = 0;
+    while let Some(current) = unit {
+        if cancel.is_cancelled() {
+            break;
+        }
+        if !session.as_ref().is_some_and(|s| !s.is_closed()) {
+            // Give the dead session back first: the pool may have no other slot.
+            drop(session.take());
+            session = match db::session(pool, target).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    errors.push(error(ErrorKind::Connection, None, e.to_string()));
+                    break;
+                }
+            };
+        }
+        let Some(live) = session.as_ref() else { break };
+        let server_cancel = live.canceller();
+        let client: &tokio_postgres::Client = live;
         let result = tokio::select! {
-            result = run_probe(&snapshot, tenant, &probe, samples) => result,
+            result = run_unit(client, scan, tenant, current, samples) => result,
             _ = cancel.cancelled() => {
                 // Stop the query on the server before letting go of the session, so that
                 // nothing of ours keeps running (or waiting on a lock) after shutdown.
                 server_cancel.cancel().await;
-                // Not rolled back here (a frozen server would not answer): dropping the
-                // transaction and the session closes them.
-                drop(tx);
-                db::discard(session);
+                // Not rolled back here (a frozen server would not answer): closing the session
+                // ends its transaction.
+                if let Some(s) = session.take() {
+                    db::discard(s);
+                }
                 return (findings, errors);
             }
         };
         match result {
-            Ok(found) => findings.extend(found),
+            Ok((found, failed)) => {
+                findings.extend(found);
+                errors.extend(failed.into_iter().map(|(kind, message)| error(kind, Some(&current.table), message)));
+            }
+            Err(e) if classify(&e) == ErrorKind::Conflict && conflicts < CONFLICT_RETRIES => {
+                // A conflict can also end the session (the standby terminates a session that
+                // still conflicts once idle): try again on a fresh one.
+                if let Some(s) = session.take() {
+                    db::discard(s);
+                }
+                conflicts += 1;
+                tracing::info!(tenant, table = %current.table, attempt = conflicts, "recovery conflict; trying again");
+                continue;
+            }
             Err(e)
-                if matches!(e.code(), Some("42P01" | "3F000")) && !schema_exists(&tx, tenant).await.unwrap_or(true) =>
+                if matches!(e.code(), Some("42P01" | "3F000"))
+                    && !schema_exists(client, tenant).await.unwrap_or(true) =>
             {
                 // The whole schema is gone: report that once, and nothing of a half-read tenant.
                 findings.clear();
@@ -527,29 +628,74 @@ async fn scan_tenant(
             }
             Err(e) => {
                 let kind = classify(&e);
-                errors.push(error(kind, Some(probe.table()), e.to_string()));
-                if kind == ErrorKind::Connection {
+                errors.push(error(kind, Some(&current.table), e.to_string()));
+                if matches!(kind, ErrorKind::Connection | ErrorKind::Terminated) {
                     break;
                 }
             }
         }
+        conflicts = 0;
+        unit = units.next();
     }
-    let _ = tx.rollback().await;
     (findings, errors)
 }
 
-/// Runs one probe in the tenant's snapshot (each statement under its own savepoint).
-async fn run_probe(
-    snapshot: &db::Snapshot<'_>,
+/// Runs one table's work: its count statement, its sequence statements, then (for nonzero
+/// counts) its sample statement, each in a transaction of its own.
+/// A statement that fails as a query (a declared relationship whose types do not compare, say)
+/// is run again check by check, so one bad check costs only itself; those failures come back
+/// with the findings. Any other failure is the unit's. A failing sample statement leaves the
+/// samples empty and never the counts.
+async fn run_unit(
+    client: &tokio_postgres::Client,
+    scan: &ScanConfig,
     tenant: &str,
-    probe: &Probe<'_>,
+    unit: &TableWork,
     samples: usize,
-) -> Result<Vec<Finding>, DbError> {
-    match probe {
-        Probe::Orphans(p) => orphan_rows::run(snapshot, tenant, p, samples).await,
-        Probe::Nulls(p) => null_timestamps::run(snapshot, tenant, p, samples).await,
-        Probe::Sequences(p) => sequence_behind::run(snapshot, tenant, p).await,
+) -> Result<(Vec<Finding>, Vec<(ErrorKind, String)>), DbError> {
+    let items = unit.items();
+    let mut findings = Vec::new();
+    let mut failed = Vec::new();
+    let counted = if items.is_empty() { Ok(Vec::new()) } else { count(client, scan, tenant, unit, &items).await };
+    match counted {
+        Ok(found) => findings = found,
+        Err(e) if items.len() > 1 && classify(&e) == ErrorKind::Query => {
+            for item in items {
+                match count(client, scan, tenant, unit, &[item]).await {
+                    Ok(found) => findings.extend(found),
+                    Err(e) if classify(&e) == ErrorKind::Query => failed.push((ErrorKind::Query, e.to_string())),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(e) => return Err(e),
     }
+    for probe in &unit.sequences {
+        match db::read_only(client, scan, &probe.sql(tenant), db::Parallel::Allowed).await {
+            Ok(rows) => findings.extend(probe.findings(tenant, &rows)),
+            Err(e) if classify(&e) == ErrorKind::Query => failed.push((ErrorKind::Query, e.to_string())),
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(sql) = unit.sample_sql(&findings, samples) {
+        match db::read_only(client, scan, &sql, db::Parallel::Serial).await {
+            Ok(rows) => work::attach_samples(&mut findings, rows.first().map(Vec::as_slice).unwrap_or_default()),
+            Err(e) => tracing::warn!(tenant, table = %unit.table, error = %e, "sample keys left out"),
+        }
+    }
+    Ok((findings, failed))
+}
+
+/// The findings of `items` of `unit`, counted by one statement.
+async fn count(
+    client: &tokio_postgres::Client,
+    scan: &ScanConfig,
+    tenant: &str,
+    unit: &TableWork,
+    items: &[Item],
+) -> Result<Vec<Finding>, DbError> {
+    let counts = db::counts(&db::read_only(client, scan, &unit.count_sql(items), db::Parallel::Allowed).await?)?;
+    Ok(unit.findings(tenant, items, &counts))
 }
 
 fn dropped(tenant: &str) -> ScanError {
@@ -561,38 +707,23 @@ fn dropped(tenant: &str) -> ScanError {
     }
 }
 
-enum Probe<'a> {
-    Orphans(&'a orphan_rows::Probe),
-    Nulls(&'a null_timestamps::Probe),
-    Sequences(&'a sequence_behind::Probe),
-}
-
-impl Probe<'_> {
-    fn table(&self) -> &str {
-        match self {
-            Probe::Orphans(p) => &p.table,
-            Probe::Nulls(p) => &p.table,
-            Probe::Sequences(p) => &p.table,
-        }
-    }
-}
-
-/// Whether `schema` exists now. `to_regnamespace` reads the system cache, which sees committed
-/// drops, where a query of `pg_namespace` would see the transaction's older snapshot.
-async fn schema_exists(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> Result<bool, DbError> {
+/// Whether `schema` exists now (a statement of its own: it sees every committed drop).
+async fn schema_exists(client: &tokio_postgres::Client, schema: &str) -> Result<bool, DbError> {
     const EXISTS: &str = "SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL";
-    let row = tx.query_typed_one(EXISTS, &[(&schema, Type::TEXT)]).await?;
+    let row = client.query_typed_one(EXISTS, &[(&schema, Type::TEXT)]).await?;
     Ok(row.get(0))
 }
 
-/// Maps a database error to the error kind of the report (and of the metrics).
+/// Maps a database error to the error kind of the report (and of the metrics). A terminated
+/// session (57P01) is the tenant's failure, not the scan's: the server is still there.
 fn classify(e: &DbError) -> ErrorKind {
-    if e.is_connection() {
-        return ErrorKind::Connection;
-    }
     match e.code() {
+        Some("57P01") => ErrorKind::Terminated,
+        _ if e.is_connection() => ErrorKind::Connection,
         Some("42501") => ErrorKind::Permission,
         Some("57014" | "55P03") => ErrorKind::Timeout,
+        Some("40001" | "40P01") => ErrorKind::Conflict,
+        Some(code) if code.starts_with("53") => ErrorKind::Resources,
         _ => ErrorKind::Query,
     }
 }

@@ -50,6 +50,36 @@ pub fn key_text(alias: &str, names: &[String]) -> String {
     }
 }
 
+/// `OPERATOR("schema".=)`: an operator named with its schema, so that no `search_path` decides
+/// which one compares. Operator names consist of operator characters only; anything else (which
+/// the catalog cannot hold) falls back to plain `=`.
+pub fn operator(schema: &str, name: &str) -> String {
+    let valid = !name.is_empty() && name.chars().all(|c| "+-*/<>=~!@#%^&|`?".contains(c));
+    if valid {
+        format!("OPERATOR({}.{name})", ident(schema))
+    } else {
+        "=".to_string()
+    }
+}
+
+/// A bounded sample: the keys (`key` columns, or `ctid` when empty) of the first `limit` rows
+/// of `relation` (alias `c`) that match `condition`, as one JSON array of key texts in key
+/// order, or NULL without any. `LIMIT` without `ORDER BY` stops at the `limit`-th match, so no
+/// sort of the table is ever needed; only the kept keys are ordered, inside the aggregate.
+pub fn sample_select(relation: &str, key: &[String], condition: &str, limit: usize) -> String {
+    let ctid = ["ctid".to_string()];
+    let (text, order_columns) =
+        if key.is_empty() { ("c.ctid::text".to_string(), &ctid[..]) } else { (key_text("c", key), key) };
+    let order: Vec<String> = (0..order_columns.len()).map(|i| format!("s.o{i}")).collect();
+    let select: Vec<String> =
+        order_columns.iter().enumerate().map(|(i, col)| format!("c.{} AS o{i}", ident(col))).collect();
+    format!(
+        "SELECT pg_catalog.json_agg(s.k ORDER BY {}) FROM (SELECT {text} AS k, {} FROM {relation} c WHERE {condition} LIMIT {limit}) s",
+        order.join(", "),
+        select.join(", ")
+    )
+}
+
 /// Renders `name` as it appears in human output: `schema.table`, quoted only where needed.
 pub fn display_name(schema: &str, table: &str) -> String {
     format!("{}.{}", display_ident(schema), display_ident(table))

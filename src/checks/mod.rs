@@ -4,8 +4,8 @@
 //! Two families:
 //! - catalog checks ([`cross_schema_fk`], [`schema_drift`]) are pure functions of the catalog
 //!   and cost no query;
-//! - data checks ([`orphan_rows`], [`null_timestamps`], [`sequence_behind`]) plan set-based probes from the catalog
-//!   and run them inside a tenant's read-only snapshot.
+//! - data checks ([`orphan_rows`], [`null_timestamps`], [`sequence_behind`]) plan set-based
+//!   probes from the catalog; [`work`] groups them into one unit per table.
 //!
 //! Invariant: nothing here writes; every generated statement quotes its identifiers through
 //! [`crate::sql`].
@@ -16,14 +16,16 @@ pub mod orphan_rows;
 pub mod reference;
 pub mod schema_drift;
 pub mod sequence_behind;
+pub mod work;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::catalog::{Catalog, Schema};
 use crate::config::{ChecksConfig, SameEntityKey};
 use crate::report::Finding;
 
 pub use reference::Shape;
+pub use work::TableWork;
 
 /// Everything a check may look at besides the tenant itself.
 pub struct Context<'a> {
@@ -50,20 +52,43 @@ pub fn catalog_findings(ctx: &Context<'_>, tenant: &str) -> Vec<Finding> {
     out
 }
 
-/// The data probes planned for one tenant.
+/// The data checks planned for one tenant: one unit per table that has any, in table order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    pub orphans: Vec<orphan_rows::Probe>,
-    pub nulls: Vec<null_timestamps::Probe>,
-    pub sequences: Vec<sequence_behind::Probe>,
+    pub tables: Vec<TableWork>,
 }
 
 /// Plans the data checks of one tenant; probes touching unreadable tables are left out (the
 /// caller reports those tables as permission errors).
 pub fn plan(ctx: &Context<'_>, tenant: &str) -> Plan {
-    Plan {
-        orphans: orphan_rows::plan(ctx, tenant),
-        nulls: null_timestamps::plan(ctx, tenant),
-        sequences: sequence_behind::plan(ctx, tenant),
+    let mut tables: BTreeMap<String, TableWork> = BTreeMap::new();
+    for probe in orphan_rows::plan(ctx, tenant) {
+        let table = probe.table.clone();
+        unit(&mut tables, ctx, tenant, &table).orphans.push(probe);
     }
+    for probe in null_timestamps::plan(ctx, tenant) {
+        let table = probe.table.clone();
+        unit(&mut tables, ctx, tenant, &table).nulls = Some(probe);
+    }
+    for probe in sequence_behind::plan(ctx, tenant) {
+        let table = probe.table.clone();
+        unit(&mut tables, ctx, tenant, &table).sequences.push(probe);
+    }
+    Plan { tables: tables.into_values().collect() }
+}
+
+/// The unit of `table`, created empty on first use.
+fn unit<'a>(
+    tables: &'a mut BTreeMap<String, TableWork>,
+    ctx: &Context<'_>,
+    tenant: &str,
+    table: &str,
+) -> &'a mut TableWork {
+    tables.entry(table.to_string()).or_insert_with(|| TableWork {
+        table: table.to_string(),
+        relation: crate::catalog::relation(ctx.catalog, tenant, table),
+        orphans: Vec::new(),
+        nulls: None,
+        sequences: Vec::new(),
+    })
 }

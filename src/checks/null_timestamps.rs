@@ -3,11 +3,11 @@
 //! are NOT NULL in the tenant itself cannot hold NULL and cost no scan.
 //!
 //! One pass per table counts every required column (`count(*) FILTER (...)`); samples (the
-//! primary key, or `ctid` when there is none) are fetched only for nonzero counts.
+//! primary key, or `ctid` when there is none) come from a bounded query, only for nonzero
+//! counts.
 
 use super::Context;
 use crate::catalog::{Column, TypeSchema};
-use crate::db::{self, DbError, Snapshot};
 use crate::report::{Check, Detail, Finding};
 use crate::sql;
 
@@ -49,60 +49,37 @@ pub fn plan(ctx: &Context<'_>, tenant: &str) -> Vec<Probe> {
 }
 
 impl Probe {
-    /// One pass over the table: a NULL count per required column.
-    pub fn count_sql(&self, tenant: &str) -> String {
+    /// One pass over the table (`child`: as statements name it): a NULL count per required
+    /// column.
+    pub fn count_select(&self, child: &str) -> String {
         let counts: Vec<String> =
             self.columns.iter().map(|(c, _)| format!("count(*) FILTER (WHERE c.{} IS NULL)", sql::ident(c))).collect();
-        format!("SELECT {} FROM {} c", counts.join(", "), sql::qualified(tenant, &self.table))
+        format!("SELECT {} FROM {child} c", counts.join(", "))
     }
 
-    /// Keys of up to `limit` rows where `column` is NULL, in key order.
-    pub fn sample_sql(&self, tenant: &str, column: &str, limit: usize) -> String {
-        let (key, order) = if self.key.is_empty() {
-            ("c.ctid::text".to_string(), "c.ctid".to_string())
-        } else {
-            (sql::key_text("c", &self.key), sql::columns("c", &self.key))
-        };
-        format!(
-            "SELECT {key} FROM {} c WHERE c.{} IS NULL ORDER BY {order} LIMIT {limit}",
-            sql::qualified(tenant, &self.table),
-            sql::ident(column)
-        )
+    /// The findings from the counts of [`Probe::count_select`] (samples still empty).
+    pub fn findings(&self, tenant: &str, counts: &[u64]) -> Vec<Finding> {
+        self.columns
+            .iter()
+            .zip(counts)
+            .filter(|(_, n)| **n > 0)
+            .map(|((column, data_type), count)| Finding {
+                check: Check::NullTimestamps,
+                severity: Check::NullTimestamps.severity(),
+                schema: tenant.to_string(),
+                table: Some(self.table.clone()),
+                columns: vec![column.clone()],
+                count: *count,
+                sample_keys: Vec::new(),
+                detail: Detail::NullTimestamps { data_type: data_type.clone() },
+            })
+            .collect()
     }
-}
 
-/// Runs one probe in the tenant's snapshot.
-pub async fn run(
-    snapshot: &Snapshot<'_>,
-    tenant: &str,
-    probe: &Probe,
-    samples: usize,
-) -> Result<Vec<Finding>, DbError> {
-    let counts = db::counts(&snapshot.rows(&probe.count_sql(tenant)).await?)?;
-    let mut out = Vec::new();
-    for (i, (column, data_type)) in probe.columns.iter().enumerate() {
-        let count = counts.get(i).copied().unwrap_or(0);
-        if count == 0 {
-            continue;
-        }
-        let sample_keys = if samples == 0 {
-            Vec::new()
-        } else {
-            let rows = snapshot.rows(&probe.sample_sql(tenant, column, samples)).await?;
-            rows.into_iter().filter_map(|mut r| r.swap_remove(0)).collect()
-        };
-        out.push(Finding {
-            check: Check::NullTimestamps,
-            severity: Check::NullTimestamps.severity(),
-            schema: tenant.to_string(),
-            table: Some(probe.table.clone()),
-            columns: vec![column.clone()],
-            count,
-            sample_keys,
-            detail: Detail::NullTimestamps { data_type: data_type.clone() },
-        });
+    /// Keys of up to `limit` rows where `column` is NULL, as a JSON array in key order.
+    pub fn sample_select(&self, child: &str, column: &str, limit: usize) -> String {
+        sql::sample_select(child, &self.key, &format!("c.{} IS NULL", sql::ident(column)), limit)
     }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -110,20 +87,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_pass_counts_every_column() {
+    fn one_pass_counts_every_column_and_samples_are_bounded() {
         let probe = Probe {
             table: "users_userprofile".into(),
             columns: vec![("created_at".into(), "date".into()), ("Updated At".into(), "timestamp".into())],
             key: vec![],
         };
+        let child = "ONLY \"t\".\"users_userprofile\"";
         assert_eq!(
-            probe.count_sql("t"),
+            probe.count_select(child),
             "SELECT count(*) FILTER (WHERE c.\"created_at\" IS NULL), count(*) FILTER (WHERE c.\"Updated At\" IS NULL) \
-             FROM \"t\".\"users_userprofile\" c"
+             FROM ONLY \"t\".\"users_userprofile\" c"
         );
         assert_eq!(
-            probe.sample_sql("t", "created_at", 10),
-            "SELECT c.ctid::text FROM \"t\".\"users_userprofile\" c WHERE c.\"created_at\" IS NULL ORDER BY c.ctid LIMIT 10"
+            probe.sample_select(child, "created_at", 10),
+            "SELECT pg_catalog.json_agg(s.k ORDER BY s.o0) FROM (SELECT c.ctid::text AS k, c.\"ctid\" AS o0 \
+             FROM ONLY \"t\".\"users_userprofile\" c WHERE c.\"created_at\" IS NULL LIMIT 10) s"
         );
     }
 }

@@ -5,15 +5,22 @@
 //! Relationships come, in this order of precedence, from the tenant's own foreign keys (even
 //! `NOT VALID` ones, and valid ones, since replica-mode loads bypass them), from
 //! `checks.relationships`, and from foreign keys other tenants or the reference declare on the
-//! same table and columns. One anti-join per relationship counts both splits; samples are
-//! fetched only when a count is nonzero.
+//! same table and columns. One anti-join per relationship counts both splits, reading the child
+//! and its parents in one statement (so one snapshot); samples come from a bounded query run
+//! only when a count is nonzero.
+//!
+//! Keys compare as the database compares them: with the constraint's own equality operators
+//! (`conpfeqop`, so `citext` keys that differ in case match, an `int` key finds its `bigint`
+//! parent) and the parent column's collation (so a child of another collation never fails the
+//! statement). An inferred relationship uses the operators of the constraint it is inferred
+//! from; a configured one plain `=`.
 
 use std::collections::BTreeSet;
 
 use super::Context;
-use crate::catalog::{Schema, TypeSchema};
+use crate::catalog::{self, Catalog, QualifiedName, Schema, TypeSchema};
+use crate::checks::Shape;
 use crate::config::SameEntityKey;
-use crate::db::{self, DbError, Snapshot};
 use crate::report::{Check, CopyVerdict, Detail, Finding, ParentLocation, RelationshipSource};
 use crate::sql;
 
@@ -35,6 +42,13 @@ pub struct Probe {
     pub constraint_validated: Option<bool>,
     /// `MATCH FULL` semantics: a partly NULL key counts as an orphan.
     pub match_full: bool,
+    /// Per key column, the equality operator `parent = child`; empty for plain `=`.
+    pub equality: Vec<QualifiedName>,
+    /// Per key column, the parent column's collation (`None` for a type without one).
+    pub collations: Vec<Option<QualifiedName>>,
+    /// The parent as statements name it (`ONLY` unless partitioned), and the shared one.
+    pub parent_relation: String,
+    pub shared_relation: Option<String>,
     /// Whether the parent key names the same entity in every schema (see [`same_entity`]).
     pub same_entity: bool,
 }
@@ -66,6 +80,7 @@ struct Candidate {
     constraint: Option<String>,
     constraint_validated: Option<bool>,
     match_full: bool,
+    equality: Vec<QualifiedName>,
 }
 
 pub fn plan(ctx: &Context<'_>, tenant: &str) -> Vec<Probe> {
@@ -93,6 +108,7 @@ fn candidates(ctx: &Context<'_>, schema: &Schema) -> Vec<Candidate> {
                 constraint: Some(fk.name.clone()),
                 constraint_validated: Some(fk.validated),
                 match_full: fk.match_full,
+                equality: fk.equality.clone(),
             });
         }
     }
@@ -107,19 +123,21 @@ fn candidates(ctx: &Context<'_>, schema: &Schema) -> Vec<Candidate> {
             constraint: None,
             constraint_validated: None,
             match_full: false,
+            equality: Vec::new(),
         });
     }
-    for ((table, columns), fk) in &ctx.reference.known_relationships {
+    for ((table, columns), known) in &ctx.reference.known_relationships {
         out.push(Candidate {
             table: table.clone(),
             columns: columns.clone(),
-            parent_table: fk.table.clone(),
-            parent_columns: fk.columns.clone(),
+            parent_table: known.shape.table.clone(),
+            parent_columns: known.shape.columns.clone(),
             declared_schema: None,
             source: RelationshipSource::Inferred,
             constraint: None,
             constraint_validated: None,
             match_full: false,
+            equality: known.equality.clone(),
         });
     }
     out
@@ -145,119 +163,212 @@ fn resolve(ctx: &Context<'_>, tenant: &str, schema: &Schema, shared: &Schema, c:
     };
     let key_schema = if in_shared { shared } else { schema };
     let same_entity = same_entity(ctx.same_entity_keys, key_schema, &c.parent_table, &c.parent_columns);
+    let probe =
+        Probe::new(ctx.catalog, c.table, c.columns, parent_schema, c.parent_table, c.parent_columns, shared_parent);
     Some(Probe {
         same_entity,
-        table: c.table,
-        columns: c.columns,
-        parent_schema,
-        parent_table: c.parent_table,
-        parent_columns: c.parent_columns,
-        shared_parent,
         source: c.source,
         constraint: c.constraint,
         constraint_validated: c.constraint_validated,
         match_full: c.match_full,
+        equality: if c.equality.len() == probe.columns.len() { c.equality } else { Vec::new() },
+        ..probe
+    })
+}
+
+/// The probe behind an orphan finding of `tenant`, with the comparison the scan used (heal
+/// re-checks the same predicate in its writes).
+pub fn probe_for(catalog: &Catalog, shape: &Shape, shared: &str, f: &Finding) -> Option<Probe> {
+    let Detail::OrphanRows {
+        parent_schema,
+        parent_table,
+        parent_columns,
+        relationship,
+        constraint,
+        constraint_validated,
+        ..
+    } = &f.detail
+    else {
+        return None;
+    };
+    let table = f.table.clone()?;
+    let has_shared = parent_schema != shared && catalog.table(shared, parent_table).is_some();
+    let probe = Probe::new(
+        catalog,
+        table.clone(),
+        f.columns.clone(),
+        parent_schema.clone(),
+        parent_table.clone(),
+        parent_columns.clone(),
+        has_shared.then(|| shared.to_string()),
+    );
+    let own = catalog.table(&f.schema, &table);
+    let equality = match (relationship, constraint) {
+        (RelationshipSource::Constraint, Some(name)) => {
+            own.and_then(|t| t.foreign_keys.iter().find(|fk| &fk.name == name)).map(|fk| fk.equality.clone())
+        }
+        (RelationshipSource::Inferred, _) => {
+            shape.known_relationships.get(&(table, f.columns.clone())).map(|k| k.equality.clone())
+        }
+        _ => None,
+    }
+    .unwrap_or_default();
+    let match_full = match constraint {
+        Some(name) => {
+            own.and_then(|t| t.foreign_keys.iter().find(|fk| &fk.name == name)).is_some_and(|fk| fk.match_full)
+        }
+        None => false,
+    };
+    Some(Probe {
+        source: *relationship,
+        constraint: constraint.clone(),
+        constraint_validated: *constraint_validated,
+        match_full,
+        equality: if equality.len() == probe.columns.len() { equality } else { Vec::new() },
+        ..probe
     })
 }
 
 impl Probe {
+    /// A constraint-less probe (plain `=`, `MATCH SIMPLE`) of `table(columns)` against its parent,
+    /// with the parent's collations and relation names from `catalog`.
+    fn new(
+        catalog: &Catalog,
+        table: String,
+        columns: Vec<String>,
+        parent_schema: String,
+        parent_table: String,
+        parent_columns: Vec<String>,
+        shared_parent: Option<String>,
+    ) -> Probe {
+        let parent = catalog.table(&parent_schema, &parent_table);
+        let collations = parent_columns.iter().map(|c| parent.and_then(|t| t.collations.get(c)).cloned()).collect();
+        Probe {
+            parent_relation: catalog::relation(catalog, &parent_schema, &parent_table),
+            shared_relation: shared_parent.as_deref().map(|s| catalog::relation(catalog, s, &parent_table)),
+            table,
+            columns,
+            parent_schema,
+            parent_table,
+            parent_columns,
+            shared_parent,
+            source: RelationshipSource::Configured,
+            constraint: None,
+            constraint_validated: None,
+            match_full: false,
+            equality: Vec::new(),
+            collations,
+            same_entity: false,
+        }
+    }
+
     /// Rows of `c` (the child) whose key has no row in the expected parent. With `MATCH SIMPLE`
     /// (the default) a key with a NULL part is not checked; with `MATCH FULL` only an all-NULL
     /// key is exempt, and a partly NULL one (which can match no parent) is an orphan.
     pub(crate) fn orphan_condition(&self) -> String {
         let not_null: Vec<String> = self.columns.iter().map(|c| format!("c.{} IS NOT NULL", sql::ident(c))).collect();
         let checked = if self.match_full { format!("({})", not_null.join(" OR ")) } else { not_null.join(" AND ") };
-        format!(
-            "{checked} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})",
-            sql::qualified(&self.parent_schema, &self.parent_table),
-            self.key_match()
-        )
+        format!("{checked} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})", self.parent_relation, self.key_match())
     }
 
+    /// `p.k COLLATE coll OPERATOR(schema.=) c.k AND ...`: the parent's key against the child's,
+    /// as the constraint compares them.
     fn key_match(&self) -> String {
-        sql::key_match("p", &self.parent_columns, "c", &self.columns)
+        let parts: Vec<String> = self
+            .parent_columns
+            .iter()
+            .zip(&self.columns)
+            .enumerate()
+            .map(|(i, (parent, child))| {
+                let collate = match self.collations.get(i) {
+                    Some(Some(c)) => format!(" COLLATE {}", c.quoted()),
+                    _ => String::new(),
+                };
+                let operator =
+                    self.equality.get(i).map_or_else(|| "=".to_string(), |o| sql::operator(&o.schema, &o.name));
+                format!("p.{}{collate} {operator} c.{}", sql::ident(parent), sql::ident(child))
+            })
+            .collect();
+        parts.join(" AND ")
     }
 
     /// Whether the orphan's key exists in the shared schema's table (`false` when there is none).
     pub(crate) fn in_shared(&self) -> String {
-        match &self.shared_parent {
-            Some(shared) => format!(
-                "EXISTS (SELECT 1 FROM {} p WHERE {})",
-                sql::qualified(shared, &self.parent_table),
-                self.key_match()
-            ),
+        match &self.shared_relation {
+            Some(shared) => format!("EXISTS (SELECT 1 FROM {shared} p WHERE {})", self.key_match()),
             None => "false".to_string(),
         }
     }
 
-    /// One anti-join over the child table, counting orphans by parent location.
-    pub fn count_sql(&self, tenant: &str) -> String {
+    /// How many count columns [`Probe::count_select`] returns.
+    pub const COUNTS: usize = 2;
+
+    /// One anti-join over the child (`child`: the tenant's table as statements name it): the
+    /// orphans whose key is in the shared schema, and the others.
+    pub fn count_select(&self, child: &str) -> String {
         format!(
-            "SELECT count(*) FILTER (WHERE in_shared), count(*) FILTER (WHERE NOT in_shared)\n\
-             FROM (SELECT {} AS in_shared FROM {} c WHERE {}) o",
+            "SELECT count(*) FILTER (WHERE o.in_shared), count(*) FILTER (WHERE NOT o.in_shared) \
+             FROM (SELECT {} AS in_shared FROM {child} c WHERE {}) o",
             self.in_shared(),
-            sql::qualified(tenant, &self.table),
             self.orphan_condition()
         )
     }
 
-    /// Up to `limit` distinct orphaned keys of one location, in key order.
-    pub fn sample_sql(&self, tenant: &str, location: ParentLocation, limit: usize) -> String {
+    /// The findings of one relationship from its two counts (samples still empty).
+    pub fn findings(&self, tenant: &str, counts: &[u64]) -> Vec<Finding> {
+        let count_at = |i: usize| counts.get(i).copied().unwrap_or(0);
+        let counts = [(ParentLocation::Shared, count_at(0)), (ParentLocation::Missing, count_at(1))];
+        counts
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(location, count)| Finding {
+                check: Check::OrphanRows,
+                severity: Check::OrphanRows.severity(),
+                schema: tenant.to_string(),
+                table: Some(self.table.clone()),
+                columns: self.columns.clone(),
+                count,
+                sample_keys: Vec::new(),
+                detail: Detail::OrphanRows {
+                    parent_schema: self.parent_schema.clone(),
+                    parent_table: self.parent_table.clone(),
+                    parent_columns: self.parent_columns.clone(),
+                    parent_location: location,
+                    relationship: self.source,
+                    constraint: self.constraint.clone(),
+                    constraint_validated: self.constraint_validated,
+                    heal_copy: match location {
+                        ParentLocation::Missing => CopyVerdict::NoSharedRow,
+                        ParentLocation::Shared if self.same_entity => CopyVerdict::Copy,
+                        ParentLocation::Shared => CopyVerdict::NotSameEntity,
+                    },
+                },
+            })
+            .collect()
+    }
+
+    /// Whether `f` is a finding of this relationship, and at which parent location.
+    pub fn location_of(&self, f: &Finding) -> Option<ParentLocation> {
+        match &f.detail {
+            Detail::OrphanRows { parent_location, .. } if f.check == Check::OrphanRows && f.columns == self.columns => {
+                Some(*parent_location)
+            }
+            _ => None,
+        }
+    }
+
+    /// Up to `limit` orphaned keys of one location as a JSON array, in key order: the first
+    /// `limit` orphan rows met (no sort of the table; a key that repeats among them is kept
+    /// once by the caller).
+    pub fn sample_select(&self, child: &str, location: ParentLocation, limit: usize) -> String {
         let negate = if location == ParentLocation::Shared { "" } else { "NOT " };
-        let cols = sql::columns("c", &self.columns);
-        format!(
-            "SELECT {} FROM {} c WHERE {} AND {negate}{}\nGROUP BY {cols} ORDER BY {cols} LIMIT {limit}",
-            sql::key_text("c", &self.columns),
-            sql::qualified(tenant, &self.table),
-            self.orphan_condition(),
-            self.in_shared(),
+        sql::sample_select(
+            child,
+            &self.columns,
+            &format!("{} AND {negate}{}", self.orphan_condition(), self.in_shared()),
+            limit,
         )
     }
-}
-
-/// Runs one probe in the tenant's snapshot.
-pub async fn run(
-    snapshot: &Snapshot<'_>,
-    tenant: &str,
-    probe: &Probe,
-    samples: usize,
-) -> Result<Vec<Finding>, DbError> {
-    let counts = db::counts(&snapshot.rows(&probe.count_sql(tenant)).await?)?;
-    let count_at = |i: usize| counts.get(i).copied().unwrap_or(0);
-    let counts = [(ParentLocation::Shared, count_at(0)), (ParentLocation::Missing, count_at(1))];
-    let mut out = Vec::new();
-    for (location, count) in counts.into_iter().filter(|(_, n)| *n > 0) {
-        let sample_keys = if samples == 0 {
-            Vec::new()
-        } else {
-            let rows = snapshot.rows(&probe.sample_sql(tenant, location, samples)).await?;
-            rows.into_iter().filter_map(|mut r| r.swap_remove(0)).collect()
-        };
-        out.push(Finding {
-            check: Check::OrphanRows,
-            severity: Check::OrphanRows.severity(),
-            schema: tenant.to_string(),
-            table: Some(probe.table.clone()),
-            columns: probe.columns.clone(),
-            count,
-            sample_keys,
-            detail: Detail::OrphanRows {
-                parent_schema: probe.parent_schema.clone(),
-                parent_table: probe.parent_table.clone(),
-                parent_columns: probe.parent_columns.clone(),
-                parent_location: location,
-                relationship: probe.source,
-                constraint: probe.constraint.clone(),
-                constraint_validated: probe.constraint_validated,
-                heal_copy: match location {
-                    ParentLocation::Missing => CopyVerdict::NoSharedRow,
-                    ParentLocation::Shared if probe.same_entity => CopyVerdict::Copy,
-                    ParentLocation::Shared => CopyVerdict::NotSameEntity,
-                },
-            },
-        });
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -265,7 +376,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn count_sql_is_one_quoted_anti_join() {
+    fn count_select_is_one_quoted_anti_join_with_the_constraints_operator() {
         let probe = Probe {
             table: "Users \"Profile\"".into(),
             columns: vec!["business_id".into()],
@@ -277,14 +388,21 @@ mod tests {
             constraint: Some("fk".into()),
             constraint_validated: Some(true),
             match_full: false,
+            equality: vec![QualifiedName { schema: "ext".into(), name: "=".into() }],
+            collations: vec![Some(QualifiedName { schema: "pg_catalog".into(), name: "C".into() })],
+            parent_relation: "ONLY \"Tenant-1\".\"business_business\"".into(),
+            shared_relation: Some("\"public\".\"business_business\"".into()),
             same_entity: true,
         };
+        let key = "p.\"id\" COLLATE \"pg_catalog\".\"C\" OPERATOR(\"ext\".=) c.\"business_id\"";
         assert_eq!(
-            probe.count_sql("Tenant-1"),
-            "SELECT count(*) FILTER (WHERE in_shared), count(*) FILTER (WHERE NOT in_shared)\n\
-             FROM (SELECT EXISTS (SELECT 1 FROM \"public\".\"business_business\" p WHERE p.\"id\" = c.\"business_id\") AS in_shared \
-             FROM \"Tenant-1\".\"Users \"\"Profile\"\"\" c WHERE c.\"business_id\" IS NOT NULL AND NOT EXISTS \
-             (SELECT 1 FROM \"Tenant-1\".\"business_business\" p WHERE p.\"id\" = c.\"business_id\")) o"
+            probe.count_select("ONLY \"Tenant-1\".\"Users \"\"Profile\"\"\""),
+            format!(
+                "SELECT count(*) FILTER (WHERE o.in_shared), count(*) FILTER (WHERE NOT o.in_shared) \
+                 FROM (SELECT EXISTS (SELECT 1 FROM \"public\".\"business_business\" p WHERE {key}) AS in_shared \
+                 FROM ONLY \"Tenant-1\".\"Users \"\"Profile\"\"\" c WHERE c.\"business_id\" IS NOT NULL AND NOT EXISTS \
+                 (SELECT 1 FROM ONLY \"Tenant-1\".\"business_business\" p WHERE {key})) o"
+            )
         );
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::catalog::{Catalog, Column, ForeignKey, Identity, Schema, TypeSchema};
+use crate::catalog::{Catalog, Column, ForeignKey, Identity, QualifiedName, Schema, TypeSchema};
 
 /// Where a foreign key points, relative to the schema that declares it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -119,7 +119,16 @@ pub struct Shape {
     pub tables: BTreeMap<String, TableShape>,
     /// (table, columns) -> the most common target among all tenants and the reference that
     /// declare a foreign key there, limited to own-schema and shared-schema targets.
-    pub known_relationships: BTreeMap<(String, Vec<String>), FkShape>,
+    pub known_relationships: BTreeMap<(String, Vec<String>), KnownRelationship>,
+}
+
+/// A relationship some tenants (or the reference) declare: its target, and the equality
+/// operators of the first constraint (in schema order) that declares it, which a tenant lacking
+/// the constraint is checked with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownRelationship {
+    pub shape: FkShape,
+    pub equality: Vec<QualifiedName>,
 }
 
 impl Shape {
@@ -236,19 +245,30 @@ fn majority_table(having: &[(&str, &crate::catalog::Table)], shared: &str) -> Ta
     TableShape { columns, foreign_keys }
 }
 
-fn known_relationships(sources: &[(&str, &Schema)], shared: &str) -> BTreeMap<(String, Vec<String>), FkShape> {
-    let mut votes: BTreeMap<(String, Vec<String>), Vec<FkShape>> = BTreeMap::new();
+fn known_relationships(
+    sources: &[(&str, &Schema)],
+    shared: &str,
+) -> BTreeMap<(String, Vec<String>), KnownRelationship> {
+    type Votes<'a> = Vec<(FkShape, &'a Vec<QualifiedName>)>;
+    let mut votes: BTreeMap<(String, Vec<String>), Votes> = BTreeMap::new();
     for (schema, s) in sources {
         for (table, t) in &s.tables {
             for fk in &t.foreign_keys {
                 let shape = FkShape::of(fk, schema, shared);
                 if matches!(shape.target, Target::Own | Target::Shared) {
-                    votes.entry((table.clone(), fk.columns.clone())).or_default().push(shape);
+                    votes.entry((table.clone(), fk.columns.clone())).or_default().push((shape, &fk.equality));
                 }
             }
         }
     }
-    votes.into_iter().filter_map(|(k, v)| mode(v).map(|s| (k, s))).collect()
+    votes
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let shape = mode(v.iter().map(|(s, _)| s.clone()))?;
+            let equality = v.iter().find(|(s, _)| *s == shape).map(|(_, e)| (*e).clone()).unwrap_or_default();
+            Some((k, KnownRelationship { shape, equality }))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -280,6 +300,7 @@ mod tests {
             validated: true,
             deferrable: false,
             match_full: false,
+            equality: vec![],
         }
     }
 
@@ -290,7 +311,7 @@ mod tests {
         }
         let foreign_keys =
             fk_target_schema.map(|s| vec![fk(name, &["business_id"], s, "business_business")]).unwrap_or_default();
-        let table = Table { columns, primary_key: vec!["id".into()], foreign_keys, readable: true, triggers: vec![] };
+        let table = Table { columns, primary_key: vec!["id".into()], foreign_keys, readable: true, ..Table::default() };
         Schema { tables: [("users_userprofile".to_string(), table)].into() }
     }
 
@@ -309,7 +330,7 @@ mod tests {
         assert_eq!(fk.target, Target::Own);
         assert_eq!(fk.describe("public"), "business_business(id)");
         let known = &shape.known_relationships[&("users_userprofile".to_string(), vec!["business_id".to_string()])];
-        assert_eq!(known.target, Target::Own);
+        assert_eq!(known.shape.target, Target::Own);
     }
 
     #[test]
@@ -345,13 +366,7 @@ mod tests {
                 identity: None,
                 generated: false,
             };
-            let table = Table {
-                columns: vec![column],
-                primary_key: vec![],
-                foreign_keys: vec![],
-                readable: true,
-                triggers: vec![],
-            };
+            let table = Table { columns: vec![column], readable: true, ..Table::default() };
             catalog.schemas.insert(format!("t{i}"), Schema { tables: [("notes".to_string(), table)].into() });
         }
         let tenants: BTreeSet<String> = (0..5).map(|i| format!("t{i}")).collect();

@@ -9,7 +9,6 @@
 //! Descending sequences are not checked.
 
 use super::Context;
-use crate::db::{DbError, Snapshot};
 use crate::report::{Check, Detail, Finding};
 use crate::sql;
 
@@ -51,25 +50,28 @@ impl Probe {
             seq_literal = sql::literal(&seq),
         )
     }
-}
 
-/// Runs one probe in the tenant's snapshot.
-pub async fn run(snapshot: &Snapshot<'_>, tenant: &str, probe: &Probe) -> Result<Vec<Finding>, DbError> {
-    let rows = snapshot.rows(&probe.sql(tenant)).await?;
-    let Some(row) = rows.first() else { return Ok(Vec::new()) };
-    let value = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
-    let (Some(next_value), Some(column_max)) = (value(0), value(1)) else { return Ok(Vec::new()) };
-    Ok(vec![Finding {
-        check: Check::SequenceBehind,
-        severity: Check::SequenceBehind.severity(),
-        schema: tenant.to_string(),
-        table: Some(probe.table.clone()),
-        columns: vec![probe.column.clone()],
-        // How many of the next values collide at most.
-        count: column_max.abs_diff(next_value) + 1,
-        sample_keys: Vec::new(),
-        detail: Detail::SequenceBehind { sequence: sql::display_name(tenant, &probe.sequence), next_value, column_max },
-    }])
+    /// The finding of the rows of [`Probe::sql`]: one when the sequence is behind.
+    pub fn findings(&self, tenant: &str, rows: &[Vec<Option<String>>]) -> Vec<Finding> {
+        let Some(row) = rows.first() else { return Vec::new() };
+        let value = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
+        let (Some(next_value), Some(column_max)) = (value(0), value(1)) else { return Vec::new() };
+        vec![Finding {
+            check: Check::SequenceBehind,
+            severity: Check::SequenceBehind.severity(),
+            schema: tenant.to_string(),
+            table: Some(self.table.clone()),
+            columns: vec![self.column.clone()],
+            // How many of the next values collide at most.
+            count: column_max.abs_diff(next_value) + 1,
+            sample_keys: Vec::new(),
+            detail: Detail::SequenceBehind {
+                sequence: sql::display_name(tenant, &self.sequence),
+                next_value,
+                column_max,
+            },
+        }]
+    }
 }
 
 #[cfg(test)]

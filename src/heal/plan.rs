@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::{backfill, columns, copy, sequence, Repair};
-use crate::checks::orphan_rows::Probe;
+use crate::checks::orphan_rows;
 use crate::config::{AuditValues, Config};
 use crate::report::{Check, CopyVerdict, Detail, DriftKind, Finding, ParentLocation};
 use crate::scan::Scanned;
@@ -206,29 +206,14 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
             Repair::CopyMissingParents,
             Check::OrphanRows,
             Detail::OrphanRows {
-                parent_schema,
                 parent_table,
-                parent_columns,
                 parent_location: ParentLocation::Shared,
-                relationship,
-                constraint,
-                constraint_validated,
                 heal_copy: CopyVerdict::Copy,
+                ..
             },
         ) => {
-            let probe = Probe {
-                table: table.clone(),
-                columns: f.columns.clone(),
-                parent_schema: parent_schema.clone(),
-                parent_table: parent_table.clone(),
-                parent_columns: parent_columns.clone(),
-                shared_parent: Some(shared.clone()),
-                source: *relationship,
-                constraint: constraint.clone(),
-                constraint_validated: *constraint_validated,
-                match_full: false,
-                same_entity: true,
-            };
+            let probe =
+                orphan_rows::Probe { same_entity: true, ..orphan_rows::probe_for(catalog, &scanned.shape, shared, f)? };
             let summary = format!("{} orphan row(s) whose {parent_table} row exists in {shared}", f.count);
             let full = config.heal.audit_values == AuditValues::Full;
             let spec = copy::spec(catalog, shared, tenant, &probe, &config.heal.same_entity_keys, full)?;

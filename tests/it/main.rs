@@ -3,6 +3,7 @@
 
 mod chart;
 mod cli;
+mod config_input;
 mod conninfo;
 mod daemon;
 mod dashboard;
@@ -16,8 +17,12 @@ mod incremental;
 mod listener;
 mod pgbouncer;
 mod prometheus;
+mod replica;
 mod rules;
 mod scan;
+mod scan_locks;
+mod scan_samples;
+mod scan_semantics;
 mod support;
 mod tls;
 mod tools;
