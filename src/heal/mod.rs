@@ -662,7 +662,8 @@ async fn ensure_audit_table(client: &tokio_postgres::Transaction<'_>) -> Result<
 }
 
 /// Checks, in one query, that the role may write every table the plan touches: INSERT for
-/// copies, UPDATE for backfills, ownership for added columns, and INSERT on the audit table.
+/// copies, UPDATE for backfills, ownership for added columns, and INSERT and SELECT on the
+/// audit table.
 async fn check_privileges(client: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), HealError> {
     // Relations dropped since the scan are left to fail (and be reported) in their own repair.
     const CHECK: &str = "SELECT t.rel, t.privilege
@@ -671,8 +672,9 @@ WHERE r.oid IS NOT NULL AND NOT CASE t.privilege
     WHEN 'OWNER' THEN pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = r.oid), 'USAGE')
     ELSE pg_catalog.has_table_privilege(r.oid, t.privilege) END
 LIMIT 1";
-    let mut rels = vec![audit::table(), lease::table(), lease::table(), lease::table()];
-    let mut privileges = ["INSERT", "INSERT", "UPDATE", "DELETE"].map(String::from).to_vec();
+    // SELECT on the audit table: every write statement reads its audit rows back (`RETURNING`).
+    let mut rels = vec![audit::table(), audit::table(), lease::table(), lease::table(), lease::table()];
+    let mut privileges = ["INSERT", "SELECT", "INSERT", "UPDATE", "DELETE"].map(String::from).to_vec();
     for tenant in &plan.tenants {
         for action in &tenant.actions {
             for (rel, privilege) in action.writes() {
