@@ -922,7 +922,7 @@ struct RawWeb {
     config_file: Option<PathBuf>,
     header_read_timeout: String,
     idle_timeout: String,
-    max_connections: usize,
+    max_connections: i64,
     metrics_auth: bool,
     report_auth: bool,
     scan_requests: RawScanRequests,
@@ -958,9 +958,6 @@ impl Default for RawScanRequests {
 
 impl RawWeb {
     fn validate(self, config_path: &Path, heal: &HealConfig) -> Result<WebConfig, ConfigError> {
-        if self.max_connections == 0 || self.max_connections > 1_000_000 {
-            return Err(ConfigError::invalid("web.max_connections", "must be between 1 and 1000000"));
-        }
         let requests = self.scan_requests;
         if requests.heal && !(requests.enabled && heal.enabled) {
             return Err(ConfigError::invalid(
@@ -979,7 +976,7 @@ impl RawWeb {
             security,
             header_read_timeout: parse_duration("web.header_read_timeout", &self.header_read_timeout)?,
             idle_timeout: parse_duration("web.idle_timeout", &self.idle_timeout)?,
-            max_connections: self.max_connections,
+            max_connections: bounded("web.max_connections", self.max_connections, 1, 1_000_000)?,
             metrics_auth: self.metrics_auth,
             report_auth: self.report_auth,
             scan_requests: ScanRequestsConfig {
@@ -1161,7 +1158,14 @@ mod tests {
                 "[web.scan_requests]\nheal = true\n",
                 "config key web.scan_requests.heal: needs web.scan_requests.enabled = true and heal.enabled = true",
             ),
-            ("[web]\nmax_connections = 0\n", "config key web.max_connections: must be between 1 and 1000000"),
+            (
+                "[web]\nmax_connections = 0\n",
+                "config key web.max_connections: 0 is out of range: must be between 1 and 1000000",
+            ),
+            (
+                "[web]\nmax_connections = -5\n",
+                "config key web.max_connections: -5 is out of range: must be between 1 and 1000000",
+            ),
             ("[web]\nheader_read_timeout = '0s'\n", "config key web.header_read_timeout: must be greater than zero"),
             ("[web]\nidle_timeout = '5000 years'\n", "config key web.idle_timeout: must be at most a year"),
             (

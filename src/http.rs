@@ -11,14 +11,16 @@
 //! arrive within `web.header_read_timeout`, no read or write may stall longer than
 //! `web.idle_timeout`, at most `web.max_connections` are open, and accept errors (EMFILE) back
 //! off instead of spinning, logged at most once per [`ACCEPT_LOG_INTERVAL`]. At shutdown, open
-//! connections get [`SHUTDOWN_GRACE`] to finish.
+//! connections get [`SHUTDOWN_GRACE`] to finish. The web config file is loaded again when it or
+//! a file it names changes (checked at most once per [`RELOAD_CHECK_INTERVAL`], when a
+//! connection is accepted); a connection keeps the security it was accepted with.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use http_body_util::Full;
@@ -41,6 +43,7 @@ use crate::config::WebConfig;
 use crate::metrics::Metrics;
 use crate::report::Report;
 use crate::schedule::{Scheduler, Trigger};
+use crate::web_config::WebSecurity;
 
 /// While accepting fails (e.g. EMFILE: no file descriptor left), at most one log line per this
 /// interval; the failures in between are counted in the next line.
@@ -52,6 +55,8 @@ const ACCEPT_MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// stops waiting for them (a half-sent request would otherwise hold shutdown for the whole
 /// header-read timeout).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Least time between two looks at the web config file's modification times.
+pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Bcrypt verifications running at once: wrong passwords cannot take every core.
 const BCRYPT_SLOTS: usize = 2;
 /// Verified credentials remembered (as SHA-256 digests), so a scrape costs no bcrypt.
@@ -69,7 +74,7 @@ pub struct Endpoints {
 /// Accepts connections until `shutdown`, then lets open requests finish.
 pub async fn serve(listener: TcpListener, endpoints: Endpoints, web: WebConfig, shutdown: CancellationToken) {
     let server = Arc::new(Server::new(endpoints, web));
-    if server.auth.is_none() {
+    if server.security().auth.is_none() {
         tracing::info!("no basic_auth_users configured: /metrics and /report answer anyone who reaches the listener");
     }
     let graceful = GracefulShutdown::new();
@@ -158,9 +163,11 @@ impl AcceptErrors {
 struct Server {
     endpoints: Endpoints,
     web: WebConfig,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    /// `None` without `basic_auth_users`.
-    auth: Option<Authenticator>,
+    /// TLS and credentials in force; replaced when the web config file or a file it names
+    /// changes (a rotated certificate), checked at most once per [`RELOAD_CHECK_INTERVAL`].
+    security: RwLock<Arc<Security>>,
+    /// When the files were last looked at.
+    reload_checked: Mutex<Instant>,
     /// The last encoded `/metrics` and the metrics generation it was encoded at.
     metrics_body: Mutex<Option<(u64, Arc<Encoded>)>>,
     /// The last encoded `/report` and the report it encodes.
@@ -171,18 +178,48 @@ struct Server {
 
 impl Server {
     fn new(endpoints: Endpoints, web: WebConfig) -> Server {
-        let security = web.security.clone();
-        let tls = security.as_ref().and_then(|s| s.tls.clone()).map(tokio_rustls::TlsAcceptor::from);
-        let auth = security.filter(|s| !s.users.is_empty()).map(|s| Authenticator::new(s.users.clone()));
+        let security = RwLock::new(Arc::new(Security::new(web.security.clone())));
         Server {
             endpoints,
             web,
-            tls,
-            auth,
+            security,
+            reload_checked: Mutex::new(Instant::now()),
             metrics_body: Mutex::new(None),
             report_body: Mutex::new(None),
             last_scan_request: Mutex::new(None),
         }
+    }
+
+    /// The security in force, first loading the web config file again if it or a file it
+    /// names changed. A changed file that does not load keeps the previous security (and says
+    /// why once per change).
+    fn security(&self) -> Arc<Security> {
+        let current = Arc::clone(&self.security.read().unwrap_or_else(|e| e.into_inner()));
+        let Some(source) = &current.source else { return current };
+        {
+            let mut checked = self.reload_checked.lock().unwrap_or_else(|e| e.into_inner());
+            if checked.elapsed() < RELOAD_CHECK_INTERVAL {
+                return current;
+            }
+            *checked = Instant::now();
+        }
+        let stamps = modification_times(&source.files);
+        if stamps == current.stamps {
+            return current;
+        }
+        let next = match WebSecurity::load(&source.path) {
+            Ok(loaded) => {
+                tracing::info!(path = %source.path.display(), "web config file loaded again after a change");
+                Security::new(Some(Arc::new(loaded)))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "web config file changed but does not load; keeping the previous one");
+                Security { stamps, ..(*current).clone() }
+            }
+        };
+        let next = Arc::new(next);
+        *self.security.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&next);
+        next
     }
 
     /// Serves one accepted connection until it closes, stalls or times out.
@@ -192,24 +229,26 @@ impl Server {
         stream.set_read_timeout(Some(self.web.idle_timeout));
         stream.set_write_timeout(Some(self.web.idle_timeout));
         let stream = Box::pin(stream);
-        match self.tls.clone() {
-            None => self.http(stream, peer, watcher).await,
+        let security = self.security();
+        match security.tls.clone() {
+            None => self.http(stream, security, peer, watcher).await,
             Some(acceptor) => match tokio::time::timeout(self.web.header_read_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => self.http(tls, peer, watcher).await,
+                Ok(Ok(tls)) => self.http(tls, security, peer, watcher).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             },
         }
     }
 
-    async fn http<IO>(self: Arc<Self>, io: IO, peer: SocketAddr, watcher: Watcher)
+    /// HTTP on one connection, with the security that was in force when it was accepted.
+    async fn http<IO>(self: Arc<Self>, io: IO, security: Arc<Security>, peer: SocketAddr, watcher: Watcher)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let server = Arc::clone(&self);
         let service = service_fn(move |req| {
-            let server = Arc::clone(&server);
-            async move { Ok::<_, Infallible>(server.handle(&req, peer).await) }
+            let (server, security) = (Arc::clone(&server), Arc::clone(&security));
+            async move { Ok::<_, Infallible>(server.handle(&req, &security, peer).await) }
         });
         let mut builder = http1::Builder::new();
         // hyper starts this timer whenever it waits for a request's headers, the first one
@@ -220,17 +259,17 @@ impl Server {
         }
     }
 
-    async fn handle(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
-        let mut response = self.route(req, peer).await;
-        if let Some(security) = &self.web.security {
-            for (name, value) in &security.headers {
+    async fn handle(&self, req: &Request<Incoming>, security: &Security, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let mut response = self.route(req, security, peer).await;
+        if let Some(source) = &security.source {
+            for (name, value) in &source.headers {
                 response.headers_mut().insert(name.clone(), value.clone());
             }
         }
         response
     }
 
-    async fn route(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    async fn route(&self, req: &Request<Incoming>, security: &Security, peer: SocketAddr) -> Response<Full<Bytes>> {
         let path = req.uri().path();
         let needs_auth = match (req.method(), path) {
             (&Method::GET, "/metrics") => self.web.metrics_auth,
@@ -238,7 +277,7 @@ impl Server {
             (&Method::POST, "/scan") => true,
             _ => false,
         };
-        let user = match (&self.auth, needs_auth) {
+        let user = match (&security.auth, needs_auth) {
             (Some(auth), true) => match auth.check(req.headers().get(AUTHORIZATION)).await {
                 Some(user) => Some(user),
                 None => return unauthorized(),
@@ -318,6 +357,34 @@ impl Server {
             }
         }
     }
+}
+
+/// TLS and credentials from one load of the web config file.
+#[derive(Clone)]
+struct Security {
+    /// `None` without a web config file: plain HTTP, no credentials, nothing to load again.
+    source: Option<Arc<WebSecurity>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `None` without `basic_auth_users`.
+    auth: Option<Arc<Authenticator>>,
+    /// Modification times of `source.files` when it was loaded.
+    stamps: Vec<Option<SystemTime>>,
+}
+
+impl Security {
+    fn new(source: Option<Arc<WebSecurity>>) -> Security {
+        let tls = source.as_ref().and_then(|s| s.tls.clone()).map(tokio_rustls::TlsAcceptor::from);
+        let auth =
+            source.as_ref().filter(|s| !s.users.is_empty()).map(|s| Arc::new(Authenticator::new(s.users.clone())));
+        let stamps = source.as_ref().map(|s| modification_times(&s.files)).unwrap_or_default();
+        Security { source, tls, auth, stamps }
+    }
+}
+
+/// The modification time of each file (`None` for one that cannot be read). Follows symbolic
+/// links, as a Kubernetes Secret volume swaps them on an update.
+fn modification_times(files: &[std::path::PathBuf]) -> Vec<Option<SystemTime>> {
+    files.iter().map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()).collect()
 }
 
 /// A response body as it is and gzip-compressed, both built once.

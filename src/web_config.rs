@@ -7,7 +7,8 @@
 //! panic; a key of the format that tenant-audit does not implement is refused by name rather
 //! than silently ignored (a policy that is not applied must not look applied); no password or
 //! private key appears in an error or in `Debug` output. Relative paths are relative to the web
-//! config file's directory, as in exporter-toolkit.
+//! config file's directory, as in exporter-toolkit. [`WebSecurity::files`] lists what the
+//! listener watches to load the file again after a rotation.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,9 @@ pub struct WebSecurity {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Whether TLS clients must present a certificate signed by the client CA.
     pub client_auth: ClientAuth,
+    /// The file itself and the files it names (certificate, key, client CA): when one of them
+    /// changes, the listener loads the file again.
+    pub files: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for WebSecurity {
@@ -166,14 +170,19 @@ impl RawWebConfig {
                 headers.push((HeaderName::from_static(static_lower(allowed)), value));
             }
         }
+        let mut files = vec![path.to_path_buf()];
         let (tls, client_auth) = match self.tls_server_config {
             Some(tls) => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                files.extend(
+                    [&tls.cert_file, &tls.key_file, &tls.client_ca_file].into_iter().flatten().map(|f| dir.join(f)),
+                );
                 let (config, client_auth) = tls.validate(path)?;
                 (Some(Arc::new(config)), client_auth)
             }
             None => (None, ClientAuth::NoClientCert),
         };
-        Ok(WebSecurity { path: path.to_path_buf(), tls, users: self.basic_auth_users, headers, client_auth })
+        Ok(WebSecurity { path: path.to_path_buf(), tls, users: self.basic_auth_users, headers, client_auth, files })
     }
 }
 

@@ -204,6 +204,57 @@ async fn client_certificates_are_required_when_configured() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The DER of the certificate that `client` is served by `url`.
+async fn served_certificate(client: &reqwest::Client, url: &str) -> Option<Vec<u8>> {
+    let response = client.get(url).send().await.ok()?;
+    Some(response.extensions().get::<reqwest::tls::TlsInfo>()?.peer_certificate()?.to_vec())
+}
+
+fn der(pem_file: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(pem_file).unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_served_without_a_restart() {
+    let (dir, next) = (temp_dir("listener-rotate"), temp_dir("listener-rotate-next"));
+    certificates(&dir);
+    certificates(&next);
+    let url = fixture_db("listener_rotate", DEMO_SQL).await;
+    let web = web_config(&dir, "");
+    let daemon = start_daemon(config(&url, &format!("{DAEMON}[web]\nconfig_file = {web:?}\n"))).await;
+    let healthz = format!("{}/healthz", daemon.base.replace("http://", "https://"));
+    let mut builder = reqwest::Client::builder().tls_built_in_root_certs(false).tls_info(true);
+    for ca in [&dir, &next] {
+        builder = builder
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca.join("ca.pem")).unwrap()).unwrap());
+    }
+    let client = builder.pool_max_idle_per_host(0).build().unwrap();
+    assert_eq!(served_certificate(&client, &healthz).await, Some(der(&dir.join("server.pem"))));
+
+    // The certificate and key are replaced, as a Secret volume update does.
+    for file in ["server.key", "server.pem"] {
+        std::fs::copy(next.join(file), dir.join(format!("{file}.new"))).unwrap();
+        std::fs::rename(dir.join(format!("{file}.new")), dir.join(file)).unwrap();
+    }
+    let rotated = Some(der(&next.join("server.pem")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served_certificate(&client, &healthz).await != rotated {
+        assert!(Instant::now() < deadline, "the rotated certificate was never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A broken file keeps what was loaded.
+    std::fs::write(&web, "tls_server_config:\n  cert_file: missing.pem\n").unwrap();
+    tokio::time::sleep(tenant_audit::http::RELOAD_CHECK_INTERVAL * 2).await;
+    for _ in 0..3 {
+        assert_eq!(served_certificate(&client, &healthz).await, rotated);
+    }
+    daemon.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&next).unwrap();
+}
+
 /// heal.enabled with one repair; scans only on request.
 const HEALING: &str = "[tenants]\ninclude = ['^tenant_']\n[heal]\nenabled = true\nbackfill_null_timestamps = true\n\
     [serve]\nschedule = '0 0 0 1 1 *'\nscan_on_start = false\n";
