@@ -21,6 +21,8 @@
 //!   a constant number of queries per chunk of schemas.
 //! - [`checks`]: one module per check. Pure planning from the catalog, plus the set-based SQL
 //!   that counts in the database; [`checks::work`] groups one table's checks into one unit.
+//! - [`incremental`]: per-table change signals and the state between scans that carries a
+//!   table's findings forward while nothing its checks read may have changed.
 //! - [`scan`]: one pass: tenants -> catalog -> checks -> report. A failing table or tenant is
 //!   recorded, never fatal.
 //! - [`heal`]: plans and repairs; the ONLY code that writes to a tenant database.
@@ -53,6 +55,7 @@ pub mod daemon;
 pub mod db;
 pub mod heal;
 pub mod http;
+pub mod incremental;
 pub mod metrics;
 pub mod pgtls;
 pub mod report;
