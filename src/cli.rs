@@ -36,6 +36,10 @@ pub struct HealArgs {
     /// Apply the plan. Without it, nothing is written.
     #[arg(long)]
     pub execute: bool,
+    /// Revert heal run RUN_ID from its audit rows instead of healing (no scan): rows that still
+    /// hold what heal wrote are reverted, the others listed. With --execute only.
+    #[arg(long, value_name = "RUN_ID")]
+    pub undo: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -61,6 +61,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// (a lock, the row cap, another healer, orphans set aside), 2 on error.
 async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
+    if let Some(run_id) = &args.undo {
+        return undo(&config, run_id, args.execute).await;
+    }
     if !config.heal.any_repair() {
         anyhow::bail!("no repair is enabled: set heal.copy_missing_parents, heal.backfill_null_timestamps, heal.add_missing_columns or heal.advance_sequences");
     }
@@ -92,6 +95,55 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     Ok(if outcome.skipped.is_empty() && outcome.set_aside.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `heal --undo RUN_ID`: prints the undo plan, or with `execute` applies it; then lists what it
+/// does not undo and the rows it left because they changed since the run. Exit codes as heal's.
+async fn undo(config: &Config, run_id: &str, execute: bool) -> anyhow::Result<ExitCode> {
+    let cancel = shutdown_on_signals()?;
+    let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
+    let mut session = db::session(&pool, &config.heal.database.target).await?;
+    let tx = db::begin_heal(&mut session, &config.heal).await?;
+    let (plan, notes) = heal::undo::plan(&tx, run_id).await?;
+    tx.commit().await.context("cannot read the audit table")?;
+    drop(session);
+    let mut out = std::io::stdout();
+    if plan.tenants.is_empty() && notes.is_empty() {
+        anyhow::bail!("heal run {run_id:?} has no audit rows in tenant_audit.heal_log");
+    }
+    if !execute {
+        write!(out, "{}", plan.render(&config.heal.database.target, config.heal.batch_size))?;
+        for note in &notes {
+            writeln!(out, "-- {note}")?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let outcome = match heal::execute(&config.heal, &pool, &plan, None, &cancel).await {
+        Err(HealError::LockedOut) => {
+            eprintln!("tenant-audit: {}", HealError::LockedOut);
+            return Ok(ExitCode::from(1));
+        }
+        other => other?,
+    };
+    write!(out, "{}", outcome.summary())?;
+    for note in &notes {
+        writeln!(out, "not undone: {note}")?;
+    }
+    let mut session = db::session(&pool, &config.heal.database.target).await?;
+    let tx = db::begin_heal(&mut session, &config.heal).await?;
+    let left = heal::undo::left(&tx, run_id).await?;
+    tx.commit().await.context("cannot read the audit table")?;
+    for row in &left {
+        writeln!(out, "left (changed since the run, or still referenced): {row}")?;
+    }
+    if let Some((schema, repair, message)) = outcome.errors.first() {
+        anyhow::bail!("{} repair(s) failed; first: {} on {schema}: {message}", outcome.errors.len(), repair.name());
+    }
+    Ok(if left.is_empty() && !outcome.interrupted && outcome.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// The error of a scan that met failures (other than tenants dropped meanwhile), if it did.

@@ -53,8 +53,8 @@ pub struct Metrics {
 }
 
 /// The repairs heal can make: the `repair` label of the heal metrics.
-pub const REPAIRS: [&str; 4] =
-    ["copy_missing_parents", "backfill_null_timestamps", "add_missing_columns", "advance_sequences"];
+pub const REPAIRS: [&str; 5] =
+    ["copy_missing_parents", "backfill_null_timestamps", "add_missing_columns", "advance_sequences", "undo"];
 /// Why heal left a tenant alone: the `reason` label of `tenant_audit_heal_skipped_tenants_total`.
 pub const HEAL_SKIP_REASONS: [&str; 2] = ["lock_timeout", "max_rows_per_run"];
 /// Outcomes of a heal run: the `result` label of `tenant_audit_heal_runs_total`.

@@ -19,6 +19,7 @@ mod copy;
 mod lease;
 mod plan;
 mod sequence;
+pub mod undo;
 
 use std::collections::BTreeMap;
 
@@ -44,6 +45,8 @@ pub enum Repair {
     BackfillNullTimestamps,
     AddMissingColumns,
     AdvanceSequences,
+    /// `heal --undo`: reverting a run.
+    Undo,
 }
 
 impl Repair {
@@ -54,6 +57,7 @@ impl Repair {
             Repair::BackfillNullTimestamps => "backfill_null_timestamps",
             Repair::AddMissingColumns => "add_missing_columns",
             Repair::AdvanceSequences => "advance_sequences",
+            Repair::Undo => "undo",
         }
     }
 }

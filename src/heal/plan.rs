@@ -85,7 +85,7 @@ impl Action {
             }
             Repair::BackfillNullTimestamps => vec![(self.table.clone(), "UPDATE")],
             Repair::AddMissingColumns => vec![(self.table.clone(), "OWNER")],
-            Repair::AdvanceSequences => Vec::new(),
+            Repair::AdvanceSequences | Repair::Undo => Vec::new(),
         }
     }
 }

@@ -376,6 +376,7 @@ async fn the_daemon_heals_after_each_scan_and_counts_it() {
             "tenant_audit_healed_rows_total{repair=\"advance_sequences\"} 0",
             "tenant_audit_healed_rows_total{repair=\"backfill_null_timestamps\"} 3",
             "tenant_audit_healed_rows_total{repair=\"copy_missing_parents\"} 3",
+            "tenant_audit_healed_rows_total{repair=\"undo\"} 0",
         ]
     );
     // The scan that ran before heal is what /metrics shows until the next one.

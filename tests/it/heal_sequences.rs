@@ -64,14 +64,15 @@ const LISTED: &str =
 const COPIED: &str = "SELECT count(*)::text FROM tenant_a.category";
 const NEXT_INSERT: &str = "INSERT INTO tenant_a.category (name) VALUES ('the application') RETURNING id::text";
 
-/// The application's next default-key insert succeeds and takes the key after the largest
-/// copied one; the row is removed again so that the next run has the same orphans to copy.
+/// The application's next default-key insert succeeds with a key above every copied one (a batch
+/// cancelled after moving its sequence leaves a gap: `setval` is not transactional); the row is
+/// removed again so that the next run has the same orphans to copy.
 async fn assert_next_insert_succeeds(url: &str) {
     let copied: i64 = rows(url, COPIED).await[0].parse().unwrap();
     assert!(copied > 0, "nothing was copied");
     let max = rows(url, "SELECT max(id)::text FROM tenant_a.category").await;
     let id = rows(url, NEXT_INSERT).await;
-    assert_eq!(id[0].parse::<i64>().unwrap(), max[0].parse::<i64>().unwrap() + 1);
+    assert!(id[0].parse::<i64>().unwrap() > max[0].parse::<i64>().unwrap(), "{id:?} after {max:?}");
     rows(url, &format!("DELETE FROM tenant_a.category WHERE id = {} RETURNING id::text", id[0])).await;
 }
 
@@ -125,5 +126,6 @@ async fn a_copy_stopped_by_sigkill_leaves_the_sequence_ahead_and_a_rerun_finishe
     let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(rows(&url, COPIED).await, ["6000"]);
-    assert_eq!(rows(&url, NEXT_INSERT).await, ["12001"]);
+    let next: i64 = rows(&url, NEXT_INSERT).await[0].parse().unwrap();
+    assert!(next > 12000, "{next}");
 }
