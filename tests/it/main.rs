@@ -14,6 +14,7 @@ mod heal_ddl;
 mod heal_graph;
 mod heal_sequences;
 mod heal_undo;
+mod incremental;
 mod listener;
 mod pgbouncer;
 mod prometheus;
