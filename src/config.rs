@@ -241,6 +241,8 @@ pub struct ScanConfig {
     pub lock_timeout: Duration,
     /// Per host, for the whole connection set-up (TCP, TLS, authentication).
     pub connect_timeout: Duration,
+    /// The daemon's scans are full at least this often; between them they are incremental.
+    pub full_every: Duration,
     /// After this long a scan is cancelled (on the server too) and fails: `scan.max_duration`,
     /// else one hour for `scan`; `serve` uses [`ServeConfig::scan_max_duration`].
     pub max_duration: Duration,
@@ -519,6 +521,7 @@ struct RawScan {
     statement_timeout: String,
     lock_timeout: String,
     connect_timeout: String,
+    full_every: String,
     max_duration: Option<String>,
 }
 
@@ -529,6 +532,7 @@ impl Default for RawScan {
             statement_timeout: "60s".into(),
             lock_timeout: "5s".into(),
             connect_timeout: "10s".into(),
+            full_every: "1h".into(),
             max_duration: None,
         }
     }
@@ -780,6 +784,7 @@ impl RawScan {
             statement_timeout: parse_timeout("scan.statement_timeout", &self.statement_timeout)?,
             lock_timeout: parse_timeout("scan.lock_timeout", &self.lock_timeout)?,
             connect_timeout: parse_timeout("scan.connect_timeout", &self.connect_timeout)?,
+            full_every: parse_duration("scan.full_every", &self.full_every)?,
             max_duration: max_duration.unwrap_or(CLI_SCAN_MAX_DURATION),
         };
         Ok((scan, max_duration.is_some()))

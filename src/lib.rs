@@ -19,6 +19,8 @@
 //! - [`catalog`]: catalog introspection into plain data. Read-only; constant query count.
 //! - [`checks`]: one module per check. Pure planning from the catalog, plus the set-based SQL
 //!   that counts in the database.
+//! - [`incremental`]: per-table change signals and the state between scans that carries a
+//!   table's findings forward while nothing its checks read may have changed.
 //! - [`scan`]: one pass: tenants -> catalog -> checks -> report. A failing tenant is recorded,
 //!   never fatal.
 //! - [`heal`]: plans and repairs; the ONLY code that writes to a tenant database.
@@ -51,6 +53,7 @@ pub mod daemon;
 pub mod db;
 pub mod heal;
 pub mod http;
+pub mod incremental;
 pub mod metrics;
 pub mod pgtls;
 pub mod report;

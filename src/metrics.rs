@@ -11,9 +11,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
-use crate::report::{Check, Detail, ErrorKind, Finding, Report};
+use crate::report::{Check, Detail, ErrorKind, Finding, Report, ScanKind};
 
 /// Every metric of the process, registered in one registry.
 pub struct Metrics {
@@ -50,6 +52,10 @@ pub struct Metrics {
     heal_set_aside: IntCounter,
     heal_runs: IntCounterVec,
     last_heal_timestamp: Gauge,
+    scan_kind_duration: GaugeVec,
+    scans_by_kind: IntCounterVec,
+    scan_tables: IntGaugeVec,
+    carried_forward_age: Gauge,
 }
 
 /// The repairs heal can make: the `repair` label of the heal metrics.
@@ -86,6 +92,12 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric definition");
     registry.register(Box::new(c.clone())).expect("metric registered once");
     c
+}
+
+fn float_gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
+    g
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -242,6 +254,29 @@ impl Metrics {
                 "tenant_audit_last_heal_timestamp_seconds",
                 "Unix time the last heal run finished.",
             ),
+            scan_kind_duration: float_gauge_vec(
+                &r,
+                "tenant_audit_scan_kind_duration_seconds",
+                "Duration of the last successful scan of each kind (full or incremental).",
+                &["scan_kind"],
+            ),
+            scans_by_kind: counter_vec(
+                &r,
+                "tenant_audit_scans_completed_total",
+                "Successful scans, by kind (full or incremental).",
+                &["scan_kind"],
+            ),
+            scan_tables: gauge_vec(
+                &r,
+                "tenant_audit_scan_tables",
+                "Tables with data checks in the last successful scan: checked, or carried forward from an earlier scan.",
+                &["scan_kind", "state"],
+            ),
+            carried_forward_age: gauge(
+                &r,
+                "tenant_audit_carried_forward_oldest_age_seconds",
+                "Age, when the last successful scan finished, of its oldest carried-forward result (0 when none).",
+            ),
             consistency: Mutex::new(()),
             registry: r,
         };
@@ -258,6 +293,9 @@ impl Metrics {
         }
         for result in ["success", "failure"] {
             m.scans.with_label_values(&[result]);
+        }
+        for kind in ScanKind::ALL {
+            m.scans_by_kind.with_label_values(&[kind.name()]);
         }
         for check in Check::ALL {
             m.findings.with_label_values(&[check.name()]);
@@ -309,6 +347,7 @@ impl Metrics {
         self.last_scan_success.set(1);
         self.database_up.set(1);
         self.scans.with_label_values(&["success"]).inc();
+        self.record_scan_kind(report);
         for e in &report.errors {
             self.scan_errors.with_label_values(&[e.kind.name()]).inc();
         }
@@ -392,6 +431,21 @@ impl Metrics {
             }
             Detail::None => self.registry_findings.with_label_values(&[&f.schema, f.check.name()]),
         }
+    }
+
+    /// The kind of the scan, what it checked and carried forward, and the oldest result's age.
+    fn record_scan_kind(&self, report: &Report) {
+        let kind = report.scan.kind.name();
+        self.scan_kind_duration.with_label_values(&[kind]).set(report.duration_seconds);
+        self.scans_by_kind.with_label_values(&[kind]).inc();
+        self.scan_tables.reset();
+        self.scan_tables.with_label_values(&[kind, "checked"]).set(report.scan.tables_checked as i64);
+        self.scan_tables.with_label_values(&[kind, "carried_forward"]).set(report.scan.tables_carried_forward as i64);
+        let age = report
+            .scan
+            .oldest_carried_forward_at
+            .map_or(0.0, |at| (report.finished_at - at).num_milliseconds().max(0) as f64 / 1000.0);
+        self.carried_forward_age.set(age);
     }
 
     fn record_aggregates(&self, report: &Report) {

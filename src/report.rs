@@ -316,6 +316,40 @@ pub struct TenantCounts {
     pub failed: usize,
 }
 
+/// The kind of a scan: every table's data checks ran, or only those of tables that may have
+/// changed since the last scan (the others' findings were carried forward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanKind {
+    Full,
+    Incremental,
+}
+
+impl ScanKind {
+    pub const ALL: [ScanKind; 2] = [ScanKind::Full, ScanKind::Incremental];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ScanKind::Full => "full",
+            ScanKind::Incremental => "incremental",
+        }
+    }
+}
+
+/// What the scan checked and what it carried forward. A table counts when it has data checks
+/// (orphan rows or NULL timestamps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanSummary {
+    pub kind: ScanKind,
+    /// Tables whose data checks ran in this scan.
+    pub tables_checked: usize,
+    /// Tables whose findings were carried forward from an earlier scan.
+    pub tables_carried_forward: usize,
+    /// When the oldest carried-forward result was computed (the start of its scan); `null`
+    /// when nothing was carried forward.
+    pub oldest_carried_forward_at: Option<DateTime<Utc>>,
+}
+
 /// Totals for one check.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckSummary {
@@ -338,6 +372,8 @@ pub struct Report {
     /// The template schema, or `null` when the reference is the most common tenant shape.
     pub reference_schema: Option<String>,
     pub tenants: TenantCounts,
+    /// Whether the data checks ran on every table or only on those that may have changed.
+    pub scan: ScanSummary,
     /// One entry for every check, in severity order, zero when clean.
     pub summary: BTreeMap<Check, CheckSummary>,
     /// Sorted by check (most severe first), schema, table, columns.
@@ -413,6 +449,15 @@ impl Report {
             self.findings.len(),
             self.errors.len()
         );
+        if self.scan.kind == ScanKind::Incremental {
+            let _ = writeln!(
+                out,
+                "Incremental scan: {} tables checked, {} carried forward{}.",
+                self.scan.tables_checked,
+                self.scan.tables_carried_forward,
+                self.scan.oldest_carried_forward_at.map(|t| format!(" (oldest from {t})")).unwrap_or_default()
+            );
+        }
         for e in &self.errors {
             let _ = writeln!(out, "  error [{}] {}: {}", e.kind.name(), escape(&e.place()), escape(&e.message));
         }

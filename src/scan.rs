@@ -9,8 +9,13 @@
 //! is that table's `timeout`, a terminated session fails the tenant it was serving, a statement
 //! cancelled by a recovery conflict is retried [`CONFLICT_RETRIES`] times. Only failures that
 //! leave nothing to scan (no connection, no discovery, no catalog of the shared schema) do.
+//!
+//! With an incremental state ([`run_with`]) the change signals are read in the catalog
+//! snapshot, before any data, and a table's orphan and NULL-timestamp checks are left out when
+//! its stored findings are still valid (see [`incremental`]); each tenant is planned only when
+//! its turn comes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use chrono::Utc;
@@ -23,7 +28,10 @@ use crate::checks::work::{self, Item};
 use crate::checks::{self, Context, Shape, TableWork};
 use crate::config::{Config, ScanConfig};
 use crate::db::{self, DbError, Pool, Session};
-use crate::report::{Check, Detail, ErrorKind, Finding, Report, ScanError, TenantCounts, REPORT_VERSION};
+use crate::incremental::{self, Signals};
+use crate::report::{
+    Check, Detail, ErrorKind, Finding, Report, ScanError, ScanKind, ScanSummary, TenantCounts, REPORT_VERSION,
+};
 use crate::tenants::{self, Discovery, DiscoveryError};
 
 /// How many times a statement cancelled by a recovery conflict (on a standby) is tried again
@@ -88,7 +96,7 @@ pub struct Scanned {
 /// Called after each tenant with (tenants done, tenants in all).
 pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
-/// Runs one scan of the database behind `pool`. Cancelling `cancel` stops it: running queries
+/// Runs one full scan of the database behind `pool`. Cancelling `cancel` stops it: running queries
 /// are cancelled on the server and the scan returns [`ScanFailure::Cancelled`]. After
 /// `scan.max_duration` the same happens and the scan fails with [`ScanFailure::Deadline`]:
 /// running statements get a cancel request each, the scan `scan.connect_timeout` more to wind
@@ -99,9 +107,23 @@ pub async fn run(
     cancel: &CancellationToken,
     progress: Option<Progress<'_>>,
 ) -> Result<Scanned, ScanFailure> {
+    run_with(config, pool, cancel, progress, None).await
+}
+
+/// Like [`run`], keeping `state` between scans: the orphan and NULL-timestamp checks of a table
+/// run only when it or a table they read may have changed since `state` was updated (see
+/// [`incremental`]); the others' findings are carried forward. Without a state every scan is
+/// full.
+pub async fn run_with(
+    config: &Config,
+    pool: &Pool,
+    cancel: &CancellationToken,
+    progress: Option<Progress<'_>>,
+    state: Option<&mut incremental::State>,
+) -> Result<Scanned, ScanFailure> {
     let stop = cancel.child_token();
     // Boxed so that it can be dropped (with its sessions) before the idle ones are closed.
-    let mut scan = Box::pin(run_until(config, pool, &stop, progress));
+    let mut scan = Box::pin(run_until(config, pool, &stop, progress, state));
     tokio::select! {
         result = &mut scan => return result,
         _ = tokio::time::sleep(config.scan.max_duration) => {}
@@ -123,13 +145,18 @@ async fn run_until(
     pool: &Pool,
     cancel: &CancellationToken,
     progress: Option<Progress<'_>>,
+    mut state: Option<&mut incremental::State>,
 ) -> Result<Scanned, ScanFailure> {
     let started_at = Utc::now();
     let clock = Instant::now();
     let target = &config.database.target;
-    let Snapshot { discovery, catalog, present, chunk_failures, standby } = tokio::select! {
-        snapshot = read_snapshot(config, pool) => snapshot?,
+    let Snapshot { discovery, catalog, present, chunk_failures, standby, signals } = tokio::select! {
+        snapshot = read_snapshot(config, pool, state.is_some()) => snapshot?,
         _ = cancel.cancelled() => return Err(ScanFailure::Cancelled),
+    };
+    let kind = match (state.as_deref_mut(), &signals) {
+        (Some(state), Some(signals)) => state.begin(signals, started_at, config.scan.full_every),
+        _ => ScanKind::Full,
     };
     let mut errors = Vec::new();
     let mut tenants = BTreeSet::new();
@@ -172,32 +199,50 @@ async fn run_until(
     let total = tenants.len();
     let discovered = discovery.tenants.len();
     let samples = config.report.sample_keys;
-    // Plans are owned values so the stream's closure borrows nothing per item (which keeps the
-    // whole scan future `Send` for callers that spawn it).
-    let mut work: Vec<(String, checks::Plan)> = Vec::new();
-    for tenant in &tenants {
-        let mut plan = checks::plan(&ctx, tenant);
-        if standby {
-            errors.extend(skip_unlogged(&catalog, tenant, &mut plan));
-        }
-        work.push((tenant.clone(), plan));
+    if let Some(state) = state.as_deref_mut() {
+        state.retain_tenants(&tenants);
     }
-    let outcomes =
-        stream::iter(work)
-            .map(|(tenant, plan)| async move {
-                scan_tenant(pool, target, &config.scan, &tenant, plan, samples, cancel).await
+    // Each tenant is planned (and its carried-forward findings taken) only when its turn comes,
+    // so that at most `scan.concurrency` plans exist at a time. The plan and the tenant's name
+    // are owned values, so the stream's closure borrows nothing per item (which keeps the
+    // whole scan future `Send` for callers that spawn it). The closure and the loop below take
+    // turns on the shared part, never at once.
+    let shared = std::sync::Mutex::new(Progressive {
+        state,
+        shared: Default::default(),
+        tally: Tally::default(),
+        findings,
+        errors,
+    });
+    let mut done = 0;
+    {
+        let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+        let outcomes = stream::iter(tenants.iter().cloned())
+            .map(|tenant: String| {
+                let (plan, unit) = prepare(&ctx, &tenant, kind, signals.as_ref(), standby, &mut lock());
+                async move {
+                    let outcome = scan_tenant(pool, target, &config.scan, &tenant, plan, samples, cancel).await;
+                    (tenant, unit, outcome)
+                }
             })
             .buffer_unordered(config.scan.concurrency);
-    let mut outcomes = std::pin::pin!(outcomes);
-    let mut done = 0;
-    while let Some((tenant_findings, tenant_errors)) = outcomes.next().await {
-        findings.extend(tenant_findings);
-        errors.extend(tenant_errors);
-        done += 1;
-        if let Some(report_progress) = progress {
-            report_progress(done, total);
+        let mut outcomes = std::pin::pin!(outcomes);
+        while let Some((tenant, unit, (tenant_findings, tenant_errors))) = outcomes.next().await {
+            let mut progressive = lock();
+            if let Some(state) = progressive.state.as_deref_mut() {
+                remember(state, &tenant, &unit, &tenant_findings, &tenant_errors, started_at);
+            }
+            progressive.findings.extend(tenant_findings);
+            progressive.errors.extend(tenant_errors);
+            drop(progressive);
+            done += 1;
+            if let Some(report_progress) = progress {
+                report_progress(done, total);
+            }
         }
     }
+    let Progressive { state, tally, mut findings, mut errors, .. } =
+        shared.into_inner().unwrap_or_else(|e| e.into_inner());
     if cancel.is_cancelled() {
         return Err(ScanFailure::Cancelled);
     }
@@ -225,12 +270,24 @@ async fn run_until(
         duration_seconds: clock.elapsed().as_secs_f64(),
         reference_schema: reference_schema.map(str::to_string),
         tenants: TenantCounts { discovered, scanned: discovered - failed.len(), failed: failed.len() },
+        scan: ScanSummary {
+            kind,
+            tables_checked: tally.checked,
+            tables_carried_forward: tally.carried,
+            oldest_carried_forward_at: tally.oldest,
+        },
         summary: Report::summarize(&findings),
         findings,
         errors,
     };
+    if let (ScanKind::Full, Some(state)) = (kind, state) {
+        state.full_scan_completed(started_at);
+    }
     tracing::info!(
         database = %report.database,
+        scan_kind = kind.name(),
+        tables_checked = tally.checked,
+        tables_carried_forward = tally.carried,
         tenants = report.tenants.discovered,
         failed = report.tenants.failed,
         findings = report.findings.len(),
@@ -251,12 +308,14 @@ struct Snapshot {
     present: BTreeSet<String>,
     chunk_failures: Vec<ChunkFailure>,
     standby: bool,
+    /// The change signals, read before the catalog (only for incremental scans).
+    signals: Option<Signals>,
 }
 
-async fn read_snapshot(config: &Config, pool: &Pool) -> Result<Snapshot, ScanFailure> {
+async fn read_snapshot(config: &Config, pool: &Pool, with_signals: bool) -> Result<Snapshot, ScanFailure> {
     let mut session = db::session(pool, &config.database.target).await.map_err(ScanFailure::Connect)?;
     let client: &mut tokio_postgres::Client = &mut session;
-    let result = snapshot(client, config).await;
+    let result = snapshot(client, config, with_signals).await;
     // Whatever failed, a dead connection (or a server shutting down) means the database went
     // away: a connection failure, not a discovery or catalog one.
     match result {
@@ -270,10 +329,25 @@ async fn read_snapshot(config: &Config, pool: &Pool) -> Result<Snapshot, ScanFai
     }
 }
 
-async fn snapshot(client: &mut tokio_postgres::Client, config: &Config) -> Result<Snapshot, ScanFailure> {
+async fn snapshot(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+    with_signals: bool,
+) -> Result<Snapshot, ScanFailure> {
     let catalog_error = |e: tokio_postgres::Error| ScanFailure::Catalog(e.into());
     let mut tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
     let discovery = tenants::discover(&tx, &config.tenants).await?;
+    // The signals are read before the catalog and before any tenant's data: a change that
+    // lands after this point is counted in the next scan's signals.
+    let signals = match with_signals {
+        true => {
+            let mut schemas = discovery.tenants.clone();
+            schemas.push(config.tenants.shared_schema.clone());
+            schemas.extend(config.tenants.reference_schema.clone());
+            Some(incremental::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?)
+        }
+        false => None,
+    };
     let mut required = vec![config.tenants.shared_schema.clone()];
     required.extend(config.tenants.reference_schema.clone());
     let (catalog, chunk_failures) =
@@ -285,7 +359,122 @@ async fn snapshot(client: &mut tokio_postgres::Client, config: &Config) -> Resul
     let tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
     let present = tenants::still_present(&tx, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
     tx.commit().await.map_err(catalog_error)?;
-    Ok(Snapshot { discovery, catalog, present, chunk_failures, standby })
+    Ok(Snapshot { discovery, catalog, present, chunk_failures, standby, signals })
+}
+
+/// What the tenants' turns add up as the scan goes: the incremental state, the hashes of the
+/// shared tables, the tally, the findings and the errors.
+struct Progressive<'s> {
+    state: Option<&'s mut incremental::State>,
+    shared: incremental::SharedTables,
+    tally: Tally,
+    findings: Vec<Finding>,
+    errors: Vec<ScanError>,
+}
+
+/// One tenant's plan, without the checks whose stored findings are carried forward (those go
+/// to `progressive.findings`), and its units.
+fn prepare(
+    ctx: &Context<'_>,
+    tenant: &str,
+    kind: ScanKind,
+    signals: Option<&Signals>,
+    standby: bool,
+    progressive: &mut Progressive<'_>,
+) -> (checks::Plan, Unit) {
+    let mut plan = checks::plan(ctx, tenant);
+    if standby {
+        let skipped = skip_unlogged(ctx.catalog, tenant, &mut plan);
+        progressive.errors.extend(skipped);
+    }
+    let inputs = match signals {
+        Some(signals) => incremental::unit_inputs(&plan, tenant, ctx.catalog, signals, &mut progressive.shared),
+        None => BTreeMap::new(),
+    };
+    if let (ScanKind::Incremental, Some(state)) = (kind, progressive.state.as_deref()) {
+        let carried = carry_forward(state, tenant, &mut plan, &inputs, &mut progressive.tally);
+        progressive.findings.extend(carried);
+    }
+    let checked = plan_tables(&plan);
+    progressive.tally.checked += checked.len();
+    (plan, Unit { inputs, checked })
+}
+
+/// Tables checked and carried forward so far, and the oldest carried-forward result.
+#[derive(Default)]
+struct Tally {
+    checked: usize,
+    carried: usize,
+    oldest: Option<chrono::DateTime<Utc>>,
+}
+
+/// One tenant's units: the inputs of every table with orphan or NULL-timestamp checks, and the
+/// tables whose checks run in this scan.
+struct Unit {
+    inputs: BTreeMap<String, Option<u64>>,
+    checked: BTreeSet<String>,
+}
+
+/// The tables of `plan` with orphan or NULL-timestamp checks (`sequence_behind` runs in every
+/// scan and does not count).
+fn plan_tables(plan: &checks::Plan) -> BTreeSet<String> {
+    plan.tables.iter().filter(|u| !u.orphans.is_empty() || u.nulls.is_some()).map(|u| u.table.clone()).collect()
+}
+
+/// Takes out of `plan` the orphan and NULL-timestamp checks of the tables whose stored findings
+/// are still valid (their `sequence_behind` statements stay), and returns those findings.
+fn carry_forward(
+    state: &incremental::State,
+    tenant: &str,
+    plan: &mut checks::Plan,
+    inputs: &BTreeMap<String, Option<u64>>,
+    tally: &mut Tally,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for unit in &mut plan.tables {
+        let Some(Some(hash)) = inputs.get(&unit.table) else { continue };
+        let Some((found, computed_at)) = state.carried(tenant, &unit.table, *hash) else { continue };
+        out.extend_from_slice(found);
+        unit.orphans.clear();
+        unit.nulls = None;
+        tally.carried += 1;
+        tally.oldest = Some(tally.oldest.map_or(computed_at, |o| o.min(computed_at)));
+    }
+    plan.tables.retain(|u| !u.orphans.is_empty() || u.nulls.is_some() || !u.sequences.is_empty());
+    out
+}
+
+/// Updates `state` with one tenant's outcome: the findings of every table checked without error
+/// are stored with their inputs; a tenant-level error forgets the tenant.
+fn remember(
+    state: &mut incremental::State,
+    tenant: &str,
+    unit: &Unit,
+    findings: &[Finding],
+    errors: &[ScanError],
+    started_at: chrono::DateTime<Utc>,
+) {
+    if errors.iter().any(|e| e.table.is_none()) {
+        state.forget_tenant(tenant);
+        return;
+    }
+    state.retain_tables(tenant, |table| unit.inputs.get(table).is_some_and(Option::is_some));
+    for table in &unit.checked {
+        let Some(Some(inputs)) = unit.inputs.get(table) else { continue };
+        if errors.iter().any(|e| e.table.as_deref() == Some(table)) {
+            state.forget_table(tenant, table);
+            continue;
+        }
+        // Only what the unit's inputs decide is stored: `sequence_behind` also depends on the
+        // sequence's state, which no counter tracks, so it runs in every scan.
+        let mine = findings
+            .iter()
+            .filter(|f| matches!(f.check, Check::OrphanRows | Check::NullTimestamps))
+            .filter(|f| f.table.as_deref() == Some(table))
+            .cloned()
+            .collect();
+        state.store(tenant, table, *inputs, started_at, mine);
+    }
 }
 
 /// On a standby, unlogged tables cannot be read: leaves out of `plan` every table that is one

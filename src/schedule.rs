@@ -5,12 +5,16 @@
 //! no-overlap guard; after a requested scan (`POST /scan`) only when `web.scan_requests.heal`
 //! allows it too.
 //!
+//! Scheduled scans are incremental (see [`crate::incremental`]): the state they carry forward
+//! lives here between scans. A scan asked for (`POST /scan`) is full, and so is the scan after
+//! a heal run that wrote or failed.
+//!
 //! Invariants: at most one scan runs at a time (a tick that finds one running is skipped and
 //! counted); a failed scan keeps the previous report and its metrics; everything stops when the
 //! shutdown token is cancelled, running queries included.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -19,10 +23,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::db::{self, Pool};
-use crate::heal;
 use crate::metrics::Metrics;
-use crate::report::Report;
+use crate::report::{Report, ScanKind};
 use crate::scan;
+use crate::{heal, incremental};
 
 /// Who asked for a scan: it decides whether heal may follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +56,9 @@ pub struct Scheduler {
     shutdown: CancellationToken,
     /// The running scan task, awaited at shutdown.
     tasks: TaskTracker,
+    /// What incremental scans carry forward; taken by the running scan and put back when it
+    /// ends (a scan that panics loses it, and the next scan is full).
+    incremental: Mutex<Option<incremental::State>>,
 }
 
 impl Scheduler {
@@ -71,22 +78,25 @@ impl Scheduler {
             database_up: AtomicBool::new(false),
             shutdown,
             tasks: TaskTracker::new(),
+            incremental: Mutex::new(None),
         })
     }
 
-    /// Starts a scan in the background unless one is running; returns whether it started.
+    /// Starts a scan in the background unless one is running; returns whether it started. A
+    /// scheduled scan is incremental unless `scan.full_every` or the signals say full; a
+    /// requested one checks everything.
     pub fn try_start_scan(self: &Arc<Self>, trigger: Trigger) -> bool {
         if self.shutdown.is_cancelled() || self.running.swap(true, Ordering::AcqRel) {
             return false;
         }
-        let heal = match trigger {
-            Trigger::Schedule => true,
-            Trigger::Request => self.config.web.scan_requests.heal,
+        let (kind, heal) = match trigger {
+            Trigger::Schedule => (ScanKind::Incremental, true),
+            Trigger::Request => (ScanKind::Full, self.config.web.scan_requests.heal),
         };
         let me = Arc::clone(self);
         self.tasks.spawn(async move {
             let _running = ClearOnDrop(&me.running);
-            me.scan_once(heal).await;
+            me.scan_once(kind, heal).await;
         });
         true
     }
@@ -196,10 +206,15 @@ impl Scheduler {
         self.metrics.set_database_up(up);
     }
 
-    /// One scan; then heal, when `heal` and `heal.enabled`.
-    async fn scan_once(&self, heal: bool) {
+    /// One scan (`ScanKind::Full` starts from an empty incremental state); then heal, when
+    /// `heal` and `heal.enabled`.
+    async fn scan_once(&self, kind: ScanKind, heal: bool) {
         let clock = Instant::now();
-        match scan::run(&self.config, &self.pool, &self.shutdown, None).await {
+        let stored = self.incremental.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut state = stored.filter(|_| kind == ScanKind::Incremental).unwrap_or_default();
+        let result = scan::run_with(&self.config, &self.pool, &self.shutdown, None, Some(&mut state)).await;
+        *self.incremental.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+        match result {
             Ok(scanned) => {
                 for e in &scanned.report.errors {
                     tracing::warn!(
@@ -214,10 +229,19 @@ impl Scheduler {
                 self.metrics.record_report(&scanned.report, self.config.metrics.max_tenant_series);
                 if let Some(pool) = self.heal_pool.as_ref().filter(|_| heal) {
                     let plan = heal::Plan::build(&scanned, &self.config);
-                    if let Err(e) =
-                        heal::execute(&self.config.heal, pool, &plan, Some(&self.metrics), &self.shutdown).await
-                    {
-                        tracing::error!(error = %e, "heal did not run");
+                    let healed =
+                        heal::execute(&self.config.heal, pool, &plan, Some(&self.metrics), &self.shutdown).await;
+                    let may_have_written = match &healed {
+                        Ok(outcome) => outcome.total_changed() > 0 || !outcome.errors.is_empty() || outcome.interrupted,
+                        Err(e) => {
+                            tracing::error!(error = %e, "heal did not run");
+                            true
+                        }
+                    };
+                    // Heal's writes are reported by the next scan at once, not after heal's
+                    // session has flushed its statistics: that scan is full.
+                    if may_have_written {
+                        *self.incremental.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     }
                 }
                 *self.last_report.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(scanned.report));

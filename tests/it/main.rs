@@ -15,6 +15,7 @@ mod heal_graph;
 mod heal_plan;
 mod heal_sequences;
 mod heal_undo;
+mod incremental;
 mod listener;
 mod pgbouncer;
 mod prometheus;

@@ -1,0 +1,132 @@
+//! The daemon's scan loop, driven by `scripts/bench`: a full scan, then incremental scans with
+//! nothing changed, then incremental scans after each run of a change script, then more
+//! unchanged scans to see whether memory stays flat. Every scan records its report in a
+//! [`Metrics`] registry, as the daemon does. Prints one JSON line per scan (kind, wall seconds,
+//! tables checked and carried forward, RSS and peak RSS in KiB) and writes the last report's
+//! JSON to `--report`.
+//!
+//! ```text
+//! incremental_bench --config FILE --report OUT.json [--unchanged N] [--changed N] [--repeat N] \
+//!     [--change-sql FILE]
+//! ```
+//! The change script runs in its own session before each changed scan, with `:round` replaced
+//! by the round number (1, 2, ...); the session's statistics are flushed before the scan.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use tenant_audit::config::Config;
+use tenant_audit::incremental::State;
+use tenant_audit::metrics::Metrics;
+use tenant_audit::report::Report;
+use tokio_util::sync::CancellationToken;
+
+struct Args {
+    config: PathBuf,
+    report: PathBuf,
+    unchanged: usize,
+    changed: usize,
+    repeat: usize,
+    change_sql: Option<PathBuf>,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut out =
+        Args { config: PathBuf::new(), report: PathBuf::new(), unchanged: 3, changed: 0, repeat: 0, change_sql: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--config" => out.config = value.into(),
+            "--report" => out.report = value.into(),
+            "--unchanged" => out.unchanged = value.parse().context("--unchanged")?,
+            "--changed" => out.changed = value.parse().context("--changed")?,
+            "--repeat" => out.repeat = value.parse().context("--repeat")?,
+            "--change-sql" => out.change_sql = Some(value.into()),
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    if out.config.as_os_str().is_empty() || out.report.as_os_str().is_empty() {
+        bail!("--config and --report are required");
+    }
+    if out.changed > 0 && out.change_sql.is_none() {
+        bail!("--changed needs --change-sql");
+    }
+    Ok(out)
+}
+
+/// (VmRSS, VmHWM) of this process in KiB.
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// What every scan of the loop needs.
+struct Bench<'a> {
+    config: &'a Config,
+    pool: &'a tenant_audit::db::Pool,
+    metrics: &'a Metrics,
+    never: &'a CancellationToken,
+    state: &'a mut State,
+}
+
+impl Bench<'_> {
+    /// One incremental scan (full when the state says so), recorded in the metrics; prints its line.
+    async fn scan(&mut self, phase: &str, round: usize) -> anyhow::Result<Report> {
+        let started = Instant::now();
+        let scanned =
+            tenant_audit::scan::run_with(self.config, self.pool, self.never, None, Some(&mut *self.state)).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.record_report(&scanned.report, self.config.metrics.max_tenant_series);
+        let (rss, hwm) = rss();
+        let s = &scanned.report.scan;
+        println!(
+            "{{\"phase\": \"{phase}\", \"round\": {round}, \"kind\": \"{}\", \"seconds\": {seconds:.4}, \
+             \"tables_checked\": {}, \"tables_carried_forward\": {}, \"rss_kib\": {rss}, \"hwm_kib\": {hwm}}}",
+            s.kind.name(),
+            s.tables_checked,
+            s.tables_carried_forward
+        );
+        Ok(scanned.report)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    let config = Config::load(&args.config)?;
+    let pool = tenant_audit::db::scan_pool(&config.database, &config.scan);
+    let metrics = Metrics::new();
+    let never = CancellationToken::new();
+    let mut state = State::default();
+    let mut bench = Bench { config: &config, pool: &pool, metrics: &metrics, never: &never, state: &mut state };
+    let mut last = bench.scan("full", 0).await?;
+    for round in 1..=args.unchanged {
+        last = bench.scan("unchanged", round).await?;
+    }
+    if let Some(path) = &args.change_sql {
+        let script = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let (client, connection) = tokio_postgres::connect(&std::env::var("BENCH_CHANGE_URL")?, tokio_postgres::NoTls)
+            .await
+            .context("connect for the change script (BENCH_CHANGE_URL)")?;
+        tokio::spawn(connection);
+        for round in 1..=args.changed {
+            client.batch_execute(&script.replace(":round", &round.to_string())).await.context("change script")?;
+            client.batch_execute("SELECT pg_stat_force_next_flush()").await?;
+            last = bench.scan("changed", round).await?;
+        }
+    }
+    for round in 1..=args.repeat {
+        last = bench.scan("repeat", round).await?;
+    }
+    std::fs::write(&args.report, last.to_json()).with_context(|| format!("write {}", args.report.display()))?;
+    Ok(())
+}

@@ -1,0 +1,373 @@
+//! Incremental scans: PostgreSQL's per-table change signals, and the state between scans that
+//! lets a table's findings be carried forward when nothing its checks read may have changed.
+//!
+//! A *unit* is one tenant table with data checks (its orphan probes and its NULL-timestamp
+//! probe). Its *inputs* are a hash of what its findings are a function of: the probes
+//! themselves (which capture the catalog, the reference shape and the configuration they were
+//! planned from), the catalog entries of the table and of every parent table it reads (in the
+//! tenant, the shared schema or a declared schema), and the change signals of those tables:
+//! the OID (a re-created table), the inserted / updated / deleted tuple counters and the
+//! storage files (`relfilenode`, which TRUNCATE and rewrites replace) of the table and all its
+//! partitions and inheritance children.
+//!
+//! Invariants:
+//! - The signals are read before any data is read (in the catalog snapshot, ahead of every
+//!   tenant's transaction), so a change that races a scan is seen by the next one, never lost.
+//! - A unit is carried forward only when its inputs hash equals the one stored when its findings
+//!   were computed, in the same statistics *epoch* (database, statistics resets, crash recovery,
+//!   server start). Anything missing or doubtful makes the scan full: no stored state, a new
+//!   epoch, `track_counts` off, a hot standby (whose counters do not see the primary's writes),
+//!   a counter that went backwards, or `scan.full_every` elapsed since the last full scan.
+//! - Only a unit whose table had no error is stored; a tenant-level error stores nothing of the
+//!   tenant. A state that a failed scan left half-updated is still correct: every stored unit
+//!   holds findings computed from exactly the inputs it records.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::GenericClient;
+
+use crate::catalog::Catalog;
+use crate::checks::Plan;
+use crate::db::DbError;
+use crate::report::{Finding, ScanKind};
+
+/// Where the statistics counters come from, and whether they can be trusted at all. Two reads
+/// with different epochs cannot be compared: counters were reset or discarded in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Epoch {
+    database_oid: i64,
+    /// `pg_stat_database.stats_reset`: set by `pg_stat_reset()` and, in PostgreSQL 15, also by
+    /// `pg_stat_reset_single_table_counters()`.
+    database_reset: Option<String>,
+    /// `pg_stat_bgwriter.stats_reset`: set again when crash recovery discards all statistics
+    /// (the database's own timestamp then goes back to NULL, which may look unchanged).
+    cluster_reset: Option<String>,
+    postmaster_start: String,
+}
+
+/// The change signals of one read: the epoch and, per table, its counters and storage.
+#[derive(Debug, Clone)]
+pub struct Signals {
+    pub epoch: Epoch,
+    /// `pg_is_in_recovery()`: a hot standby's counters do not count the primary's writes.
+    pub in_recovery: bool,
+    /// `track_counts`: without it the counters never move.
+    pub track_counts: bool,
+    tables: HashMap<(String, String), Signal>,
+}
+
+/// The change signal of one table (its partitions and inheritance children included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Signal {
+    oid: i64,
+    counters: Counters,
+    /// Hash of every member relation's `(oid, relfilenode)`: TRUNCATE, rewrites, attached and
+    /// detached partitions change it.
+    storage: u64,
+}
+
+/// Tuples inserted, updated and deleted since the statistics were last reset (sums over the
+/// table's members).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Counters {
+    inserted: i64,
+    updated: i64,
+    deleted: i64,
+}
+
+impl Counters {
+    fn went_backwards_from(&self, before: &Counters) -> bool {
+        self.inserted < before.inserted || self.updated < before.updated || self.deleted < before.deleted
+    }
+}
+
+/// The epoch, the standby flag and `track_counts`, in one row.
+const EPOCH: &str = "/* tenant-audit:signals */
+SELECT d.datid::bigint, d.stats_reset::text, (SELECT b.stats_reset::text FROM pg_catalog.pg_stat_bgwriter b),
+       pg_catalog.pg_postmaster_start_time()::text, pg_catalog.pg_is_in_recovery(),
+       pg_catalog.current_setting('track_counts')::bool
+FROM pg_catalog.pg_stat_database d WHERE d.datname = pg_catalog.current_database()";
+
+/// Per top-level table of the requested schemas: the change counters summed over the table and
+/// every partition or inheritance child under it (found through `pg_inherits`, which, unlike
+/// `pg_partition_tree`, takes no relation lock), and a digest of their storage files. The
+/// `pg_stat_get_*` functions read the shared statistics by OID and take no lock either.
+const TABLES: &str = "/* tenant-audit:signals */
+WITH RECURSIVE tree(root, rel) AS (
+    SELECT c.oid, c.oid
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY($1)
+  UNION ALL
+    SELECT t.root, i.inhrelid FROM tree t JOIN pg_catalog.pg_inherits i ON i.inhparent = t.rel
+)
+SELECT n.nspname::text, c.relname::text, c.oid::bigint,
+       sum(pg_catalog.pg_stat_get_tuples_inserted(t.rel))::bigint,
+       sum(pg_catalog.pg_stat_get_tuples_updated(t.rel))::bigint,
+       sum(pg_catalog.pg_stat_get_tuples_deleted(t.rel))::bigint,
+       pg_catalog.md5(pg_catalog.string_agg(t.rel::text || ':' || m.relfilenode::text, ',' ORDER BY t.rel))
+FROM tree t
+JOIN pg_catalog.pg_class m ON m.oid = t.rel
+JOIN pg_catalog.pg_class c ON c.oid = t.root
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+GROUP BY n.nspname, c.relname, c.oid";
+
+/// Reads the change signals of the tables of `schemas`. Call it before any data is read.
+pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Signals, DbError> {
+    let row = client.query_opt(EPOCH, &[]).await?;
+    let (epoch, in_recovery, track_counts) = match row {
+        Some(r) => (
+            Epoch {
+                database_oid: r.get(0),
+                database_reset: r.get(1),
+                cluster_reset: r.get(2),
+                postmaster_start: r.get(3),
+            },
+            r.get(4),
+            r.get(5),
+        ),
+        // No statistics row for the database: nothing to compare with.
+        None => (
+            Epoch { database_oid: 0, database_reset: None, cluster_reset: None, postmaster_start: String::new() },
+            false,
+            false,
+        ),
+    };
+    let mut tables = HashMap::new();
+    for r in client.query(TABLES, &[&schemas]).await? {
+        let digest: String = r.get(6);
+        let signal = Signal {
+            oid: r.get(2),
+            counters: Counters { inserted: r.get(3), updated: r.get(4), deleted: r.get(5) },
+            storage: u64::from_str_radix(digest.get(..16).unwrap_or_default(), 16).unwrap_or_default(),
+        };
+        tables.insert((r.get(0), r.get(1)), signal);
+    }
+    Ok(Signals { epoch, in_recovery, track_counts, tables })
+}
+
+/// What one tenant table's findings were computed from, and the findings.
+#[derive(Debug)]
+struct Unit {
+    inputs: u64,
+    computed_at: DateTime<Utc>,
+    findings: Vec<Finding>,
+}
+
+/// The state the daemon keeps between scans: stored findings per unit and the last counters
+/// per table OID (to notice counters going backwards).
+#[derive(Debug, Default)]
+pub struct State {
+    epoch: Option<Epoch>,
+    last_full: Option<DateTime<Utc>>,
+    counters: HashMap<i64, Counters>,
+    units: HashMap<String, HashMap<String, Unit>>,
+}
+
+impl State {
+    /// Decides the kind of the scan that read `signals` at `now`, and records the signals for
+    /// the next decision. A full scan forgets every stored unit.
+    pub fn begin(&mut self, signals: &Signals, now: DateTime<Utc>, full_every: Duration) -> ScanKind {
+        let went_backwards = signals
+            .tables
+            .values()
+            .any(|s| self.counters.get(&s.oid).is_some_and(|before| s.counters.went_backwards_from(before)));
+        let due = self.last_full.map_or(true, |at| (now - at).to_std().unwrap_or_default() >= full_every);
+        let kind = if due
+            || went_backwards
+            || signals.in_recovery
+            || !signals.track_counts
+            || self.epoch.as_ref() != Some(&signals.epoch)
+        {
+            ScanKind::Full
+        } else {
+            ScanKind::Incremental
+        };
+        if kind == ScanKind::Full {
+            self.units.clear();
+        }
+        // Untrusted signals also make the next scan full: a standby promoted meanwhile (same
+        // epoch) never counted the writes it replayed.
+        let trusted = !signals.in_recovery && signals.track_counts;
+        self.epoch = trusted.then(|| signals.epoch.clone());
+        self.counters = signals.tables.values().map(|s| (s.oid, s.counters)).collect();
+        kind
+    }
+
+    /// Records that a full scan begun at `started_at` completed.
+    pub fn full_scan_completed(&mut self, started_at: DateTime<Utc>) {
+        self.last_full = Some(started_at);
+    }
+
+    /// Keeps only the tenants in `present` (dropped tenants are forgotten).
+    pub fn retain_tenants(&mut self, present: &std::collections::BTreeSet<String>) {
+        self.units.retain(|t, _| present.contains(t));
+    }
+
+    /// Forgets everything stored about `tenant` (it failed as a whole).
+    pub fn forget_tenant(&mut self, tenant: &str) {
+        self.units.remove(tenant);
+    }
+
+    /// Stores the findings of `table` in `tenant`, computed from `inputs` by the scan begun at
+    /// `computed_at`.
+    pub fn store(
+        &mut self,
+        tenant: &str,
+        table: &str,
+        inputs: u64,
+        computed_at: DateTime<Utc>,
+        findings: Vec<Finding>,
+    ) {
+        let tenant_units = self.units.entry(tenant.to_string()).or_default();
+        tenant_units.insert(table.to_string(), Unit { inputs, computed_at, findings });
+    }
+
+    /// The stored findings of `table` in `tenant` and when they were computed, if its inputs
+    /// are still `inputs`.
+    pub fn carried(&self, tenant: &str, table: &str, inputs: u64) -> Option<(&[Finding], DateTime<Utc>)> {
+        let unit = self.units.get(tenant)?.get(table)?;
+        (unit.inputs == inputs).then_some((unit.findings.as_slice(), unit.computed_at))
+    }
+
+    /// Keeps the stored units of `tenant` whose table satisfies `keep` (the others were dropped,
+    /// have no data checks any more or cannot be compared).
+    pub fn retain_tables(&mut self, tenant: &str, keep: impl Fn(&str) -> bool) {
+        if let Some(units) = self.units.get_mut(tenant) {
+            units.retain(|t, _| keep(t));
+        }
+    }
+
+    /// Forgets the stored findings of one table (its checks failed).
+    pub fn forget_table(&mut self, tenant: &str, table: &str) {
+        if let Some(units) = self.units.get_mut(tenant) {
+            units.remove(table);
+        }
+    }
+}
+
+/// Hashes of the catalog entry and signal of tables outside the tenants (the shared schema's,
+/// a declared schema's), which every tenant's units read: computed once per scan.
+#[derive(Debug, Default)]
+pub struct SharedTables(HashMap<(String, String), Option<u64>>);
+
+/// The hash of one table's catalog entry and change signal; `None` when it has no signal (it
+/// appeared after the signals were read).
+fn table_hash(catalog: &Catalog, signals: &Signals, schema: &str, name: &str) -> Option<u64> {
+    let signal = signals.tables.get(&(schema.to_string(), name.to_string()))?;
+    let mut h = DefaultHasher::new();
+    (schema, name).hash(&mut h);
+    format!("{:?}", catalog.table(schema, name)).hash(&mut h);
+    signal.hash(&mut h);
+    Some(h.finish())
+}
+
+/// The inputs hash of every unit of one tenant's plan, by table; `None` for a table whose
+/// inputs cannot be established (a signal is missing: the table or a parent appeared after the
+/// signals were read), which is then always checked.
+pub fn unit_inputs(
+    plan: &Plan,
+    tenant: &str,
+    catalog: &Catalog,
+    signals: &Signals,
+    shared: &mut SharedTables,
+) -> BTreeMap<String, Option<u64>> {
+    let mut own: HashMap<&str, Option<u64>> = HashMap::new();
+    plan.tables
+        .iter()
+        .filter(|unit| !unit.orphans.is_empty() || unit.nulls.is_some())
+        .map(|unit| {
+            let mut h = DefaultHasher::new();
+            format!("{:?}", (&unit.relation, &unit.orphans, &unit.nulls)).hash(&mut h);
+            let mut complete = true;
+            for (schema, name) in unit.relations(tenant) {
+                let hash = if schema == tenant {
+                    *own.entry(name).or_insert_with(|| table_hash(catalog, signals, schema, name))
+                } else {
+                    *shared
+                        .0
+                        .entry((schema.to_string(), name.to_string()))
+                        .or_insert_with(|| table_hash(catalog, signals, schema, name))
+                };
+                match hash {
+                    Some(x) => x.hash(&mut h),
+                    None => complete = false,
+                }
+            }
+            (unit.table.clone(), complete.then(|| h.finish()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signals(epoch: &str, counters: &[(i64, i64)]) -> Signals {
+        let tables = counters
+            .iter()
+            .map(|&(oid, inserted)| {
+                let s = Signal { oid, counters: Counters { inserted, updated: 0, deleted: 0 }, storage: 1 };
+                (("t".to_string(), oid.to_string()), s)
+            })
+            .collect();
+        Signals {
+            epoch: Epoch {
+                database_oid: 1,
+                database_reset: Some(epoch.into()),
+                cluster_reset: None,
+                postmaster_start: "s".into(),
+            },
+            in_recovery: false,
+            track_counts: true,
+            tables,
+        }
+    }
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(seconds, 0).expect("valid time")
+    }
+
+    #[test]
+    fn first_scan_is_full_then_incremental_until_full_every() {
+        let hour = Duration::from_secs(3600);
+        let mut state = State::default();
+        assert_eq!(state.begin(&signals("a", &[(1, 5)]), at(0), hour), ScanKind::Full);
+        // A full scan that did not complete leaves the next one full too.
+        assert_eq!(state.begin(&signals("a", &[(1, 5)]), at(10), hour), ScanKind::Full);
+        state.full_scan_completed(at(10));
+        assert_eq!(state.begin(&signals("a", &[(1, 6)]), at(20), hour), ScanKind::Incremental);
+        assert_eq!(state.begin(&signals("a", &[(1, 6)]), at(3609), hour), ScanKind::Incremental);
+        assert_eq!(state.begin(&signals("a", &[(1, 6)]), at(3610), hour), ScanKind::Full);
+    }
+
+    #[test]
+    fn doubtful_signals_make_the_scan_full() {
+        let hour = Duration::from_secs(3600);
+        let mut state = State::default();
+        state.begin(&signals("a", &[(1, 5)]), at(0), hour);
+        state.full_scan_completed(at(0));
+        state.store("t1", "x", 7, at(0), Vec::new());
+        // Counters going backwards (a reset the epoch did not show).
+        assert_eq!(state.begin(&signals("a", &[(1, 4)]), at(1), hour), ScanKind::Full);
+        assert!(state.carried("t1", "x", 7).is_none(), "a full scan forgets stored units");
+        state.full_scan_completed(at(1));
+        // Another epoch (stats_reset moved).
+        assert_eq!(state.begin(&signals("b", &[(1, 4)]), at(2), hour), ScanKind::Full);
+        state.full_scan_completed(at(2));
+        let mut standby = signals("b", &[(1, 4)]);
+        standby.in_recovery = true;
+        assert_eq!(state.begin(&standby, at(3), hour), ScanKind::Full);
+        // The first scan after a standby's scan is full too (a promotion keeps the epoch).
+        assert_eq!(state.begin(&signals("b", &[(1, 4)]), at(4), hour), ScanKind::Full);
+        state.full_scan_completed(at(4));
+        let mut untracked = signals("b", &[(1, 4)]);
+        untracked.track_counts = false;
+        assert_eq!(state.begin(&untracked, at(5), hour), ScanKind::Full);
+        assert_eq!(state.begin(&signals("b", &[(1, 4)]), at(6), hour), ScanKind::Full);
+        state.full_scan_completed(at(6));
+        assert_eq!(state.begin(&signals("b", &[(1, 4)]), at(7), hour), ScanKind::Incremental);
+    }
+}

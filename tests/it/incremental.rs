@@ -1,0 +1,283 @@
+//! Incremental scans against full scans of the same database: a randomized differential test
+//! (fixed seed, many rounds of random changes between scans, the statistics flushed), and the
+//! staleness bound when the flush is not forced.
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tenant_audit::config::Config;
+use tenant_audit::incremental::State;
+use tenant_audit::report::{Check, Report, ScanKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{config, lines, pg, start_daemon, BASE_SQL};
+
+/// Registry plus pattern discovery; one connection so the scan order is deterministic.
+const CONFIG: &str = "[tenants]\ninclude = ['^tenant_']\n";
+
+/// The database: `BASE_SQL` plus `tenants` tenants, built by the returned session (which keeps
+/// `pg_temp.create_tenant` for tenants added later).
+async fn database(name: &str, tenants: usize) -> (String, tokio_postgres::Client) {
+    let url = pg::fresh_db(name).await;
+    let client = pg::connect(&url).await;
+    client.batch_execute(BASE_SQL).await.expect("base fixture");
+    for i in 0..tenants {
+        client.batch_execute(&format!("SELECT pg_temp.create_tenant('tenant_{i}')")).await.expect("tenant");
+    }
+    (url, client)
+}
+
+/// The incremental scan (keeping `state`) and a full scan, one after the other.
+async fn both(config: &Config, pool: &tenant_audit::db::Pool, state: &mut State) -> (Report, Report) {
+    let never = CancellationToken::new();
+    let incremental = tenant_audit::scan::run_with(config, pool, &never, None, Some(state)).await;
+    let full = tenant_audit::scan::run(config, pool, &never, None).await;
+    (incremental.expect("incremental scan").report, full.expect("full scan").report)
+}
+
+/// Statements of one random change to the database (rows get explicit keys: a sequence may
+/// have been set behind). `tenants` are the current tenants (at
+/// least one); `next` numbers new tenants.
+fn change(rng: &mut SmallRng, tenants: &mut Vec<String>, next: &mut usize) -> String {
+    let t = tenants[rng.gen_range(0..tenants.len())].clone();
+    let business = |rng: &mut SmallRng| format!("b0000000-0000-0000-0000-0000000000{:02}", rng.gen_range(1..=12));
+    let replica =
+        |sql: String| format!("SET session_replication_role = replica; {sql}; RESET session_replication_role");
+    match rng.gen_range(0..16) {
+        0 => format!(
+            "INSERT INTO {t}.users_userprofile (id, user_id, business_id, created_at, modified_at) \
+             SELECT (SELECT coalesce(max(id), 0) FROM {t}.users_userprofile) + row_number() OVER (), u.id, b.id, now(), now() \
+             FROM public.auth_user u, {t}.business_business b ORDER BY u.id, b.id LIMIT 3"
+        ),
+        // An orphan (or a row whose parent exists), loaded the way a replica-mode load bypasses the key.
+        1 => replica(format!(
+            "INSERT INTO {t}.users_userprofile (id, user_id, business_id, created_at, modified_at) \
+             VALUES ((SELECT coalesce(max(id), 0) + 1 FROM {t}.users_userprofile), {}, '{}', now(), now())",
+            rng.gen_range(1..=25),
+            business(rng)
+        )),
+        2 => format!(
+            "UPDATE {t}.users_userprofile SET modified_at = NULL WHERE id = (SELECT min(id) FROM {t}.users_userprofile)"
+        ),
+        3 => format!("UPDATE {t}.users_userprofile SET modified_at = now() WHERE modified_at IS NULL"),
+        // Parents: in the tenant and in the shared schema, removed under the children's feet.
+        4 => replica(format!("DELETE FROM {t}.business_business WHERE id = '{}'", business(rng))),
+        5 => format!("INSERT INTO {t}.business_business (id, name) VALUES ('{}', 'x') ON CONFLICT DO NOTHING", business(rng)),
+        6 => replica(format!("DELETE FROM public.business_business WHERE id = '{}'", business(rng))),
+        7 => format!("INSERT INTO public.business_business (id, name) VALUES ('{}', 'x') ON CONFLICT DO NOTHING", business(rng)),
+        8 => replica(format!("DELETE FROM public.auth_user WHERE id = {}", rng.gen_range(1..=25))),
+        9 => format!(
+            "INSERT INTO public.auth_user (id, username) VALUES ({0}, 'u{0}') ON CONFLICT DO NOTHING",
+            rng.gen_range(1..=25)
+        ),
+        10 => {
+            let table = ["users_userprofile", "users_businessdetails"][rng.gen_range(0..2)];
+            format!("TRUNCATE {t}.{table}")
+        }
+        // A dropped constraint, re-added NOT VALID (the orphans stay where they are).
+        11 => format!(
+            "DO $$ BEGIN
+               IF EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'users_userprofile_business_id_fk'
+                          AND conrelid = '{t}.users_userprofile'::regclass) THEN
+                 ALTER TABLE {t}.users_userprofile DROP CONSTRAINT users_userprofile_business_id_fk;
+               ELSE
+                 ALTER TABLE {t}.users_userprofile ADD CONSTRAINT users_userprofile_business_id_fk
+                   FOREIGN KEY (business_id) REFERENCES {t}.business_business (id) NOT VALID;
+               END IF;
+             END $$"
+        ),
+        12 => {
+            let name = format!("tenant_{next}");
+            *next += 1;
+            tenants.push(name.clone());
+            format!("SELECT pg_temp.create_tenant('{name}')")
+        }
+        13 if tenants.len() > 2 => {
+            tenants.retain(|x| *x != t);
+            format!("DROP SCHEMA {t} CASCADE; DELETE FROM public.customers_client WHERE schema_name = '{t}'")
+        }
+        14 if rng.gen_bool(0.5) => "ANALYZE".to_string(),
+        // A sequence set behind its column (or back past it): no table counter moves.
+        14 => match rng.gen_bool(0.5) {
+            true => format!("SELECT setval('{t}.users_userprofile_id_seq', 1)"),
+            false => format!(
+                "SELECT setval('{t}.users_userprofile_id_seq', (SELECT coalesce(max(id), 0) + 1 FROM {t}.users_userprofile))"
+            ),
+        },
+        _ => "SELECT pg_stat_reset()".to_string(),
+    }
+}
+
+#[tokio::test]
+async fn incremental_scans_equal_full_scans_under_random_changes() {
+    let (url, session) = database("incremental_differential", 4).await;
+    let config = config(&url, CONFIG);
+    let pool = tenant_audit::db::scan_pool(&config.database, &config.scan);
+    let mut state = State::default();
+    let mut rng = SmallRng::seed_from_u64(11);
+    let mut tenants: Vec<String> = (0..4).map(|i| format!("tenant_{i}")).collect();
+    let mut next = tenants.len();
+    let (mut carried, mut incremental_rounds, mut resets, mut sequence_rounds) = (0, 0, 0, 0);
+    for round in 0..60 {
+        let mut applied = Vec::new();
+        // Most rounds change little (which is what incremental scans are for), some change more.
+        for _ in 0..rng.gen_range(0..=3) {
+            let sql = change(&mut rng, &mut tenants, &mut next);
+            session.batch_execute(&sql).await.unwrap_or_else(|e| panic!("round {round}: {sql}: {e}"));
+            applied.push(sql);
+        }
+        // The changing session's pending statistics are flushed when it next goes idle.
+        session.batch_execute("SELECT pg_stat_force_next_flush()").await.expect("flush");
+        let (inc, full) = both(&config, &pool, &mut state).await;
+        assert_eq!(lines(&inc.findings), lines(&full.findings), "round {round} after {applied:#?}");
+        assert_eq!(inc.errors, full.errors, "round {round} after {applied:#?}");
+        assert_eq!(inc.tenants, full.tenants, "round {round}");
+        assert_eq!(full.scan.kind, ScanKind::Full);
+        sequence_rounds += usize::from(full.findings.iter().any(|f| f.check == Check::SequenceBehind));
+        let reset = applied.iter().any(|s| s.contains("pg_stat_reset"));
+        if reset {
+            resets += 1;
+            assert_eq!(inc.scan.kind, ScanKind::Full, "round {round}: a statistics reset makes the scan full");
+        }
+        if inc.scan.kind == ScanKind::Incremental {
+            incremental_rounds += 1;
+            carried += inc.scan.tables_carried_forward;
+        }
+        assert_eq!(
+            inc.scan.tables_checked + inc.scan.tables_carried_forward,
+            full.scan.tables_checked,
+            "round {round}: every table is either checked or carried forward"
+        );
+        assert_eq!(inc.scan.oldest_carried_forward_at.is_some(), inc.scan.tables_carried_forward > 0);
+    }
+    // The test must exercise what it claims: statistics resets, and incremental rounds that
+    // carried most tables forward.
+    assert!(resets >= 2, "{resets} statistics resets");
+    assert!(sequence_rounds >= 5, "{sequence_rounds} rounds with a sequence behind");
+    assert!(incremental_rounds >= 40, "{incremental_rounds} incremental rounds of 60");
+    assert!(carried >= incremental_rounds * 4, "{carried} tables carried forward in {incremental_rounds} rounds");
+}
+
+/// The tuples inserted into `table` as the shared statistics have them (a fresh transaction:
+/// no cached snapshot).
+async fn inserted(observer: &tokio_postgres::Client, table: &str) -> i64 {
+    let row =
+        observer.query_one("SELECT pg_stat_get_tuples_inserted($1::text::regclass)", &[&table]).await.expect("counter");
+    row.get(0)
+}
+
+/// Without a forced flush, a change is reported by the first incremental scan that starts
+/// after the writing session's statistics reach the shared counters (docs/performance.md,
+/// "Staleness"); scans before that may carry the old result forward.
+#[tokio::test]
+async fn unflushed_changes_are_reported_once_the_statistics_are_flushed() {
+    let (url, session) = database("incremental_staleness", 3).await;
+    session.batch_execute("CREATE TABLE public.scratch (x int)").await.expect("scratch table");
+    let observer = pg::connect(&url).await;
+    let config = config(&url, CONFIG);
+    let pool = tenant_audit::db::scan_pool(&config.database, &config.scan);
+    let never = CancellationToken::new();
+    let mut state = State::default();
+    session.batch_execute("SELECT pg_stat_force_next_flush()").await.expect("flush");
+    let first = tenant_audit::scan::run_with(&config, &pool, &never, None, Some(&mut state)).await.expect("scan");
+    assert_eq!(first.report.scan.kind, ScanKind::Full);
+    let mut rng = SmallRng::seed_from_u64(12);
+    let mut stale_scans = 0;
+    // An idle session's pending statistics wait up to PGSTAT_IDLE_INTERVAL (10 s): few rounds.
+    for round in 0..3 {
+        let table = format!("tenant_{}.users_userprofile", rng.gen_range(0..3));
+        let expected = inserted(&observer, &table).await + 1;
+        // Two statements back to back: the first (on a table no check reads) may flush the
+        // session's statistics, so the second's stay pending (PGSTAT_MIN_INTERVAL) until the
+        // session has been idle a while.
+        session.batch_execute("INSERT INTO public.scratch VALUES (1)").await.expect("scratch");
+        session
+            .batch_execute(&format!(
+                "SET session_replication_role = replica;
+                 INSERT INTO {table} (user_id, business_id, created_at, modified_at)
+                 VALUES (1, 'c0000000-0000-0000-0000-0000000000{round:02}', now(), now());
+                 RESET session_replication_role"
+            ))
+            .await
+            .expect("orphan");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let flushed = inserted(&observer, &table).await >= expected;
+            let scanned = tenant_audit::scan::run_with(&config, &pool, &never, None, Some(&mut state)).await;
+            let inc = scanned.expect("incremental scan").report;
+            let full = tenant_audit::scan::run(&config, &pool, &never, None).await.expect("full scan").report;
+            if lines(&inc.findings) == lines(&full.findings) {
+                break;
+            }
+            assert!(!flushed, "round {round}: the scan started after the flush and still missed the change");
+            assert_eq!(inc.scan.kind, ScanKind::Incremental);
+            stale_scans += 1;
+            assert!(std::time::Instant::now() < deadline, "round {round}: the statistics were never flushed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    // The bound was exercised: some scan ran while a change was committed but not yet counted.
+    assert!(stale_scans >= 1, "no scan saw a committed but unflushed change");
+}
+
+/// The daemon: scheduled scans after the first are incremental and say so in the metrics and
+/// the report; a change is checked alone; `POST /scan` is full.
+#[tokio::test]
+async fn scheduled_scans_are_incremental_and_report_what_they_carried() {
+    let (url, session) = database("incremental_daemon", 3).await;
+    session.batch_execute("SELECT pg_stat_force_next_flush()").await.expect("flush");
+    let extra = "[serve]\nschedule = '* * * * * *'\n[web.scan_requests]\nenabled = true\nmin_interval = '1ms'\n";
+    let daemon = start_daemon(config(&url, &format!("{CONFIG}{extra}"))).await;
+    daemon.wait_for("tenant_audit_scans_completed_total{scan_kind=\"incremental\"} 1").await;
+    assert_eq!(
+        daemon.samples("tenant_audit_scans_completed_total").await[0],
+        "tenant_audit_scans_completed_total{scan_kind=\"full\"} 1"
+    );
+    // Three tenants, two tables with data checks each (business_business has none: its
+    // timestamps are NOT NULL and it has no foreign key); nothing changed.
+    assert_eq!(
+        daemon.samples("tenant_audit_scan_tables").await,
+        [
+            "tenant_audit_scan_tables{scan_kind=\"incremental\",state=\"carried_forward\"} 6",
+            "tenant_audit_scan_tables{scan_kind=\"incremental\",state=\"checked\"} 0",
+        ]
+    );
+    session
+        .batch_execute(
+            "SET session_replication_role = replica;
+             INSERT INTO tenant_1.users_userprofile (user_id, business_id) VALUES (1, 'c0000000-0000-0000-0000-000000000001');
+             RESET session_replication_role;",
+        )
+        .await
+        .expect("orphan");
+    session.batch_execute("SELECT pg_stat_force_next_flush()").await.expect("flush");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let report = loop {
+        let (status, text) = daemon.get("/report").await;
+        assert_eq!(status, 200);
+        let report: Report = serde_json::from_str(&text).expect("report JSON");
+        if report.summary.values().any(|s| s.findings > 0) {
+            break report;
+        }
+        assert!(std::time::Instant::now() < deadline, "the orphan was never reported");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        lines(&report.findings),
+        [
+            "orphan_rows tenant_1.users_userprofile(business_id) 1 -> tenant_1.business_business Missing Constraint [\"c0000000-0000-0000-0000-000000000001\"]",
+            "null_timestamps tenant_1.users_userprofile(created_at) 1 timestamp with time zone [\"2\"]",
+            "null_timestamps tenant_1.users_userprofile(modified_at) 1 timestamp with time zone [\"2\"]",
+        ]
+    );
+    assert_eq!(report.scan.kind, ScanKind::Incremental);
+    assert_eq!((report.scan.tables_checked, report.scan.tables_carried_forward), (1, 5));
+    let oldest = report.scan.oldest_carried_forward_at.expect("carried-forward results have an age");
+    assert!(oldest < report.started_at);
+    // A scan asked for is full (the schedule may be running one: ask until accepted).
+    while daemon.post("/scan").await.0 != 202 {
+        assert!(std::time::Instant::now() < deadline, "POST /scan never accepted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    daemon.wait_for("tenant_audit_scans_completed_total{scan_kind=\"full\"} 2").await;
+    daemon.stop().await;
+}
