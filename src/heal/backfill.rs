@@ -9,7 +9,8 @@
 //! (relation, `ctid`) and is changed exactly once. Per batch, one statement locks the rows of the
 //! range that are still NULL and have a non-NULL fallback (rows the application holds locked are
 //! skipped, left for the next run), updates them re-checking `IS NULL`, and writes one audit row
-//! per update. Rows appended after the run started are left for the next run.
+//! per row the update filled. A row a trigger kept NULL is no change: the table is reported and
+//! left. Rows appended after the run started are left for the next run.
 
 use super::audit;
 use crate::catalog::Table;
@@ -105,7 +106,9 @@ impl BackfillSpec {
 
     /// The statement of one batch on `relation` (a quoted, qualified name from [`RELATIONS`]):
     /// `$1`, `$2` the block range's first and end `ctid`, `$3` the run id, and with `only`, `$4`
-    /// the audit keys of the rows it may change.
+    /// the audit keys of the rows it may change. Returns (table, key) per row changed and audited,
+    /// and (NULL, key) per row still NULL after its update (a `BEFORE UPDATE` trigger put the old
+    /// value back): no change, not audited.
     pub fn batch_sql(&self, relation: &str) -> String {
         let col = sql::ident(&self.column);
         let fallback = &self.fallback;
@@ -124,12 +127,13 @@ impl BackfillSpec {
         let old = format!("jsonb_build_object({}, NULL)", sql::literal(&self.column));
         let new = format!("jsonb_build_object({}, u.{col})", sql::literal(&self.column));
         let log = format!(
-            "{} FROM changed u",
+            "{} FROM changed u WHERE u.{col} IS NOT NULL",
             audit::row("$3", &self.tenant, &self.table, self.repair.name(), &key_json, &old, &new)
         );
         format!(
             "WITH batch AS (\n  SELECT c.ctid AS row_id FROM ONLY {relation} c\n  WHERE c.ctid >= $1::tid AND c.ctid < $2::tid AND c.{col} IS NULL AND {fallback} IS NOT NULL{only}\n  FOR UPDATE OF c SKIP LOCKED\n),\n\
-             changed AS (\n  UPDATE ONLY {relation} c SET {col} = {fallback}\n  FROM batch b WHERE c.ctid = b.row_id AND c.{col} IS NULL\n  RETURNING {returning_key}, c.{col}\n),\n{}",
+             changed AS (\n  UPDATE ONLY {relation} c SET {col} = {fallback}\n  FROM batch b WHERE c.ctid = b.row_id AND c.{col} IS NULL\n  RETURNING {returning_key}, c.{col}\n),\n{}\n\
+             UNION ALL SELECT NULL, {key_json}::text FROM changed u WHERE u.{col} IS NULL",
             audit::log_and_return(&log),
         )
     }

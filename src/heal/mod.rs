@@ -271,6 +271,8 @@ enum Stop {
     LeaseLost,
     /// The server did not answer within this long: stop the run (its session is closed).
     NoAnswer(std::time::Duration),
+    /// The step failed and recorded why in the outcome: the rest of its action is skipped.
+    Reported,
 }
 
 impl From<DbError> for Stop {
@@ -394,6 +396,7 @@ async fn heal_tenant(
                     outcome.interrupted = true;
                     return;
                 }
+                Err(Stop::Reported) => break,
                 Err(Stop::Failed(e)) if e.code() == Some("55P03") => {
                     tracing::warn!(schema = %tenant.schema, table = %action.table, "heal skipped the tenant: lock not available within heal.lock_timeout");
                     outcome.skipped.push((tenant.schema.clone(), SkipReason::LockTimeout));
@@ -450,6 +453,9 @@ impl Writer<'_> {
                 return Ok(None);
             }
             tx.batch_execute(&search_path).await?;
+            // Casts between timestamp and timestamptz (a backfill's fallback) mean the same
+            // whatever time zone the session came with (a pooler's, another client's).
+            tx.batch_execute("SET LOCAL TimeZone = 'UTC'").await?;
             let value = work(&tx).await?;
             tx.commit().await?;
             Ok::<Option<T>, DbError>(Some(value))
@@ -556,14 +562,31 @@ async fn run_backfill(
                     })
                 })
                 .await?;
+            let mut kept_null = 0;
             for row in &rows {
-                let (table, key): (String, String) = (row.get(0), row.get(1));
-                changed_keys.insert(key.clone());
-                tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair = spec.repair.name(), key = %key, "healed");
+                let (table, key): (Option<String>, String) = (row.get(0), row.get(1));
+                match table {
+                    Some(table) => {
+                        changed_keys.insert(key.clone());
+                        tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair = spec.repair.name(), key = %key, "healed")
+                    }
+                    None => kept_null += 1,
+                }
             }
-            let changed = rows.len() as u64;
+            let changed = (rows.len() - kept_null) as u64;
             *outcome.changed.entry(spec.repair.name()).or_default() += changed;
             *budget = budget.saturating_sub(changed);
+            if kept_null > 0 {
+                // Updating them again would change nothing either: the table is left, reported.
+                let message = format!(
+                    "{kept_null} row(s) of {} kept {} NULL after the update (a trigger undoes it): the backfill of this table stopped",
+                    crate::sql::display_name(&spec.tenant, &spec.table),
+                    spec.column
+                );
+                tracing::error!(run_id = %outcome.run_id, schema = %spec.tenant, table = %spec.table, repair = spec.repair.name(), error = %message, "repair failed");
+                outcome.errors.push((spec.tenant.clone(), spec.repair, message));
+                return Err(Stop::Reported);
+            }
             start += step;
         }
     }
