@@ -436,7 +436,7 @@ impl Default for RawHeal {
             max_rows_per_run: 10_000,
             lock_timeout: "2s".into(),
             statement_timeout: "30s".into(),
-            validate_timeout: "1h".into(),
+            validate_timeout: "5m".into(),
             same_entity_keys: Vec::new(),
             advance_sequences: false,
             audit_values: AuditValues::Full,
@@ -1094,6 +1094,7 @@ mod tests {
         let c = parse("database_url = 'postgres://replica/app'").unwrap();
         assert!(!c.heal.enabled && !c.heal.any_repair());
         assert_eq!(c.heal.fallbacks["updated_at"], ["modified_at", "created_at", "now()"]);
+        assert_eq!(c.heal.validate_timeout, Duration::from_secs(300), "a VALIDATE holds SHARE UPDATE EXCLUSIVE");
         assert_eq!(
             (c.heal.batch_size, c.heal.max_rows_per_run, c.heal.lock_timeout),
             (500, 10_000, Duration::from_secs(2))
