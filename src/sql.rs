@@ -92,8 +92,15 @@ fn display_ident(name: &str) -> String {
     if plain {
         name.to_string()
     } else {
-        ident(name)
+        escape_controls(&ident(name))
     }
+}
+
+/// Text for output a terminal or a SQL comment shows: every control character (newline, ESC,
+/// ...) written as a visible escape (`\n`, `\u{1b}`), so that a name holding one can neither
+/// end a `--` comment line (and have the rest run by `psql -f`) nor drive the terminal.
+pub fn escape_controls(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 #[cfg(test)]

@@ -143,7 +143,7 @@ impl Outcome {
             out.push_str(&format!("{repair}: {n} change(s)\n"));
         }
         for (schema, reason) in &self.skipped {
-            out.push_str(&format!("skipped {schema}: {}\n", reason.name()));
+            out.push_str(&format!("skipped {}: {}\n", crate::sql::escape_controls(schema), reason.name()));
         }
         for (schema, table, key) in &self.not_applied {
             out.push_str(&format!(
@@ -152,7 +152,12 @@ impl Outcome {
             ));
         }
         for (schema, table, key, reason) in &self.set_aside {
-            out.push_str(&format!("set aside {} key ({key}): {reason}\n", crate::sql::display_name(schema, table)));
+            out.push_str(&format!(
+                "set aside {} key ({}): {}\n",
+                crate::sql::display_name(schema, table),
+                crate::sql::escape_controls(key),
+                crate::sql::escape_controls(reason)
+            ));
         }
         out.push_str(&format!(
             "heal run {}: {} change(s), {} tenant(s) skipped, {} error(s)\n",

@@ -133,11 +133,11 @@ impl Plan {
     pub fn render(&self, target: &str, batch_size: usize) -> String {
         let mut out = format!("-- heal plan for {target} (dry run: nothing is written; --execute applies it)\n\n");
         for tenant in &self.tenants {
-            let _ = writeln!(out, "-- tenant {}", tenant.schema);
+            let _ = writeln!(out, "-- tenant {}", sql::escape_controls(&tenant.schema));
             let _ = writeln!(
                 out,
                 "-- each transaction starts with SET LOCAL lock_timeout, statement_timeout and: {};",
-                super::search_path(&tenant.schema)
+                sql::escape_controls(&super::search_path(&tenant.schema))
             );
             for action in &tenant.actions {
                 let _ = writeln!(
@@ -145,10 +145,10 @@ impl Plan {
                     "-- {} on {}: {}",
                     action.repair.name(),
                     sql::display_name(&tenant.schema, &action.table),
-                    action.summary
+                    sql::escape_controls(&action.summary)
                 );
                 if !action.triggers.is_empty() {
-                    let _ = writeln!(out, "-- fires triggers: {}", action.triggers.join(", "));
+                    let _ = writeln!(out, "-- fires triggers: {}", sql::escape_controls(&action.triggers.join(", ")));
                 }
                 for step in &action.steps {
                     match step {
@@ -160,7 +160,7 @@ impl Plan {
                             let _ = writeln!(
                                 out,
                                 "-- the relations holding the rows ($1 = {}):\n{};",
-                                sql::literal(&spec.table_name()),
+                                sql::escape_controls(&sql::literal(&spec.table_name())),
                                 backfill::RELATIONS
                             );
                             let _ = writeln!(

@@ -299,3 +299,30 @@ async fn heal_without_select_on_the_audit_table_is_the_privilege_error() {
     assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.category").await, ["0"]);
     assert_eq!(rows(&url, LOGGED).await, ["0"]);
 }
+
+/// Item 15: a schema name holding a newline would end the plan's `--` comment lines, and
+/// `psql -f plan.sql` would run what follows it; every control character is printed escaped.
+#[tokio::test]
+async fn control_characters_in_names_cannot_escape_the_plan_comments() {
+    let sql = "CREATE SCHEMA \"tenant_x\nDROP TABLE public.victim; --\";
+        CREATE TABLE public.victim (id int);
+        CREATE TABLE \"tenant_x\nDROP TABLE public.victim; --\".note (id int PRIMARY KEY, created_at timestamptz,
+          updated_at timestamptz);
+        INSERT INTO \"tenant_x\nDROP TABLE public.victim; --\".note VALUES (1, '2020-01-01', NULL);";
+    let url = fixture_db("heal_review_control_chars", sql).await;
+    let path = config_file(
+        "heal_review_control_chars",
+        &format!("database_url = {url:?}\n[tenants]\nregistry = false\ninclude = ['^tenant_']\n[heal]\nbackfill_null_timestamps = true\n"),
+    );
+    let out = cli(&["heal", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan = stdout(&out);
+    assert!(plan.contains("-- tenant tenant_x\\nDROP TABLE public.victim; --\n"), "{plan}");
+    assert!(
+        plan.contains("-- backfill_null_timestamps on \"tenant_x\\nDROP TABLE public.victim; --\".note: 1 NULL updated_at value(s)"),
+        "{plan}"
+    );
+    // Inside the statements the name stays a quoted identifier (newline and all): no comment line
+    // of the plan holds it raw.
+    assert!(!plan.contains("-- tenant tenant_x\nDROP"), "{plan}");
+}
