@@ -103,7 +103,8 @@ fn backfill_step(tenant: &str, table: &str, own: &Table, column: &Column, fallba
         column: column.name.clone(),
         fallback: fallback.to_string(),
         key: own.primary_key.clone(),
-        repair: "add_missing_columns",
+        repair: super::Repair::AddMissingColumns,
+        only: None,
     }))
 }
 

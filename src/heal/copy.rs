@@ -32,7 +32,7 @@ use crate::config::SameEntityKey;
 use crate::sql;
 
 /// A copy, planned from the catalog: the orphans it starts from and every table it may reach.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CopySpec {
     pub tenant: String,
     pub shared: String,
@@ -50,10 +50,13 @@ pub struct CopySpec {
     pub tables: BTreeMap<String, CopyTable>,
     /// `heal.audit_values = "full"`: the audit table keeps each copied row.
     pub audit_full: bool,
+    /// In a plan file: the orphaned keys (as text) the copy may repair, and no other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<Vec<Vec<String>>>,
 }
 
 /// One table of the tenant the copy may write.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CopyTable {
     /// The primary key; rows are inserted `ON CONFLICT` on it.
     pub key: Vec<String>,
@@ -74,7 +77,7 @@ pub struct CopyTable {
 }
 
 /// A foreign key from one copied table to another table of the tenant.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Edge {
     pub columns: Vec<String>,
     pub target: String,
@@ -133,6 +136,7 @@ pub fn spec(
         root_columns: probe.parent_columns.clone(),
         tables,
         audit_full,
+        only: None,
     })
 }
 
@@ -375,6 +379,8 @@ pub struct BatchOutcome {
     pub set_aside: Vec<(String, String)>,
     /// Sequences moved: (table, sequence).
     pub sequences: Vec<(String, String)>,
+    /// The keys picked and either copied or set aside (the others were not in `only`).
+    pub handled: Vec<Vec<String>>,
 }
 
 /// A row the closure needs, or why a key's chain ends.
@@ -414,6 +420,12 @@ pub async fn batch(
         .collect();
     let mut out =
         BatchOutcome { picked: picked.len(), cursor: picked.last().cloned().unwrap_or_default(), ..Default::default() };
+    // A plan file's copy repairs only the keys it lists (they are still orphans: the pick says so).
+    let picked: Vec<Vec<String>> = match &spec.only {
+        Some(only) => picked.into_iter().filter(|k| only.contains(k)).collect(),
+        None => picked,
+    };
+    out.handled = picked.clone();
     if picked.is_empty() {
         return Ok(out);
     }

@@ -257,3 +257,45 @@ async fn a_copy_whose_primary_key_the_tenant_has_is_set_aside_with_its_reason() 
     );
     assert_eq!(rows(&url, "SELECT name FROM tenant_a.category").await, ["own"]);
 }
+
+/// Item 13: a role with the grants of docs/heal.md except SELECT on the audit table: the write
+/// statements read their audit rows back (`RETURNING`), so heal stops before writing with the
+/// one-line privilege error (exit 2), not with each key set aside or a failed repair.
+#[tokio::test]
+async fn heal_without_select_on_the_audit_table_is_the_privilege_error() {
+    let sql = "SELECT pg_temp.create_tenant('tenant_a');
+        CREATE TABLE public.category (id uuid PRIMARY KEY, name text);
+        CREATE TABLE tenant_a.category (id uuid PRIMARY KEY, name text);
+        CREATE TABLE tenant_a.product (id serial PRIMARY KEY, category_id uuid REFERENCES tenant_a.category (id));
+        INSERT INTO public.category VALUES ('00000000-0000-0000-0000-000000000001', 'books');
+        SET session_replication_role = replica;
+        INSERT INTO tenant_a.product (category_id) VALUES ('00000000-0000-0000-0000-000000000001');
+        RESET session_replication_role;";
+    let url = fixture_db("heal_review_audit_select", sql).await;
+    // A run with nothing to do creates the audit and lease tables, as an administrator would.
+    let out = heal(&url, "heal_review_audit_select_setup", "advance_sequences = true\n");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    pg::connect(&url)
+        .await
+        .batch_execute(
+            "DROP ROLE IF EXISTS heal_no_select; CREATE ROLE heal_no_select LOGIN;
+             GRANT USAGE ON SCHEMA public, tenant_a, tenant_audit TO heal_no_select;
+             GRANT SELECT ON ALL TABLES IN SCHEMA public, tenant_a TO heal_no_select;
+             GRANT SELECT ON ALL SEQUENCES IN SCHEMA public, tenant_a TO heal_no_select;
+             GRANT INSERT ON tenant_a.category TO heal_no_select;
+             GRANT INSERT ON tenant_audit.heal_log TO heal_no_select;
+             GRANT USAGE ON SEQUENCE tenant_audit.heal_log_id_seq TO heal_no_select;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON tenant_audit.heal_lease TO heal_no_select;",
+        )
+        .await
+        .unwrap();
+    let role = url.replacen("postgres://postgres@", "postgres://heal_no_select@", 1);
+    let out = heal(&role, "heal_review_audit_select", "copy_missing_parents = true\n");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).lines().last(),
+        Some("tenant-audit: error: the heal role lacks write privileges: no SELECT on \"tenant_audit\".\"heal_log\" (see docs/heal.md)")
+    );
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.category").await, ["0"]);
+    assert_eq!(rows(&url, LOGGED).await, ["0"]);
+}
