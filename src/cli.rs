@@ -36,6 +36,14 @@ pub struct HealArgs {
     /// Apply the plan. Without it, nothing is written.
     #[arg(long)]
     pub execute: bool,
+    /// Write the plan as JSON to FILE, with the keys and rows each step will touch (read from
+    /// the database); nothing is written to it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["execute", "apply", "undo"])]
+    pub plan_out: Option<PathBuf>,
+    /// Run the plan of FILE (from --plan-out) instead of scanning: only the keys and rows it
+    /// lists, each re-checked. Needs --execute to write.
+    #[arg(long, value_name = "FILE", conflicts_with = "undo")]
+    pub apply: Option<PathBuf>,
     /// Revert heal run RUN_ID from its audit rows instead of healing (no scan): rows that still
     /// hold what heal wrote are reverted, the others listed. With --execute only.
     #[arg(long, value_name = "RUN_ID")]

@@ -977,6 +977,17 @@ impl RawWeb {
             }
             None => None,
         };
+        // A write over HTTP needs an authenticated caller: basic auth or a verified client
+        // certificate. A request any web page can make a browser send must never start a heal.
+        let authenticated = security.as_ref().is_some_and(|s| {
+            !s.users.is_empty() || s.client_auth == crate::web_config::ClientAuth::RequireAndVerifyClientCert
+        });
+        if requests.heal && !authenticated {
+            return Err(ConfigError::invalid(
+                "web.scan_requests.heal",
+                "needs authenticated requests: basic_auth_users or client_auth_type = RequireAndVerifyClientCert in web.config_file",
+            ));
+        }
         Ok(WebConfig {
             security,
             header_read_timeout: parse_duration("web.header_read_timeout", &self.header_read_timeout)?,
@@ -1162,6 +1173,10 @@ mod tests {
             (
                 "[web.scan_requests]\nheal = true\n",
                 "config key web.scan_requests.heal: needs web.scan_requests.enabled = true and heal.enabled = true",
+            ),
+            (
+                "[heal]\nenabled = true\nbackfill_null_timestamps = true\n[web.scan_requests]\nenabled = true\nheal = true\n",
+                "config key web.scan_requests.heal: needs authenticated requests: basic_auth_users or client_auth_type = RequireAndVerifyClientCert in web.config_file",
             ),
             (
                 "[web]\nmax_connections = 0\n",

@@ -447,9 +447,16 @@ fn build(mut params: BTreeMap<String, String>) -> Result<ConnInfo, ConnInfoError
     })
 }
 
+/// A non-negative integer parameter; libpq's are C `int`s, so at most `i32::MAX`.
 fn number(key: &str, value: Option<String>) -> Result<Option<u64>, ConnInfoError> {
     value
-        .map(|v| v.trim().parse::<u64>().map_err(|_| param_error(key, format!("invalid integer value {v:?}"))))
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= i32::MAX as u64)
+                .ok_or_else(|| param_error(key, format!("invalid integer value {v:?}")))
+        })
         .transpose()
 }
 
@@ -590,6 +597,7 @@ mod tests {
             ("postgres://h/d?passfile=/x", "parameter passfile: is not supported by tenant-audit"),
             ("postgres://h:99999/d", "parameter port: invalid port number \"99999\""),
             ("host=h connect_timeout=soon", "parameter connect_timeout: invalid integer value \"soon\""),
+            ("host=h keepalives_idle=99999999999", "parameter keepalives_idle: invalid integer value \"99999999999\""),
             ("host=h,i port=1,2,3", "parameter port: 3 ports for 2 hosts"),
             ("host=h hostaddr=nope", "parameter hostaddr: invalid IP address \"nope\""),
             ("postgres://h/d?target_session_attrs=rw", "parameter target_session_attrs: invalid value \"rw\""),

@@ -181,7 +181,8 @@ fn pool(db: &DatabaseConfig, connect_timeout: Duration, size: usize) -> Pool {
     // the pool's own timeouts are the backstop.
     let per_host = info.connect_timeout.unwrap_or(connect_timeout);
     let passes = if info.target_session_attrs == TargetSessionAttrs::PreferStandby { 2 } else { 1 };
-    let create = per_host * (info.hosts.len() as u32 * passes) + Duration::from_secs(1);
+    let attempts = u32::try_from(info.hosts.len()).unwrap_or(u32::MAX).saturating_mul(passes);
+    let create = per_host.saturating_mul(attempts).saturating_add(Duration::from_secs(1));
     let timeouts = Timeouts { wait: Some(create), create: Some(create), recycle: Some(connect_timeout) };
     Pool::builder(Manager { db: db.clone(), connect_timeout })
         .max_size(size)

@@ -71,7 +71,8 @@ pub struct Endpoints {
     pub metrics: Arc<Metrics>,
 }
 
-/// Accepts connections until `shutdown`, then lets open requests finish.
+/// Accepts connections until `shutdown`, then lets open requests finish (for at most
+/// [`SHUTDOWN_GRACE`]).
 pub async fn serve(listener: TcpListener, endpoints: Endpoints, web: WebConfig, shutdown: CancellationToken) {
     let server = Arc::new(Server::new(endpoints, web));
     if server.security().auth.is_none() {

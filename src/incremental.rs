@@ -27,6 +27,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
 use crate::catalog::Catalog;
@@ -116,7 +117,7 @@ GROUP BY n.nspname, c.relname, c.oid";
 
 /// Reads the change signals of the tables of `schemas`. Call it before any data is read.
 pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Signals, DbError> {
-    let row = client.query_opt(EPOCH, &[]).await?;
+    let row = client.query_typed(EPOCH, &[]).await?.into_iter().next();
     let (epoch, in_recovery, track_counts) = match row {
         Some(r) => (
             Epoch {
@@ -136,7 +137,7 @@ pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Sig
         ),
     };
     let mut tables = HashMap::new();
-    for r in client.query(TABLES, &[&schemas]).await? {
+    for r in client.query_typed(TABLES, &[(&schemas, Type::TEXT_ARRAY)]).await? {
         let digest: String = r.get(6);
         let signal = Signal {
             oid: r.get(2),

@@ -2,8 +2,9 @@
 //!
 //! # Bird's-eye view
 //! A scan discovers the tenant schemas, reads the catalog of every tenant (and of the shared and
-//! reference schemas) in a constant number of queries, plans the per-tenant checks from that
-//! catalog, runs the data checks inside each tenant's own read-only snapshot, and returns a
+//! reference schemas) in a few queries per chunk of schemas, plans the per-tenant checks from
+//! that catalog as one work unit per table, runs each unit as one statement in a short read-only
+//! transaction of its own (so a session holds locks only on the table at hand), and returns a
 //! [`report::Report`]: findings plus the errors met on the way.
 //!
 //! # Code map
@@ -16,13 +17,14 @@
 //!   helper per transaction kind that sets its timeouts with `SET LOCAL` (pooler-safe).
 //! - [`sql`]: identifier quoting; no SQL is built from an unquoted name.
 //! - [`tenants`]: tenant discovery (registry table and/or name patterns).
-//! - [`catalog`]: catalog introspection into plain data. Read-only; constant query count.
+//! - [`catalog`]: catalog introspection into plain data. Read-only; no tenant relation locked;
+//!   a constant number of queries per chunk of schemas.
 //! - [`checks`]: one module per check. Pure planning from the catalog, plus the set-based SQL
-//!   that counts in the database.
+//!   that counts in the database; [`checks::work`] groups one table's checks into one unit.
 //! - [`incremental`]: per-table change signals and the state between scans that carries a
 //!   table's findings forward while nothing its checks read may have changed.
-//! - [`scan`]: one pass: tenants -> catalog -> checks -> report. A failing tenant is recorded,
-//!   never fatal.
+//! - [`scan`]: one pass: tenants -> catalog -> checks -> report. A failing table or tenant is
+//!   recorded, never fatal.
 //! - [`heal`]: plans and repairs; the ONLY code that writes to a tenant database.
 //! - [`report`]: report types and their table and JSON renderings.
 //! - [`metrics`]: the Prometheus registry, rebuilt from each finished report.

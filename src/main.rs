@@ -64,15 +64,36 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
     if let Some(run_id) = &args.undo {
         return undo(&config, run_id, args.execute).await;
     }
-    if !config.heal.any_repair() {
-        anyhow::bail!("no repair is enabled: set heal.copy_missing_parents, heal.backfill_null_timestamps, heal.add_missing_columns or heal.advance_sequences");
-    }
     let cancel = shutdown_on_signals()?;
-    let scanned = scan::run(&config, &db::scan_pool(&config.database, &config.scan), &cancel, None).await?;
-    if let Some(e) = incomplete_scan_error(&scanned.report) {
-        return Err(e.context("heal needs a complete scan"));
-    }
-    let plan = Plan::build(&scanned, &config);
+    let plan = match &args.apply {
+        Some(file) => read_plan_file(file, &config)?,
+        None => {
+            if !config.heal.any_repair() {
+                anyhow::bail!("no repair is enabled: set heal.copy_missing_parents, heal.backfill_null_timestamps, heal.add_missing_columns or heal.advance_sequences");
+            }
+            let scanned = scan::run(&config, &db::scan_pool(&config.database, &config.scan), &cancel, None).await?;
+            if let Some(e) = incomplete_scan_error(&scanned.report) {
+                return Err(e.context("heal needs a complete scan"));
+            }
+            let mut plan = Plan::build(&scanned, &config);
+            if let Some(file) = &args.plan_out {
+                let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
+                heal::planfile::resolve(&config.heal, &pool, &mut plan).await?;
+                let document = heal::planfile::PlanFile {
+                    version: heal::planfile::VERSION,
+                    database: config.heal.database.target.clone(),
+                    scan_started_at: scanned.report.started_at,
+                    scan_finished_at: scanned.report.finished_at,
+                    plan,
+                };
+                let json = serde_json::to_string_pretty(&document).context("cannot encode the plan")?;
+                std::fs::write(file, json + "\n").with_context(|| format!("cannot write {}", file.display()))?;
+                println!("wrote the plan for {} tenant(s) to {}", document.plan.tenants.len(), file.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            plan
+        }
+    };
     let mut out = std::io::stdout();
     if !args.execute {
         write!(out, "{}", plan.render(&config.heal.database.target, config.heal.batch_size))?;
@@ -94,7 +115,32 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         eprintln!("tenant-audit: heal interrupted; every committed batch is whole, run it again to finish");
         return Ok(ExitCode::from(1));
     }
-    Ok(if outcome.skipped.is_empty() && outcome.set_aside.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    let complete = outcome.skipped.is_empty() && outcome.set_aside.is_empty() && outcome.not_applied.is_empty();
+    Ok(if complete { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Reads a plan file of `heal --plan-out`, for the database `config` heals.
+fn read_plan_file(file: &std::path::Path, config: &Config) -> anyhow::Result<Plan> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read plan file {}", file.display()))?;
+    let document: heal::planfile::PlanFile =
+        serde_json::from_str(&text).with_context(|| format!("plan file {} is not a heal plan", file.display()))?;
+    if document.version != heal::planfile::VERSION {
+        anyhow::bail!(
+            "plan file {} has version {}; this heal reads version {}",
+            file.display(),
+            document.version,
+            heal::planfile::VERSION
+        );
+    }
+    if document.database != config.heal.database.target {
+        anyhow::bail!(
+            "plan file {} is for database {}, not {} (heal.database_url)",
+            file.display(),
+            document.database,
+            config.heal.database.target
+        );
+    }
+    Ok(document.plan)
 }
 
 /// `heal --undo RUN_ID`: prints the undo plan, or with `execute` applies it; then lists what it

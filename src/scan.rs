@@ -20,7 +20,6 @@ use std::time::Instant;
 
 use chrono::Utc;
 use futures::stream::{self, StreamExt};
-use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, Catalog, ChunkFailure};
@@ -32,6 +31,7 @@ use crate::incremental::{self, Signals};
 use crate::report::{
     Check, Detail, ErrorKind, Finding, Report, ScanError, ScanKind, ScanSummary, TenantCounts, REPORT_VERSION,
 };
+use crate::sql;
 use crate::tenants::{self, Discovery, DiscoveryError};
 
 /// How many times a statement cancelled by a recovery conflict (on a standby) is tried again
@@ -618,7 +618,7 @@ async fn scan_tenant(
             }
             Err(e)
                 if matches!(e.code(), Some("42P01" | "3F000"))
-                    && !schema_exists(client, tenant).await.unwrap_or(true) =>
+                    && !schema_exists(client, scan, tenant).await.unwrap_or(true) =>
             {
                 // The whole schema is gone: report that once, and nothing of a half-read tenant.
                 findings.clear();
@@ -707,11 +707,12 @@ fn dropped(tenant: &str) -> ScanError {
     }
 }
 
-/// Whether `schema` exists now (a statement of its own: it sees every committed drop).
-async fn schema_exists(client: &tokio_postgres::Client, schema: &str) -> Result<bool, DbError> {
-    const EXISTS: &str = "SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident($1)) IS NOT NULL";
-    let row = client.query_typed_one(EXISTS, &[(&schema, Type::TEXT)]).await?;
-    Ok(row.get(0))
+/// Whether `schema` exists now (a transaction of its own: it sees every committed drop).
+async fn schema_exists(client: &tokio_postgres::Client, scan: &ScanConfig, schema: &str) -> Result<bool, DbError> {
+    let sql =
+        format!("SELECT pg_catalog.to_regnamespace(pg_catalog.quote_ident({})) IS NOT NULL", sql::literal(schema));
+    let rows = db::read_only(client, scan, &sql, db::Parallel::Allowed).await?;
+    Ok(rows.first().and_then(|r| r.first()).is_some_and(|v| v.as_deref() == Some("t")))
 }
 
 /// Maps a database error to the error kind of the report (and of the metrics). A terminated

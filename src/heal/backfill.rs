@@ -9,7 +9,8 @@
 //! (relation, `ctid`) and is changed exactly once. Per batch, one statement locks the rows of the
 //! range that are still NULL and have a non-NULL fallback (rows the application holds locked are
 //! skipped, left for the next run), updates them re-checking `IS NULL`, and writes one audit row
-//! per update. Rows appended after the run started are left for the next run.
+//! per row the update filled. A row a trigger kept NULL is no change: the table is reported and
+//! left. Rows appended after the run started are left for the next run.
 
 use super::audit;
 use crate::catalog::Table;
@@ -40,7 +41,7 @@ pub fn fallback(chain: &[String], table: Option<&Table>, data_type: &str, extra:
 }
 
 /// A backfill of one column, planned.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BackfillSpec {
     pub tenant: String,
     pub table: String,
@@ -50,7 +51,11 @@ pub struct BackfillSpec {
     /// The primary key; rows are audited by it, or by (relation, `ctid`) without one.
     pub key: Vec<String>,
     /// The repair the audit rows name.
-    pub repair: &'static str,
+    pub repair: super::Repair,
+    /// In a plan file: the audit keys (JSON text) of the rows the backfill may change, and no
+    /// other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<Vec<String>>,
 }
 
 /// `$1` the table: every relation with storage that holds its rows (itself, its inheritance
@@ -79,11 +84,38 @@ impl BackfillSpec {
         sql::qualified(&self.tenant, &self.table)
     }
 
+    /// A row's audit key (JSON) on `relation`, rows aliased `c`: its primary key, or
+    /// (relation, `ctid`) without one.
+    fn key_expr(&self, relation: &str) -> String {
+        if self.key.is_empty() {
+            format!("jsonb_build_object('relation', {}::text, 'ctid', c.ctid::text)", sql::literal(relation))
+        } else {
+            audit::key_json("c", &self.key)
+        }
+    }
+
+    /// The audit keys (JSON text) of the rows of `relation` the backfill would change now.
+    pub fn rows_sql(&self, relation: &str) -> String {
+        format!(
+            "SELECT ({})::text FROM ONLY {relation} c WHERE c.{} IS NULL AND {} IS NOT NULL",
+            self.key_expr(relation),
+            sql::ident(&self.column),
+            self.fallback
+        )
+    }
+
     /// The statement of one batch on `relation` (a quoted, qualified name from [`RELATIONS`]):
-    /// `$1`, `$2` the block range's first and end `ctid`, `$3` the run id.
+    /// `$1`, `$2` the block range's first and end `ctid`, `$3` the run id, and with `only`, `$4`
+    /// the audit keys of the rows it may change. Returns (table, key) per row changed and audited,
+    /// and (NULL, key) per row still NULL after its update (a `BEFORE UPDATE` trigger put the old
+    /// value back): no change, not audited.
     pub fn batch_sql(&self, relation: &str) -> String {
         let col = sql::ident(&self.column);
         let fallback = &self.fallback;
+        let only = match &self.only {
+            Some(_) => format!(" AND ({})::text = ANY($4::text[])", self.key_expr(relation)),
+            None => String::new(),
+        };
         let (returning_key, key_json) = if self.key.is_empty() {
             (
                 format!("{}::text AS relation, c.ctid::text AS row_id", sql::literal(relation)),
@@ -95,12 +127,13 @@ impl BackfillSpec {
         let old = format!("jsonb_build_object({}, NULL)", sql::literal(&self.column));
         let new = format!("jsonb_build_object({}, u.{col})", sql::literal(&self.column));
         let log = format!(
-            "{} FROM changed u",
-            audit::row("$3", &self.tenant, &self.table, self.repair, &key_json, &old, &new)
+            "{} FROM changed u WHERE u.{col} IS NOT NULL",
+            audit::row("$3", &self.tenant, &self.table, self.repair.name(), &key_json, &old, &new)
         );
         format!(
-            "WITH batch AS (\n  SELECT c.ctid AS row_id FROM ONLY {relation} c\n  WHERE c.ctid >= $1::tid AND c.ctid < $2::tid AND c.{col} IS NULL AND {fallback} IS NOT NULL\n  FOR UPDATE OF c SKIP LOCKED\n),\n\
-             changed AS (\n  UPDATE ONLY {relation} c SET {col} = {fallback}\n  FROM batch b WHERE c.ctid = b.row_id AND c.{col} IS NULL\n  RETURNING {returning_key}, c.{col}\n),\n{}",
+            "WITH batch AS (\n  SELECT c.ctid AS row_id FROM ONLY {relation} c\n  WHERE c.ctid >= $1::tid AND c.ctid < $2::tid AND c.{col} IS NULL AND {fallback} IS NOT NULL{only}\n  FOR UPDATE OF c SKIP LOCKED\n),\n\
+             changed AS (\n  UPDATE ONLY {relation} c SET {col} = {fallback}\n  FROM batch b WHERE c.ctid = b.row_id AND c.{col} IS NULL\n  RETURNING {returning_key}, c.{col}\n),\n{}\n\
+             UNION ALL SELECT NULL, {key_json}::text FROM changed u WHERE u.{col} IS NULL",
             audit::log_and_return(&log),
         )
     }

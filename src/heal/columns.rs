@@ -62,13 +62,36 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
 /// Sets the reference's default on a column that has another one or none (a run stopped
 /// between adding a column and setting its default, or a drifted tenant). `None` when the
 /// reference has no default: heal does not drop defaults.
+///
+/// A default that draws from a sequence (`nextval`) is followed, in the same transaction, by a
+/// statement that moves the sequence it now draws from past the column's largest value: the
+/// column may hold values drawn from another sequence, and the application's next insert must
+/// not fail with a duplicate key.
 pub fn set_default(tenant: &str, table: &str, column: &Column) -> Option<Vec<Step>> {
     let default = column.default.as_deref()?;
-    let sql = format!(
-        "ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {default}",
-        sql::qualified(tenant, table),
-        sql::ident(&column.name)
-    );
+    let tbl = sql::qualified(tenant, table);
+    let col = sql::ident(&column.name);
+    let mut sql = format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET DEFAULT {default}");
+    // The sequence itself is found structurally (the default's dependency), `nextval` in the
+    // text only decides whether to look: a default without it draws from no sequence.
+    if default.contains("nextval(") {
+        sql.push_str(&format!(
+            ";
+SELECT pg_catalog.setval(x.seq, x.top) FROM (
+               SELECT d.refobjid::pg_catalog.regclass AS seq, (SELECT max(c.{col}) FROM {tbl} c)::bigint AS top,
+                      coalesce(pg_catalog.pg_sequence_last_value(d.refobjid::pg_catalog.regclass) + q.seqincrement, q.seqstart) AS next_value
+               FROM pg_catalog.pg_attrdef ad
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+               JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid = ad.oid
+                 AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+               JOIN pg_catalog.pg_sequence q ON q.seqrelid = d.refobjid
+               WHERE ad.adrelid = {}::pg_catalog.regclass AND a.attname = {} AND q.seqincrement > 0
+) x
+WHERE x.top >= x.next_value",
+            sql::literal(&tbl),
+            sql::literal(&column.name),
+        ));
+    }
     Some(vec![Step::once(table, &column.name, "set_default", sql)])
 }
 
@@ -80,7 +103,8 @@ fn backfill_step(tenant: &str, table: &str, own: &Table, column: &Column, fallba
         column: column.name.clone(),
         fallback: fallback.to_string(),
         key: own.primary_key.clone(),
-        repair: "add_missing_columns",
+        repair: super::Repair::AddMissingColumns,
+        only: None,
     }))
 }
 

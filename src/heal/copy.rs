@@ -26,13 +26,13 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
 
 use super::{audit, sequence};
-use crate::catalog::{Catalog, Identity, Table, TypeSchema};
+use crate::catalog::{Catalog, Column, Identity, Schema, Table, TypeSchema};
 use crate::checks::orphan_rows::{self, Probe};
 use crate::config::SameEntityKey;
 use crate::sql;
 
 /// A copy, planned from the catalog: the orphans it starts from and every table it may reach.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CopySpec {
     pub tenant: String,
     pub shared: String,
@@ -50,10 +50,13 @@ pub struct CopySpec {
     pub tables: BTreeMap<String, CopyTable>,
     /// `heal.audit_values = "full"`: the audit table keeps each copied row.
     pub audit_full: bool,
+    /// In a plan file: the orphaned keys (as text) the copy may repair, and no other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<Vec<Vec<String>>>,
 }
 
 /// One table of the tenant the copy may write.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CopyTable {
     /// The primary key; rows are inserted `ON CONFLICT` on it.
     pub key: Vec<String>,
@@ -74,7 +77,7 @@ pub struct CopyTable {
 }
 
 /// A foreign key from one copied table to another table of the tenant.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Edge {
     pub columns: Vec<String>,
     pub target: String,
@@ -115,7 +118,7 @@ pub fn spec(
         }
         let own = catalog.table(tenant, &name)?;
         let theirs = catalog.table(shared, &name);
-        let table = copy_table(own, theirs, tenant, shared_schema, keys);
+        let table = copy_table(catalog.schemas.get(tenant)?, &name, own, theirs, tenant, shared, shared_schema, keys);
         queue.extend(table.edges.iter().map(|e| e.target.clone()));
         tables.insert(name, table);
     }
@@ -133,14 +136,19 @@ pub fn spec(
         root_columns: probe.parent_columns.clone(),
         tables,
         audit_full,
+        only: None,
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn copy_table(
+    tenant_schema: &Schema,
+    name: &str,
     own: &Table,
     theirs: Option<&Table>,
     tenant: &str,
-    shared: &crate::catalog::Schema,
+    shared_name: &str,
+    shared: &Schema,
     keys: &[SameEntityKey],
 ) -> CopyTable {
     let columns: Vec<String> = match theirs {
@@ -171,12 +179,35 @@ fn copy_table(
         })
         .collect();
     let own_type = own.columns.iter().any(|c| c.type_schema == TypeSchema::Own && own.primary_key.contains(&c.name));
+    let drift: Vec<String> = match theirs {
+        Some(t) => columns
+            .iter()
+            .filter_map(|c| {
+                let (mine, shared_col) = (own.column(c)?, t.column(c)?);
+                (!same_type(mine, shared_col, shared_name)).then(|| {
+                    format!(
+                        "column {c} is {} in {shared_name} and {} in {tenant}",
+                        shared_col.data_type, mine.data_type
+                    )
+                })
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let foreign_keys = foreign_key_columns(tenant_schema, tenant, name, own, &columns, shared, keys);
     let unusable = if own.primary_key.is_empty() {
         Some("the table has no primary key".to_string())
     } else if own_type {
         Some("its primary key has a type of the tenant's own schema".to_string())
     } else if !own.primary_key.iter().all(|k| columns.contains(k)) {
         Some("the shared table lacks a primary-key column".to_string())
+    } else if !drift.is_empty() {
+        Some(drift.join("; "))
+    } else if !foreign_keys.is_empty() {
+        Some(format!(
+            "its column(s) {} are a key the tenant's rows reference or draw from the tenant's own sequence, and not a same-entity key (not a uuid, not in heal.same_entity_keys): the shared row's value names another entity in the tenant",
+            foreign_keys.join(", ")
+        ))
     } else {
         None
     };
@@ -190,6 +221,70 @@ fn copy_table(
         sequences,
         unusable,
     }
+}
+
+/// Whether a value of `theirs` (a column of the shared schema `shared`) is stored unchanged in
+/// `mine`: the very same type, so that the insert casts nothing (no rounding, no time zone).
+fn same_type(mine: &Column, theirs: &Column, shared: &str) -> bool {
+    match (&mine.type_schema, &theirs.type_schema) {
+        (TypeSchema::Catalog, TypeSchema::Catalog) => mine.data_type == theirs.data_type,
+        (TypeSchema::Other(a), TypeSchema::Other(b)) => a == b && mine.data_type == theirs.data_type,
+        // The shared schema's own type, which the tenant's column names qualified.
+        (TypeSchema::Other(a), TypeSchema::Own) => {
+            a == shared
+                && mine.data_type.strip_prefix(&format!("{}.", display_schema(shared))) == Some(&theirs.data_type)
+        }
+        _ => false,
+    }
+}
+
+/// A schema name as `format_type` qualifies a type with it.
+fn display_schema(name: &str) -> String {
+    let plain = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        sql::ident(name)
+    }
+}
+
+/// The columns a copy of `own` (table `name`) would write that identify a row to the tenant
+/// without being the same entity in both schemas: the primary key when it draws from a sequence
+/// (serial, identity), and every column set the tenant's foreign keys reference, unless it is a
+/// same-entity key. Copying the shared row's value of such a column would make the tenant's rows
+/// that hold that value (rows of another entity) point at the copied row.
+fn foreign_key_columns(
+    tenant_schema: &Schema,
+    tenant: &str,
+    name: &str,
+    own: &Table,
+    columns: &[String],
+    shared: &Schema,
+    keys: &[SameEntityKey],
+) -> Vec<String> {
+    let mut sets: Vec<Vec<String>> = Vec::new();
+    if own.primary_key.iter().any(|k| own.column(k).is_some_and(|c| c.sequence.is_some() || c.identity.is_some())) {
+        sets.push(own.primary_key.clone());
+    }
+    for table in tenant_schema.tables.values() {
+        for fk in table.foreign_keys.iter().filter(|fk| fk.target_schema == tenant && fk.target_table == name) {
+            if !sets.contains(&fk.target_columns) {
+                sets.push(fk.target_columns.clone());
+            }
+        }
+    }
+    let mut out: Vec<String> = Vec::new();
+    for set in sets {
+        if set.iter().all(|c| columns.contains(c)) && !orphan_rows::same_entity(keys, shared, name, &set) {
+            for c in set {
+                if !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out
 }
 
 impl CopySpec {
@@ -232,7 +327,8 @@ impl CopySpec {
     }
 
     /// One lookup of `values` of `columns` in `table`: per value (by ordinality) whether the
-    /// tenant has it, and the shared row's key and foreign-key values.
+    /// tenant has it, and the shared row's key, foreign-key values and whether the tenant has a
+    /// row under that key.
     fn lookup_sql(&self, name: &str, table: &CopyTable, columns: &[String]) -> String {
         let arrays: Vec<String> = columns
             .iter()
@@ -258,6 +354,12 @@ impl CopySpec {
             for edge in &table.edges {
                 select.extend(edge.columns.iter().map(|c| format!("s.{}::text", sql::ident(c))));
             }
+            let same_key =
+                table.key.iter().map(|k| format!("t.{0} = s.{0}", sql::ident(k))).collect::<Vec<_>>().join(" AND ");
+            select.push(format!(
+                "EXISTS (SELECT 1 FROM {} t WHERE {same_key})::text",
+                sql::qualified(&self.tenant, name)
+            ));
             from.push_str(&format!(" LEFT JOIN {} s ON {}", sql::qualified(&self.shared, name), match_v("s")));
         }
         format!("SELECT {} FROM {from}", select.join(", "))
@@ -277,6 +379,8 @@ pub struct BatchOutcome {
     pub set_aside: Vec<(String, String)>,
     /// Sequences moved: (table, sequence).
     pub sequences: Vec<(String, String)>,
+    /// The keys picked and either copied or set aside (the others were not in `only`).
+    pub handled: Vec<Vec<String>>,
 }
 
 /// A row the closure needs, or why a key's chain ends.
@@ -316,6 +420,12 @@ pub async fn batch(
         .collect();
     let mut out =
         BatchOutcome { picked: picked.len(), cursor: picked.last().cloned().unwrap_or_default(), ..Default::default() };
+    // A plan file's copy repairs only the keys it lists (they are still orphans: the pick says so).
+    let picked: Vec<Vec<String>> = match &spec.only {
+        Some(only) => picked.into_iter().filter(|k| only.contains(k)).collect(),
+        None => picked,
+    };
+    out.handled = picked.clone();
     if picked.is_empty() {
         return Ok(out);
     }
@@ -398,6 +508,18 @@ pub async fn batch(
                             at += edge.columns.len();
                             fks.push(vals);
                         }
+                        if text(at).as_deref() == Some("true") {
+                            // `ON CONFLICT DO NOTHING` would skip it silently, every run.
+                            let reason = format!(
+                                "{} cannot be copied: the tenant already has a row with this primary key ({}) = ({})",
+                                describe(&v),
+                                table.key.join(", "),
+                                key.join(", ")
+                            );
+                            nodes.push(Node::Broken(reason));
+                            memo.insert((name.clone(), columns.clone(), v), nodes.len() - 1);
+                            continue;
+                        }
                         nodes.push(Node::Row { table: name.clone(), key: key.clone(), children: Vec::new(), fks });
                         let id = nodes.len() - 1;
                         by_key.insert((name.clone(), key), id);
@@ -477,6 +599,10 @@ pub async fn batch(
     }
 
     // Everything in one statement; on failure, key by key so one clash blocks no other key.
+    // Deferrable constraints are checked at the end of each insert, inside its savepoint: a clash
+    // found at COMMIT would lose the whole batch, every run. (All rows of a closure, cycles
+    // included, are in the one statement whose end the checks wait for.)
+    tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE").await?;
     let all: BTreeSet<usize> = good.iter().flat_map(|(_, s)| s.iter().copied()).collect();
     tx.batch_execute("SAVEPOINT copy_batch").await?;
     match insert(tx, spec, &nodes, &all, run_id).await {
@@ -484,6 +610,7 @@ pub async fn batch(
             tx.batch_execute("RELEASE SAVEPOINT copy_batch").await?;
             out.inserted = rows;
         }
+        Err(e) if !row_error(&e) => return Err(e),
         Err(_) => {
             tx.batch_execute("ROLLBACK TO SAVEPOINT copy_batch").await?;
             for (i, rows) in &good {
@@ -493,6 +620,7 @@ pub async fn batch(
                         tx.batch_execute("RELEASE SAVEPOINT copy_key").await?;
                         out.inserted.extend(inserted);
                     }
+                    Err(e) if !row_error(&e) => return Err(e),
                     Err(e) => {
                         tx.batch_execute("ROLLBACK TO SAVEPOINT copy_key").await?;
                         let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
@@ -514,6 +642,17 @@ pub async fn batch(
         }
     }
     Ok(out)
+}
+
+/// Whether a failed insert failed because of its rows (a unique, check or foreign-key clash:
+/// the key is set aside, the others go on) rather than of the server's state: a lock or
+/// statement timeout, a deadlock, a cancel or a lost connection ends the batch, so that one
+/// transaction never waits `heal.lock_timeout` once per key.
+fn row_error(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|code| {
+        let code = code.code();
+        code.starts_with("23") || code.starts_with("22") || code == "P0001"
+    })
 }
 
 /// Inserts the rows `ids` of `nodes` (grouped by table) in one statement with their audit rows;

@@ -18,6 +18,7 @@ mod columns;
 mod copy;
 mod lease;
 mod plan;
+pub mod planfile;
 mod sequence;
 pub mod undo;
 
@@ -39,7 +40,8 @@ use crate::metrics::Metrics;
 pub const LOCK_KEY: i64 = 0x7465_6e61_6e74_2d61;
 
 /// The repairs, each enabled separately in `[heal]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Repair {
     CopyMissingParents,
     BackfillNullTimestamps,
@@ -122,6 +124,9 @@ pub struct Outcome {
     /// Orphaned keys a copy left alone: (schema, child table, key, reason). The other keys of
     /// their relationship were healed.
     pub set_aside: Vec<(String, String, String, String)>,
+    /// Rows or keys a plan file named that no longer needed the repair when it was applied (the
+    /// application changed them): (schema, table, key). Left alone.
+    pub not_applied: Vec<(String, String, String)>,
     /// The run was cancelled (shutdown or a signal) before it finished.
     pub interrupted: bool,
 }
@@ -139,6 +144,12 @@ impl Outcome {
         }
         for (schema, reason) in &self.skipped {
             out.push_str(&format!("skipped {schema}: {}\n", reason.name()));
+        }
+        for (schema, table, key) in &self.not_applied {
+            out.push_str(&format!(
+                "skipped {} key {key}: changed since the plan\n",
+                crate::sql::display_name(schema, table)
+            ));
         }
         for (schema, table, key, reason) in &self.set_aside {
             out.push_str(&format!("set aside {} key ({key}): {reason}\n", crate::sql::display_name(schema, table)));
@@ -260,6 +271,8 @@ enum Stop {
     LeaseLost,
     /// The server did not answer within this long: stop the run (its session is closed).
     NoAnswer(std::time::Duration),
+    /// The step failed and recorded why in the outcome: the rest of its action is skipped.
+    Reported,
 }
 
 impl From<DbError> for Stop {
@@ -383,6 +396,7 @@ async fn heal_tenant(
                     outcome.interrupted = true;
                     return;
                 }
+                Err(Stop::Reported) => break,
                 Err(Stop::Failed(e)) if e.code() == Some("55P03") => {
                     tracing::warn!(schema = %tenant.schema, table = %action.table, "heal skipped the tenant: lock not available within heal.lock_timeout");
                     outcome.skipped.push((tenant.schema.clone(), SkipReason::LockTimeout));
@@ -439,6 +453,9 @@ impl Writer<'_> {
                 return Ok(None);
             }
             tx.batch_execute(&search_path).await?;
+            // Casts between timestamp and timestamptz (a backfill's fallback) mean the same
+            // whatever time zone the session came with (a pooler's, another client's).
+            tx.batch_execute("SET LOCAL TimeZone = 'UTC'").await?;
             let value = work(&tx).await?;
             tx.commit().await?;
             Ok::<Option<T>, DbError>(Some(value))
@@ -510,6 +527,7 @@ async fn run_backfill(
         .await?;
     let relations: Vec<String> = relations.iter().map(|r| r.get(0)).collect();
     let step = (batch_size / backfill::ROWS_PER_BLOCK).max(1) as i64;
+    let mut changed_keys = std::collections::BTreeSet::new();
     for relation in relations {
         let sql = spec.batch_sql(&relation);
         let name = relation.clone();
@@ -530,22 +548,50 @@ async fn run_backfill(
                 if start + step >= blocks { backfill::LAST_TID.to_string() } else { format!("({},0)", start + step) };
             let (from, to) = (format!("({start},0)"), end);
             let (sql, run_id) = (sql.clone(), outcome.run_id.clone());
+            let only = spec.only.clone().unwrap_or_default();
+            let restricted = spec.only.is_some();
             let rows = writer
                 .transaction(move |tx| {
                     Box::pin(async move {
-                        tx.query_typed(&sql, &[(&from, Type::TEXT), (&to, Type::TEXT), (&run_id, Type::TEXT)]).await
+                        let mut params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
+                            vec![(&from, Type::TEXT), (&to, Type::TEXT), (&run_id, Type::TEXT)];
+                        if restricted {
+                            params.push((&only, Type::TEXT_ARRAY));
+                        }
+                        tx.query_typed(&sql, &params).await
                     })
                 })
                 .await?;
+            let mut kept_null = 0;
             for row in &rows {
-                let (table, key): (String, String) = (row.get(0), row.get(1));
-                tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair = spec.repair, key = %key, "healed");
+                let (table, key): (Option<String>, String) = (row.get(0), row.get(1));
+                match table {
+                    Some(table) => {
+                        changed_keys.insert(key.clone());
+                        tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair = spec.repair.name(), key = %key, "healed")
+                    }
+                    None => kept_null += 1,
+                }
             }
-            let changed = rows.len() as u64;
-            *outcome.changed.entry(spec.repair).or_default() += changed;
+            let changed = (rows.len() - kept_null) as u64;
+            *outcome.changed.entry(spec.repair.name()).or_default() += changed;
             *budget = budget.saturating_sub(changed);
+            if kept_null > 0 {
+                // Updating them again would change nothing either: the table is left, reported.
+                let message = format!(
+                    "{kept_null} row(s) of {} kept {} NULL after the update (a trigger undoes it): the backfill of this table stopped",
+                    crate::sql::display_name(&spec.tenant, &spec.table),
+                    spec.column
+                );
+                tracing::error!(run_id = %outcome.run_id, schema = %spec.tenant, table = %spec.table, repair = spec.repair.name(), error = %message, "repair failed");
+                outcome.errors.push((spec.tenant.clone(), spec.repair, message));
+                return Err(Stop::Reported);
+            }
             start += step;
         }
+    }
+    for key in spec.only.iter().flatten().filter(|k| !changed_keys.contains(*k)) {
+        outcome.not_applied.push((spec.tenant.clone(), spec.table.clone(), key.clone()));
     }
     Ok(())
 }
@@ -561,6 +607,7 @@ async fn run_copy(
 ) -> Result<(), Stop> {
     let repair = Repair::CopyMissingParents.name();
     let mut cursor: Vec<String> = Vec::new();
+    let mut handled: std::collections::BTreeSet<Vec<String>> = Default::default();
     loop {
         let limit = (*budget).min(batch_size as u64) as i64;
         if limit == 0 {
@@ -583,7 +630,11 @@ async fn run_copy(
         let changed = done.inserted.len() as u64;
         *outcome.changed.entry(repair).or_default() += changed;
         *budget = budget.saturating_sub(changed);
+        handled.extend(done.handled);
         if done.picked == 0 {
+            for key in spec.only.iter().flatten().filter(|k| !handled.contains(*k)) {
+                outcome.not_applied.push((spec.tenant.clone(), spec.child.clone(), key.join(", ")));
+            }
             return Ok(());
         }
         cursor = done.cursor;
@@ -634,7 +685,8 @@ async fn ensure_audit_table(client: &tokio_postgres::Transaction<'_>) -> Result<
 }
 
 /// Checks, in one query, that the role may write every table the plan touches: INSERT for
-/// copies, UPDATE for backfills, ownership for added columns, and INSERT on the audit table.
+/// copies, UPDATE for backfills, ownership for added columns, and INSERT and SELECT on the
+/// audit table.
 async fn check_privileges(client: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), HealError> {
     // Relations dropped since the scan are left to fail (and be reported) in their own repair.
     const CHECK: &str = "SELECT t.rel, t.privilege
@@ -643,8 +695,9 @@ WHERE r.oid IS NOT NULL AND NOT CASE t.privilege
     WHEN 'OWNER' THEN pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = r.oid), 'USAGE')
     ELSE pg_catalog.has_table_privilege(r.oid, t.privilege) END
 LIMIT 1";
-    let mut rels = vec![audit::table(), lease::table(), lease::table(), lease::table()];
-    let mut privileges = ["INSERT", "INSERT", "UPDATE", "DELETE"].map(String::from).to_vec();
+    // SELECT on the audit table: every write statement reads its audit rows back (`RETURNING`).
+    let mut rels = vec![audit::table(), audit::table(), lease::table(), lease::table(), lease::table()];
+    let mut privileges = ["INSERT", "SELECT", "INSERT", "UPDATE", "DELETE"].map(String::from).to_vec();
     for tenant in &plan.tenants {
         for action in &tenant.actions {
             for (rel, privilege) in action.writes() {

@@ -12,20 +12,20 @@ use crate::scan::Scanned;
 use crate::sql;
 
 /// Everything one heal run would do.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     pub tenants: Vec<TenantPlan>,
 }
 
 /// The repairs of one tenant, in the order they run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TenantPlan {
     pub schema: String,
     pub actions: Vec<Action>,
 }
 
 /// One repair of one table.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Action {
     pub repair: Repair,
     /// The table of the finding.
@@ -38,7 +38,7 @@ pub struct Action {
 }
 
 /// One statement of a repair.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Step {
     /// Run in a transaction per batch (`$1` batch size, `$2` run id) until it changes no row;
     /// returns one (table, key) row per change, each already written to the audit table.
@@ -52,7 +52,7 @@ pub enum Step {
 }
 
 /// A one-off statement (DDL, a sequence) and what its audit row says.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OnceStep {
     pub sql: String,
     /// The table the audit row names.
@@ -232,7 +232,8 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                     column: column.clone(),
                     fallback,
                     key: own.primary_key.clone(),
-                    repair: repair.name(),
+                    repair,
+                    only: None,
                 }))],
             )
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tenant_audit::heal::{self, Plan, SkipReason};
 
 use crate::support::{
-    checksum, cli, config, config_file, fixture_db, lines, pg, scan, start_daemon, BASE_SQL, DEMO_SQL,
+    checksum, cli, config, config_file, fixture_db, lines, pg, scan, start_daemon, web_auth, BASE_SQL, DEMO_SQL,
 };
 
 /// The demo's discovery against a template schema, with every repair enabled.
@@ -363,9 +363,10 @@ const HEAL_ON_REQUEST: &str = "[web.scan_requests]\nenabled = true\nheal = true\
 #[tokio::test]
 async fn the_daemon_heals_after_each_scan_and_counts_it() {
     let url = heal_db("heal_daemon", DEMO_SQL).await;
+    let web = web_auth::web_section("heal_daemon");
     let daemon = start_daemon(config(
         &url,
-        &format!("{HEAL}enabled = true\n[serve]\nschedule = '0 0 0 1 1 *'\n{HEAL_ON_REQUEST}"),
+        &format!("{HEAL}enabled = true\n[serve]\nschedule = '0 0 0 1 1 *'\n{web}{HEAL_ON_REQUEST}"),
     ))
     .await;
     daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 1").await;
@@ -381,7 +382,9 @@ async fn the_daemon_heals_after_each_scan_and_counts_it() {
     );
     // The scan that ran before heal is what /metrics shows until the next one.
     assert_eq!(daemon.samples("tenant_audit_findings").await[3], "tenant_audit_findings{check=\"orphan_rows\"} 5");
-    assert_eq!(daemon.post("/scan").await.0, 202);
+    // Without credentials a request that would heal is refused.
+    assert_eq!(daemon.post("/scan").await.0, 401);
+    assert_eq!(web_auth::post(&daemon, "/scan").await, 202);
     daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 2").await;
     assert_eq!(daemon.samples("tenant_audit_findings").await[3], "tenant_audit_findings{check=\"orphan_rows\"} 3");
     assert_eq!(daemon.samples("tenant_audit_heal_errors_total").await.iter().filter(|l| !l.ends_with(" 0")).count(), 0);

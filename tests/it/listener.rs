@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{checksum, config, config_file, fixture_db, pg, start_daemon, DEMO_SQL};
+use crate::support::{checksum, config, config_file, fixture_db, pg, start_daemon, web_auth, DEMO_SQL};
 use crate::tools::temp_dir;
 
 /// Demo tenants by pattern; a schedule that never fires during a test.
@@ -275,9 +275,10 @@ async fn requested_scans_heal_only_when_allowed() {
     // Allowed: the same request heals.
     let db = pg::connect(&url).await;
     assert_eq!(db.query_one(NULLS, &[]).await.unwrap().get::<_, i64>(0), 3);
-    let allowed = format!("{HEALING}[web.scan_requests]\nenabled = true\nheal = true\n");
+    let web = web_auth::web_section("listener_heal");
+    let allowed = format!("{HEALING}{web}[web.scan_requests]\nenabled = true\nheal = true\n");
     let daemon = start_daemon(config(&url, &allowed)).await;
-    assert_eq!(daemon.post("/scan").await.0, 202);
+    assert_eq!(web_auth::post(&daemon, "/scan").await, 202);
     daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 1").await;
     assert_eq!(db.query_one(NULLS, &[]).await.unwrap().get::<_, i64>(0), 0);
     daemon.stop().await;

@@ -12,6 +12,8 @@ mod heal;
 mod heal_backfill;
 mod heal_ddl;
 mod heal_graph;
+mod heal_plan;
+mod heal_review;
 mod heal_sequences;
 mod heal_undo;
 mod incremental;

@@ -163,3 +163,50 @@ async fn a_terminated_scan_session_fails_only_its_tenant() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_table_that_exhausts_the_lock_table_costs_only_that_table() {
+    // A small shared lock table (10 locks x 20 connections) and a partitioned table whose
+    // statement needs a lock per partition and per index: far more than there are.
+    let cluster = pg::Cluster::start_with("-c max_locks_per_transaction=10 -c max_connections=20");
+    let admin = pg::connect(&cluster.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE locks").await.unwrap();
+    let url = cluster.url("locks");
+    let client = pg::connect(&url).await;
+    client
+        .batch_execute(
+            "CREATE SCHEMA tenant_a;
+             CREATE TABLE tenant_a.wide (id int PRIMARY KEY, created_at timestamptz) PARTITION BY RANGE (id);
+             CREATE TABLE tenant_a.small (id int PRIMARY KEY, created_at timestamptz);
+             INSERT INTO tenant_a.small VALUES (1, NULL);",
+        )
+        .await
+        .unwrap();
+    // A few partitions per transaction: creating them all at once would run out of locks too.
+    for batch in 0..75 {
+        let partitions: Vec<String> = (batch * 20..batch * 20 + 20)
+            .map(|i| {
+                format!(
+                    "CREATE TABLE tenant_a.wide_{i} PARTITION OF tenant_a.wide FOR VALUES FROM ({}) TO ({})",
+                    i * 10,
+                    i * 10 + 10
+                )
+            })
+            .collect();
+        client.batch_execute(&format!("BEGIN; {}; COMMIT", partitions.join("; "))).await.unwrap();
+    }
+    let report = scan(&config(&url, "[tenants]\nregistry = false\ninclude = ['^tenant_']\n")).await;
+    assert_eq!(
+        report.errors,
+        [ScanError {
+            kind: ErrorKind::Resources,
+            schema: Some("tenant_a".into()),
+            table: Some("wide".into()),
+            message: "out of shared memory".into(),
+        }]
+    );
+    assert_eq!(
+        lines(&report.findings),
+        ["null_timestamps tenant_a.small(created_at) 1 timestamp with time zone [\"1\"]"]
+    );
+}

@@ -3,6 +3,7 @@
 pub mod freeze;
 pub mod pg;
 pub mod pgbouncer;
+pub mod web_auth;
 
 use std::path::Path;
 use std::process::{Command, Output};

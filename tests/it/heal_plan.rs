@@ -1,0 +1,101 @@
+//! Plan files against real PostgreSQL: `heal --plan-out` then `heal --apply` changes exactly
+//! what the plan lists; rows the application changed in between are skipped and reported, and
+//! rows that need healing but are not in the plan are left alone.
+
+use crate::support::{checksum, cli, config_file, fixture_db, pg, DEMO_SQL};
+
+const COPY_AND_BACKFILL: &str =
+    "[tenants]\ninclude = ['^tenant_']\n[heal]\ncopy_missing_parents = true\nbackfill_null_timestamps = true\n";
+
+async fn rows(url: &str, sql: &str) -> Vec<String> {
+    let client = pg::connect(url).await;
+    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+fn heal(url: &str, name: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let path = config_file(name, &format!("database_url = {url:?}\n{COPY_AND_BACKFILL}"));
+    let mut all = vec!["heal", "--config", path.to_str().unwrap()];
+    all.extend(args);
+    let out = cli(&all, &[]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn b(n: &str) -> String {
+    format!("b0000000-0000-0000-0000-0000000000{n}")
+}
+
+#[tokio::test]
+async fn apply_changes_exactly_what_the_plan_lists_and_reports_what_changed_in_between() {
+    let url = fixture_db("heal_plan_round_trip", DEMO_SQL).await;
+    let file = std::env::temp_dir().join(format!("tenant-audit-it-{}-plan.json", std::process::id()));
+    let before = checksum(&url).await;
+    let (code, stdout, stderr) = heal(&url, "heal_plan_out", &["--plan-out", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, format!("wrote the plan for 2 tenant(s) to {}\n", file.display()));
+    assert_eq!(checksum(&url).await, before, "--plan-out writes nothing to the database");
+    let plan: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(plan["version"], 1);
+    let tenants = plan["plan"]["tenants"].as_array().unwrap();
+    assert_eq!(tenants[0]["schema"], "tenant_c3");
+    assert_eq!(tenants[0]["actions"][0]["steps"][0]["Copy"]["only"], serde_json::json!([[b("02")], [b("03")]]));
+    assert_eq!(tenants[1]["schema"], "tenant_d4");
+    let d4: Vec<&serde_json::Value> = tenants[1]["actions"].as_array().unwrap().iter().collect();
+    assert_eq!(d4[0]["steps"][0]["Copy"]["only"], serde_json::json!([[b("04")]]));
+    assert_eq!(d4[1]["steps"][0]["Backfill"]["only"], serde_json::json!(["{\"id\": 2}", "{\"id\": 3}", "{\"id\": 4}"]));
+
+    // Meanwhile the application fixes one orphan and one NULL itself, and makes a new orphan
+    // and a new NULL that the plan does not name.
+    pg::connect(&url)
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO tenant_c3.business_business (id, name) VALUES ('{b03}', 'made by the application');
+             UPDATE tenant_d4.users_userprofile SET updated_at = '2001-01-01' WHERE id = 3;
+             INSERT INTO tenant_c3.users_userprofile (user_id, business_id, created_at, modified_at) VALUES (11, '{b05}', now(), now());
+             INSERT INTO tenant_d4.users_userprofile (id, user_id, created_at, modified_at) VALUES (100, 12, now(), now());",
+            b03 = b("03"),
+            b05 = b("05"),
+        ))
+        .await
+        .unwrap();
+
+    let (code, stdout, stderr) = heal(&url, "heal_plan_apply", &["--apply", file.to_str().unwrap(), "--execute"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[..4],
+        [
+            "backfill_null_timestamps: 2 change(s)",
+            "copy_missing_parents: 2 change(s)",
+            &format!("skipped tenant_c3.users_userprofile key {}: changed since the plan", b("03")),
+            "skipped tenant_d4.users_userprofile key {\"id\": 3}: changed since the plan",
+        ]
+    );
+    assert_eq!(
+        rows(&url, "SELECT format('%s %s %s', schema_name, table_name, row_key) FROM tenant_audit.heal_log ORDER BY 1")
+            .await,
+        [
+            format!("tenant_c3 business_business {{\"id\": \"{}\"}}", b("02")),
+            format!("tenant_d4 business_business {{\"id\": \"{}\"}}", b("04")),
+            "tenant_d4 users_userprofile {\"id\": 2}".to_string(),
+            "tenant_d4 users_userprofile {\"id\": 4}".to_string(),
+        ]
+    );
+    // Not in the plan: left alone.
+    assert_eq!(
+        rows(&url, "SELECT count(*)::text FROM tenant_c3.business_business WHERE name LIKE 'shared%'").await,
+        ["1"]
+    );
+    assert_eq!(
+        rows(&url, "SELECT coalesce(updated_at::text, 'NULL') FROM tenant_d4.users_userprofile WHERE id = 100").await,
+        ["NULL"]
+    );
+    assert_eq!(
+        rows(&url, "SELECT updated_at::text FROM tenant_d4.users_userprofile WHERE id = 3").await,
+        ["2001-01-01 00:00:00+00"]
+    );
+    let _ = std::fs::remove_file(&file);
+}
