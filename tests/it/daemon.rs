@@ -276,7 +276,6 @@ async fn database_restart_in_the_middle_of_a_scan_fails_it_and_the_next_succeeds
         ["tenant_audit_tenants_scanned 3"],
         "the last good scan stays"
     );
-    eprintln!("DEBUG {:?}", daemon.samples("tenant_audit_scan_errors_total").await);
     assert!(daemon
         .samples("tenant_audit_scan_errors_total")
         .await
