@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::sql::display_name;
+use crate::sql::{display_name, escape_controls as escape};
 
 /// Version of the JSON report format.
 pub const REPORT_VERSION: u32 = 1;
@@ -463,26 +463,6 @@ impl Report {
         }
         out
     }
-}
-
-/// `text` safe for a terminal: control characters (C0, DEL, C1: ESC sequences, carriage
-/// returns, newlines) and the invisible format characters that reorder or hide text
-/// (bidirectional overrides and isolates such as U+202E, zero-width characters) become `\u{..}`
-/// escapes, and a backslash becomes `\\`, so an escape in the output is always ours.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        let hidden =
-            matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}');
-        if c == '\\' {
-            out.push_str("\\\\");
-        } else if c.is_control() || hidden {
-            let _ = write!(out, "\\u{{{:x}}}", c as u32);
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// One line describing a finding for people.

@@ -3,6 +3,8 @@
 //! Invariant: every schema, table and column name that appears in generated SQL passes through
 //! [`ident`] (or [`qualified`]); values never do, they are bind parameters.
 
+use std::fmt::Write;
+
 /// Quotes an identifier the way PostgreSQL's `quote_ident` would when forced: wraps it in
 /// double quotes and doubles any embedded double quote. Always quoting keeps case, spaces,
 /// hyphens and non-ASCII letters intact and makes keywords harmless.
@@ -92,15 +94,30 @@ fn display_ident(name: &str) -> String {
     if plain {
         name.to_string()
     } else {
-        escape_controls(&ident(name))
+        ident(name)
     }
 }
 
-/// Text for output a terminal or a SQL comment shows: every control character (newline, ESC,
-/// ...) written as a visible escape (`\n`, `\u{1b}`), so that a name holding one can neither
-/// end a `--` comment line (and have the rest run by `psql -f`) nor drive the terminal.
+/// `text` safe for a terminal or a SQL comment line: control characters (C0, DEL, C1: ESC
+/// sequences, carriage returns, newlines) and the invisible format characters that reorder or
+/// hide text (bidirectional overrides and isolates such as U+202E, zero-width characters) become
+/// `\u{..}` escapes, and a backslash becomes `\\`, so an escape in the output is always ours. A
+/// name holding a newline can then neither end a `--` comment line (and have the rest run by
+/// `psql -f`) nor drive the terminal. Applied once, where text is written for people.
 pub fn escape_controls(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let hidden =
+            matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}');
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if c.is_control() || hidden {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

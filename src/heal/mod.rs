@@ -148,13 +148,13 @@ impl Outcome {
         for (schema, table, key) in &self.not_applied {
             out.push_str(&format!(
                 "skipped {} key {key}: changed since the plan\n",
-                crate::sql::display_name(schema, table)
+                crate::sql::escape_controls(&crate::sql::display_name(schema, table))
             ));
         }
         for (schema, table, key, reason) in &self.set_aside {
             out.push_str(&format!(
                 "set aside {} key ({}): {}\n",
-                crate::sql::display_name(schema, table),
+                crate::sql::escape_controls(&crate::sql::display_name(schema, table)),
                 crate::sql::escape_controls(key),
                 crate::sql::escape_controls(reason)
             ));
@@ -585,7 +585,7 @@ async fn run_backfill(
                 // Updating them again would change nothing either: the table is left, reported.
                 let message = format!(
                     "{kept_null} row(s) of {} kept {} NULL after the update (a trigger undoes it): the backfill of this table stopped",
-                    crate::sql::display_name(&spec.tenant, &spec.table),
+                    crate::sql::escape_controls(&crate::sql::display_name(&spec.tenant, &spec.table)),
                     spec.column
                 );
                 tracing::error!(run_id = %outcome.run_id, schema = %spec.tenant, table = %spec.table, repair = spec.repair.name(), error = %message, "repair failed");

@@ -144,7 +144,7 @@ impl Plan {
                     out,
                     "-- {} on {}: {}",
                     action.repair.name(),
-                    sql::display_name(&tenant.schema, &action.table),
+                    sql::escape_controls(&sql::display_name(&tenant.schema, &action.table)),
                     sql::escape_controls(&action.summary)
                 );
                 if !action.triggers.is_empty() {

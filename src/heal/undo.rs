@@ -52,7 +52,7 @@ pub async fn plan(client: &impl GenericClient, run_id: &str) -> Result<(Plan, Ve
         let column: Option<String> = row.get(4);
         let key: Vec<String> = row.get::<_, Option<Vec<String>>>(5).unwrap_or_default();
         let count: i64 = row.get(6);
-        let place = sql::display_name(&schema, &table);
+        let place = sql::escape_controls(&sql::display_name(&schema, &table));
         let step = match kind.as_str() {
             "copy" => Some((
                 format!("delete {count} copied row(s) that still hold what heal wrote"),

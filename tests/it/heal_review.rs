@@ -317,9 +317,9 @@ async fn control_characters_in_names_cannot_escape_the_plan_comments() {
     let out = cli(&["heal", "--config", path.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let plan = stdout(&out);
-    assert!(plan.contains("-- tenant tenant_x\\nDROP TABLE public.victim; --\n"), "{plan}");
+    assert!(plan.contains("-- tenant tenant_x\\u{a}DROP TABLE public.victim; --\n"), "{plan}");
     assert!(
-        plan.contains("-- backfill_null_timestamps on \"tenant_x\\nDROP TABLE public.victim; --\".note: 1 NULL updated_at value(s)"),
+        plan.contains("-- backfill_null_timestamps on \"tenant_x\\u{a}DROP TABLE public.victim; --\".note: 1 NULL updated_at value(s)"),
         "{plan}"
     );
     // Inside the statements the name stays a quoted identifier (newline and all): no comment line
