@@ -161,7 +161,7 @@ fn copy_table(
     let edges = own
         .foreign_keys
         .iter()
-        .filter(|fk| fk.target_schema == tenant)
+        .filter(|fk| fk.target_schema.name(tenant) == tenant)
         .map(|fk| Edge {
             columns: fk.columns.clone(),
             target: fk.target_table.clone(),
@@ -173,8 +173,8 @@ fn copy_table(
     let sequences = own
         .columns
         .iter()
-        .filter_map(|c| match &c.sequence {
-            Some((schema, seq)) if schema == tenant && columns.contains(&c.name) => Some((c.name.clone(), seq.clone())),
+        .filter_map(|c| match c.sequence_in(tenant) {
+            Some((schema, seq)) if schema == tenant && columns.contains(&c.name) => Some((c.name.clone(), seq.to_string())),
             _ => None,
         })
         .collect();
@@ -268,7 +268,7 @@ fn foreign_key_columns(
         sets.push(own.primary_key.clone());
     }
     for table in tenant_schema.tables.values() {
-        for fk in table.foreign_keys.iter().filter(|fk| fk.target_schema == tenant && fk.target_table == name) {
+        for fk in table.foreign_keys.iter().filter(|fk| fk.target_schema.name(tenant) == tenant && fk.target_table == name) {
             if !sets.contains(&fk.target_columns) {
                 sets.push(fk.target_columns.clone());
             }
