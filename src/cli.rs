@@ -48,6 +48,9 @@ pub struct HealArgs {
     /// hold what heal wrote are reverted, the others listed. With --execute only.
     #[arg(long, value_name = "RUN_ID")]
     pub undo: Option<String>,
+    /// The target (`[[targets]]` name) to heal; required when the config has several.
+    #[arg(long, value_name = "NAME")]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -72,6 +75,9 @@ pub struct ScanArgs {
     /// Exit with code 1 when the scan has findings.
     #[arg(long)]
     pub fail_on_findings: bool,
+    /// The target (`[[targets]]` name) to scan; required when the config has several.
+    #[arg(long, value_name = "NAME")]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -15,6 +15,12 @@ use serde::Deserialize;
 
 use crate::conninfo::{self, ConnInfo, RootCert};
 use crate::pgtls;
+use crate::shard::Shard;
+
+mod shard;
+mod targets;
+
+pub use shard::SHARD_INDEX_ENV;
 
 /// Environment variable that overrides `database_url` (and `database_url_file`).
 pub const DATABASE_URL_ENV: &str = "TENANT_AUDIT_DATABASE_URL";
@@ -40,9 +46,30 @@ impl ConfigError {
     }
 }
 
-/// The validated configuration the rest of the program requires.
+/// Every target of the file, validated, and the shard this process is.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    /// One per `[[targets]]` entry, in file order; the single top-level database otherwise.
+    /// `serve`, `web`, `metrics`, `report` and `tls` are top-level only: the same in every one.
+    pub targets: Vec<Config>,
+    pub shard: Shard,
+}
+
+impl From<Config> for Fleet {
+    fn from(config: Config) -> Fleet {
+        Fleet { shard: config.shard, targets: vec![config] }
+    }
+}
+
+/// The validated configuration of one target (one database) that the rest of the program
+/// requires.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The target's name (`targets[].name`, or the top-level `name`, default `default`): the
+    /// `database` label of its metrics.
+    pub name: String,
+    /// The shard this process is; it scans and heals only the tenants it owns.
+    pub shard: Shard,
     pub database: DatabaseConfig,
     pub database_checks: DatabaseChecks,
     pub tenants: TenantsConfig,
@@ -287,29 +314,120 @@ pub struct ReportConfig {
     pub sample_keys: usize,
 }
 
-impl Config {
+impl Fleet {
     /// Reads and validates the file at `path`, applying the environment overrides.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub fn load(path: &Path) -> Result<Fleet, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let libpq =
             conninfo::ENV_DEFAULTS.iter().filter_map(|(var, param)| env(var).map(|v| (param.to_string(), v))).collect();
-        Config::from_toml(
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok().or_else(|| env("HOSTNAME"));
+        Fleet::from_toml(
             &text,
             path,
-            Env { database_url: env(DATABASE_URL_ENV), heal_database_url: env(HEAL_DATABASE_URL_ENV), libpq },
+            Env {
+                database_url: env(DATABASE_URL_ENV),
+                heal_database_url: env(HEAL_DATABASE_URL_ENV),
+                libpq,
+                shard_index: env(SHARD_INDEX_ENV),
+                hostname,
+            },
         )
     }
 
     /// Parses and validates `text` with the environment overrides in `env`.
-    pub fn from_toml(text: &str, path: &Path, env: Env) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+    pub fn from_toml(text: &str, path: &Path, env: Env) -> Result<Fleet, ConfigError> {
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: path.to_path_buf(),
             line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
             message: e.message().to_string(),
-        })?;
-        raw.validate(path, env)
+        };
+        let mut raw: RawConfig = toml::from_str(text).map_err(parse_error)?;
+        let shard =
+            raw.shard.take().unwrap_or_default().validate(env.shard_index.as_deref(), env.hostname.as_deref())?;
+        if raw.targets.is_empty() {
+            let name = raw.name.take().unwrap_or_else(|| DEFAULT_TARGET.to_string());
+            targets::check_name("name", &name)?;
+            return Ok(Fleet { targets: vec![raw.validate(path, env, name, shard)?], shard });
+        }
+        check_targets(&raw, &env)?;
+        let file: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        let mut configs = Vec::with_capacity(raw.targets.len());
+        for (index, target) in raw.targets.iter().enumerate() {
+            let merged: RawConfig = toml::Table::try_into(targets::merged(&file, index)).map_err(parse_error)?;
+            let env = Env { database_url: None, heal_database_url: None, ..env.clone() };
+            let config = merged
+                .validate(path, env, target.name.clone(), shard)
+                .map_err(|e| targets::attribute(e, &file, index))?;
+            configs.push(config);
+        }
+        Ok(Fleet { targets: configs, shard })
+    }
+
+    /// The target `name`, or the only one when `name` is `None`; `key` names the option in
+    /// messages (`--target`).
+    pub fn select(self, name: Option<&str>, key: &str) -> Result<Config, ConfigError> {
+        let names = || self.targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ");
+        match name {
+            Some(name) => match self.targets.iter().position(|t| t.name == name) {
+                Some(i) => Ok(self.targets.into_iter().nth(i).expect("position is in range")),
+                None => {
+                    Err(ConfigError::invalid(key, format!("no target named {name:?}; the targets are {}", names())))
+                }
+            },
+            None if self.targets.len() == 1 => Ok(self.targets.into_iter().next().expect("one target")),
+            None => Err(ConfigError::invalid(
+                key,
+                format!("required: the config has {} targets ({})", self.targets.len(), names()),
+            )),
+        }
+    }
+}
+
+/// The name of the single top-level target when `name` is unset.
+pub const DEFAULT_TARGET: &str = "default";
+
+/// What `[[targets]]` forbids or requires beyond each target's own validation.
+fn check_targets(raw: &RawConfig, env: &Env) -> Result<(), ConfigError> {
+    let forbidden = [
+        ("database_url", raw.database_url.is_some()),
+        ("database_url_file", raw.database_url_file.is_some()),
+        ("name", raw.name.is_some()),
+        (DATABASE_URL_ENV, env.database_url.is_some()),
+        (HEAL_DATABASE_URL_ENV, env.heal_database_url.is_some()),
+    ];
+    if let Some((key, _)) = forbidden.iter().find(|(_, set)| *set) {
+        return Err(ConfigError::invalid(
+            *key,
+            "not allowed with [[targets]]: give each target its own name and connection strings",
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, target) in raw.targets.iter().enumerate() {
+        targets::check_name(&format!("targets[{i}].name"), &target.name)?;
+        if !seen.insert(target.name.as_str()) {
+            return Err(ConfigError::invalid(format!("targets[{i}].name"), format!("{:?} is used twice", target.name)));
+        }
+        if target.database_url.is_none() && target.database_url_file.is_none() {
+            return Err(ConfigError::invalid(
+                format!("targets[{i}].database_url"),
+                format!("not set; set targets[{i}].database_url or targets[{i}].database_url_file"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads and validates a file of one target (see [`Fleet::load`] for several).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Fleet::load(path)?.select(None, "targets")
+    }
+
+    /// Parses and validates a file of one target with the environment overrides in `env`.
+    pub fn from_toml(text: &str, path: &Path, env: Env) -> Result<Config, ConfigError> {
+        Fleet::from_toml(text, path, env)?.select(None, "targets")
     }
 }
 
@@ -323,6 +441,10 @@ pub struct Env {
     /// libpq's `PG*` variables that are set, by the parameter each supplies
     /// ([`conninfo::ENV_DEFAULTS`]): defaults where a connection string is silent.
     pub libpq: BTreeMap<String, String>,
+    /// [`SHARD_INDEX_ENV`]
+    pub shard_index: Option<String>,
+    /// The host name: its trailing `-<n>` is the shard index when nothing else gives one.
+    pub hostname: Option<String>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -332,8 +454,12 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    name: Option<String>,
     database_url: Option<String>,
     database_url_file: Option<PathBuf>,
+    #[serde(default)]
+    targets: Vec<RawTarget>,
+    shard: Option<shard::RawShard>,
     #[serde(default)]
     tenants: RawTenants,
     #[serde(default)]
@@ -354,6 +480,23 @@ struct RawConfig {
     web: RawWeb,
     #[serde(default)]
     database: RawDatabase,
+}
+
+/// One `[[targets]]` entry as written. The sections are parsed here only to check them (with
+/// line numbers); their values reach the target through [`targets::merged`], key by key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct RawTarget {
+    name: String,
+    database_url: Option<String>,
+    database_url_file: Option<PathBuf>,
+    schedule: Option<String>,
+    tenants: Option<RawTenants>,
+    scan: Option<RawScan>,
+    checks: Option<RawChecks>,
+    heal: Option<RawHeal>,
+    database: Option<RawDatabase>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -567,7 +710,7 @@ impl Default for RawReport {
 }
 
 impl RawConfig {
-    fn validate(self, path: &Path, env: Env) -> Result<Config, ConfigError> {
+    fn validate(self, path: &Path, env: Env, name: String, shard: Shard) -> Result<Config, ConfigError> {
         let mut defaults = env.libpq.clone();
         if let Some(file) = ca_file(&self.tls, path)? {
             defaults.entry("sslrootcert".to_string()).or_insert_with(|| file.display().to_string());
@@ -592,6 +735,8 @@ impl RawConfig {
             ));
         }
         Ok(Config {
+            name,
+            shard,
             database,
             database_checks,
             tenants,

@@ -61,6 +61,7 @@ pub mod pgtls;
 pub mod report;
 pub mod scan;
 pub mod schedule;
+pub mod shard;
 pub mod sql;
 pub mod tenants;
 pub mod web_config;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use tenant_audit::cli::{Cli, Command, Format, HealArgs, LogFormat, ScanArgs, ServeArgs};
-use tenant_audit::config::Config;
+use tenant_audit::config::{Config, Fleet};
 use tenant_audit::heal::{self, HealError, Plan};
 use tenant_audit::{daemon, db, scan};
 use tokio_util::sync::CancellationToken;
@@ -60,7 +60,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// `heal`: exit 0 when everything planned was done (or printed), 1 when tenants or keys were left
 /// (a lock, the row cap, another healer, orphans set aside), 2 on error.
 async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args.config)?;
+    let config = Fleet::load(&args.config)?.select(args.target.as_deref(), "--target")?;
     if let Some(run_id) = &args.undo {
         return undo(&config, run_id, args.execute).await;
     }
@@ -240,7 +240,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn scan_once(args: ScanArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args.config)?;
+    let config = Fleet::load(&args.config)?.select(args.target.as_deref(), "--target")?;
     let pool = db::scan_pool(&config.database, &config.scan);
     let terminal = std::io::stderr().is_terminal();
     let show_progress = |done: usize, total: usize| {

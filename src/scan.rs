@@ -10,6 +10,11 @@
 //! cancelled by a recovery conflict is retried [`CONFLICT_RETRIES`] times. Only failures that
 //! leave nothing to scan (no connection, no discovery, no catalog of the shared schema) do.
 //!
+//! Sharding (`[shard]`): every shard reads the whole catalog and builds the reference shape from
+//! all tenants (so drift verdicts agree), checks and reports only the tenants it owns
+//! ([`crate::shard::Shard::owns`]), and only shard 0 reports the registry's findings and the
+//! shared schema's errors: summed over the shards, every finding counts once.
+//!
 //! With an incremental state ([`run_with`]) the change signals are read in the catalog
 //! snapshot, before any data, and a table's orphan and NULL-timestamp checks are left out when
 //! its stored findings are still valid (see [`incremental`]); each tenant is planned only when
@@ -156,17 +161,23 @@ async fn run_until(
     };
     let mut errors = Vec::new();
     let mut tenants = BTreeSet::new();
+    // Every present tenant shapes the reference and the checks' view of the database; only
+    // this shard's own tenants are checked and reported (see [`crate::shard`]).
+    let shard = config.shard;
     for tenant in &discovery.tenants {
+        let owned = shard.owns(tenant);
         if let Some(failure) = chunk_failures.iter().find(|f| f.schemas.contains(tenant)) {
-            errors.push(ScanError {
-                kind: classify(&failure.error),
-                schema: Some(tenant.clone()),
-                table: None,
-                message: format!("cannot read the catalog: {}", failure.error),
-            });
+            if owned {
+                errors.push(ScanError {
+                    kind: classify(&failure.error),
+                    schema: Some(tenant.clone()),
+                    table: None,
+                    message: format!("cannot read the catalog: {}", failure.error),
+                });
+            }
         } else if present.contains(tenant) {
             tenants.insert(tenant.clone());
-        } else {
+        } else if owned {
             errors.push(dropped(tenant));
         }
     }
@@ -186,17 +197,19 @@ async fn run_until(
         same_entity_keys: &config.heal.same_entity_keys,
     };
 
-    let mut findings = registry_findings(&discovery);
-    errors.extend(unreadable_tables(&catalog, &tenants, &config.tenants.shared_schema));
-    for tenant in &tenants {
+    let owned: BTreeSet<String> = tenants.iter().filter(|t| shard.owns(t)).cloned().collect();
+    let database_wide = shard.reports_database_findings();
+    let mut findings = if database_wide { registry_findings(&discovery) } else { Vec::new() };
+    errors.extend(unreadable_tables(&catalog, &owned, database_wide.then_some(config.tenants.shared_schema.as_str())));
+    for tenant in &owned {
         findings.extend(checks::catalog_findings(&ctx, tenant));
     }
 
-    let total = tenants.len();
-    let discovered = discovery.tenants.len();
+    let total = owned.len();
+    let discovered = discovery.tenants.iter().filter(|t| shard.owns(t)).count();
     let samples = config.report.sample_keys;
     if let Some(state) = state.as_deref_mut() {
-        state.retain_tenants(&tenants);
+        state.retain_tenants(&owned);
     }
     // Each tenant is planned (and its carried-forward findings taken) only when its turn comes,
     // so that at most `scan.concurrency` plans exist at a time. The plan and the tenant's name
@@ -213,7 +226,7 @@ async fn run_until(
     let mut done = 0;
     {
         let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
-        let outcomes = stream::iter(tenants.iter().cloned())
+        let outcomes = stream::iter(owned.iter().cloned())
             .map(|tenant: String| {
                 let (plan, unit) = prepare(&ctx, &tenant, kind, signals.as_ref(), standby, &mut lock());
                 async move {
@@ -554,9 +567,10 @@ fn registry_findings(discovery: &Discovery) -> Vec<Finding> {
     missing.chain(unregistered).collect()
 }
 
-/// Tables of the tenants and the shared schema the scanning role cannot read.
-fn unreadable_tables(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str) -> Vec<ScanError> {
-    let schemas = tenants.iter().map(String::as_str).chain([shared]);
+/// Tables of the tenants and of the shared schema (when given: on the shard that reports the
+/// database-wide findings) that the scanning role cannot read.
+fn unreadable_tables(catalog: &Catalog, tenants: &BTreeSet<String>, shared: Option<&str>) -> Vec<ScanError> {
+    let schemas = tenants.iter().map(String::as_str).chain(shared);
     let mut out = Vec::new();
     for schema in schemas {
         let Some(s) = catalog.schemas.get(schema) else { continue };

@@ -1,12 +1,15 @@
 //! `copy_missing_parents`: copies parent rows that exist only in the shared schema into the
-//! tenant's own table, with every ancestor row they need, following the tenant's foreign keys
-//! over the whole graph (diamonds, self-references, cycles, composite keys, any depth).
+//! tenant's own table, with every ancestor row they need, following every relationship the
+//! checks know (the tenant's foreign keys, `checks.relationships`, and keys inferred from other
+//! tenants) over the whole graph (diamonds, self-references, cycles, composite keys, any depth).
 //!
 //! Invariants:
 //! - only the same entity is copied: a row is looked up by a key that is a `uuid` or listed in
 //!   `heal.same_entity_keys`; a row reached through any other key (an integer drawn from each
 //!   schema's own sequence) sets its orphan aside, whether or not the tenant has a row of that
-//!   key (that row would be another entity);
+//!   key (that row would be another entity). A copied row's value of a relationship without a
+//!   constraint is such a reference too: it is never copied verbatim unless it names the same
+//!   entity (or is NULL);
 //! - one orphaned key that cannot be repaired (its chain is broken, a unique constraint or a
 //!   check clashes) is set aside with its reason and never blocks the others: batches page
 //!   through the orphaned keys (keyset, in key order), and a batch whose insert fails is retried
@@ -29,7 +32,19 @@ use super::{audit, sequence};
 use crate::catalog::{Catalog, Column, Identity, Schema, Table, TypeSchema};
 use crate::checks::orphan_rows::{self, Probe};
 use crate::config::SameEntityKey;
+use crate::report::RelationshipSource;
 use crate::sql;
+
+/// A relationship the checks know that is not a constraint of the tenant: one of
+/// `checks.relationships`, or a foreign key other tenants (or the reference) declare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub table: String,
+    pub columns: Vec<String>,
+    pub parent_table: String,
+    pub parent_columns: Vec<String>,
+    pub source: RelationshipSource,
+}
 
 /// A copy, planned from the catalog: the orphans it starts from and every table it may reach.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -76,7 +91,8 @@ pub struct CopyTable {
     pub unusable: Option<String>,
 }
 
-/// A foreign key from one copied table to another table of the tenant.
+/// A relationship from one copied table to another table of the tenant: a foreign key, a
+/// configured or an inferred relationship (the checks' precedence, one per column set).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Edge {
     pub columns: Vec<String>,
@@ -84,6 +100,41 @@ pub struct Edge {
     pub target_columns: Vec<String>,
     /// The target's columns are a same-entity key (see [`orphan_rows::same_entity`]).
     pub same_entity: bool,
+    /// Where the relationship comes from; a set-aside reason names a non-constraint one.
+    #[serde(default = "constraint_source")]
+    pub source: RelationshipSource,
+}
+
+fn constraint_source() -> RelationshipSource {
+    RelationshipSource::Constraint
+}
+
+/// Every relationship of `tenant` whose parent is a table of the tenant itself, as the checks
+/// resolve them: a foreign key (whatever schema it declares: the application writes the
+/// tenant's table of that name when there is one), then `links`; the first per (table,
+/// columns) wins. A relationship whose parent exists only in another schema (a shared
+/// `auth_user`) is none of the tenant's: its values are kept as they are.
+fn tenant_relationships(schema: &Schema, links: &[Link]) -> Vec<Link> {
+    let mut out: Vec<Link> = Vec::new();
+    let declared = schema.tables.iter().flat_map(|(name, t)| {
+        t.foreign_keys.iter().map(move |fk| Link {
+            table: name.clone(),
+            columns: fk.columns.clone(),
+            parent_table: fk.target_table.clone(),
+            parent_columns: fk.target_columns.clone(),
+            source: RelationshipSource::Constraint,
+        })
+    });
+    for link in declared.chain(links.iter().cloned()) {
+        let has = |table: &str, columns: &[String]| schema.tables.get(table).is_some_and(|t| t.has_columns(columns));
+        if has(&link.table, &link.columns)
+            && has(&link.parent_table, &link.parent_columns)
+            && !out.iter().any(|l| l.table == link.table && l.columns == link.columns)
+        {
+            out.push(link);
+        }
+    }
+    out
 }
 
 /// Plans the copy for one orphan relationship; `None` when nothing can be copied (no shared
@@ -94,9 +145,11 @@ pub fn spec(
     tenant: &str,
     probe: &Probe,
     keys: &[SameEntityKey],
+    links: &[Link],
     audit_full: bool,
 ) -> Option<CopySpec> {
     let shared_schema = catalog.schemas.get(shared)?;
+    let relationships = tenant_relationships(catalog.schemas.get(tenant)?, links);
     let child = catalog.table(tenant, &probe.table)?;
     let types: Vec<String> =
         probe.columns.iter().map(|c| child.column(c).map(|c| c.data_type.clone())).collect::<Option<_>>()?;
@@ -118,7 +171,7 @@ pub fn spec(
         }
         let own = catalog.table(tenant, &name)?;
         let theirs = catalog.table(shared, &name);
-        let table = copy_table(catalog.schemas.get(tenant)?, &name, own, theirs, tenant, shared, shared_schema, keys);
+        let table = copy_table(&relationships, &name, own, theirs, tenant, shared, shared_schema, keys);
         queue.extend(table.edges.iter().map(|e| e.target.clone()));
         tables.insert(name, table);
     }
@@ -142,7 +195,7 @@ pub fn spec(
 
 #[allow(clippy::too_many_arguments)]
 fn copy_table(
-    tenant_schema: &Schema,
+    relationships: &[Link],
     name: &str,
     own: &Table,
     theirs: Option<&Table>,
@@ -158,15 +211,16 @@ fn copy_table(
         None => Vec::new(),
     };
     let overriding = columns.iter().any(|c| own.column(c).is_some_and(|c| c.identity == Some(Identity::Always)));
-    let edges = own
-        .foreign_keys
+    // Only the columns copied carry a value over (the others get the tenant's default).
+    let edges = relationships
         .iter()
-        .filter(|fk| fk.target_schema.name(tenant) == tenant)
-        .map(|fk| Edge {
-            columns: fk.columns.clone(),
-            target: fk.target_table.clone(),
-            target_columns: fk.target_columns.clone(),
-            same_entity: orphan_rows::same_entity(keys, shared, &fk.target_table, &fk.target_columns),
+        .filter(|r| r.table == name && r.columns.iter().all(|c| columns.contains(c)))
+        .map(|r| Edge {
+            columns: r.columns.clone(),
+            target: r.parent_table.clone(),
+            target_columns: r.parent_columns.clone(),
+            same_entity: orphan_rows::same_entity(keys, shared, &r.parent_table, &r.parent_columns),
+            source: r.source,
         })
         .collect();
     let types = own.columns.iter().map(|c| (c.name.clone(), c.data_type.clone())).collect();
@@ -194,7 +248,7 @@ fn copy_table(
             .collect(),
         None => Vec::new(),
     };
-    let foreign_keys = foreign_key_columns(tenant_schema, tenant, name, own, &columns, shared, keys);
+    let foreign_keys = foreign_key_columns(relationships, name, own, &columns, shared, keys);
     let unusable = if own.primary_key.is_empty() {
         Some("the table has no primary key".to_string())
     } else if own_type {
@@ -251,12 +305,12 @@ fn display_schema(name: &str) -> String {
 
 /// The columns a copy of `own` (table `name`) would write that identify a row to the tenant
 /// without being the same entity in both schemas: the primary key when it draws from a sequence
-/// (serial, identity), and every column set the tenant's foreign keys reference, unless it is a
-/// same-entity key. Copying the shared row's value of such a column would make the tenant's rows
-/// that hold that value (rows of another entity) point at the copied row.
+/// (serial, identity), and every column set the tenant's relationships reference (constraints,
+/// configured, inferred), unless it is a same-entity key. Copying the shared row's value of such
+/// a column would make the tenant's rows that hold that value (rows of another entity) point at
+/// the copied row.
 fn foreign_key_columns(
-    tenant_schema: &Schema,
-    tenant: &str,
+    relationships: &[Link],
     name: &str,
     own: &Table,
     columns: &[String],
@@ -267,11 +321,9 @@ fn foreign_key_columns(
     if own.primary_key.iter().any(|k| own.column(k).is_some_and(|c| c.sequence.is_some() || c.identity.is_some())) {
         sets.push(own.primary_key.clone());
     }
-    for table in tenant_schema.tables.values() {
-        for fk in table.foreign_keys.iter().filter(|fk| fk.target_schema.name(tenant) == tenant && fk.target_table == name) {
-            if !sets.contains(&fk.target_columns) {
-                sets.push(fk.target_columns.clone());
-            }
+    for r in relationships.iter().filter(|r| r.parent_table == name) {
+        if !sets.contains(&r.parent_columns) {
+            sets.push(r.parent_columns.clone());
         }
     }
     let mut out: Vec<String> = Vec::new();
@@ -434,7 +486,8 @@ pub async fn batch(
     let mut nodes: Vec<Node> = Vec::new();
     let mut memo: BTreeMap<(String, Vec<String>, Vec<String>), usize> = BTreeMap::new();
     let mut by_key: BTreeMap<(String, Vec<String>), usize> = BTreeMap::new();
-    // (parent node or none for a root, root index, table, columns, values, same entity)
+    // (parent node or none for a root, root index, table, columns, values, same entity, and
+    // the relationship it is wanted through when that is not a constraint)
     struct Want {
         parent: Option<usize>,
         root: usize,
@@ -442,6 +495,7 @@ pub async fn batch(
         columns: Vec<String>,
         values: Vec<String>,
         same_entity: bool,
+        via: Option<String>,
     }
     let mut roots: Vec<Option<usize>> = vec![None; picked.len()];
     let mut wants: Vec<Want> = picked
@@ -454,6 +508,7 @@ pub async fn batch(
             columns: spec.root_columns.clone(),
             values: v.clone(),
             same_entity: true,
+            via: None,
         })
         .collect();
     while !wants.is_empty() {
@@ -476,9 +531,10 @@ pub async fn batch(
                 (0..columns.len()).map(|i| values.iter().map(|v| v[i].clone()).collect()).collect();
             let typed: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
                 arrays.iter().map(|a| (a as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT_ARRAY)).collect();
-            let same_entity =
-                wants.iter().find(|w| w.table == name && w.columns == columns).is_some_and(|w| w.same_entity);
-            let describe = |v: &[String]| format!("{}({}) = ({})", name, columns.join(", "), v.join(", "));
+            let first = wants.iter().find(|w| w.table == name && w.columns == columns);
+            let same_entity = first.is_some_and(|w| w.same_entity);
+            let via = first.and_then(|w| w.via.clone()).map(|v| format!(" ({v})")).unwrap_or_default();
+            let describe = |v: &[String]| format!("{}({}) = ({}){via}", name, columns.join(", "), v.join(", "));
             for row in tx.query_typed(&sql, &typed).await? {
                 let text = |i: usize| row.get::<_, Option<String>>(i);
                 let Some(ord) = text(0).and_then(|o| o.parse::<usize>().ok()) else { continue };
@@ -551,6 +607,7 @@ pub async fn batch(
         for id in expand {
             let Node::Row { table: name, fks, .. } = &mut nodes[id] else { continue };
             let fks = std::mem::take(fks);
+            let from = name.clone();
             let table = &spec.tables[name.as_str()];
             for (edge, vals) in table.edges.iter().zip(fks) {
                 // MATCH SIMPLE: a key with a NULL column references nothing.
@@ -562,6 +619,16 @@ pub async fn batch(
                     columns: edge.target_columns.clone(),
                     values,
                     same_entity: edge.same_entity,
+                    via: match edge.source {
+                        RelationshipSource::Constraint => None,
+                        RelationshipSource::Configured => {
+                            Some(format!("the configured relationship {from}({})", edge.columns.join(", ")))
+                        }
+                        RelationshipSource::Inferred => Some(format!(
+                            "the relationship {from}({}) other tenants declare",
+                            edge.columns.join(", ")
+                        )),
+                    },
                 });
             }
         }

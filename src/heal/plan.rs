@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use super::{backfill, columns, copy, sequence, Repair};
 use crate::checks::orphan_rows;
 use crate::config::{AuditValues, Config};
-use crate::report::{Check, CopyVerdict, Detail, DriftKind, Finding, ParentLocation};
+use crate::report::{Check, CopyVerdict, Detail, DriftKind, Finding, ParentLocation, RelationshipSource};
 use crate::scan::Scanned;
 use crate::sql;
 
@@ -216,7 +216,8 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                 orphan_rows::Probe { same_entity: true, ..orphan_rows::probe_for(catalog, &scanned.shape, shared, f)? };
             let summary = format!("{} orphan row(s) whose {parent_table} row exists in {shared}", f.count);
             let full = config.heal.audit_values == AuditValues::Full;
-            let spec = copy::spec(catalog, shared, tenant, &probe, &config.heal.same_entity_keys, full)?;
+            let links = links(scanned, config);
+            let spec = copy::spec(catalog, shared, tenant, &probe, &config.heal.same_entity_keys, &links, full)?;
             (summary, vec![Step::Copy(Box::new(spec))])
         }
         (Repair::BackfillNullTimestamps, Check::NullTimestamps, Detail::NullTimestamps { data_type }) => {
@@ -276,6 +277,26 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
     };
     let triggers = fired_triggers(catalog, tenant, &steps);
     Some(Action { repair, table, summary, steps, triggers })
+}
+
+/// The relationships the checks know besides the tenants' constraints: `checks.relationships`,
+/// then the foreign keys other tenants (or the reference) declare.
+fn links(scanned: &Scanned, config: &Config) -> Vec<copy::Link> {
+    let configured = config.checks.relationships.iter().map(|r| copy::Link {
+        table: r.table.clone(),
+        columns: r.columns.clone(),
+        parent_table: r.parent_table.clone(),
+        parent_columns: r.parent_columns.clone(),
+        source: RelationshipSource::Configured,
+    });
+    let inferred = scanned.shape.known_relationships.iter().map(|((table, columns), known)| copy::Link {
+        table: table.clone(),
+        columns: columns.clone(),
+        parent_table: known.shape.table.clone(),
+        parent_columns: known.shape.columns.clone(),
+        source: RelationshipSource::Inferred,
+    });
+    configured.chain(inferred).collect()
 }
 
 /// The enabled user triggers the steps' writes fire: `INSERT` triggers of every table a copy

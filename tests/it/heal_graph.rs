@@ -238,3 +238,69 @@ async fn a_broken_chain_and_a_unique_clash_are_set_aside_and_the_other_keys_heal
         ["orphan_rows tenant_a.refs(thing_id) 2 -> tenant_a.thing Shared Constraint [\"c0000000-0000-0000-0000-000000000006\", \"c0000000-0000-0000-0000-000000000007\"]"]
     );
 }
+
+/// A copied parent's columns that name rows of other tables through a relationship without a
+/// constraint (`checks.relationships`, Django's `db_constraint=False`) follow the same rules as
+/// its foreign keys: an integer key of the shared schema names another row in the tenant (here
+/// the tenant's unrelated region 3), so that parent is set aside, never copied with it; a uuid
+/// one is copied with its ancestors; a NULL names nothing.
+#[tokio::test]
+async fn configured_relationships_of_a_copied_row_follow_the_same_entity_rules() {
+    let u = |n: u32| format!("'e0000000-0000-0000-0000-{n:012}'");
+    let sql = format!(
+        "SELECT pg_temp.create_tenant('tenant_a');
+        {}{}{}
+        CREATE TABLE tenant_a.refs (id serial PRIMARY KEY, shop_id uuid REFERENCES tenant_a.shop (id));
+        INSERT INTO public.region (id, name) SELECT g, 'shared region ' || g FROM generate_series(1, 3) g;
+        INSERT INTO tenant_a.region (id, name) SELECT g, 'own region ' || g FROM generate_series(1, 3) g;
+        INSERT INTO public.owner VALUES ({o1}, 'owner 1', {o2}), ({o2}, 'owner 2', NULL);
+        INSERT INTO public.shop VALUES ({s1}, 'shop 1', 3, {o1}), ({s2}, 'shop 2', NULL, {o1});
+        SET session_replication_role = replica;
+        INSERT INTO tenant_a.refs (shop_id) VALUES ({s1}), ({s2});
+        RESET session_replication_role;",
+        both("CREATE TABLE {s}.region (id serial PRIMARY KEY, name text NOT NULL)"),
+        both("CREATE TABLE {s}.owner (id uuid PRIMARY KEY, name text, boss_id uuid)"),
+        both("CREATE TABLE {s}.shop (id uuid PRIMARY KEY, name text, region_id int, owner_id uuid)"),
+        o1 = u(1),
+        o2 = u(2),
+        s1 = u(11),
+        s2 = u(12),
+    );
+    let url = fixture_db("heal_graph_configured", &sql).await;
+    let relationships = "[[checks.relationships]]\ntable = 'shop'\ncolumns = ['region_id']\nparent_table = 'region'\nparent_columns = ['id']\n\
+        [[checks.relationships]]\ntable = 'shop'\ncolumns = ['owner_id']\nparent_table = 'owner'\nparent_columns = ['id']\n\
+        [[checks.relationships]]\ntable = 'owner'\ncolumns = ['boss_id']\nparent_table = 'owner'\nparent_columns = ['id']\n";
+    let path = config_file("heal_graph_configured", &format!("database_url = {url:?}\n{COPY}{relationships}"));
+    let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "copy_missing_parents: 3 change(s)",
+            "set aside tenant_a.refs key (e0000000-0000-0000-0000-000000000011): region(id) = (3) (the configured relationship shop(region_id)) is not a same-entity key (not a uuid, not in heal.same_entity_keys): the row it names in the shared schema is another entity than the tenant's",
+            stdout.lines().last().unwrap(),
+        ]
+    );
+    assert_eq!(
+        rows(&url, "SELECT format('%s %s %s', id, name, coalesce(region_id::text, 'NULL')) FROM tenant_a.shop").await,
+        ["e0000000-0000-0000-0000-000000000012 shop 2 NULL"],
+        "shop 1 would have pointed at the tenant's own region 3"
+    );
+    assert_eq!(
+        rows(&url, "SELECT format('%s %s', name, coalesce(boss_id::text, 'NULL')) FROM tenant_a.owner ORDER BY name")
+            .await,
+        ["owner 1 e0000000-0000-0000-0000-000000000002", "owner 2 NULL"],
+        "the uuid relationship is followed to its ancestor"
+    );
+    assert_eq!(rows(&url, "SELECT name FROM tenant_a.region WHERE id = 3").await, ["own region 3"]);
+    assert_eq!(
+        rows(&url, "SELECT format('%s %s', table_name, row_key) FROM tenant_audit.heal_log ORDER BY table_name, row_key::text")
+            .await,
+        [
+            "owner {\"id\": \"e0000000-0000-0000-0000-000000000001\"}",
+            "owner {\"id\": \"e0000000-0000-0000-0000-000000000002\"}",
+            "shop {\"id\": \"e0000000-0000-0000-0000-000000000012\"}",
+        ]
+    );
+}
