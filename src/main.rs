@@ -153,7 +153,7 @@ async fn undo(config: &Config, run_id: &str, execute: bool) -> anyhow::Result<Ex
     let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
     let mut session = db::session(&pool, &config.heal.database.target).await?;
     let tx = db::begin_heal(&mut session, &config.heal).await?;
-    let (plan, notes) = heal::undo::plan(&tx, run_id).await?;
+    let (plan, notes) = heal::undo::plan(&tx, run_id, &config.checks.relationships).await?;
     tx.commit().await.context("cannot read the audit table")?;
     drop(session);
     let mut out = std::io::stdout();
@@ -178,17 +178,14 @@ async fn undo(config: &Config, run_id: &str, execute: bool) -> anyhow::Result<Ex
     for note in &notes {
         writeln!(out, "not undone: {note}")?;
     }
-    let mut session = db::session(&pool, &config.heal.database.target).await?;
-    let tx = db::begin_heal(&mut session, &config.heal).await?;
-    let left = heal::undo::left(&tx, run_id).await?;
-    tx.commit().await.context("cannot read the audit table")?;
-    for row in &left {
-        writeln!(out, "left (changed since the run, or still referenced): {row}")?;
+    for (schema, table, key, why) in &outcome.left {
+        let place = tenant_audit::sql::escape_controls(&tenant_audit::sql::display_name(schema, table));
+        writeln!(out, "left ({why}): {place} {}", tenant_audit::sql::escape_controls(key))?;
     }
     if let Some((schema, repair, message)) = outcome.errors.first() {
         anyhow::bail!("{} repair(s) failed; first: {} on {schema}: {message}", outcome.errors.len(), repair.name());
     }
-    Ok(if left.is_empty() && !outcome.interrupted && outcome.skipped.is_empty() {
+    Ok(if outcome.left.is_empty() && !outcome.interrupted && outcome.skipped.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

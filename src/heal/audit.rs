@@ -30,6 +30,24 @@ CREATE TABLE IF NOT EXISTS {table} (
     )
 }
 
+/// `$1` the audit table: (whether an index undo reads by is missing, whether the role owns the
+/// table and may create it).
+pub const INDEXES_MISSING: &str = "SELECT pg_catalog.to_regclass('tenant_audit.heal_log_run_table') IS NULL
+    OR pg_catalog.to_regclass('tenant_audit.heal_log_undoes') IS NULL,
+  pg_catalog.pg_has_role(c.relowner, 'USAGE')
+FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass($1)";
+
+/// The indexes undo reads the audit table by, created on tables of every version (idempotent):
+/// a run's rows of one table in id order (undo's batches), and the undo row of an audit row
+/// (`old_value->>'undoes'`, the "not undone yet" check).
+pub fn indexes_sql() -> String {
+    format!(
+        "CREATE INDEX IF NOT EXISTS heal_log_run_table ON {table} (run_id, schema_name, table_name, id);
+CREATE INDEX IF NOT EXISTS heal_log_undoes ON {table} ((old_value->>'undoes')) WHERE repair = 'undo';",
+        table = table()
+    )
+}
+
 /// `SELECT` list of one audit row: (`run` the run id's parameter, schema, table, repair, key,
 /// old, new).
 pub fn row(run: &str, schema: &str, table: &str, repair: &str, key: &str, old: &str, new: &str) -> String {

@@ -6,7 +6,9 @@
 //! each relation that holds the table's rows (the table itself and, for an inheritance parent or
 //! a partitioned table, every descendant with storage, each read `ONLY`) by ranges of blocks
 //! (`ctid` ranges: a TID range scan reads just those blocks), so a row is identified by
-//! (relation, `ctid`) and is changed exactly once. Per batch, one statement locks the rows of the
+//! (relation, `ctid`) and is changed exactly once. Its audit key names its relation whenever the
+//! table has descendants (`{"relation": ..., <primary key>}`): a primary key is unique within one
+//! relation only, and undo updates `ONLY` the relation the key names. Per batch, one statement locks the rows of the
 //! range that are still NULL and have a non-NULL fallback (rows the application holds locked are
 //! skipped, left for the next run), updates them re-checking `IS NULL`, and writes one audit row
 //! per row the update filled. A row a trigger kept NULL is no change: the table is reported and
@@ -59,16 +61,24 @@ pub struct BackfillSpec {
 }
 
 /// `$1` the table: every relation with storage that holds its rows (itself, its inheritance
-/// children and partitions, recursively), quoted and qualified. Reads only the catalog: no lock
-/// on the relations (a table with thousands of partitions must not fill the lock table).
+/// children and partitions, recursively), quoted and qualified, and whether it is a descendant
+/// (not the table itself). Reads only the catalog: no lock on the relations (a table with
+/// thousands of partitions must not fill the lock table).
 pub const RELATIONS: &str = "WITH RECURSIVE r(oid) AS (
   SELECT $1::pg_catalog.regclass::pg_catalog.oid
   UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN r ON i.inhparent = r.oid
 )
-SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), c.oid <> $1::pg_catalog.regclass::pg_catalog.oid
 FROM r JOIN pg_catalog.pg_class c ON c.oid = r.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r'
 ORDER BY 1";
+
+/// The relations of [`RELATIONS`]' rows, and whether the table has descendants (its audit keys
+/// then name the relation).
+pub fn relations(rows: &[tokio_postgres::Row]) -> (Vec<String>, bool) {
+    let tree = rows.iter().any(|r| r.get::<_, bool>(1));
+    (rows.iter().map(|r| r.get(0)).collect(), tree)
+}
 
 /// `$1` one relation: its size in blocks, read in a transaction of its own (one lock at a time).
 pub const BLOCKS: &str =
@@ -84,36 +94,44 @@ impl BackfillSpec {
         sql::qualified(&self.tenant, &self.table)
     }
 
-    /// A row's audit key (JSON) on `relation`, rows aliased `c`: its primary key, or
-    /// (relation, `ctid`) without one.
-    fn key_expr(&self, relation: &str) -> String {
+    /// A row's audit key (JSON) on `relation` (of a table with descendants when `tree`), rows
+    /// aliased `alias`: its primary key, or (relation, `ctid`) without one.
+    fn key_expr(&self, relation: &str, tree: bool, alias: &str) -> String {
         if self.key.is_empty() {
-            format!("jsonb_build_object('relation', {}::text, 'ctid', c.ctid::text)", sql::literal(relation))
+            format!("jsonb_build_object('relation', {}::text, 'ctid', {alias}.ctid::text)", sql::literal(relation))
+        } else if tree {
+            format!(
+                "(jsonb_build_object('relation', {}::text) || {})",
+                sql::literal(relation),
+                audit::key_json(alias, &self.key)
+            )
         } else {
-            audit::key_json("c", &self.key)
+            audit::key_json(alias, &self.key)
         }
     }
 
-    /// The audit keys (JSON text) of the rows of `relation` the backfill would change now.
-    pub fn rows_sql(&self, relation: &str) -> String {
+    /// The audit keys (JSON text) of the rows of `relation` (see [`Self::batch_sql`]) the
+    /// backfill would change now.
+    pub fn rows_sql(&self, relation: &str, tree: bool) -> String {
         format!(
             "SELECT ({})::text FROM ONLY {relation} c WHERE c.{} IS NULL AND {} IS NOT NULL",
-            self.key_expr(relation),
+            self.key_expr(relation, tree, "c"),
             sql::ident(&self.column),
             self.fallback
         )
     }
 
-    /// The statement of one batch on `relation` (a quoted, qualified name from [`RELATIONS`]):
+    /// The statement of one batch on `relation` (a quoted, qualified name from [`RELATIONS`], of
+    /// a table with descendants when `tree`):
     /// `$1`, `$2` the block range's first and end `ctid`, `$3` the run id, and with `only`, `$4`
     /// the audit keys of the rows it may change. Returns (table, key) per row changed and audited,
     /// and (NULL, key) per row still NULL after its update (a `BEFORE UPDATE` trigger put the old
     /// value back): no change, not audited.
-    pub fn batch_sql(&self, relation: &str) -> String {
+    pub fn batch_sql(&self, relation: &str, tree: bool) -> String {
         let col = sql::ident(&self.column);
         let fallback = &self.fallback;
         let only = match &self.only {
-            Some(_) => format!(" AND ({})::text = ANY($4::text[])", self.key_expr(relation)),
+            Some(_) => format!(" AND ({})::text = ANY($4::text[])", self.key_expr(relation, tree, "c")),
             None => String::new(),
         };
         let (returning_key, key_json) = if self.key.is_empty() {
@@ -122,7 +140,7 @@ impl BackfillSpec {
                 "jsonb_build_object('relation', u.relation, 'ctid', u.row_id)".to_string(),
             )
         } else {
-            (sql::columns("c", &self.key), audit::key_json("u", &self.key))
+            (sql::columns("c", &self.key), self.key_expr(relation, tree, "u"))
         };
         let old = format!("jsonb_build_object({}, NULL)", sql::literal(&self.column));
         let new = format!("jsonb_build_object({}, u.{col})", sql::literal(&self.column));

@@ -132,6 +132,9 @@ pub struct Outcome {
     /// Rows or keys a plan file named that no longer needed the repair when it was applied (the
     /// application changed them): (schema, table, key). Left alone.
     pub not_applied: Vec<(String, String, String)>,
+    /// Rows an undo left alone: (schema, table, key, why: changed since the run, still
+    /// referenced, no longer exists).
+    pub left: Vec<(String, String, String, String)>,
     /// The run was cancelled (shutdown or a signal) before it finished.
     pub interrupted: bool,
 }
@@ -338,6 +341,7 @@ async fn run(
     let tx = db::begin_heal(guard, heal).await.map_err(HealError::AuditTable)?;
     ensure_audit_table(&tx).await?;
     tx.commit().await.map_err(|e| HealError::AuditTable(e.into()))?;
+    ensure_audit_indexes(guard, heal).await?;
     let mut session = db::session(pool, &heal.database.target).await.map_err(HealError::Connect)?;
     let server_cancel = session.canceller();
     let client: &mut Client = &mut session;
@@ -390,6 +394,7 @@ async fn heal_tenant(
                 Step::Once(once) => run_once(writer, once, tenant, action, outcome).await,
                 Step::Copy(spec) => run_copy(writer, heal.batch_size, spec, budget, outcome).await,
                 Step::Backfill(spec) => run_backfill(writer, heal.batch_size, spec, budget, outcome).await,
+                Step::Undo(spec) => run_undo(writer, heal.batch_size, spec, budget, outcome).await,
             };
             match result {
                 Ok(()) => {}
@@ -542,7 +547,7 @@ async fn run_backfill(
             Box::pin(async move { tx.query_typed(backfill::RELATIONS, &[(&table_name, Type::TEXT)]).await })
         })
         .await?;
-    let relations: Vec<String> = relations.iter().map(|r| r.get(0)).collect();
+    let (relations, tree) = backfill::relations(&relations);
     // The table and every descendant: each is updated, and fires its own triggers.
     let checked = relations.iter().map(|r| (r.clone(), spec.table.clone())).collect();
     let refused: Vec<String> =
@@ -556,7 +561,7 @@ async fn run_backfill(
     let step = (batch_size / backfill::ROWS_PER_BLOCK).max(1) as i64;
     let mut changed_keys = std::collections::BTreeSet::new();
     for relation in relations {
-        let sql = spec.batch_sql(&relation);
+        let sql = spec.batch_sql(&relation, tree);
         let name = relation.clone();
         let blocks: i64 = writer
             .transaction(move |tx| {
@@ -669,6 +674,44 @@ async fn run_copy(
     }
 }
 
+/// Runs an undo batch by batch (by audit id) until no audit row of its group is left, the
+/// budget runs out, or the run is cancelled.
+async fn run_undo(
+    writer: &mut Writer<'_>,
+    batch_size: usize,
+    spec: &undo::UndoSpec,
+    budget: &mut u64,
+    outcome: &mut Outcome,
+) -> Result<(), Stop> {
+    let repair = Repair::Undo.name();
+    // Listed even when nothing is left to undo (`undo: 0 change(s)`).
+    outcome.changed.entry(repair).or_default();
+    let mut cursor = 0;
+    loop {
+        let limit = (*budget).min(batch_size as u64) as i64;
+        if limit == 0 {
+            return Err(Stop::BudgetReached);
+        }
+        let (run_id, spec_owned) = (outcome.run_id.clone(), spec.clone());
+        let done = writer
+            .transaction(move |tx| Box::pin(async move { undo::batch(tx, &spec_owned, limit, cursor, &run_id).await }))
+            .await?;
+        if done.picked == 0 {
+            return Ok(());
+        }
+        for key in &done.undone {
+            tracing::info!(run_id = %outcome.run_id, schema = %spec.schema, table = %spec.table, repair, key = %key, "healed");
+        }
+        for (key, why) in done.left {
+            outcome.left.push((spec.schema.clone(), spec.table.clone(), key, why));
+        }
+        let changed = done.undone.len() as u64;
+        *outcome.changed.entry(repair).or_default() += changed;
+        *budget = budget.saturating_sub(changed);
+        cursor = done.cursor;
+    }
+}
+
 /// `spec` with every table a `BEFORE INSERT` row trigger guards (one heal may not fire) made
 /// unusable, as the database has them now: its keys are then set aside with the reason.
 async fn checked_copy(writer: &mut Writer<'_>, spec: &copy::CopySpec) -> Result<copy::CopySpec, Stop> {
@@ -773,6 +816,32 @@ async fn ensure_audit_table(client: &tokio_postgres::Transaction<'_>) -> Result<
         client.batch_execute(&audit::create_sql()).await.map_err(|e| HealError::AuditTable(e.into()))?;
     }
     Ok(())
+}
+
+/// Creates the indexes undo reads the audit table by when they are missing (audit tables of
+/// earlier versions), under the run's lease (one healer creates them) and
+/// `heal.validate_timeout` (an old audit table can be large; the build blocks only writes to
+/// the audit table, heal's own). A role that does not own the table cannot: a warning says so,
+/// and undo works without them, reading the run's audit rows from a scan of the table.
+async fn ensure_audit_indexes(client: &mut Client, heal: &HealConfig) -> Result<(), HealError> {
+    let create = async {
+        let tx = db::begin_heal(client, heal).await?;
+        let state = tx.query_typed_opt(audit::INDEXES_MISSING, &[(&audit::table(), Type::TEXT)]).await?;
+        match state.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1))) {
+            Some((true, true)) => {
+                let timeout = format!("SET LOCAL statement_timeout = '{}ms'", heal.validate_timeout.as_millis());
+                tx.batch_execute(&timeout).await?;
+                tx.batch_execute(&audit::indexes_sql()).await?;
+            }
+            Some((true, false)) => tracing::warn!(
+                "the audit table tenant_audit.heal_log lacks the indexes undo reads it by, and the heal role does not own it: create them as docs/heal.md shows"
+            ),
+            _ => {}
+        }
+        tx.commit().await?;
+        Ok::<(), DbError>(())
+    };
+    create.await.map_err(HealError::AuditTable)
 }
 
 /// Checks, in one query, that the role may write every table the plan touches: INSERT for

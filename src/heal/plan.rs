@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::{backfill, columns, copy, sequence, triggers, Repair};
+use super::{backfill, columns, copy, sequence, triggers, undo, Repair};
 use crate::checks::orphan_rows;
 use crate::config::Config;
 use crate::report::{Check, CopyVerdict, Detail, DriftKind, Finding, ParentLocation, RelationshipSource};
@@ -49,6 +49,8 @@ pub enum Step {
     Copy(Box<copy::CopySpec>),
     /// Sets NULLs from a fallback, block range by block range (see [`backfill`]).
     Backfill(Box<backfill::BackfillSpec>),
+    /// Undoes a group of a run's audit rows, batch by batch (see [`undo`]).
+    Undo(Box<undo::UndoSpec>),
 }
 
 /// A one-off statement (DDL, a sequence) and what its audit row says.
@@ -179,8 +181,9 @@ impl Plan {
                                 "-- then per relation: its size ($1 = the relation):\n{};",
                                 backfill::BLOCKS
                             );
-                            let _ = writeln!(out, "-- and per range of {} block(s) ($1, $2 its first and end ctid, the last one ending at {}; $3 run id):", (batch_size / backfill::ROWS_PER_BLOCK).max(1), backfill::LAST_TID);
-                            let _ = writeln!(out, "{};", spec.batch_sql(&sql::qualified(&spec.tenant, &spec.table)));
+                            let _ = writeln!(out, "-- and per range of {} block(s) ($1, $2 its first and end ctid, the last one ending at {}; $3 run id; the audit key names the relation when the table has descendants):", (batch_size / backfill::ROWS_PER_BLOCK).max(1), backfill::LAST_TID);
+                            let _ =
+                                writeln!(out, "{};", spec.batch_sql(&sql::qualified(&spec.tenant, &spec.table), false));
                         }
                         Step::Copy(spec) => {
                             let _ = writeln!(
@@ -188,6 +191,15 @@ impl Plan {
                                 "-- batched: $1 = {batch_size} (heal.batch_size); repeated until no key is left"
                             );
                             out.push_str(&spec.render());
+                        }
+                        Step::Undo(spec) => {
+                            let _ = writeln!(out, "-- batched: $1 = {batch_size} (heal.batch_size, heal.max_rows_per_run in all), $2 = the last audit id of the previous batch (0 first); repeated until no audit row is left:");
+                            let _ = writeln!(out, "{};", spec.pick_sql);
+                            let _ = writeln!(
+                                out,
+                                "-- then in the same transaction ($1 = run id, $2 = the audit ids picked):"
+                            );
+                            let _ = writeln!(out, "{};", spec.undo_sql);
                         }
                         Step::Once(once) => {
                             if let Some((_, data_type)) = &once.added {
@@ -360,7 +372,7 @@ fn fired_triggers(
                 }
             }
             Step::Backfill(spec) => add(&spec.table, false),
-            Step::Batched(_) | Step::Once(_) => {}
+            Step::Batched(_) | Step::Once(_) | Step::Undo(_) => {}
         }
     }
     out

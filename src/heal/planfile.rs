@@ -56,15 +56,16 @@ pub async fn resolve(heal: &HealConfig, pool: &Pool, plan: &mut Plan) -> Result<
                     Step::Backfill(spec) => {
                         let relations =
                             tx.query_typed(backfill::RELATIONS, &[(&spec.table_name(), Type::TEXT)]).await?;
+                        let (relations, tree) = backfill::relations(&relations);
                         let mut keys = Vec::new();
-                        for relation in relations.iter().map(|r| r.get::<_, String>(0)) {
-                            for row in tx.query_typed(&spec.rows_sql(&relation), &[]).await? {
+                        for relation in relations {
+                            for row in tx.query_typed(&spec.rows_sql(&relation, tree), &[]).await? {
                                 keys.push(row.get(0));
                             }
                         }
                         spec.only = Some(keys);
                     }
-                    Step::Batched(_) | Step::Once(_) => {}
+                    Step::Batched(_) | Step::Once(_) | Step::Undo(_) => {}
                 }
                 tx.commit().await?;
             }

@@ -148,6 +148,7 @@ async fn a_staged_add_column_stopped_after_any_step_is_finished_by_the_next_run(
                 Step::Backfill(_) => "backfill",
                 Step::Batched(_) => "batched",
                 Step::Copy(_) => "copy",
+                Step::Undo(_) => "undo",
                 Step::Once(o) if o.sql.contains("VALIDATE") => "validate_check",
                 Step::Once(o) if o.sql.contains("ADD CONSTRAINT") => "add_check",
                 Step::Once(o) if o.sql.contains("SET NOT NULL") => "set_not_null",
