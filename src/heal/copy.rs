@@ -624,10 +624,9 @@ pub async fn batch(
                         RelationshipSource::Configured => {
                             Some(format!("the configured relationship {from}({})", edge.columns.join(", ")))
                         }
-                        RelationshipSource::Inferred => Some(format!(
-                            "the relationship {from}({}) other tenants declare",
-                            edge.columns.join(", ")
-                        )),
+                        RelationshipSource::Inferred => {
+                            Some(format!("the relationship {from}({}) other tenants declare", edge.columns.join(", ")))
+                        }
                     },
                 });
             }
