@@ -9,6 +9,10 @@
 //! (no `::regclass` casts, no deparsing with a relation), so a migration holding `ACCESS
 //! EXCLUSIVE` on a tenant table never delays the catalog.
 //!
+//! A schema's catalog names its own schema as [`SchemaRef::Own`] (foreign-key targets,
+//! sequences; types are [`TypeSchema::Own`]), so tenants of one shape have equal catalogs, and
+//! [`read`] stores each distinct one once ([`Interner`]).
+//!
 //! Only ordinary and partitioned tables are tables here: views, materialized views and foreign
 //! tables are never audited, and partitions are read through their partitioned table.
 //!
@@ -24,7 +28,8 @@
 //! back under the same `search_path` relative to the tenant, so it means there what it meant in
 //! the reference.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
@@ -39,20 +44,70 @@ pub const QUERY_COUNT: usize = 3;
 /// The most schemas one chunk of catalog queries covers.
 pub const CHUNK_SCHEMAS: usize = 200;
 
-/// The catalog of every requested schema that exists, by schema name.
+/// The catalog of every requested schema that exists, by schema name. A schema's catalog is
+/// written relative to the schema itself (see [`SchemaRef`]), so tenants of one shape hold the
+/// same [`Schema`], stored once (see [`Interner`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Catalog {
-    pub schemas: BTreeMap<String, Schema>,
+    pub schemas: BTreeMap<String, Arc<Schema>>,
 }
 
 /// The tables of one schema, by table name.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Schema {
     pub tables: BTreeMap<String, Table>,
 }
 
+/// A schema named by a catalog entry, relative to the schema the entry belongs to: its own
+/// schema is [`SchemaRef::Own`], so that identical tenants have identical catalogs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SchemaRef {
+    Own,
+    Other(String),
+}
+
+impl SchemaRef {
+    /// `name` relative to `own`.
+    pub fn of(name: String, own: &str) -> SchemaRef {
+        if name == own {
+            SchemaRef::Own
+        } else {
+            SchemaRef::Other(name)
+        }
+    }
+
+    /// The schema's name, given the name of the schema the entry belongs to.
+    pub fn name<'a>(&'a self, own: &'a str) -> &'a str {
+        match self {
+            SchemaRef::Own => own,
+            SchemaRef::Other(name) => name,
+        }
+    }
+}
+
+/// Distinct schema catalogs, each stored once: interning a schema equal to one already stored
+/// gives back the stored one.
+#[derive(Debug, Default)]
+pub struct Interner(HashSet<Arc<Schema>>);
+
+impl Interner {
+    pub fn intern(&mut self, schema: Schema) -> Arc<Schema> {
+        if let Some(stored) = self.0.get(&schema) {
+            return Arc::clone(stored);
+        }
+        let stored = Arc::new(schema);
+        self.0.insert(Arc::clone(&stored));
+        stored
+    }
+
+    /// Forgets the schemas nobody else holds any more.
+    pub fn release_unused(&mut self) {
+        self.0.retain(|s| Arc::strong_count(s) > 1);
+    }
+}
+
 /// An ordinary or partitioned table (partitions are covered by their parent).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Table {
     /// In column order.
     pub columns: Vec<Column>,
@@ -88,7 +143,7 @@ impl QualifiedName {
 }
 
 /// A user trigger of a table, enabled for ordinary sessions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Trigger {
     pub name: String,
     pub on_insert: bool,
@@ -96,7 +151,7 @@ pub struct Trigger {
 }
 
 /// A column as the schema declares it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Column {
     pub name: String,
     /// `format_type` relative to the column's own schema, e.g. `timestamp with time zone`,
@@ -114,7 +169,7 @@ pub struct Column {
     pub default_volatile: bool,
     /// The sequence the column draws its values from, (schema, name): an identity column's own,
     /// or the one its default calls `nextval` on (serial columns).
-    pub sequence: Option<(String, String)>,
+    pub sequence: Option<(SchemaRef, String)>,
     /// `GENERATED ... AS IDENTITY`.
     pub identity: Option<Identity>,
     /// `GENERATED ALWAYS AS (...) STORED`: computed by PostgreSQL, never written.
@@ -142,11 +197,11 @@ pub enum Identity {
 }
 
 /// A foreign-key constraint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ForeignKey {
     pub name: String,
     pub columns: Vec<String>,
-    pub target_schema: String,
+    pub target_schema: SchemaRef,
     pub target_table: String,
     pub target_columns: Vec<String>,
     /// False for a constraint added `NOT VALID` and never validated.
@@ -165,6 +220,13 @@ impl Table {
 
     pub fn has_columns(&self, names: &[String]) -> bool {
         names.iter().all(|n| self.column(n).is_some())
+    }
+}
+
+impl Column {
+    /// The column's sequence as (schema, name), given the column's own schema.
+    pub fn sequence_in<'a>(&'a self, own: &'a str) -> Option<(&'a str, &'a str)> {
+        self.sequence.as_ref().map(|(schema, name)| (schema.name(own), name.as_str()))
     }
 }
 
@@ -320,17 +382,18 @@ pub struct ChunkFailure {
 /// Reads the catalog of `required` (all in one chunk: a failure there is the caller's failure)
 /// and of `schemas` in chunks of [`CHUNK_SCHEMAS`], each chunk under its own savepoint of `tx`:
 /// a failing chunk is returned with its schemas, and the other chunks are read all the same.
-/// Names that do not exist are simply absent from the result.
+/// Names that do not exist are simply absent from the result. Each schema read is interned.
 pub async fn read(
     tx: &mut tokio_postgres::Transaction<'_>,
     required: &[String],
     schemas: &[String],
+    interner: &mut Interner,
 ) -> Result<(Catalog, Vec<ChunkFailure>), DbError> {
-    let mut catalog = read_chunk(&*tx, required).await?;
+    let mut catalog = read_chunk(&*tx, required, interner).await?;
     let mut failures = Vec::new();
     for chunk in schemas.chunks(CHUNK_SCHEMAS) {
         let savepoint = tx.savepoint("catalog_chunk").await?;
-        match read_chunk(&savepoint, chunk).await {
+        match read_chunk(&savepoint, chunk, interner).await {
             Ok(part) => {
                 savepoint.commit().await?;
                 catalog.schemas.extend(part.schemas);
@@ -344,13 +407,18 @@ pub async fn read(
     Ok((catalog, failures))
 }
 
-/// The catalog of `schemas` in [`QUERY_COUNT`] queries.
-async fn read_chunk(client: &impl GenericClient, schemas: &[String]) -> Result<Catalog, DbError> {
-    let mut catalog = Catalog::default();
+/// The catalog of `schemas` in [`QUERY_COUNT`] queries, each schema interned.
+async fn read_chunk(
+    client: &impl GenericClient,
+    schemas: &[String],
+    interner: &mut Interner,
+) -> Result<Catalog, DbError> {
+    let mut catalog: BTreeMap<String, Schema> = BTreeMap::new();
     for row in client.query_typed(&columns_sql(), &[(&schemas, Type::TEXT_ARRAY)]).await? {
         // A relation dropped while this query runs comes back with NULL privileges: skip it.
         let Some(readable) = row.get::<_, Option<bool>>(7) else { continue };
-        let table = catalog.schemas.entry(row.get(0)).or_default().tables.entry(row.get(1)).or_default();
+        let schema: String = row.get(0);
+        let table = catalog.entry(schema.clone()).or_default().tables.entry(row.get(1)).or_default();
         let name: String = row.get(2);
         let key_position: Option<i32> = row.get(6);
         // 1-based position in the primary key (WITH ORDINALITY), when the column is part of it.
@@ -386,7 +454,7 @@ async fn read_chunk(client: &impl GenericClient, schemas: &[String]) -> Result<C
             default: row.get(5),
             default_volatile: row.get(11),
             sequence: row.get::<_, Option<Vec<String>>>(12).and_then(|v| match <[String; 2]>::try_from(v) {
-                Ok([schema, name]) => Some((schema, name)),
+                Ok([seq_schema, name]) => Some((SchemaRef::of(seq_schema, &schema), name)),
                 Err(_) => None,
             }),
             identity,
@@ -399,7 +467,7 @@ async fn read_chunk(client: &impl GenericClient, schemas: &[String]) -> Result<C
         let fk = ForeignKey {
             name: row.get(2),
             columns: row.get(3),
-            target_schema: row.get(4),
+            target_schema: SchemaRef::of(row.get(4), &schema),
             target_table: row.get(5),
             target_columns: row.get(6),
             validated: row.get(7),
@@ -412,13 +480,12 @@ async fn read_chunk(client: &impl GenericClient, schemas: &[String]) -> Result<C
                 .map(|(schema, name)| QualifiedName { schema, name })
                 .collect(),
         };
-        if let Some(t) = catalog.schemas.get_mut(&schema).and_then(|s| s.tables.get_mut(&table)) {
+        if let Some(t) = catalog.get_mut(&schema).and_then(|s| s.tables.get_mut(&table)) {
             t.foreign_keys.push(fk);
         }
     }
     for row in client.query_typed(RELATIONS, &[(&schemas, Type::TEXT_ARRAY)]).await? {
-        let Some(t) =
-            catalog.schemas.get_mut(&row.get::<_, String>(0)).and_then(|s| s.tables.get_mut(&row.get::<_, String>(1)))
+        let Some(t) = catalog.get_mut(&row.get::<_, String>(0)).and_then(|s| s.tables.get_mut(&row.get::<_, String>(1)))
         else {
             continue;
         };
@@ -433,5 +500,5 @@ async fn read_chunk(client: &impl GenericClient, schemas: &[String]) -> Result<C
             .map(|(column, (schema, name))| (column, QualifiedName { schema, name }))
             .collect();
     }
-    Ok(catalog)
+    Ok(Catalog { schemas: catalog.into_iter().map(|(name, s)| (name, interner.intern(s))).collect() })
 }

@@ -10,6 +10,14 @@
 //! storage files (`relfilenode`, which TRUNCATE and rewrites replace) of the table and all its
 //! partitions and inheritance children.
 //!
+//! The catalog is incremental too: every scan reads one *fingerprint* per schema (a count and a
+//! digest of the raw `xmin` of the catalog rows that describe it, see [`FINGERPRINTS`]) with the
+//! signals, and re-reads the structural catalog only of the tenants whose fingerprint changed,
+//! or that name a schema whose fingerprint changed (a foreign key's target, a type's or a
+//! sequence's schema), or all of them when the shared schema, the scanning role's memberships
+//! or attributes changed, or the scan is full. The others reuse the catalog stored with the
+//! fingerprint it was read at (interned: tenants of one shape share one copy).
+//!
 //! Invariants:
 //! - The signals are read before any data is read (in the catalog snapshot, ahead of every
 //!   tenant's transaction), so a change that races a scan is seen by the next one, never lost.
@@ -22,15 +30,16 @@
 //!   tenant. A state that a failed scan left half-updated is still correct: every stored unit
 //!   holds findings computed from exactly the inputs it records.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Interner, Schema, SchemaRef, TypeSchema};
 use crate::checks::Plan;
 use crate::db::DbError;
 use crate::report::{Finding, ScanKind};
@@ -58,6 +67,19 @@ pub struct Signals {
     /// `track_counts`: without it the counters never move.
     pub track_counts: bool,
     tables: HashMap<(String, String), Signal>,
+    /// The catalog fingerprint of every requested schema that exists (see [`FINGERPRINTS`]).
+    fingerprints: HashMap<String, Fingerprint>,
+    /// What decides the scanning role's privileges besides the schemas' own rows: its role
+    /// attributes and every role membership.
+    roles: String,
+}
+
+/// A schema's catalog fingerprint: how many catalog rows describe it and a digest of their
+/// identities and raw `xmin`s.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Fingerprint {
+    rows: i64,
+    digest: String,
 }
 
 /// The change signal of one table (its partitions and inheritance children included).
@@ -85,12 +107,63 @@ impl Counters {
     }
 }
 
-/// The epoch, the standby flag and `track_counts`, in one row.
+/// The epoch, the standby flag, `track_counts` and the roles digest (the scanning role's
+/// attributes and every membership, `pg_auth_members` being readable by everyone), in one row.
 const EPOCH: &str = "/* tenant-audit:signals */
 SELECT d.datid::bigint, d.stats_reset::text, (SELECT b.stats_reset::text FROM pg_catalog.pg_stat_bgwriter b),
        pg_catalog.pg_postmaster_start_time()::text, pg_catalog.pg_is_in_recovery(),
-       pg_catalog.current_setting('track_counts')::bool
+       pg_catalog.current_setting('track_counts')::bool,
+       (SELECT pg_catalog.md5(r.rolsuper::text || r.rolinherit::text || r.rolbypassrls::text || ':' || coalesce(
+            (SELECT pg_catalog.string_agg(m.xmin::text || ':' || m.roleid::text || ':' || m.member::text, ','
+                                          ORDER BY m.roleid, m.member) FROM pg_catalog.pg_auth_members m), ''))
+        FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
 FROM pg_catalog.pg_stat_database d WHERE d.datname = pg_catalog.current_database()";
+
+/// Per requested schema that exists: the number of catalog rows that describe it and the sum
+/// of a hash of each row's identity and raw `xmin`. Every DDL that changes what
+/// [`crate::catalog`] reads writes a new version of one of these rows (a new `xmin`) or adds or
+/// removes one: the schema's own row (its privileges), its relations (`pg_class`: names,
+/// privileges, owner, persistence, storage), its tables' columns (`pg_attribute`: name, type,
+/// NOT NULL, identity, generation, collation), defaults (`pg_attrdef`), indexes (`pg_index`:
+/// the primary key), triggers, inheritance and partitions (`pg_inherits`), constraints, types
+/// and functions (`pg_type`, `pg_proc`: names that defaults and columns print). In-place updates
+/// (VACUUM's and ANALYZE's `relpages`, `reltuples`, `relfrozenxid`) keep `xmin`, and so does
+/// freezing (PostgreSQL 9.4 and later keep the raw `xmin` and set a hint bit): neither moves
+/// the fingerprint. Checked on PostgreSQL 15 (docs/performance.md, \"The catalog
+/// fingerprint\"). Only catalog tables are read: no relation lock.
+const FINGERPRINTS: &str = "/* tenant-audit:signals */
+WITH ns AS (
+    SELECT n.oid, n.nspname, n.xmin FROM pg_catalog.pg_namespace n WHERE n.nspname = ANY($1)
+), cls AS (
+    SELECT c.oid, c.relnamespace AS ns, c.relkind, c.xmin FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace
+), tbl AS (
+    SELECT cls.oid, cls.ns FROM cls WHERE cls.relkind IN ('r', 'p')
+), rows(ns, k, x) AS (
+    SELECT ns.oid, 0::bigint, ns.xmin FROM ns
+  UNION ALL
+    SELECT cls.ns, cls.oid::bigint * 65536, cls.xmin FROM cls
+  UNION ALL
+    SELECT t.ns, t.oid::bigint * 65536 + a.attnum, a.xmin
+    FROM tbl t JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0
+  UNION ALL
+    SELECT t.ns, d.oid::bigint * 65536 + 1, d.xmin FROM tbl t JOIN pg_catalog.pg_attrdef d ON d.adrelid = t.oid
+  UNION ALL
+    SELECT t.ns, i.indexrelid::bigint * 65536 + 2, i.xmin FROM tbl t JOIN pg_catalog.pg_index i ON i.indrelid = t.oid
+  UNION ALL
+    SELECT t.ns, g.oid::bigint * 65536 + 3, g.xmin FROM tbl t JOIN pg_catalog.pg_trigger g ON g.tgrelid = t.oid
+  UNION ALL
+    SELECT t.ns, h.inhrelid::bigint * 65536 + 4, h.xmin FROM tbl t JOIN pg_catalog.pg_inherits h ON h.inhparent = t.oid
+  UNION ALL
+    SELECT con.connamespace, con.oid::bigint * 65536 + 5, con.xmin
+    FROM pg_catalog.pg_constraint con JOIN ns ON ns.oid = con.connamespace
+  UNION ALL
+    SELECT ty.typnamespace, ty.oid::bigint * 65536 + 6, ty.xmin FROM pg_catalog.pg_type ty JOIN ns ON ns.oid = ty.typnamespace
+  UNION ALL
+    SELECT p.pronamespace, p.oid::bigint * 65536 + 7, p.xmin FROM pg_catalog.pg_proc p JOIN ns ON ns.oid = p.pronamespace
+)
+SELECT n.nspname::text, count(*)::bigint, pg_catalog.sum(pg_catalog.hashint8extended(r.k, r.x::text::bigint))::text
+FROM rows r JOIN ns n ON n.oid = r.ns
+GROUP BY n.nspname";
 
 /// Per top-level table of the requested schemas: the change counters summed over the table and
 /// every partition or inheritance child under it (found through `pg_inherits`, which, unlike
@@ -115,10 +188,12 @@ JOIN pg_catalog.pg_class c ON c.oid = t.root
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 GROUP BY n.nspname, c.relname, c.oid";
 
-/// Reads the change signals of the tables of `schemas`. Call it before any data is read.
-pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Signals, DbError> {
+/// Reads the change signals of the tables of `schemas` and the catalog fingerprints of
+/// `schemas` and `mentioned`. Call it before the catalog and any data are read, in the
+/// catalog's snapshot.
+pub async fn read(client: &impl GenericClient, schemas: &[String], mentioned: &[String]) -> Result<Signals, DbError> {
     let row = client.query_typed(EPOCH, &[]).await?.into_iter().next();
-    let (epoch, in_recovery, track_counts) = match row {
+    let (epoch, in_recovery, track_counts, roles) = match row {
         Some(r) => (
             Epoch {
                 database_oid: r.get(0),
@@ -128,12 +203,14 @@ pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Sig
             },
             r.get(4),
             r.get(5),
+            r.get::<_, Option<String>>(6).unwrap_or_default(),
         ),
         // No statistics row for the database: nothing to compare with.
         None => (
             Epoch { database_oid: 0, database_reset: None, cluster_reset: None, postmaster_start: String::new() },
             false,
             false,
+            String::new(),
         ),
     };
     let mut tables = HashMap::new();
@@ -146,7 +223,48 @@ pub async fn read(client: &impl GenericClient, schemas: &[String]) -> Result<Sig
         };
         tables.insert((r.get(0), r.get(1)), signal);
     }
-    Ok(Signals { epoch, in_recovery, track_counts, tables })
+    let all: Vec<&String> = schemas.iter().chain(mentioned).collect();
+    let mut fingerprints = HashMap::new();
+    for r in client.query_typed(FINGERPRINTS, &[(&all, Type::TEXT_ARRAY)]).await? {
+        fingerprints.insert(r.get(0), Fingerprint { rows: r.get(1), digest: r.get(2) });
+    }
+    Ok(Signals { epoch, in_recovery, track_counts, tables, fingerprints, roles })
+}
+
+/// Which schemas' catalog a scan reads, and the catalogs it takes from the previous scans.
+#[derive(Debug, Default)]
+pub struct CatalogPlan {
+    pub reuse: BTreeMap<String, Arc<Schema>>,
+    pub read: Vec<String>,
+}
+
+/// A schema's catalog as a scan read it, and the fingerprint it was read at.
+#[derive(Debug)]
+struct StoredSchema {
+    fingerprint: Fingerprint,
+    schema: Arc<Schema>,
+}
+
+/// The other schemas a schema's catalog names (foreign-key targets, types, sequences): their
+/// DDL (a renamed table or type) changes what the catalog reads for this schema.
+fn mentioned_by(schema: &Schema) -> BTreeSet<&str> {
+    let mut out = BTreeSet::new();
+    for table in schema.tables.values() {
+        for fk in &table.foreign_keys {
+            if let SchemaRef::Other(s) = &fk.target_schema {
+                out.insert(s.as_str());
+            }
+        }
+        for c in &table.columns {
+            if let TypeSchema::Other(s) = &c.type_schema {
+                out.insert(s.as_str());
+            }
+            if let Some((SchemaRef::Other(s), _)) = &c.sequence {
+                out.insert(s.as_str());
+            }
+        }
+    }
+    out
 }
 
 /// What one tenant table's findings were computed from, and the findings.
@@ -165,9 +283,72 @@ pub struct State {
     last_full: Option<DateTime<Utc>>,
     counters: HashMap<i64, Counters>,
     units: HashMap<String, HashMap<String, Unit>>,
+    /// The catalog of every schema the last scan knew, interned, with its fingerprint.
+    catalog: HashMap<String, StoredSchema>,
+    /// The fingerprints the last scan read (mentioned schemas included) and its roles digest.
+    fingerprints: HashMap<String, Fingerprint>,
+    roles: Option<String>,
+    interner: Interner,
 }
 
 impl State {
+    /// The schemas besides `requested` whose fingerprints the next scan needs: those the stored
+    /// catalogs mention.
+    pub fn mentioned(&self, requested: &[String]) -> Vec<String> {
+        let requested: BTreeSet<&str> = requested.iter().map(String::as_str).collect();
+        let mut out: BTreeSet<&str> = BTreeSet::new();
+        for stored in self.catalog.values() {
+            out.extend(mentioned_by(&stored.schema).into_iter().filter(|s| !requested.contains(s)));
+        }
+        out.into_iter().map(str::to_string).collect()
+    }
+
+    /// Which of `tenants` must have their catalog read by a scan of `kind` that read `signals`,
+    /// and the stored catalogs of the others: a tenant's stored catalog is reused when its
+    /// fingerprint is the one it was read at, no schema it mentions changed, and neither the
+    /// shared schema nor the roles changed. A full scan reads everything.
+    pub fn catalog_plan(&self, signals: &Signals, kind: ScanKind, tenants: &[String], shared: &str) -> CatalogPlan {
+        let unchanged = |schema: &str| {
+            signals.fingerprints.get(schema).is_some_and(|now| self.fingerprints.get(schema) == Some(now))
+        };
+        let everything = kind == ScanKind::Full || self.roles.as_ref() != Some(&signals.roles) || !unchanged(shared);
+        let mut plan = CatalogPlan::default();
+        for tenant in tenants {
+            let stored = self.catalog.get(tenant).filter(|stored| {
+                !everything
+                    && signals.fingerprints.get(tenant) == Some(&stored.fingerprint)
+                    && mentioned_by(&stored.schema).into_iter().all(unchanged)
+            });
+            match stored {
+                Some(stored) => {
+                    plan.reuse.insert(tenant.clone(), Arc::clone(&stored.schema));
+                }
+                None => plan.read.push(tenant.clone()),
+            }
+        }
+        plan
+    }
+
+    /// The interner the catalog reads of this state go through.
+    pub fn interner(&mut self) -> &mut Interner {
+        &mut self.interner
+    }
+
+    /// Records the catalog a scan that read `signals` ended up with (read or reused; the
+    /// schemas whose read failed are absent and so read again next time).
+    pub fn store_catalog(&mut self, signals: &Signals, catalog: &Catalog) {
+        self.catalog = catalog
+            .schemas
+            .iter()
+            .filter_map(|(name, schema)| {
+                let fingerprint = signals.fingerprints.get(name)?.clone();
+                Some((name.clone(), StoredSchema { fingerprint, schema: Arc::clone(schema) }))
+            })
+            .collect();
+        self.fingerprints = signals.fingerprints.clone();
+        self.roles = Some(signals.roles.clone());
+        self.interner.release_unused();
+    }
     /// Decides the kind of the scan that read `signals` at `now`, and records the signals for
     /// the next decision. A full scan forgets every stored unit.
     pub fn begin(&mut self, signals: &Signals, now: DateTime<Utc>, full_every: Duration) -> ScanKind {
@@ -324,6 +505,8 @@ mod tests {
             in_recovery: false,
             track_counts: true,
             tables,
+            fingerprints: HashMap::new(),
+            roles: String::new(),
         }
     }
 

@@ -155,13 +155,9 @@ async fn run_until(
     let started_at = Utc::now();
     let clock = Instant::now();
     let target = &config.database.target;
-    let Snapshot { discovery, catalog, present, chunk_failures, standby, signals } = tokio::select! {
-        snapshot = read_snapshot(config, pool, state.is_some()) => snapshot?,
+    let Snapshot { discovery, catalog, present, chunk_failures, standby, signals, kind } = tokio::select! {
+        snapshot = read_snapshot(config, pool, state.as_deref_mut(), started_at) => snapshot?,
         _ = cancel.cancelled() => return Err(ScanFailure::Cancelled),
-    };
-    let kind = match (state.as_deref_mut(), &signals) {
-        (Some(state), Some(signals)) => state.begin(signals, started_at, config.scan.full_every),
-        _ => ScanKind::Full,
     };
     let mut errors = Vec::new();
     let mut tenants = BTreeSet::new();
@@ -323,12 +319,19 @@ struct Snapshot {
     standby: bool,
     /// The change signals, read before the catalog (only for incremental scans).
     signals: Option<Signals>,
+    /// What the incremental state made of the signals (full without a state).
+    kind: ScanKind,
 }
 
-async fn read_snapshot(config: &Config, pool: &Pool, with_signals: bool) -> Result<Snapshot, ScanFailure> {
+async fn read_snapshot(
+    config: &Config,
+    pool: &Pool,
+    state: Option<&mut incremental::State>,
+    started_at: chrono::DateTime<Utc>,
+) -> Result<Snapshot, ScanFailure> {
     let mut session = db::session(pool, &config.database.target).await.map_err(ScanFailure::Connect)?;
     let client: &mut tokio_postgres::Client = &mut session;
-    let result = snapshot(client, config, with_signals).await;
+    let result = snapshot(client, config, state, started_at).await;
     // Whatever failed, a dead connection (or a server shutting down) means the database went
     // away: a connection failure, not a discovery or catalog one.
     match result {
@@ -345,26 +348,51 @@ async fn read_snapshot(config: &Config, pool: &Pool, with_signals: bool) -> Resu
 async fn snapshot(
     client: &mut tokio_postgres::Client,
     config: &Config,
-    with_signals: bool,
+    mut state: Option<&mut incremental::State>,
+    started_at: chrono::DateTime<Utc>,
 ) -> Result<Snapshot, ScanFailure> {
     let catalog_error = |e: tokio_postgres::Error| ScanFailure::Catalog(e.into());
     let mut tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
     let discovery = tenants::discover(&tx, &config.tenants).await?;
-    // The signals are read before the catalog and before any tenant's data: a change that
-    // lands after this point is counted in the next scan's signals.
-    let signals = match with_signals {
-        true => {
-            let mut schemas = discovery.tenants.clone();
-            schemas.push(config.tenants.shared_schema.clone());
-            schemas.extend(config.tenants.reference_schema.clone());
-            Some(incremental::read(&tx, &schemas).await.map_err(ScanFailure::Catalog)?)
-        }
-        false => None,
-    };
     let mut required = vec![config.tenants.shared_schema.clone()];
     required.extend(config.tenants.reference_schema.clone());
-    let (catalog, chunk_failures) =
-        catalog::read(&mut tx, &required, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
+    // The signals are read before the catalog and before any tenant's data: a change that
+    // lands after this point is counted in the next scan's signals. The catalog fingerprints
+    // are read with them, in the same snapshot as the catalog itself.
+    let signals = match state.as_deref() {
+        Some(state) => {
+            let mut schemas = discovery.tenants.clone();
+            schemas.extend(required.iter().cloned());
+            let mentioned = state.mentioned(&schemas);
+            Some(incremental::read(&tx, &schemas, &mentioned).await.map_err(ScanFailure::Catalog)?)
+        }
+        None => None,
+    };
+    let kind = match (state.as_deref_mut(), &signals) {
+        (Some(state), Some(signals)) => state.begin(signals, started_at, config.scan.full_every),
+        _ => ScanKind::Full,
+    };
+    // Only the tenants whose catalog may have changed are read (all of them without a state
+    // or in a full scan); the shared and reference schemas always are.
+    let mut scratch = catalog::Interner::default();
+    let plan = match (state.as_deref(), &signals) {
+        (Some(state), Some(signals)) => {
+            state.catalog_plan(signals, kind, &discovery.tenants, &config.tenants.shared_schema)
+        }
+        _ => incremental::CatalogPlan { reuse: Default::default(), read: discovery.tenants.clone() },
+    };
+    let interner = match state.as_deref_mut() {
+        Some(state) => state.interner(),
+        None => &mut scratch,
+    };
+    let (mut catalog, chunk_failures) =
+        catalog::read(&mut tx, &required, &plan.read, interner).await.map_err(ScanFailure::Catalog)?;
+    for (name, schema) in plan.reuse {
+        catalog.schemas.entry(name).or_insert(schema);
+    }
+    if let (Some(state), Some(signals)) = (state, &signals) {
+        state.store_catalog(signals, &catalog);
+    }
     let standby: bool =
         tx.query_typed_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await.map_err(catalog_error)?.get(0);
     tx.commit().await.map_err(catalog_error)?;
@@ -372,7 +400,7 @@ async fn snapshot(
     let tx = db::begin_scan(client, &config.scan).await.map_err(ScanFailure::Catalog)?;
     let present = tenants::still_present(&tx, &discovery.tenants).await.map_err(ScanFailure::Catalog)?;
     tx.commit().await.map_err(catalog_error)?;
-    Ok(Snapshot { discovery, catalog, present, chunk_failures, standby, signals })
+    Ok(Snapshot { discovery, catalog, present, chunk_failures, standby, signals, kind })
 }
 
 /// What the tenants' turns add up as the scan goes: the incremental state, the hashes of the

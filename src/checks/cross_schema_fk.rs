@@ -11,8 +11,9 @@ pub fn check(ctx: &Context<'_>, tenant: &str) -> Vec<Finding> {
     let schema = ctx.schema(tenant);
     let mut out = Vec::new();
     for (table_name, table) in &schema.tables {
-        for fk in table.foreign_keys.iter().filter(|fk| fk.target_schema != tenant) {
-            let reason = if ctx.tenants.contains(&fk.target_schema) {
+        for fk in table.foreign_keys.iter().filter(|fk| fk.target_schema.name(tenant) != tenant) {
+            let target_schema = fk.target_schema.name(tenant);
+            let reason = if ctx.tenants.contains(target_schema) {
                 FkReason::TenantToTenant
             } else if schema.tables.contains_key(&fk.target_table) {
                 FkReason::ShadowedByTenantTable
@@ -29,7 +30,7 @@ pub fn check(ctx: &Context<'_>, tenant: &str) -> Vec<Finding> {
                 sample_keys: Vec::new(),
                 detail: Detail::CrossSchemaFk {
                     constraint: fk.name.clone(),
-                    target_schema: fk.target_schema.clone(),
+                    target_schema: target_schema.to_string(),
                     target_table: fk.target_table.clone(),
                     reason,
                 },

@@ -19,6 +19,7 @@ pub mod sequence_behind;
 pub mod work;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::catalog::{Catalog, Schema};
 use crate::config::{ChecksConfig, SameEntityKey};
@@ -40,7 +41,7 @@ pub struct Context<'a> {
 
 impl Context<'_> {
     /// A tenant's catalog; a tenant without tables has an empty one.
-    pub fn schema(&self, tenant: &str) -> Schema {
+    pub fn schema(&self, tenant: &str) -> Arc<Schema> {
         self.catalog.schemas.get(tenant).cloned().unwrap_or_default()
     }
 }

@@ -85,16 +85,16 @@ struct Candidate {
 
 pub fn plan(ctx: &Context<'_>, tenant: &str) -> Vec<Probe> {
     let schema = ctx.schema(tenant);
-    let shared = ctx.catalog.schemas.get(ctx.shared_schema).cloned().unwrap_or_default();
+    let shared = ctx.schema(ctx.shared_schema);
     let mut seen = BTreeSet::new();
-    candidates(ctx, &schema)
+    candidates(ctx, tenant, &schema)
         .into_iter()
         .filter(|c| seen.insert((c.table.clone(), c.columns.clone())))
         .filter_map(|c| resolve(ctx, tenant, &schema, &shared, c))
         .collect()
 }
 
-fn candidates(ctx: &Context<'_>, schema: &Schema) -> Vec<Candidate> {
+fn candidates(ctx: &Context<'_>, schema_name: &str, schema: &Schema) -> Vec<Candidate> {
     let mut out = Vec::new();
     for (table, t) in &schema.tables {
         for fk in &t.foreign_keys {
@@ -103,7 +103,7 @@ fn candidates(ctx: &Context<'_>, schema: &Schema) -> Vec<Candidate> {
                 columns: fk.columns.clone(),
                 parent_table: fk.target_table.clone(),
                 parent_columns: fk.target_columns.clone(),
-                declared_schema: Some(fk.target_schema.clone()),
+                declared_schema: Some(fk.target_schema.name(schema_name).to_string()),
                 source: RelationshipSource::Constraint,
                 constraint: Some(fk.name.clone()),
                 constraint_validated: Some(fk.validated),

@@ -28,12 +28,13 @@ pub struct FkShape {
 
 impl FkShape {
     pub fn of(fk: &ForeignKey, own_schema: &str, shared_schema: &str) -> FkShape {
-        let target = if fk.target_schema == own_schema {
+        let target_schema = fk.target_schema.name(own_schema);
+        let target = if target_schema == own_schema {
             Target::Own
-        } else if fk.target_schema == shared_schema {
+        } else if target_schema == shared_schema {
             Target::Shared
         } else {
-            Target::Schema(fk.target_schema.clone())
+            Target::Schema(target_schema.to_string())
         };
         FkShape {
             target,
@@ -135,11 +136,11 @@ impl Shape {
     /// Builds the shape: from `reference_schema` when given, else by majority over `tenants`.
     pub fn build(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str, reference_schema: Option<&str>) -> Shape {
         let mut shape = match reference_schema {
-            Some(name) => from_schema(catalog.schemas.get(name).cloned().unwrap_or_default(), name, shared),
+            Some(name) => from_schema(catalog.schemas.get(name).map(|s| &**s).unwrap_or(&EMPTY), name, shared),
             None => by_majority(catalog, tenants, shared),
         };
         let mut sources: Vec<(&str, &Schema)> =
-            tenants.iter().filter_map(|t| catalog.schemas.get(t).map(|s| (t.as_str(), s))).collect();
+            tenants.iter().filter_map(|t| catalog.schemas.get(t).map(|s| (t.as_str(), &**s))).collect();
         if let Some(name) = reference_schema {
             if let Some(s) = catalog.schemas.get(name) {
                 sources.push((name, s));
@@ -150,15 +151,15 @@ impl Shape {
     }
 }
 
-fn from_schema(schema: Schema, name: &str, shared: &str) -> Shape {
+fn from_schema(schema: &Schema, name: &str, shared: &str) -> Shape {
     let tables = schema
         .tables
-        .into_iter()
+        .iter()
         .map(|(table_name, t)| {
             let columns = t.columns.iter().map(|c| (c.name.clone(), ColumnShape::of(c))).collect();
             let foreign_keys =
                 t.foreign_keys.iter().map(|fk| (fk.columns.clone(), FkShape::of(fk, name, shared))).collect();
-            (table_name, TableShape { columns, foreign_keys })
+            (table_name.clone(), TableShape { columns, foreign_keys })
         })
         .collect();
     Shape { tables, known_relationships: BTreeMap::new() }
@@ -188,7 +189,7 @@ fn mode<T: Ord>(votes: impl IntoIterator<Item = T>) -> Option<T> {
 
 fn by_majority(catalog: &Catalog, tenants: &BTreeSet<String>, shared: &str) -> Shape {
     let schemas: Vec<(&str, &Schema)> =
-        tenants.iter().map(|t| (t.as_str(), catalog.schemas.get(t).unwrap_or(&EMPTY))).collect();
+        tenants.iter().map(|t| (t.as_str(), catalog.schemas.get(t).map(|s| &**s).unwrap_or(&EMPTY))).collect();
     let table_names: BTreeSet<&String> = schemas.iter().flat_map(|(_, s)| s.tables.keys()).collect();
     let mut tables = BTreeMap::new();
     for name in table_names {
@@ -294,7 +295,7 @@ mod tests {
         ForeignKey {
             name: format!("{schema}_fk"),
             columns: cols.iter().map(|c| c.to_string()).collect(),
-            target_schema: target_schema.into(),
+            target_schema: crate::catalog::SchemaRef::of(target_schema.to_string(), schema),
             target_table: target.into(),
             target_columns: vec!["id".into()],
             validated: true,
@@ -304,7 +305,7 @@ mod tests {
         }
     }
 
-    fn tenant(name: &str, with_updated: bool, fk_target_schema: Option<&str>) -> Schema {
+    fn tenant(name: &str, with_updated: bool, fk_target_schema: Option<&str>) -> std::sync::Arc<Schema> {
         let mut columns = vec![col("id", "integer", true), col("business_id", "uuid", false)];
         if with_updated {
             columns.push(col("updated_at", "timestamp with time zone", true));
@@ -312,7 +313,7 @@ mod tests {
         let foreign_keys =
             fk_target_schema.map(|s| vec![fk(name, &["business_id"], s, "business_business")]).unwrap_or_default();
         let table = Table { columns, primary_key: vec!["id".into()], foreign_keys, readable: true, ..Table::default() };
-        Schema { tables: [("users_userprofile".to_string(), table)].into() }
+        Schema { tables: [("users_userprofile".to_string(), table)].into() }.into()
     }
 
     #[test]
@@ -367,7 +368,7 @@ mod tests {
                 generated: false,
             };
             let table = Table { columns: vec![column], readable: true, ..Table::default() };
-            catalog.schemas.insert(format!("t{i}"), Schema { tables: [("notes".to_string(), table)].into() });
+            catalog.schemas.insert(format!("t{i}"), Schema { tables: [("notes".to_string(), table)].into() }.into());
         }
         let tenants: BTreeSet<String> = (0..5).map(|i| format!("t{i}")).collect();
         let shape = Shape::build(&catalog, &tenants, "public", None);

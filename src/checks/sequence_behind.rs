@@ -26,9 +26,9 @@ pub fn plan(ctx: &Context<'_>, tenant: &str) -> Vec<Probe> {
     let mut out = Vec::new();
     for (table_name, table) in schema.tables.iter().filter(|(_, t)| t.readable) {
         for column in &table.columns {
-            let Some((seq_schema, seq_name)) = &column.sequence else { continue };
+            let Some((seq_schema, seq_name)) = column.sequence_in(tenant) else { continue };
             if seq_schema == tenant {
-                out.push(Probe { table: table_name.clone(), column: column.name.clone(), sequence: seq_name.clone() });
+                out.push(Probe { table: table_name.clone(), column: column.name.clone(), sequence: seq_name.to_string() });
             }
         }
     }

@@ -227,8 +227,8 @@ fn copy_table(
     let sequences = own
         .columns
         .iter()
-        .filter_map(|c| match &c.sequence {
-            Some((schema, seq)) if schema == tenant && columns.contains(&c.name) => Some((c.name.clone(), seq.clone())),
+        .filter_map(|c| match c.sequence_in(tenant) {
+            Some((schema, seq)) if schema == tenant && columns.contains(&c.name) => Some((c.name.clone(), seq.to_string())),
             _ => None,
         })
         .collect();

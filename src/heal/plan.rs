@@ -266,12 +266,12 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
         }
         (Repair::AdvanceSequences, Check::SequenceBehind, Detail::SequenceBehind { next_value, column_max, .. }) => {
             let column = f.columns.first()?;
-            let (seq_schema, seq) = own.column(column)?.sequence.clone()?;
-            if seq_schema != *tenant {
+            let (seq_schema, seq) = own.column(column)?.sequence_in(tenant)?;
+            if seq_schema != tenant {
                 return None;
             }
             let summary = format!("move sequence {seq} from {next_value} past {column_max}, the largest {column}");
-            (summary, vec![Step::Batched(sequence::advance_sql("$2", tenant, &table, column, &seq, repair.name()))])
+            (summary, vec![Step::Batched(sequence::advance_sql("$2", tenant, &table, column, seq, repair.name()))])
         }
         _ => return None,
     };

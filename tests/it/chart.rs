@@ -1,10 +1,15 @@
 //! The Helm chart (helm/tenant-audit): `helm lint --strict`, and `helm template` with the default
 //! values and with each ci/*-values.yaml, validated by kubernetes-validate; what the default
-//! renders; the rules and dashboard it ships equal to dashboards/; every value documented; and
-//! the configuration of each variant accepted by tenant-audit on the demo database.
+//! renders; the StatefulSet mode's shard wiring (shard count, pod ordinal, targets' Secrets,
+//! PodDisruptionBudget); the rules and dashboard it ships equal to dashboards/; every value
+//! documented; and the configuration of each variant accepted by tenant-audit on the demo
+//! database.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
 
 use crate::dashboard::dashboard;
 use crate::support::{cli, config_file, fixture_db, DEMO_SQL};
@@ -53,6 +58,27 @@ fn block_after(text: &str, marker: &str, indent: usize) -> String {
     lines.map(|l| l.get(indent..).unwrap_or("").trim_end()).collect::<Vec<_>>().join("\n").trim_end().to_string() + "\n"
 }
 
+/// The manifests of a render, as JSON values, in order.
+fn manifests(text: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+/// The one manifest of `kind` in `docs`.
+fn only<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "{kind}: {found:?}");
+    found[0]
+}
+
+/// The config file a render's ConfigMap holds, parsed.
+fn rendered_config(docs: &[Value]) -> toml::Table {
+    let configmap = docs.iter().find(|d| d["kind"] == "ConfigMap" && d["data"]["config.toml"].is_string()).unwrap();
+    configmap["data"]["config.toml"].as_str().unwrap().parse().unwrap()
+}
+
 fn read(path: &str) -> String {
     std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
@@ -62,11 +88,14 @@ fn chart_lints_and_renders_valid_manifests() {
     let home = temp_dir("helm-lint");
     let ci = ci_values();
     assert!(ci.len() >= 2, "{ci:?}");
+    assert!(ci.contains(&format!("{CHART}/ci/statefulset-values.yaml")), "{ci:?}");
     for args in variants(&ci) {
         run_ok(helm(&home).args(["lint", "--strict", CHART]).args(&args));
         let manifests = home.join("manifests.yaml");
-        std::fs::write(&manifests, render(&home, &args)).unwrap();
         for version in KUBERNETES {
+            // Rendered for that version: what the chart adds only where the API has it
+            // (the PodDisruptionBudget's unhealthyPodEvictionPolicy) is validated there.
+            std::fs::write(&manifests, render(&home, &[&args[..], &["--kube-version", version]].concat())).unwrap();
             // Custom resources (ServiceMonitor, PrometheusRule) only warn: no schema is bundled.
             run_ok(
                 Command::new(tool("kubernetes-validate")).args(["--strict", "--quiet", "-k", version]).arg(&manifests),
@@ -107,9 +136,153 @@ fn default_values_render_a_locked_down_single_replica() {
     ] {
         assert!(out.contains(expected), "default render lacks {expected:?}:\n{out}");
     }
-    for absent in ["kind: ServiceMonitor", "kind: PrometheusRule"] {
+    for absent in [
+        "kind: ServiceMonitor",
+        "kind: PrometheusRule",
+        "kind: StatefulSet",
+        "kind: PodDisruptionBudget",
+        "clusterIP: None",
+        "TENANT_AUDIT_SHARD_INDEX",
+        "[shard]",
+        "[[targets]]",
+        "projected:",
+    ] {
         assert!(!out.contains(absent), "{absent} is off by default");
     }
+    std::fs::remove_dir_all(&home).unwrap();
+}
+
+const STATEFULSET: &str = "helm/tenant-audit/ci/statefulset-values.yaml";
+const POD_INDEX: &str = "metadata.labels['apps.kubernetes.io/pod-index']";
+
+/// The projected volume's sources and the config's `[[targets]]` of ci/statefulset-values.yaml:
+/// each target's URL (and heal URL) file from its Secret, at the path its entry reads.
+fn statefulset_targets() -> (Value, Value) {
+    // Kubernetes reads 0440 as YAML 1.1 octal (r--r-----), as kubernetes-validate does; the
+    // YAML 1.2 parser here keeps it as written.
+    let volume = json!({"name": "config", "projected": {"defaultMode": "0440", "sources": [
+        {"configMap": {"name": "tenant-audit"}},
+        {"secret": {"name": "orders-db-auditor",
+                    "items": [{"key": "database-url", "path": "targets/orders/database_url"}]}},
+        {"secret": {"name": "billing-db-replica",
+                    "items": [{"key": "url", "path": "targets/billing/database_url"}]}},
+        {"secret": {"name": "billing-db-healer",
+                    "items": [{"key": "database-url", "path": "targets/billing/heal_database_url"}]}},
+    ]}});
+    let targets = json!([
+        {"name": "orders", "database_url_file": "/etc/tenant-audit/targets/orders/database_url"},
+        {"name": "billing", "database_url_file": "/etc/tenant-audit/targets/billing/database_url",
+         "schedule": "0 */10 * * * *",
+         "heal": {"database_url_file": "/etc/tenant-audit/targets/billing/heal_database_url"}},
+    ]);
+    (volume, targets)
+}
+
+#[test]
+fn statefulset_mode_shards_by_pod_ordinal_and_mounts_each_target() {
+    let home = temp_dir("helm-statefulset");
+    let (volume, targets) = statefulset_targets();
+    for (replicas, set) in [(3, "replicas=3"), (5, "replicas=5")] {
+        let docs = manifests(&render(&home, &["-f", STATEFULSET, "--set", set, "--kube-version", "1.37.0"]));
+        let mut kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            [
+                "ConfigMap",
+                "ConfigMap",
+                "PodDisruptionBudget",
+                "PrometheusRule",
+                "Service",
+                "ServiceAccount",
+                "ServiceMonitor",
+                "StatefulSet"
+            ]
+        );
+        let (sts, service, pdb) =
+            (only(&docs, "StatefulSet"), only(&docs, "Service"), only(&docs, "PodDisruptionBudget"));
+        let selector = json!({"app.kubernetes.io/name": "tenant-audit", "app.kubernetes.io/instance": "tenant-audit"});
+
+        // One shard per replica: the config's count is the StatefulSet's replicas.
+        let config = rendered_config(&docs);
+        assert_eq!(sts["spec"]["replicas"], replicas);
+        assert_eq!(config["shard"].as_table().unwrap().clone(), toml::toml! { count = replicas }, "{config}");
+        assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
+        assert_eq!(sts["spec"]["selector"]["matchLabels"], selector);
+
+        // The pod's index is its ordinal, from the label the StatefulSet controller sets; no
+        // single database URL beside the targets.
+        let pod = &sts["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        assert_eq!(
+            container["env"],
+            json!([{"name": "TENANT_AUDIT_SHARD_INDEX", "valueFrom": {"fieldRef": {"fieldPath": POD_INDEX}}}])
+        );
+        assert_eq!(
+            container["volumeMounts"],
+            json!([{"name": "config", "mountPath": "/etc/tenant-audit", "readOnly": true}])
+        );
+        assert_eq!(pod["volumes"], json!([volume]));
+        let entries = serde_json::to_value(&config["targets"]).unwrap();
+        assert_eq!(entries, targets);
+        // Every URL file an entry reads is one the volume provides.
+        for entry in entries.as_array().unwrap() {
+            let files = [&entry["database_url_file"], &entry["heal"]["database_url_file"]];
+            for file in files.into_iter().filter_map(Value::as_str) {
+                let path = file.strip_prefix("/etc/tenant-audit/").unwrap();
+                let provided = volume["projected"]["sources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["secret"]["items"][0]["path"] == path);
+                assert!(provided, "{file} is not mounted");
+            }
+        }
+        assert_eq!(
+            (&config["tenants"]["registry_table"], &config["serve"]["listen"]),
+            (&"customers_client".into(), &"0.0.0.0:9841".into())
+        );
+
+        // The headless Service the StatefulSet names, scraped per pod.
+        assert_eq!(sts["spec"]["serviceName"], service["metadata"]["name"]);
+        assert_eq!((&service["spec"]["clusterIP"], &service["spec"]["selector"]), (&json!("None"), &selector));
+        assert_eq!(service["spec"]["publishNotReadyAddresses"], true);
+        // A drain evicts one shard at a time; unready pods (their database down) always.
+        assert_eq!(
+            pdb["spec"],
+            json!({"maxUnavailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow", "selector": {"matchLabels": selector}})
+        );
+    }
+
+    // Kubernetes 1.26: no pod-index label (before 1.28: the daemon reads the ordinal from the
+    // host name) and no unhealthyPodEvictionPolicy (before 1.27).
+    let old = manifests(&render(&home, &["-f", STATEFULSET, "--kube-version", "1.26.0"]));
+    let container = &only(&old, "StatefulSet")["spec"]["template"]["spec"]["containers"][0];
+    assert!(container.get("env").is_none(), "{container}");
+    assert!(only(&old, "PodDisruptionBudget")["spec"].get("unhealthyPodEvictionPolicy").is_none());
+    let off = manifests(&render(&home, &["-f", STATEFULSET, "--set", "pdb.enabled=false"]));
+    assert!(off.iter().all(|d| d["kind"] != "PodDisruptionBudget"));
+    std::fs::remove_dir_all(&home).unwrap();
+}
+
+#[test]
+fn deployment_mode_with_targets_mounts_them_without_sharding() {
+    let home = temp_dir("helm-targets");
+    let docs = manifests(&render(&home, &["-f", STATEFULSET, "--set", "mode=deployment,replicas=1"]));
+    assert!(docs.iter().all(|d| !matches!(d["kind"].as_str(), Some("StatefulSet" | "PodDisruptionBudget"))));
+    let deployment = only(&docs, "Deployment");
+    assert_eq!(
+        (&deployment["spec"]["replicas"], &deployment["spec"]["strategy"]),
+        (&json!(1), &json!({"type": "Recreate"}))
+    );
+    let pod = &deployment["spec"]["template"]["spec"];
+    let (volume, targets) = statefulset_targets();
+    assert_eq!(pod["volumes"], json!([volume]));
+    assert!(pod["containers"][0].get("env").is_none(), "{}", pod["containers"][0]);
+    let config = rendered_config(&docs);
+    assert_eq!(serde_json::to_value(&config["targets"]).unwrap(), targets);
+    assert!(!config.contains_key("shard"), "{config}");
+    assert_eq!(only(&docs, "Service")["spec"].get("clusterIP"), None);
     std::fs::remove_dir_all(&home).unwrap();
 }
 
@@ -177,6 +350,23 @@ fn values_schema_rejects_unknown_keys_and_a_missing_secret() {
         ("database.existingSecret=", "/database/existingSecret"),
         ("service.publishNotReadyAddresses=maybe", "/service/publishNotReadyAddresses"),
         ("web.scheme=https", "/web/scheme"),
+        ("mode=sharded", "at '/mode': value must be one of 'deployment', 'statefulset'"),
+        ("replicas=3", "at '/replicas': value must be 1"),
+        ("mode=statefulset,replicas=0", "at '/replicas': minimum: got 0, want 1"),
+        ("mode=statefulset,replicas=1025", "at '/replicas': maximum: got 1,025, want 1,024"),
+        ("mode=statefulset,service.type=NodePort", "at '/service/type': value must be 'ClusterIP'"),
+        ("targets[0].name=orders", "at '/targets/0': missing property 'existingSecret'"),
+        ("targets[0].name=Orders,targets[0].existingSecret=s", "at '/targets/0/name': 'Orders' does not match pattern"),
+        ("targets[0].name=a,targets[0].existingSecret=s,targets[0].schedule=x\"y", "at '/targets/0/schedule'"),
+        ("pdb.maxUnavailable=0", "at '/pdb/maxUnavailable'"),
+        (
+            "targets[0].name=a,targets[0].existingSecret=s,targets[1].name=a,targets[1].existingSecret=t",
+            "targets: the name \"a\" is used twice",
+        ),
+        (
+            "mode=statefulset,replicas=2,config=[shard]\ncount = 2\n",
+            "config: remove [shard]; in StatefulSet mode the chart sets [shard] count from replicas",
+        ),
     ] {
         let out = helm(&home).args(["template", "tenant-audit", CHART, "--set", set]).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -214,15 +404,73 @@ async fn rendered_configs_scan_the_demo_database() {
     let home = temp_dir("helm-config");
     let url = fixture_db("chart_config", DEMO_SQL).await;
     let ci = ci_values();
+    let mut sharded = 0;
     for args in variants(&ci) {
         let configmap = render(&home, &[&args[..], &["--show-only", "templates/configmap.yaml"]].concat());
         let config = block_after(&configmap, "  config.toml: |", 4);
         assert!(config.contains("listen = \"0.0.0.0:9841\""), "{args:?}: {config}");
+        if config.contains("[[targets]]") {
+            sharded += 1;
+            scan_every_shard_of_every_target(&home, &config, &url);
+            continue;
+        }
         let path: PathBuf = config_file("chart", &config);
         let out = cli(&["scan", "--config", path.to_str().unwrap()], &[("TENANT_AUDIT_DATABASE_URL", &url)]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains("ORPHAN_ROWS (critical): 5 findings"), "{args:?}: {stdout}");
     }
+    assert_eq!(sharded, 1, "ci/statefulset-values.yaml renders [[targets]]");
     std::fs::remove_dir_all(&home).unwrap();
+}
+
+/// The StatefulSet variant's config as its pods run it: the URL files where the pod mounts
+/// them (here under `home`), each shard's index from `TENANT_AUDIT_SHARD_INDEX` as the chart
+/// passes it. Every target's summary, summed over the shards, is exactly an unsharded scan's.
+fn scan_every_shard_of_every_target(home: &Path, config: &str, url: &str) {
+    let toml: toml::Table = config.parse().unwrap();
+    let count = toml["shard"]["count"].as_integer().unwrap();
+    let mount = home.join("etc-tenant-audit");
+    for name in ["orders", "billing"] {
+        std::fs::create_dir_all(mount.join("targets").join(name)).unwrap();
+        for file in ["database_url", "heal_database_url"] {
+            std::fs::write(mount.join("targets").join(name).join(file), url).unwrap();
+        }
+    }
+    let config = config.replace("/etc/tenant-audit/", &format!("{}/", mount.display()));
+    let path = config_file("chart-sharded", &config);
+    let summary = |extra: &[&str], env: &[(&str, &str)]| -> Value {
+        let args = [&["scan", "--config", path.to_str().unwrap(), "--format", "json"][..], extra].concat();
+        let out = cli(&args, env);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{args:?} {env:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str::<Value>(&stdout).unwrap()["summary"].clone()
+    };
+    let unsharded = {
+        let single = config_file("chart-unsharded", "[tenants]\nregistry_table = \"customers_client\"\n");
+        let out = cli(
+            &["scan", "--config", single.to_str().unwrap(), "--format", "json"],
+            &[("TENANT_AUDIT_DATABASE_URL", url)],
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["summary"].clone()
+    };
+    assert_eq!(unsharded["orphan_rows"]["findings"], 5, "{unsharded}");
+    for target in ["orders", "billing"] {
+        let mut total = json!({});
+        for index in 0..count {
+            let shard = summary(&["--target", target], &[("TENANT_AUDIT_SHARD_INDEX", &index.to_string())]);
+            for (check, s) in shard.as_object().unwrap() {
+                for key in ["findings", "count"] {
+                    let sum = total[check][key].as_u64().unwrap_or(0) + s[key].as_u64().unwrap();
+                    total[check][key] = sum.into();
+                }
+            }
+        }
+        for (check, s) in unsharded.as_object().unwrap() {
+            for key in ["findings", "count"] {
+                assert_eq!(total[check][key], s[key], "{target}: {check} {key} summed over {count} shards");
+            }
+        }
+    }
 }

@@ -38,11 +38,18 @@ async fn both(config: &Config, pool: &tenant_audit::db::Pool, state: &mut State)
 /// have been set behind). `tenants` are the current tenants (at
 /// least one); `next` numbers new tenants.
 fn change(rng: &mut SmallRng, tenants: &mut Vec<String>, next: &mut usize) -> String {
+    // Statements on the shared business table only when it has its usual name (case 19
+    // renames it back and forth).
+    let shared_business = |sql: String| {
+        format!(
+            "DO $$ BEGIN IF pg_catalog.to_regclass('public.business_business') IS NOT NULL THEN {sql}; END IF; END $$"
+        )
+    };
     let t = tenants[rng.gen_range(0..tenants.len())].clone();
     let business = |rng: &mut SmallRng| format!("b0000000-0000-0000-0000-0000000000{:02}", rng.gen_range(1..=12));
     let replica =
         |sql: String| format!("SET session_replication_role = replica; {sql}; RESET session_replication_role");
-    match rng.gen_range(0..16) {
+    match rng.gen_range(0..21) {
         0 => format!(
             "INSERT INTO {t}.users_userprofile (id, user_id, business_id, created_at, modified_at) \
              SELECT (SELECT coalesce(max(id), 0) FROM {t}.users_userprofile) + row_number() OVER (), u.id, b.id, now(), now() \
@@ -62,8 +69,11 @@ fn change(rng: &mut SmallRng, tenants: &mut Vec<String>, next: &mut usize) -> St
         // Parents: in the tenant and in the shared schema, removed under the children's feet.
         4 => replica(format!("DELETE FROM {t}.business_business WHERE id = '{}'", business(rng))),
         5 => format!("INSERT INTO {t}.business_business (id, name) VALUES ('{}', 'x') ON CONFLICT DO NOTHING", business(rng)),
-        6 => replica(format!("DELETE FROM public.business_business WHERE id = '{}'", business(rng))),
-        7 => format!("INSERT INTO public.business_business (id, name) VALUES ('{}', 'x') ON CONFLICT DO NOTHING", business(rng)),
+        6 => replica(shared_business(format!("DELETE FROM public.business_business WHERE id = '{}'", business(rng)))),
+        7 => shared_business(format!(
+            "INSERT INTO public.business_business (id, name) VALUES ('{}', 'x') ON CONFLICT DO NOTHING",
+            business(rng)
+        )),
         8 => replica(format!("DELETE FROM public.auth_user WHERE id = {}", rng.gen_range(1..=25))),
         9 => format!(
             "INSERT INTO public.auth_user (id, username) VALUES ({0}, 'u{0}') ON CONFLICT DO NOTHING",
@@ -103,6 +113,59 @@ fn change(rng: &mut SmallRng, tenants: &mut Vec<String>, next: &mut usize) -> St
                 "SELECT setval('{t}.users_userprofile_id_seq', (SELECT coalesce(max(id), 0) + 1 FROM {t}.users_userprofile))"
             ),
         },
+        // DDL on one tenant, which only the catalog fingerprint notices: a column dropped and
+        // added back (schema drift), NOT NULL dropped and set again (a required timestamp
+        // becomes checkable), a new table with a NULL required timestamp.
+        15 => format!(
+            "DO $$ BEGIN
+               IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{t}.users_businessdetails'::regclass
+                          AND attname = 'date_founded' AND NOT attisdropped) THEN
+                 ALTER TABLE {t}.users_businessdetails DROP COLUMN date_founded;
+               ELSE
+                 ALTER TABLE {t}.users_businessdetails ADD COLUMN date_founded date;
+               END IF;
+             END $$"
+        ),
+        16 => format!(
+            "DO $$ BEGIN
+               IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{t}.users_userprofile'::regclass
+                          AND attname = 'updated_at' AND attnotnull) THEN
+                 ALTER TABLE {t}.users_userprofile ALTER COLUMN updated_at DROP NOT NULL;
+                 UPDATE {t}.users_userprofile SET updated_at = NULL WHERE id = (SELECT max(id) FROM {t}.users_userprofile);
+               ELSE
+                 UPDATE {t}.users_userprofile SET updated_at = now() WHERE updated_at IS NULL;
+                 ALTER TABLE {t}.users_userprofile ALTER COLUMN updated_at SET NOT NULL;
+               END IF;
+             END $$"
+        ),
+        17 => {
+            let table = format!("extra_{next}");
+            *next += 1;
+            format!(
+                "CREATE TABLE {t}.{table} (id serial PRIMARY KEY,
+                   business_id uuid REFERENCES {t}.business_business (id), created_at timestamptz);
+                 INSERT INTO {t}.{table} (business_id, created_at) VALUES ('b0000000-0000-0000-0000-000000000001', NULL)"
+            )
+        }
+        // DDL on the shared schema: a column added or dropped, and the shared business table
+        // renamed away and back (where the tenants' orphans find their parents changes).
+        18 => "DO $$ BEGIN
+                 IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.auth_user'::regclass
+                            AND attname = 'email' AND NOT attisdropped) THEN
+                   ALTER TABLE public.auth_user DROP COLUMN email;
+                 ELSE
+                   ALTER TABLE public.auth_user ADD COLUMN email text;
+                 END IF;
+               END $$"
+            .to_string(),
+        19 => "DO $$ BEGIN
+                 IF pg_catalog.to_regclass('public.business_business') IS NOT NULL THEN
+                   ALTER TABLE public.business_business RENAME TO business_business_away;
+                 ELSE
+                   ALTER TABLE public.business_business_away RENAME TO business_business;
+                 END IF;
+               END $$"
+            .to_string(),
         _ => "SELECT pg_stat_reset()".to_string(),
     }
 }
@@ -117,7 +180,8 @@ async fn incremental_scans_equal_full_scans_under_random_changes() {
     let mut tenants: Vec<String> = (0..4).map(|i| format!("tenant_{i}")).collect();
     let mut next = tenants.len();
     let (mut carried, mut incremental_rounds, mut resets, mut sequence_rounds) = (0, 0, 0, 0);
-    for round in 0..60 {
+    let (mut tenant_ddl, mut shared_ddl) = (0, 0);
+    for round in 0..80 {
         let mut applied = Vec::new();
         // Most rounds change little (which is what incremental scans are for), some change more.
         for _ in 0..rng.gen_range(0..=3) {
@@ -141,6 +205,9 @@ async fn incremental_scans_equal_full_scans_under_random_changes() {
         if inc.scan.kind == ScanKind::Incremental {
             incremental_rounds += 1;
             carried += inc.scan.tables_carried_forward;
+            let ddl = |on: &str| applied.iter().any(|s| s.contains(&format!("TABLE {on}")));
+            tenant_ddl += usize::from(ddl("tenant_"));
+            shared_ddl += usize::from(ddl("public."));
         }
         assert_eq!(
             inc.scan.tables_checked + inc.scan.tables_carried_forward,
@@ -153,7 +220,9 @@ async fn incremental_scans_equal_full_scans_under_random_changes() {
     // carried most tables forward.
     assert!(resets >= 2, "{resets} statistics resets");
     assert!(sequence_rounds >= 5, "{sequence_rounds} rounds with a sequence behind");
-    assert!(incremental_rounds >= 40, "{incremental_rounds} incremental rounds of 60");
+    assert!(incremental_rounds >= 50, "{incremental_rounds} incremental rounds of 80");
+    assert!(tenant_ddl >= 5, "{tenant_ddl} incremental rounds after DDL on a tenant");
+    assert!(shared_ddl >= 3, "{shared_ddl} incremental rounds after DDL on the shared schema");
     assert!(carried >= incremental_rounds * 4, "{carried} tables carried forward in {incremental_rounds} rounds");
 }
 
