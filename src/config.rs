@@ -107,6 +107,18 @@ pub struct HealConfig {
     pub advance_sequences: bool,
     /// What the audit table keeps of a copied or changed row.
     pub audit_values: AuditValues,
+    /// `BEFORE ... FOR EACH ROW` triggers heal may fire (`heal.allow_triggers`); a table with any
+    /// other one is not written.
+    pub allow_triggers: Vec<AllowedTrigger>,
+}
+
+/// A `BEFORE` row trigger heal may fire, by table and trigger name in every tenant
+/// (`heal.allow_triggers`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowedTrigger {
+    pub table: String,
+    pub trigger: String,
 }
 
 /// A table whose key identifies the same entity in every schema (`heal.same_entity_keys`).
@@ -573,6 +585,7 @@ struct RawHeal {
     same_entity_keys: Vec<SameEntityKey>,
     advance_sequences: bool,
     audit_values: AuditValues,
+    allow_triggers: Vec<AllowedTrigger>,
 }
 
 impl Default for RawHeal {
@@ -593,6 +606,7 @@ impl Default for RawHeal {
             same_entity_keys: Vec::new(),
             advance_sequences: false,
             audit_values: AuditValues::Full,
+            allow_triggers: Vec::new(),
             fallbacks: BTreeMap::from([
                 ("updated_at".to_string(), chain(&["modified_at", "created_at", "now()"])),
                 ("modified_at".to_string(), chain(&["updated_at", "created_at", "now()"])),
@@ -972,6 +986,10 @@ impl RawHeal {
                 return Err(ConfigError::invalid(format!("heal.same_entity_keys[{i}].columns"), "must not be empty"));
             }
         }
+        for (i, allowed) in self.allow_triggers.iter().enumerate() {
+            non_empty(&format!("heal.allow_triggers[{i}].table"), &allowed.table)?;
+            non_empty(&format!("heal.allow_triggers[{i}].trigger"), &allowed.trigger)?;
+        }
         let heal = HealConfig {
             enabled: self.enabled,
             database,
@@ -987,6 +1005,7 @@ impl RawHeal {
             same_entity_keys: self.same_entity_keys,
             advance_sequences: self.advance_sequences,
             audit_values: self.audit_values,
+            allow_triggers: self.allow_triggers,
         };
         if heal.enabled && !heal.any_repair() {
             return Err(ConfigError::invalid(
@@ -1293,6 +1312,19 @@ mod tests {
         let err = parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '0 0 * * * * * *'\n").unwrap_err();
         assert!(!err.to_string().contains('\n'), "{err}");
         assert!(err.to_string().starts_with("config key serve.schedule: invalid cron expression"), "{err}");
+    }
+
+    #[test]
+    fn allow_triggers_names_a_table_and_a_trigger() {
+        let c = parse(
+            "database_url = 'postgres://db/app'\n[heal]\nallow_triggers = [{ table = 'note', trigger = 'touch' }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.heal.allow_triggers, [AllowedTrigger { table: "note".into(), trigger: "touch".into() }]);
+        let err =
+            parse("database_url = 'postgres://db/app'\n[heal]\nallow_triggers = [{ table = 'note', trigger = '' }]\n")
+                .unwrap_err();
+        assert_eq!(err.to_string(), "config key heal.allow_triggers[0].trigger: must not be empty");
     }
 
     #[test]
