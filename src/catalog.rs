@@ -489,7 +489,8 @@ async fn read_chunk(
         }
     }
     for row in client.query_typed(RELATIONS, &[(&schemas, Type::TEXT_ARRAY)]).await? {
-        let Some(t) = catalog.get_mut(&row.get::<_, String>(0)).and_then(|s| s.tables.get_mut(&row.get::<_, String>(1)))
+        let Some(t) =
+            catalog.get_mut(&row.get::<_, String>(0)).and_then(|s| s.tables.get_mut(&row.get::<_, String>(1)))
         else {
             continue;
         };

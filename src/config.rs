@@ -110,6 +110,9 @@ pub struct HealConfig {
     /// `BEFORE ... FOR EACH ROW` triggers heal may fire (`heal.allow_triggers`); a table with any
     /// other one is not written.
     pub allow_triggers: Vec<AllowedTrigger>,
+    /// `add_missing_columns` may add a column whose type is a domain with constraints, which
+    /// rewrites the table under `ACCESS EXCLUSIVE` (`heal.allow_table_rewrite`).
+    pub allow_table_rewrite: bool,
 }
 
 /// A `BEFORE` row trigger heal may fire, by table and trigger name in every tenant
@@ -586,6 +589,7 @@ struct RawHeal {
     advance_sequences: bool,
     audit_values: AuditValues,
     allow_triggers: Vec<AllowedTrigger>,
+    allow_table_rewrite: bool,
 }
 
 impl Default for RawHeal {
@@ -607,6 +611,7 @@ impl Default for RawHeal {
             advance_sequences: false,
             audit_values: AuditValues::Full,
             allow_triggers: Vec::new(),
+            allow_table_rewrite: false,
             fallbacks: BTreeMap::from([
                 ("updated_at".to_string(), chain(&["modified_at", "created_at", "now()"])),
                 ("modified_at".to_string(), chain(&["updated_at", "created_at", "now()"])),
@@ -1006,6 +1011,7 @@ impl RawHeal {
             advance_sequences: self.advance_sequences,
             audit_values: self.audit_values,
             allow_triggers: self.allow_triggers,
+            allow_table_rewrite: self.allow_table_rewrite,
         };
         if heal.enabled && !heal.any_repair() {
             return Err(ConfigError::invalid(

@@ -232,7 +232,9 @@ fn copy_table(
         .columns
         .iter()
         .filter_map(|c| match c.sequence_in(tenant) {
-            Some((schema, seq)) if schema == tenant && columns.contains(&c.name) => Some((c.name.clone(), seq.to_string())),
+            Some((schema, seq)) if schema == tenant && columns.contains(&c.name) => {
+                Some((c.name.clone(), seq.to_string()))
+            }
             _ => None,
         })
         .collect();

@@ -715,7 +715,9 @@ async fn refused_triggers(
     Ok(out)
 }
 
-/// Runs a one-off statement (DDL) with its audit row in one transaction.
+/// Runs a one-off statement (DDL) with its audit row in one transaction. An added column whose
+/// type is a constrained domain there is set aside (nothing written) unless
+/// `heal.allow_table_rewrite`: adding it would rewrite the table.
 async fn run_once(
     writer: &mut Writer<'_>,
     once: &OnceStep,
@@ -727,17 +729,32 @@ async fn run_once(
     let (statement, run_id) = (once.sql.clone(), outcome.run_id.clone());
     let timeout =
         once.long.then(|| format!("SET LOCAL statement_timeout = '{}ms'", writer.heal.validate_timeout.as_millis()));
-    writer
+    let guard = once.added.clone().filter(|_| !writer.heal.allow_table_rewrite).map(|(_, t)| t);
+    let done = writer
         .transaction_within(once.long, move |tx| {
             Box::pin(async move {
+                if let Some(data_type) = guard {
+                    let row = tx.query_typed_one(columns::CONSTRAINED_DOMAIN, &[(&data_type, Type::TEXT)]).await?;
+                    if row.get::<_, bool>(0) {
+                        return Ok(false);
+                    }
+                }
                 if let Some(timeout) = timeout {
                     tx.batch_execute(&timeout).await?;
                 }
                 tx.batch_execute(&statement).await?;
-                tx.query_typed(&record, &[(&run_id, Type::TEXT), (&statement, Type::TEXT)]).await
+                tx.query_typed(&record, &[(&run_id, Type::TEXT), (&statement, Type::TEXT)]).await?;
+                Ok(true)
             })
         })
         .await?;
+    if !done {
+        let (column, data_type) = once.added.clone().unwrap_or_default();
+        let reason = columns::rewrite_reason(&column, &data_type);
+        tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), reason = %crate::sql::escape_controls(&reason), "step set aside");
+        outcome.refused.push((tenant.schema.clone(), once.table.clone(), reason));
+        return Err(Stop::Reported);
+    }
     tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %once.table, repair = action.repair.name(), statement = %once.sql, "healed");
     if once.adds_column {
         *outcome.changed.entry(action.repair.name()).or_default() += 1;

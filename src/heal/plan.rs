@@ -64,6 +64,10 @@ pub struct OnceStep {
     /// Runs under `heal.validate_timeout` instead of `heal.statement_timeout` (a `VALIDATE`
     /// reads the whole table, blocking no reads or writes).
     pub long: bool,
+    /// (column, type) of a column this step adds: refused, unless `heal.allow_table_rewrite`,
+    /// when the type is a domain with constraints there (see [`columns::CONSTRAINED_DOMAIN`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added: Option<(String, String)>,
 }
 
 impl Action {
@@ -94,7 +98,14 @@ impl Step {
     /// A one-off step on `table.column`, named `step` in its audit key.
     pub fn once(table: &str, column: &str, step: &str, sql: String) -> Step {
         let key = format!("jsonb_build_object('column', {}, 'step', {})", sql::literal(column), sql::literal(step));
-        Step::Once(OnceStep { sql, table: table.to_string(), key, adds_column: step == "add_column", long: false })
+        Step::Once(OnceStep {
+            sql,
+            table: table.to_string(),
+            key,
+            adds_column: step == "add_column",
+            long: false,
+            added: None,
+        })
     }
 }
 
@@ -179,6 +190,14 @@ impl Plan {
                             out.push_str(&spec.render());
                         }
                         Step::Once(once) => {
+                            if let Some((_, data_type)) = &once.added {
+                                let _ = writeln!(
+                                    out,
+                                    "-- first, in the same transaction ($1 = {}): set aside, unless heal.allow_table_rewrite, when the type is a domain with constraints (adding it rewrites the table):\n{};",
+                                    sql::escape_controls(&sql::literal(data_type)),
+                                    columns::CONSTRAINED_DOMAIN
+                                );
+                            }
                             if once.long {
                                 let _ =
                                     writeln!(out, "-- under heal.validate_timeout instead of heal.statement_timeout");
@@ -243,7 +262,12 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
             let chain = config.heal.fallbacks.get(name).cloned().unwrap_or_default();
             match difference {
                 DriftKind::MissingColumn => {
-                    let summary = format!("add column {name} {} as the reference has it", column.data_type);
+                    let summary = format!(
+                        "add column {name} {}{}{} as the reference has it",
+                        column.data_type,
+                        if column.not_null { " NOT NULL" } else { "" },
+                        column.default.as_deref().map(|d| format!(" DEFAULT {d}")).unwrap_or_default()
+                    );
                     (summary, columns::add(tenant, &table, own, column, &chain))
                 }
                 DriftKind::DefaultMismatch => {
