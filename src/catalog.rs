@@ -148,6 +148,8 @@ pub struct Trigger {
     pub name: String,
     pub on_insert: bool,
     pub on_update: bool,
+    /// `BEFORE ... FOR EACH ROW`: it can change or suppress the row being written.
+    pub before_row: bool,
 }
 
 /// A column as the schema declares it.
@@ -283,7 +285,8 @@ const SEQUENCE: &str = "CASE WHEN a.attidentity <> '' THEN (
          ORDER BY 1 LIMIT 1) END";
 
 /// The enabled user triggers of the table that fire on `INSERT` (`tgtype` bit 4) or `UPDATE`
-/// (bit 16), in name order: the `FROM` of three arrays (name, on insert, on update).
+/// (bit 16), in name order: the `FROM` of four arrays (name, on insert, on update, and
+/// `BEFORE ... FOR EACH ROW`: bits 1 and 2).
 const TRIGGERS: &str = "FROM pg_catalog.pg_trigger t
              WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgenabled IN ('O', 'A') AND t.tgtype & 20 <> 0
              ORDER BY t.tgname";
@@ -321,7 +324,7 @@ ORDER BY 1, 2, a.attnum",
         default = relative("pg_catalog.pg_get_expr(d.adbin, 0)"),
         volatile = DEFAULT_VOLATILE,
         sequence = SEQUENCE,
-        triggers = ["t.tgname::text", "t.tgtype & 4 <> 0", "t.tgtype & 16 <> 0"]
+        triggers = ["t.tgname::text", "t.tgtype & 4 <> 0", "t.tgtype & 16 <> 0", "t.tgtype & 3 = 3"]
             .map(|field| format!("ARRAY(SELECT {field} {TRIGGERS})"))
             .join(",\n       "),
     )
@@ -430,11 +433,12 @@ async fn read_chunk(
         }
         table.readable = readable;
         // Repeated on every column row of the table (an index lookup each): kept once.
-        let (names, inserts, updates): (Vec<String>, Vec<bool>, Vec<bool>) = (row.get(13), row.get(14), row.get(15));
+        let (names, inserts, updates, befores): (Vec<String>, Vec<bool>, Vec<bool>, Vec<bool>) =
+            (row.get(13), row.get(14), row.get(15), row.get(16));
         table.triggers = names
             .into_iter()
-            .zip(inserts.into_iter().zip(updates))
-            .map(|(name, (on_insert, on_update))| Trigger { name, on_insert, on_update })
+            .zip(inserts.into_iter().zip(updates).zip(befores))
+            .map(|(name, ((on_insert, on_update), before_row))| Trigger { name, on_insert, on_update, before_row })
             .collect();
         let type_schema = match row.get::<_, Option<String>>(8) {
             None => TypeSchema::Catalog,
@@ -485,7 +489,8 @@ async fn read_chunk(
         }
     }
     for row in client.query_typed(RELATIONS, &[(&schemas, Type::TEXT_ARRAY)]).await? {
-        let Some(t) = catalog.get_mut(&row.get::<_, String>(0)).and_then(|s| s.tables.get_mut(&row.get::<_, String>(1)))
+        let Some(t) =
+            catalog.get_mut(&row.get::<_, String>(0)).and_then(|s| s.tables.get_mut(&row.get::<_, String>(1)))
         else {
             continue;
         };

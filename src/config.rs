@@ -107,6 +107,21 @@ pub struct HealConfig {
     pub advance_sequences: bool,
     /// What the audit table keeps of a copied or changed row.
     pub audit_values: AuditValues,
+    /// `BEFORE ... FOR EACH ROW` triggers heal may fire (`heal.allow_triggers`); a table with any
+    /// other one is not written.
+    pub allow_triggers: Vec<AllowedTrigger>,
+    /// `add_missing_columns` may add a column whose type is a domain with constraints, which
+    /// rewrites the table under `ACCESS EXCLUSIVE` (`heal.allow_table_rewrite`).
+    pub allow_table_rewrite: bool,
+}
+
+/// A `BEFORE` row trigger heal may fire, by table and trigger name in every tenant
+/// (`heal.allow_triggers`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowedTrigger {
+    pub table: String,
+    pub trigger: String,
 }
 
 /// A table whose key identifies the same entity in every schema (`heal.same_entity_keys`).
@@ -563,6 +578,8 @@ struct RawHeal {
     same_entity_keys: Vec<SameEntityKey>,
     advance_sequences: bool,
     audit_values: AuditValues,
+    allow_triggers: Vec<AllowedTrigger>,
+    allow_table_rewrite: bool,
 }
 
 impl Default for RawHeal {
@@ -583,6 +600,8 @@ impl Default for RawHeal {
             same_entity_keys: Vec::new(),
             advance_sequences: false,
             audit_values: AuditValues::Full,
+            allow_triggers: Vec::new(),
+            allow_table_rewrite: false,
             fallbacks: BTreeMap::from([
                 ("updated_at".to_string(), chain(&["modified_at", "created_at", "now()"])),
                 ("modified_at".to_string(), chain(&["updated_at", "created_at", "now()"])),
@@ -962,6 +981,10 @@ impl RawHeal {
                 return Err(ConfigError::invalid(format!("heal.same_entity_keys[{i}].columns"), "must not be empty"));
             }
         }
+        for (i, allowed) in self.allow_triggers.iter().enumerate() {
+            non_empty(&format!("heal.allow_triggers[{i}].table"), &allowed.table)?;
+            non_empty(&format!("heal.allow_triggers[{i}].trigger"), &allowed.trigger)?;
+        }
         let heal = HealConfig {
             enabled: self.enabled,
             database,
@@ -977,6 +1000,8 @@ impl RawHeal {
             same_entity_keys: self.same_entity_keys,
             advance_sequences: self.advance_sequences,
             audit_values: self.audit_values,
+            allow_triggers: self.allow_triggers,
+            allow_table_rewrite: self.allow_table_rewrite,
         };
         if heal.enabled && !heal.any_repair() {
             return Err(ConfigError::invalid(
@@ -1291,6 +1316,19 @@ mod tests {
         let err = parse("database_url = 'postgres://db/app'\n[serve]\nschedule = '0 0 * * * * * *'\n").unwrap_err();
         assert!(!err.to_string().contains('\n'), "{err}");
         assert!(err.to_string().starts_with("config key serve.schedule: invalid cron expression"), "{err}");
+    }
+
+    #[test]
+    fn allow_triggers_names_a_table_and_a_trigger() {
+        let c = parse(
+            "database_url = 'postgres://db/app'\n[heal]\nallow_triggers = [{ table = 'note', trigger = 'touch' }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.heal.allow_triggers, [AllowedTrigger { table: "note".into(), trigger: "touch".into() }]);
+        let err =
+            parse("database_url = 'postgres://db/app'\n[heal]\nallow_triggers = [{ table = 'note', trigger = '' }]\n")
+                .unwrap_err();
+        assert_eq!(err.to_string(), "config key heal.allow_triggers[0].trigger: must not be empty");
     }
 
     #[test]

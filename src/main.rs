@@ -115,7 +115,10 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         eprintln!("tenant-audit: heal interrupted; every committed batch is whole, run it again to finish");
         return Ok(ExitCode::from(1));
     }
-    let complete = outcome.skipped.is_empty() && outcome.set_aside.is_empty() && outcome.not_applied.is_empty();
+    let complete = outcome.skipped.is_empty()
+        && outcome.set_aside.is_empty()
+        && outcome.refused.is_empty()
+        && outcome.not_applied.is_empty();
     Ok(if complete { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 

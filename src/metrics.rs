@@ -241,7 +241,7 @@ impl Metrics {
             heal_set_aside: counter(
                 &r,
                 "tenant_audit_heal_set_aside_total",
-                "Orphaned keys a copy set aside (broken chain, not the same entity, a clash).",
+                "Orphaned keys a copy set aside (broken chain, not the same entity, a clash) and steps heal refused (a BEFORE row trigger not allowed, a table rewrite).",
             ),
             heal_runs: counter_vec(
                 &r,
@@ -375,7 +375,7 @@ impl Metrics {
                 for (_, reason) in &outcome.skipped {
                     self.heal_skipped_tenants.with_label_values(&[reason.name()]).inc();
                 }
-                self.heal_set_aside.inc_by(outcome.set_aside.len() as u64);
+                self.heal_set_aside.inc_by((outcome.set_aside.len() + outcome.refused.len()) as u64);
                 for (_, repair, _) in &outcome.errors {
                     self.heal_errors.with_label_values(&[repair.name()]).inc();
                 }

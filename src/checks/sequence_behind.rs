@@ -28,7 +28,11 @@ pub fn plan(ctx: &Context<'_>, tenant: &str) -> Vec<Probe> {
         for column in &table.columns {
             let Some((seq_schema, seq_name)) = column.sequence_in(tenant) else { continue };
             if seq_schema == tenant {
-                out.push(Probe { table: table_name.clone(), column: column.name.clone(), sequence: seq_name.to_string() });
+                out.push(Probe {
+                    table: table_name.clone(),
+                    column: column.name.clone(),
+                    sequence: seq_name.to_string(),
+                });
             }
         }
     }

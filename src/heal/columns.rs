@@ -22,6 +22,35 @@ use super::plan::Step;
 use crate::catalog::{Column, Table};
 use crate::sql;
 
+/// `$1` a type's text, resolved under the transaction's `search_path` (the tenant's): whether
+/// it is a domain with constraints (`CHECK` or `NOT NULL`, on it or a domain it is based on).
+/// PostgreSQL 15 rewrites the whole table under `ACCESS EXCLUSIVE` for `ADD COLUMN` of such a
+/// type, with or without a default, NULL or NOT NULL (it checks the constraints on every row), and
+/// for `ALTER COLUMN ... TYPE` to it: no staged path avoids the rewrite. A domain without
+/// constraints is added like its base type.
+pub const CONSTRAINED_DOMAIN: &str = "WITH RECURSIVE d(oid) AS (
+  SELECT pg_catalog.to_regtype($1)::pg_catalog.oid
+  UNION ALL SELECT t.typbasetype FROM pg_catalog.pg_type t JOIN d ON t.oid = d.oid WHERE t.typtype = 'd'
+)
+SELECT EXISTS (SELECT 1 FROM d JOIN pg_catalog.pg_type t ON t.oid = d.oid WHERE t.typtype = 'd'
+  AND (t.typnotnull OR EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c WHERE c.contypid = t.oid)))";
+
+/// Why an added column of a constrained domain is set aside.
+pub fn rewrite_reason(column: &str, data_type: &str) -> String {
+    format!(
+        "add column {column}: its type {data_type} is a domain with constraints, and adding a column of it rewrites the whole table under ACCESS EXCLUSIVE (no staged path avoids it); allow it with heal.allow_table_rewrite = true"
+    )
+}
+
+/// The `add_column` step: `sql`, refused when `column`'s type is a constrained domain.
+fn add_step(table: &str, column: &Column, sql: String) -> Step {
+    let mut step = Step::once(table, &column.name, "add_column", sql);
+    if let Step::Once(once) = &mut step {
+        once.added = Some((column.name.clone(), column.data_type.clone()));
+    }
+    step
+}
+
 /// The steps that add `column` to `tenant.table`. Without a default or a fallback the existing
 /// rows cannot be filled, and NOT NULL is not applied.
 pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[String]) -> Vec<Step> {
@@ -31,10 +60,9 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
     match column.default.as_deref() {
         Some(default) if !column.default_volatile && !fills_from_columns => {
             let not_null = if column.not_null { " NOT NULL" } else { "" };
-            vec![Step::once(
+            vec![add_step(
                 table,
-                &column.name,
-                "add_column",
+                column,
                 format!(
                     "ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}{not_null} DEFAULT {default}",
                     column.data_type
@@ -43,10 +71,9 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
         }
         default => {
             let set_default = default.map(|d| format!(", ALTER COLUMN {col} SET DEFAULT {d}")).unwrap_or_default();
-            let mut steps = vec![Step::once(
+            let mut steps = vec![add_step(
                 table,
-                &column.name,
-                "add_column",
+                column,
                 format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}{set_default}", column.data_type),
             )];
             if column.not_null {

@@ -28,10 +28,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
 
-use super::{audit, sequence};
+use super::{audit, sequence, triggers};
 use crate::catalog::{Catalog, Column, Identity, Schema, Table, TypeSchema};
 use crate::checks::orphan_rows::{self, Probe};
-use crate::config::SameEntityKey;
+use crate::config::{AuditValues, HealConfig, SameEntityKey};
 use crate::report::RelationshipSource;
 use crate::sql;
 
@@ -144,10 +144,10 @@ pub fn spec(
     shared: &str,
     tenant: &str,
     probe: &Probe,
-    keys: &[SameEntityKey],
+    heal: &HealConfig,
     links: &[Link],
-    audit_full: bool,
 ) -> Option<CopySpec> {
+    let keys = &heal.same_entity_keys;
     let shared_schema = catalog.schemas.get(shared)?;
     let relationships = tenant_relationships(catalog.schemas.get(tenant)?, links);
     let child = catalog.table(tenant, &probe.table)?;
@@ -171,7 +171,11 @@ pub fn spec(
         }
         let own = catalog.table(tenant, &name)?;
         let theirs = catalog.table(shared, &name);
-        let table = copy_table(&relationships, &name, own, theirs, tenant, shared, shared_schema, keys);
+        let mut table = copy_table(&relationships, &name, own, theirs, tenant, shared, shared_schema, keys);
+        let refused = triggers::refused_in_catalog(&heal.allow_triggers, &name, own, true);
+        if table.unusable.is_none() && !refused.is_empty() {
+            table.unusable = Some(triggers::reason(&refused, true));
+        }
         queue.extend(table.edges.iter().map(|e| e.target.clone()));
         tables.insert(name, table);
     }
@@ -188,7 +192,7 @@ pub fn spec(
         root: probe.parent_table.clone(),
         root_columns: probe.parent_columns.clone(),
         tables,
-        audit_full,
+        audit_full: heal.audit_values == AuditValues::Full,
         only: None,
     })
 }
@@ -228,7 +232,9 @@ fn copy_table(
         .columns
         .iter()
         .filter_map(|c| match c.sequence_in(tenant) {
-            Some((schema, seq)) if schema == tenant && columns.contains(&c.name) => Some((c.name.clone(), seq.to_string())),
+            Some((schema, seq)) if schema == tenant && columns.contains(&c.name) => {
+                Some((c.name.clone(), seq.to_string()))
+            }
             _ => None,
         })
         .collect();
@@ -624,10 +630,9 @@ pub async fn batch(
                         RelationshipSource::Configured => {
                             Some(format!("the configured relationship {from}({})", edge.columns.join(", ")))
                         }
-                        RelationshipSource::Inferred => Some(format!(
-                            "the relationship {from}({}) other tenants declare",
-                            edge.columns.join(", ")
-                        )),
+                        RelationshipSource::Inferred => {
+                            Some(format!("the relationship {from}({}) other tenants declare", edge.columns.join(", ")))
+                        }
                     },
                 });
             }

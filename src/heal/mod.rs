@@ -20,6 +20,7 @@ mod lease;
 mod plan;
 pub mod planfile;
 mod sequence;
+mod triggers;
 pub mod undo;
 
 use std::collections::BTreeMap;
@@ -124,6 +125,10 @@ pub struct Outcome {
     /// Orphaned keys a copy left alone: (schema, child table, key, reason). The other keys of
     /// their relationship were healed.
     pub set_aside: Vec<(String, String, String, String)>,
+    /// Steps not taken because taking them could write what heal cannot vouch for (a `BEFORE`
+    /// row trigger that is not allowed, a column whose addition rewrites the table): (schema,
+    /// table, reason). The rest of the tenant went on.
+    pub refused: Vec<(String, String, String)>,
     /// Rows or keys a plan file named that no longer needed the repair when it was applied (the
     /// application changed them): (schema, table, key). Left alone.
     pub not_applied: Vec<(String, String, String)>,
@@ -156,6 +161,13 @@ impl Outcome {
                 "set aside {} key ({}): {}\n",
                 crate::sql::escape_controls(&crate::sql::display_name(schema, table)),
                 crate::sql::escape_controls(key),
+                crate::sql::escape_controls(reason)
+            ));
+        }
+        for (schema, table, reason) in &self.refused {
+            out.push_str(&format!(
+                "set aside {}: {}\n",
+                crate::sql::escape_controls(&crate::sql::display_name(schema, table)),
                 crate::sql::escape_controls(reason)
             ));
         }
@@ -531,6 +543,16 @@ async fn run_backfill(
         })
         .await?;
     let relations: Vec<String> = relations.iter().map(|r| r.get(0)).collect();
+    // The table and every descendant: each is updated, and fires its own triggers.
+    let checked = relations.iter().map(|r| (r.clone(), spec.table.clone())).collect();
+    let refused: Vec<String> =
+        refused_triggers(writer, checked, triggers::UPDATE).await?.into_iter().map(|(_, name)| name).collect();
+    if !refused.is_empty() {
+        let reason = format!("backfill of {}: {}", spec.column, triggers::reason(&refused, false));
+        tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&spec.table), repair = spec.repair.name(), reason = %crate::sql::escape_controls(&reason), "step set aside");
+        outcome.refused.push((spec.tenant.clone(), spec.table.clone(), reason));
+        return Err(Stop::Reported);
+    }
     let step = (batch_size / backfill::ROWS_PER_BLOCK).max(1) as i64;
     let mut changed_keys = std::collections::BTreeSet::new();
     for relation in relations {
@@ -611,6 +633,7 @@ async fn run_copy(
     outcome: &mut Outcome,
 ) -> Result<(), Stop> {
     let repair = Repair::CopyMissingParents.name();
+    let spec = &checked_copy(writer, spec).await?;
     let mut cursor: Vec<String> = Vec::new();
     let mut handled: std::collections::BTreeSet<Vec<String>> = Default::default();
     loop {
@@ -646,7 +669,55 @@ async fn run_copy(
     }
 }
 
-/// Runs a one-off statement (DDL) with its audit row in one transaction.
+/// `spec` with every table a `BEFORE INSERT` row trigger guards (one heal may not fire) made
+/// unusable, as the database has them now: its keys are then set aside with the reason.
+async fn checked_copy(writer: &mut Writer<'_>, spec: &copy::CopySpec) -> Result<copy::CopySpec, Stop> {
+    let mut spec = spec.clone();
+    let writable: Vec<String> =
+        spec.tables.iter().filter(|(_, t)| t.in_shared && t.unusable.is_none()).map(|(n, _)| n.clone()).collect();
+    let relations = writable.into_iter().map(|n| (crate::sql::qualified(&spec.tenant, &n), n)).collect();
+    let refused = refused_triggers(writer, relations, triggers::INSERT).await?;
+    for (name, table) in spec.tables.iter_mut() {
+        let names: Vec<String> = refused.iter().filter(|(t, _)| t == name).map(|(_, n)| n.clone()).collect();
+        if !names.is_empty() {
+            table.unusable = Some(triggers::reason(&names, true));
+        }
+    }
+    Ok(spec)
+}
+
+/// (table, `relation.trigger`) of every `BEFORE` row trigger of `event` on `relations` (qualified
+/// relation, the table heal plans it for) and their partitions that `heal.allow_triggers` does
+/// not allow, read in one transaction.
+async fn refused_triggers(
+    writer: &mut Writer<'_>,
+    relations: Vec<(String, String)>,
+    event: i32,
+) -> Result<Vec<(String, String)>, Stop> {
+    let tables = relations.clone();
+    let relations: Vec<String> = relations.into_iter().map(|(relation, _)| relation).collect();
+    let rows = writer
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.query_typed(triggers::BEFORE_ROW, &[(&relations, Type::TEXT_ARRAY), (&event, Type::INT4)]).await
+            })
+        })
+        .await?;
+    let allow = &writer.heal.allow_triggers;
+    let mut out = Vec::new();
+    for row in &rows {
+        let (given, relation, trigger): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let Some((_, table)) = tables.iter().find(|(r, _)| *r == given) else { continue };
+        if !triggers::allowed(allow, table, &relation, &trigger) {
+            out.push((table.clone(), format!("{relation}.{trigger}")));
+        }
+    }
+    Ok(out)
+}
+
+/// Runs a one-off statement (DDL) with its audit row in one transaction. An added column whose
+/// type is a constrained domain there is set aside (nothing written) unless
+/// `heal.allow_table_rewrite`: adding it would rewrite the table.
 async fn run_once(
     writer: &mut Writer<'_>,
     once: &OnceStep,
@@ -658,17 +729,32 @@ async fn run_once(
     let (statement, run_id) = (once.sql.clone(), outcome.run_id.clone());
     let timeout =
         once.long.then(|| format!("SET LOCAL statement_timeout = '{}ms'", writer.heal.validate_timeout.as_millis()));
-    writer
+    let guard = once.added.clone().filter(|_| !writer.heal.allow_table_rewrite).map(|(_, t)| t);
+    let done = writer
         .transaction_within(once.long, move |tx| {
             Box::pin(async move {
+                if let Some(data_type) = guard {
+                    let row = tx.query_typed_one(columns::CONSTRAINED_DOMAIN, &[(&data_type, Type::TEXT)]).await?;
+                    if row.get::<_, bool>(0) {
+                        return Ok(false);
+                    }
+                }
                 if let Some(timeout) = timeout {
                     tx.batch_execute(&timeout).await?;
                 }
                 tx.batch_execute(&statement).await?;
-                tx.query_typed(&record, &[(&run_id, Type::TEXT), (&statement, Type::TEXT)]).await
+                tx.query_typed(&record, &[(&run_id, Type::TEXT), (&statement, Type::TEXT)]).await?;
+                Ok(true)
             })
         })
         .await?;
+    if !done {
+        let (column, data_type) = once.added.clone().unwrap_or_default();
+        let reason = columns::rewrite_reason(&column, &data_type);
+        tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), reason = %crate::sql::escape_controls(&reason), "step set aside");
+        outcome.refused.push((tenant.schema.clone(), once.table.clone(), reason));
+        return Err(Stop::Reported);
+    }
     tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %once.table, repair = action.repair.name(), statement = %once.sql, "healed");
     if once.adds_column {
         *outcome.changed.entry(action.repair.name()).or_default() += 1;

@@ -4,9 +4,9 @@
 
 use std::fmt::Write as _;
 
-use super::{backfill, columns, copy, sequence, Repair};
+use super::{backfill, columns, copy, sequence, triggers, Repair};
 use crate::checks::orphan_rows;
-use crate::config::{AuditValues, Config};
+use crate::config::Config;
 use crate::report::{Check, CopyVerdict, Detail, DriftKind, Finding, ParentLocation, RelationshipSource};
 use crate::scan::Scanned;
 use crate::sql;
@@ -64,6 +64,10 @@ pub struct OnceStep {
     /// Runs under `heal.validate_timeout` instead of `heal.statement_timeout` (a `VALIDATE`
     /// reads the whole table, blocking no reads or writes).
     pub long: bool,
+    /// (column, type) of a column this step adds: refused, unless `heal.allow_table_rewrite`,
+    /// when the type is a domain with constraints there (see [`columns::CONSTRAINED_DOMAIN`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added: Option<(String, String)>,
 }
 
 impl Action {
@@ -94,7 +98,14 @@ impl Step {
     /// A one-off step on `table.column`, named `step` in its audit key.
     pub fn once(table: &str, column: &str, step: &str, sql: String) -> Step {
         let key = format!("jsonb_build_object('column', {}, 'step', {})", sql::literal(column), sql::literal(step));
-        Step::Once(OnceStep { sql, table: table.to_string(), key, adds_column: step == "add_column", long: false })
+        Step::Once(OnceStep {
+            sql,
+            table: table.to_string(),
+            key,
+            adds_column: step == "add_column",
+            long: false,
+            added: None,
+        })
     }
 }
 
@@ -179,6 +190,14 @@ impl Plan {
                             out.push_str(&spec.render());
                         }
                         Step::Once(once) => {
+                            if let Some((_, data_type)) = &once.added {
+                                let _ = writeln!(
+                                    out,
+                                    "-- first, in the same transaction ($1 = {}): set aside, unless heal.allow_table_rewrite, when the type is a domain with constraints (adding it rewrites the table):\n{};",
+                                    sql::escape_controls(&sql::literal(data_type)),
+                                    columns::CONSTRAINED_DOMAIN
+                                );
+                            }
                             if once.long {
                                 let _ =
                                     writeln!(out, "-- under heal.validate_timeout instead of heal.statement_timeout");
@@ -215,9 +234,8 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
             let probe =
                 orphan_rows::Probe { same_entity: true, ..orphan_rows::probe_for(catalog, &scanned.shape, shared, f)? };
             let summary = format!("{} orphan row(s) whose {parent_table} row exists in {shared}", f.count);
-            let full = config.heal.audit_values == AuditValues::Full;
             let links = links(scanned, config);
-            let spec = copy::spec(catalog, shared, tenant, &probe, &config.heal.same_entity_keys, &links, full)?;
+            let spec = copy::spec(catalog, shared, tenant, &probe, &config.heal, &links)?;
             (summary, vec![Step::Copy(Box::new(spec))])
         }
         (Repair::BackfillNullTimestamps, Check::NullTimestamps, Detail::NullTimestamps { data_type }) => {
@@ -244,7 +262,12 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
             let chain = config.heal.fallbacks.get(name).cloned().unwrap_or_default();
             match difference {
                 DriftKind::MissingColumn => {
-                    let summary = format!("add column {name} {} as the reference has it", column.data_type);
+                    let summary = format!(
+                        "add column {name} {}{}{} as the reference has it",
+                        column.data_type,
+                        if column.not_null { " NOT NULL" } else { "" },
+                        column.default.as_deref().map(|d| format!(" DEFAULT {d}")).unwrap_or_default()
+                    );
                     (summary, columns::add(tenant, &table, own, column, &chain))
                 }
                 DriftKind::DefaultMismatch => {
@@ -275,7 +298,7 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
         }
         _ => return None,
     };
-    let triggers = fired_triggers(catalog, tenant, &steps);
+    let triggers = fired_triggers(catalog, tenant, &steps, &config.heal.allow_triggers);
     Some(Action { repair, table, summary, steps, triggers })
 }
 
@@ -301,20 +324,38 @@ fn links(scanned: &Scanned, config: &Config) -> Vec<copy::Link> {
 
 /// The enabled user triggers the steps' writes fire: `INSERT` triggers of every table a copy
 /// may write, `UPDATE` triggers of a backfilled table (its inheritance children's own triggers
-/// are not listed). DDL fires none.
-fn fired_triggers(catalog: &crate::catalog::Catalog, tenant: &str, steps: &[Step]) -> Vec<String> {
+/// are not listed, they are checked when the step runs). DDL fires none. A `BEFORE` row trigger
+/// heal may not fire (see [`super::triggers`]) says that its step will be set aside.
+fn fired_triggers(
+    catalog: &crate::catalog::Catalog,
+    tenant: &str,
+    steps: &[Step],
+    allow: &[crate::config::AllowedTrigger],
+) -> Vec<String> {
     let mut out = Vec::new();
     let mut add = |table: &str, insert: bool| {
         let Some(t) = catalog.table(tenant, table) else { return };
         for trigger in t.triggers.iter().filter(|t| if insert { t.on_insert } else { t.on_update }) {
             let event = if insert { "INSERT" } else { "UPDATE" };
-            out.push(format!("{}.{} ({event})", sql::display_name(tenant, table), trigger.name));
+            let timing = match (trigger.before_row, triggers::allowed(allow, table, table, &trigger.name)) {
+                (false, _) => "",
+                (true, true) => "BEFORE ",
+                (true, false) => "refused, not in heal.allow_triggers: BEFORE ",
+            };
+            out.push(format!("{}.{} ({timing}{event})", sql::display_name(tenant, table), trigger.name));
         }
     };
     for step in steps {
         match step {
             Step::Copy(spec) => {
-                for (name, _) in spec.tables.iter().filter(|(_, t)| t.in_shared && t.unusable.is_none()) {
+                // The tables written, and those a refused trigger keeps from being written.
+                let refused = |name: &str| {
+                    catalog
+                        .table(tenant, name)
+                        .is_some_and(|own| !triggers::refused_in_catalog(allow, name, own, true).is_empty())
+                };
+                for (name, _) in spec.tables.iter().filter(|(n, t)| t.in_shared && (t.unusable.is_none() || refused(n)))
+                {
                     add(name, true);
                 }
             }

@@ -188,3 +188,53 @@ async fn a_column_that_lost_its_default_gets_it_back_before_its_not_null() {
         rows(&url, "SELECT row_key->>'step' FROM tenant_audit.heal_log WHERE row_key ? 'step' ORDER BY id").await;
     assert_eq!(steps, ["set_default", "add_check", "validate_check", "set_not_null"]);
 }
+
+/// PostgreSQL 15 rewrites the table for `ADD COLUMN` of a domain with constraints, whatever the
+/// default and nullability (it checks every row); a domain without constraints is metadata-only.
+/// Heal adds the plain one in one statement, sets the constrained one aside unless
+/// `heal.allow_table_rewrite`, and says so in the plan.
+#[tokio::test]
+async fn a_column_of_a_constrained_domain_is_never_added_by_a_silent_rewrite() {
+    let sql = "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_template', 'tenant_a']) t;
+        CREATE DOMAIN public.score AS int CHECK (VALUE >= 0);
+        CREATE DOMAIN public.label AS text;
+        CREATE TABLE tenant_template.item (id int PRIMARY KEY, label public.label NOT NULL DEFAULT 'x', score public.score NOT NULL DEFAULT 1);
+        CREATE TABLE tenant_a.item (id int PRIMARY KEY);
+        INSERT INTO tenant_a.item SELECT generate_series(1, 10);";
+    let url = fixture_db("heal_ddl_domain", sql).await;
+    let filenode = "SELECT pg_relation_filenode('tenant_a.item')::text";
+    let before = rows(&url, filenode).await;
+    let path = config_file("heal_ddl_domain", &format!("database_url = {url:?}\n{HEAL}"));
+    let plan = String::from_utf8_lossy(&cli(&["heal", "--config", path.to_str().unwrap()], &[]).stdout).into_owned();
+    assert!(
+        plan.contains("-- add_missing_columns on tenant_a.item: add column score public.score NOT NULL DEFAULT 1 as the reference has it\n-- first, in the same transaction ($1 = 'public.score'): set aside, unless heal.allow_table_rewrite, when the type is a domain with constraints (adding it rewrites the table):\n"),
+        "{plan}"
+    );
+    let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "add_missing_columns: 1 change(s)",
+            "set aside tenant_a.item: add column score: its type public.score is a domain with constraints, and adding a column of it rewrites the whole table under ACCESS EXCLUSIVE (no staged path avoids it); allow it with heal.allow_table_rewrite = true",
+            stdout.lines().last().unwrap(),
+        ]
+    );
+    assert_eq!(rows(&url, filenode).await, before, "the plain domain is added without a rewrite");
+    assert_eq!(
+        definition(&url, "tenant_a", "item").await,
+        ["id integer NOT NULL", "label label NOT NULL DEFAULT 'x'::text"]
+    );
+
+    // Allowed: the rewrite happens, on purpose.
+    let path =
+        config_file("heal_ddl_domain_allowed", &format!("database_url = {url:?}\n{HEAL}allow_table_rewrite = true\n"));
+    let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(rows(&url, filenode).await, before, "adding the constrained domain rewrote the table");
+    assert_eq!(
+        definition(&url, "tenant_a", "item").await,
+        ["id integer NOT NULL", "label label NOT NULL DEFAULT 'x'::text", "score score NOT NULL DEFAULT 1"]
+    );
+}

@@ -295,8 +295,11 @@ async fn configured_relationships_of_a_copied_row_follow_the_same_entity_rules()
     );
     assert_eq!(rows(&url, "SELECT name FROM tenant_a.region WHERE id = 3").await, ["own region 3"]);
     assert_eq!(
-        rows(&url, "SELECT format('%s %s', table_name, row_key) FROM tenant_audit.heal_log ORDER BY table_name, row_key::text")
-            .await,
+        rows(
+            &url,
+            "SELECT format('%s %s', table_name, row_key) FROM tenant_audit.heal_log ORDER BY table_name, row_key::text"
+        )
+        .await,
         [
             "owner {\"id\": \"e0000000-0000-0000-0000-000000000001\"}",
             "owner {\"id\": \"e0000000-0000-0000-0000-000000000002\"}",

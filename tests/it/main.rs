@@ -15,6 +15,7 @@ mod heal_graph;
 mod heal_plan;
 mod heal_review;
 mod heal_sequences;
+mod heal_triggers;
 mod heal_undo;
 mod incremental;
 mod listener;

@@ -30,7 +30,10 @@ async fn samples_of_a_five_million_row_table_need_no_sort() {
     let mut client = pg::connect(&url).await;
     let mut tx = client.transaction().await.unwrap();
     let tenants: BTreeSet<String> = ["tenant_a".to_string()].into();
-    let (catalog, failed) = catalog::read(&mut tx, &["public".to_string()], &["tenant_a".to_string()], &mut Default::default()).await.unwrap();
+    let (catalog, failed) =
+        catalog::read(&mut tx, &["public".to_string()], &["tenant_a".to_string()], &mut Default::default())
+            .await
+            .unwrap();
     tx.commit().await.unwrap();
     assert!(failed.is_empty());
     let shape = Shape::build(&catalog, &tenants, "public", None);
