@@ -757,7 +757,7 @@ async fn scan_tenant(
                     db::discard(s);
                 }
                 conflicts += 1;
-                tracing::info!(tenant, table = %current.table, attempt = conflicts, "recovery conflict; trying again");
+                tracing::info!(tenant = %crate::sql::escape_controls(tenant), table = %crate::sql::escape_controls(&current.table), attempt = conflicts, "recovery conflict; trying again");
                 continue;
             }
             Err(e)
@@ -824,7 +824,9 @@ async fn run_unit(
     if let Some(sql) = unit.sample_sql(&findings, samples) {
         match db::read_only(client, scan, &sql, db::Parallel::Serial).await {
             Ok(rows) => work::attach_samples(&mut findings, rows.first().map(Vec::as_slice).unwrap_or_default()),
-            Err(e) => tracing::warn!(tenant, table = %unit.table, error = %e, "sample keys left out"),
+            Err(e) => {
+                tracing::warn!(tenant = %crate::sql::escape_controls(tenant), table = %crate::sql::escape_controls(&unit.table), error = %crate::sql::escape_controls(&e.to_string()), "sample keys left out")
+            }
         }
     }
     Ok((findings, failed))

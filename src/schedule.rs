@@ -218,10 +218,10 @@ impl Scheduler {
             Ok(scanned) => {
                 for e in &scanned.report.errors {
                     tracing::warn!(
-                        schema = e.schema.as_deref(),
-                        table = e.table.as_deref(),
+                        schema = e.schema.as_deref().map(crate::sql::escape_controls),
+                        table = e.table.as_deref().map(crate::sql::escape_controls),
                         kind = e.kind.name(),
-                        error = %e.message,
+                        error = %crate::sql::escape_controls(&e.message),
                         "tenant scan error"
                     );
                 }
