@@ -31,7 +31,7 @@ const FIRING_ON_DEMO: [&str; 4] = [
 async fn dashboard_and_alert_queries_run_on_a_real_prometheus() {
     let url = fixture_db("prometheus_e2e", DEMO_SQL).await;
     let daemon = start_daemon(config(&url, DAEMON)).await;
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     let target = daemon.base.strip_prefix("http://").unwrap().to_string();
     let mut prometheus = Prometheus::start(&target);
     prometheus.wait_for_scrapes().await;
