@@ -257,13 +257,14 @@ async fn unflushed_changes_are_reported_once_the_statistics_are_flushed() {
         let expected = inserted(&observer, &table).await + 1;
         // Two statements back to back: the first (on a table no check reads) may flush the
         // session's statistics, so the second's stay pending (PGSTAT_MIN_INTERVAL) until the
-        // session has been idle a while.
+        // session has been idle a while. The row has an explicit key: drawing one from the
+        // sequence would move the sequence's state, a signal that needs no flush.
         session.batch_execute("INSERT INTO public.scratch VALUES (1)").await.expect("scratch");
         session
             .batch_execute(&format!(
                 "SET session_replication_role = replica;
-                 INSERT INTO {table} (user_id, business_id, created_at, modified_at)
-                 VALUES (1, 'c0000000-0000-0000-0000-0000000000{round:02}', now(), now());
+                 INSERT INTO {table} (id, user_id, business_id, created_at, modified_at)
+                 VALUES (1000 + {round}, 1, 'c0000000-0000-0000-0000-0000000000{round:02}', now(), now());
                  RESET session_replication_role"
             ))
             .await
