@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
     let args = args()?;
     let config = Config::load(&args.config)?;
     let pool = tenant_audit::db::scan_pool(&config.database, &config.scan);
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(&config.name);
     let never = CancellationToken::new();
     let mut state = State::default();
     let mut bench = Bench { config: &config, pool: &pool, metrics: &metrics, never: &never, state: &mut state };

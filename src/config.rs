@@ -380,6 +380,16 @@ impl Fleet {
         Ok(Fleet { targets: configs, shard })
     }
 
+    /// Loads the web config file at `path` (the `--web.config.file` flag) once, for the listener
+    /// of every target, replacing the file's `web.config_file`.
+    pub fn load_web_security(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let security = std::sync::Arc::new(crate::web_config::WebSecurity::load(path)?);
+        for target in &mut self.targets {
+            target.web.security = Some(std::sync::Arc::clone(&security));
+        }
+        Ok(())
+    }
+
     /// The target `name`, or the only one when `name` is `None`; `key` names the option in
     /// messages (`--target`).
     pub fn select(self, name: Option<&str>, key: &str) -> Result<Config, ConfigError> {
@@ -1081,14 +1091,6 @@ pub struct ScanRequestsConfig {
     /// A requested scan may heal (with `heal.enabled`); off by default, so that no HTTP request
     /// writes unless the operator allowed exactly that.
     pub heal: bool,
-}
-
-impl WebConfig {
-    /// Loads the web config file at `path` (the `--web.config.file` flag), replacing the file's.
-    pub fn load_security(&mut self, path: &Path) -> Result<(), ConfigError> {
-        self.security = Some(std::sync::Arc::new(crate::web_config::WebSecurity::load(path)?));
-        Ok(())
-    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -40,7 +40,7 @@ use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WebConfig;
-use crate::metrics::Metrics;
+use crate::exposition::Exposition;
 use crate::report::Report;
 use crate::schedule::{Scheduler, Trigger};
 use crate::web_config::WebSecurity;
@@ -67,8 +67,9 @@ const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// What the handlers read.
 #[derive(Clone)]
 pub struct Endpoints {
-    pub scheduler: Arc<Scheduler>,
-    pub metrics: Arc<Metrics>,
+    /// One per target, in configuration order (at least one).
+    pub schedulers: Vec<Arc<Scheduler>>,
+    pub metrics: Arc<Exposition>,
 }
 
 /// Accepts connections until `shutdown`, then lets open requests finish (for at most
@@ -160,6 +161,11 @@ impl AcceptErrors {
     }
 }
 
+/// A report and its encoding.
+type EncodedReport = (Arc<Report>, Arc<Encoded>);
+/// Every target's report (or none yet) and the encoding of all of them.
+type EncodedReports = (Vec<Option<Arc<Report>>>, Arc<Encoded>);
+
 /// The listener's shared state.
 struct Server {
     endpoints: Endpoints,
@@ -171,8 +177,11 @@ struct Server {
     reload_checked: Mutex<Instant>,
     /// The last encoded `/metrics` and the metrics generation it was encoded at.
     metrics_body: Mutex<Option<(u64, Arc<Encoded>)>>,
-    /// The last encoded `/report` and the report it encodes.
-    report_body: Mutex<Option<(Arc<Report>, Arc<Encoded>)>>,
+    /// Per target, the last encoded report and the report it encodes.
+    report_bodies: Vec<Mutex<Option<EncodedReport>>>,
+    /// With several targets, the last encoded `/report` of all of them and the reports it
+    /// encodes.
+    all_reports_body: Mutex<Option<EncodedReports>>,
     /// When the last `POST /scan` was accepted: the rate limit.
     last_scan_request: Mutex<Option<Instant>>,
 }
@@ -180,13 +189,15 @@ struct Server {
 impl Server {
     fn new(endpoints: Endpoints, web: WebConfig) -> Server {
         let security = RwLock::new(Arc::new(Security::new(web.security.clone())));
+        let report_bodies = endpoints.schedulers.iter().map(|_| Mutex::new(None)).collect();
         Server {
             endpoints,
             web,
             security,
             reload_checked: Mutex::new(Instant::now()),
             metrics_body: Mutex::new(None),
-            report_body: Mutex::new(None),
+            report_bodies,
+            all_reports_body: Mutex::new(None),
             last_scan_request: Mutex::new(None),
         }
     }
@@ -289,15 +300,15 @@ impl Server {
         match (req.method(), path) {
             (&Method::GET, "/metrics") => encoded(METRICS_CONTENT_TYPE, &self.metrics_body(), gzip),
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
-            (&Method::GET, "/readyz") => match self.endpoints.scheduler.readiness() {
+            (&Method::GET, "/readyz") => match self.readiness() {
                 Ok(()) => text(StatusCode::OK, "ready\n".into()),
                 Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
             },
-            (&Method::GET, "/report") => match self.report_body() {
-                Some(body) => encoded("application/json", &body, gzip),
-                None => json_status(StatusCode::SERVICE_UNAVAILABLE, "no scan has completed yet"),
+            (&Method::GET, "/report") => self.report(req.uri().query(), gzip),
+            (&Method::POST, "/scan") => match self.selected(req.uri().query()) {
+                Ok(targets) => self.scan_request(&targets, peer, user.as_deref()),
+                Err(response) => response,
             },
-            (&Method::POST, "/scan") => self.scan_request(peer, user.as_deref()),
             (_, "/metrics" | "/healthz" | "/readyz" | "/report" | "/scan") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
             }
@@ -310,7 +321,7 @@ impl Server {
 
     /// `POST /scan`: 403 unless enabled, 429 within `min_interval` of the last accepted
     /// request, 409 while a scan runs, else 202.
-    fn scan_request(&self, peer: SocketAddr, user: Option<&str>) -> Response<Full<Bytes>> {
+    fn scan_request(&self, targets: &[usize], peer: SocketAddr, user: Option<&str>) -> Response<Full<Bytes>> {
         let requests = &self.web.scan_requests;
         if !requests.enabled {
             return json_status(StatusCode::FORBIDDEN, "POST /scan is disabled (web.scan_requests.enabled)");
@@ -322,7 +333,9 @@ impl Server {
             response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
             return response;
         }
-        if !self.endpoints.scheduler.try_start_scan(Trigger::Request) {
+        let schedulers = targets.iter().map(|&i| &self.endpoints.schedulers[i]);
+        let started = schedulers.filter(|s| s.try_start_scan(Trigger::Request)).count();
+        if started == 0 {
             return json_status(StatusCode::CONFLICT, "a scan is already running");
         }
         *last = Some(Instant::now());
@@ -345,10 +358,55 @@ impl Server {
         }
     }
 
-    /// The encoded last report, encoded once per report.
-    fn report_body(&self) -> Option<Arc<Encoded>> {
-        let report = self.endpoints.scheduler.last_report()?;
-        let mut cache = self.report_body.lock().unwrap_or_else(|e| e.into_inner());
+    /// `Ok` when every target is ready; else why not (with several targets, each stale one by
+    /// name).
+    fn readiness(&self) -> Result<(), String> {
+        let schedulers = &self.endpoints.schedulers;
+        if let [only] = &schedulers[..] {
+            return only.readiness();
+        }
+        let stale: Vec<String> =
+            schedulers.iter().filter_map(|s| s.readiness().err().map(|why| format!("{}: {why}", s.name()))).collect();
+        match stale.is_empty() {
+            true => Ok(()),
+            false => Err(stale.join("; ")),
+        }
+    }
+
+    /// The targets a request names with `?database=NAME` (all of them without it), or the 404
+    /// response for a name that is not a target.
+    #[allow(clippy::result_large_err)]
+    fn selected(&self, query: Option<&str>) -> Result<Vec<usize>, Response<Full<Bytes>>> {
+        let schedulers = &self.endpoints.schedulers;
+        match database_parameter(query) {
+            None => Ok((0..schedulers.len()).collect()),
+            Some(name) => match schedulers.iter().position(|s| s.name() == name) {
+                Some(i) => Ok(vec![i]),
+                None => Err(json_status(StatusCode::NOT_FOUND, &format!("no target named {name:?}"))),
+            },
+        }
+    }
+
+    /// `GET /report`: one target's report (the only one, or `?database=NAME`), or with several
+    /// targets and no name, `{"targets": {NAME: report or null}}`.
+    fn report(&self, query: Option<&str>, gzip: bool) -> Response<Full<Bytes>> {
+        let targets = match self.selected(query) {
+            Ok(targets) => targets,
+            Err(response) => return response,
+        };
+        if let [one] = targets[..] {
+            return match self.report_body(one) {
+                Some(body) => encoded("application/json", &body, gzip),
+                None => json_status(StatusCode::SERVICE_UNAVAILABLE, "no scan has completed yet"),
+            };
+        }
+        encoded("application/json", &self.all_reports_body(), gzip)
+    }
+
+    /// The encoded last report of target `index`, encoded once per report.
+    fn report_body(&self, index: usize) -> Option<Arc<Encoded>> {
+        let report = self.endpoints.schedulers[index].last_report()?;
+        let mut cache = self.report_bodies[index].lock().unwrap_or_else(|e| e.into_inner());
         match &*cache {
             Some((r, body)) if Arc::ptr_eq(r, &report) => Some(Arc::clone(body)),
             _ => {
@@ -358,6 +416,43 @@ impl Server {
             }
         }
     }
+
+    /// `{"targets": {NAME: report or null, ...}}`, encoded once per change of any report.
+    fn all_reports_body(&self) -> Arc<Encoded> {
+        let reports: Vec<Option<Arc<Report>>> = self.endpoints.schedulers.iter().map(|s| s.last_report()).collect();
+        let mut cache = self.all_reports_body.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cached, body)) = &*cache {
+            let same = |a: &Option<Arc<Report>>, b: &Option<Arc<Report>>| match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if cached.iter().zip(&reports).all(|(a, b)| same(a, b)) {
+                return Arc::clone(body);
+            }
+        }
+        let mut json = String::from("{\"targets\":{");
+        for (i, (scheduler, report)) in self.endpoints.schedulers.iter().zip(&reports).enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            json.push_str(&serde_json::Value::from(scheduler.name()).to_string());
+            json.push(':');
+            match report {
+                Some(report) => json.push_str(&report.to_json()),
+                None => json.push_str("null"),
+            }
+        }
+        json.push_str("}}");
+        let body = Arc::new(Encoded::new(json.into_bytes()));
+        *cache = Some((reports, Arc::clone(&body)));
+        body
+    }
+}
+
+/// The value of the query parameter `database`, if given.
+fn database_parameter(query: Option<&str>) -> Option<&str> {
+    query?.split('&').find_map(|pair| pair.strip_prefix("database="))
 }
 
 /// TLS and credentials from one load of the web config file.

@@ -1,14 +1,22 @@
 //! Incremental scans: PostgreSQL's per-table change signals, and the state between scans that
 //! lets a table's findings be carried forward when nothing its checks read may have changed.
 //!
-//! A *unit* is one tenant table with data checks (its orphan probes and its NULL-timestamp
-//! probe). Its *inputs* are a hash of what its findings are a function of: the probes
-//! themselves (which capture the catalog, the reference shape and the configuration they were
-//! planned from), the catalog entries of the table and of every parent table it reads (in the
-//! tenant, the shared schema or a declared schema), and the change signals of those tables:
-//! the OID (a re-created table), the inserted / updated / deleted tuple counters and the
-//! storage files (`relfilenode`, which TRUNCATE and rewrites replace) of the table and all its
-//! partitions and inheritance children.
+//! A *unit* is one tenant table with data checks (its orphan probes, its NULL-timestamp probe
+//! and its `sequence_behind` probes). Its *inputs* are a hash of what its findings are a
+//! function of: the probes themselves (which capture the catalog, the reference shape and the
+//! configuration they were planned from), the catalog entries of the table and of every parent
+//! table it reads (in the tenant, the shared schema or a declared schema), the change signals
+//! of those tables: the OID (a re-created table), the inserted / updated / deleted tuple
+//! counters and the storage files (`relfilenode`, which TRUNCATE and rewrites replace) of the
+//! table and all its partitions and inheritance children, and the state (`last_value`,
+//! `is_called`) of the sequences its columns draw from.
+//!
+//! A whole tenant is carried forward, without even being planned, when its *tenant inputs*
+//! (see [`tenant_inputs`]) are those its whole last result was stored with: the scan's context
+//! (reference shape, tenant set, shared and reference fingerprints), its own fingerprint and
+//! those of the schemas it names, and the signals of every relation and sequence its last plan
+//! read. The plan is a function of the catalogs and the context, so the same inputs give the
+//! same plan, and the same plan over the same signals gives the same findings.
 //!
 //! The catalog is incremental too: every scan reads one *fingerprint* per schema (a count and a
 //! digest of the raw `xmin` of the catalog rows that describe it, see [`FINGERPRINTS`]) with the
@@ -40,8 +48,10 @@ use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
 use crate::catalog::{Catalog, Interner, Schema, SchemaRef, TypeSchema};
-use crate::checks::Plan;
-use crate::db::DbError;
+use crate::checks::{Plan, Shape};
+use crate::config::ScanConfig;
+use crate::db::{self, DbError};
+use crate::sql;
 use crate::report::{Finding, ScanKind};
 
 /// Where the statistics counters come from, and whether they can be trusted at all. Two reads
@@ -72,6 +82,9 @@ pub struct Signals {
     /// What decides the scanning role's privileges besides the schemas' own rows: its role
     /// attributes and every role membership.
     roles: String,
+    /// `(last_value, is_called)` of the tenant sequences the data checks read, by (schema,
+    /// sequence); read after the catalog, before any tenant's data (see [`read_sequences`]).
+    sequences: HashMap<(String, String), (String, String)>,
 }
 
 /// A schema's catalog fingerprint: how many catalog rows describe it and a digest of their
@@ -228,7 +241,49 @@ pub async fn read(client: &impl GenericClient, schemas: &[String], mentioned: &[
     for r in client.query_typed(FINGERPRINTS, &[(&all, Type::TEXT_ARRAY)]).await? {
         fingerprints.insert(r.get(0), Fingerprint { rows: r.get(1), digest: r.get(2) });
     }
-    Ok(Signals { epoch, in_recovery, track_counts, tables, fingerprints, roles })
+    Ok(Signals { epoch, in_recovery, track_counts, tables, fingerprints, roles, sequences: HashMap::new() })
+}
+
+/// How many sequences one statement of [`read_sequences`] reads: it holds an `AccessShareLock`
+/// on each until it ends, so a batch stays within `max_locks_per_transaction`'s default (64).
+pub const SEQUENCE_BATCH: usize = 64;
+
+/// Reads the state of `sequences` (schema, name) into `signals`, [`SEQUENCE_BATCH`] per
+/// statement, each in a short read-only transaction of its own. No statistics counter moves
+/// with a sequence (`nextval` and `setval` write it in place), so its state is read itself:
+/// one statement per batch instead of one per sequence-backed column. A batch that fails (a
+/// sequence dropped meanwhile, no privilege) leaves its sequences without a state: their
+/// tables are then checked. Call it before any tenant's data is read.
+pub async fn read_sequences(
+    client: &tokio_postgres::Client,
+    scan: &ScanConfig,
+    sequences: &[(String, String)],
+    signals: &mut Signals,
+) {
+    for batch in sequences.chunks(SEQUENCE_BATCH) {
+        let sql = batch
+            .iter()
+            .enumerate()
+            .map(|(i, (schema, name))| {
+                format!("SELECT {i}, s.last_value::text, s.is_called::text FROM {} s", sql::qualified(schema, name))
+            })
+            .collect::<Vec<_>>()
+            .join("\nUNION ALL ");
+        match db::read_only(client, scan, &format!("/* tenant-audit:signals */ {sql}"), db::Parallel::Serial).await {
+            Ok(rows) => {
+                for row in rows {
+                    let (Some(Some(i)), Some(Some(last)), Some(Some(called))) = (row.first(), row.get(1), row.get(2))
+                    else {
+                        continue;
+                    };
+                    if let Some(key) = i.parse::<usize>().ok().and_then(|i| batch.get(i)) {
+                        signals.sequences.insert(key.clone(), (last.clone(), called.clone()));
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "sequence states left out; their tables are checked"),
+        }
+    }
 }
 
 /// Which schemas' catalog a scan reads, and the catalogs it takes from the previous scans.
@@ -275,6 +330,89 @@ struct Unit {
     findings: Vec<Finding>,
 }
 
+/// What one tenant's findings were computed from besides its own catalog and the scan's
+/// context: the relations its checks read and the sequences they read.
+#[derive(Debug, Clone, Default)]
+pub struct Reads {
+    relations: Vec<(String, String)>,
+    sequences: Vec<String>,
+}
+
+impl Reads {
+    /// The reads of `plan` (taken before any check is left out of it).
+    pub fn of(plan: &Plan, tenant: &str) -> Reads {
+        let mut relations: Vec<(String, String)> = plan
+            .tables
+            .iter()
+            .flat_map(|u| u.relations(tenant))
+            .map(|(schema, table)| (schema.to_string(), table.to_string()))
+            .collect();
+        relations.sort();
+        relations.dedup();
+        let sequences = plan.tables.iter().flat_map(|u| u.sequences.iter().map(|p| p.sequence.clone())).collect();
+        Reads { relations, sequences }
+    }
+}
+
+/// A whole tenant's last result: every finding of the tenant (its catalog checks' included),
+/// valid while its inputs hash (see [`tenant_inputs`]) stays the same.
+#[derive(Debug)]
+struct Memo {
+    inputs: u64,
+    reads: Reads,
+    findings: Vec<Finding>,
+    /// Its tables with data checks, and when the oldest of their results was computed.
+    tables: usize,
+    oldest: DateTime<Utc>,
+}
+
+/// What a tenant carried forward whole: its findings, its tables with data checks and the
+/// time its oldest result was computed.
+pub type Carried<'a> = (&'a [Finding], usize, DateTime<Utc>);
+
+/// The hash of everything a tenant's findings are a function of, given what its checks read
+/// (`reads`): the scan's `context` (reference shape, tenant set, configuration), the tenant's
+/// catalog fingerprint and those of the schemas it names, the signals and catalog fingerprints
+/// of every relation it reads and the state of every sequence it reads. `None` when one of them
+/// is missing (nothing to compare with).
+pub fn tenant_inputs(
+    context: u64,
+    tenant: &str,
+    catalog: &Catalog,
+    reads: &Reads,
+    signals: &Signals,
+) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    context.hash(&mut h);
+    signals.fingerprints.get(tenant)?.hash(&mut h);
+    if let Some(schema) = catalog.schemas.get(tenant) {
+        for other in mentioned_by(schema) {
+            (other, signals.fingerprints.get(other)).hash(&mut h);
+        }
+    }
+    for (schema, table) in &reads.relations {
+        (schema, table, signals.fingerprints.get(schema)?).hash(&mut h);
+        signals.tables.get(&(schema.clone(), table.clone()))?.hash(&mut h);
+    }
+    for sequence in &reads.sequences {
+        signals.sequences.get(&(tenant.to_string(), sequence.clone()))?.hash(&mut h);
+    }
+    Some(h.finish())
+}
+
+/// The hash of what every tenant's findings depend on besides its own catalog and data: the
+/// reference shape, the set of tenants (a foreign key into another tenant), and the catalog
+/// fingerprints of `schemas` (the shared and reference schemas).
+pub fn context(signals: &Signals, shape: &Shape, tenants: &BTreeSet<String>, schemas: &[&str]) -> u64 {
+    let mut h = DefaultHasher::new();
+    format!("{shape:?}").hash(&mut h);
+    tenants.hash(&mut h);
+    for schema in schemas {
+        (schema, signals.fingerprints.get(*schema)).hash(&mut h);
+    }
+    h.finish()
+}
+
 /// The state the daemon keeps between scans: stored findings per unit and the last counters
 /// per table OID (to notice counters going backwards).
 #[derive(Debug, Default)]
@@ -289,6 +427,9 @@ pub struct State {
     fingerprints: HashMap<String, Fingerprint>,
     roles: Option<String>,
     interner: Interner,
+    /// Per tenant, its whole last result (tenants whose inputs did not change are not even
+    /// planned).
+    memos: HashMap<String, Memo>,
 }
 
 impl State {
@@ -369,6 +510,7 @@ impl State {
         };
         if kind == ScanKind::Full {
             self.units.clear();
+            self.memos.clear();
         }
         // Untrusted signals also make the next scan full: a standby promoted meanwhile (same
         // epoch) never counted the writes it replayed.
@@ -386,11 +528,38 @@ impl State {
     /// Keeps only the tenants in `present` (dropped tenants are forgotten).
     pub fn retain_tenants(&mut self, present: &std::collections::BTreeSet<String>) {
         self.units.retain(|t, _| present.contains(t));
+        self.memos.retain(|t, _| present.contains(t));
     }
 
     /// Forgets everything stored about `tenant` (it failed as a whole).
     pub fn forget_tenant(&mut self, tenant: &str) {
         self.units.remove(tenant);
+        self.memos.remove(tenant);
+    }
+
+    /// The whole last result of `tenant`, if its inputs are still the ones it was computed from.
+    pub fn carried_tenant(&self, context: u64, tenant: &str, catalog: &Catalog, signals: &Signals) -> Option<Carried<'_>> {
+        let memo = self.memos.get(tenant)?;
+        let now = tenant_inputs(context, tenant, catalog, &memo.reads, signals)?;
+        (now == memo.inputs).then_some((memo.findings.as_slice(), memo.tables, memo.oldest))
+    }
+
+    /// Stores the whole result of `tenant`, computed from `inputs` (see [`tenant_inputs`]).
+    pub fn store_tenant(
+        &mut self,
+        tenant: &str,
+        inputs: u64,
+        reads: Reads,
+        findings: Vec<Finding>,
+        tables: usize,
+        oldest: DateTime<Utc>,
+    ) {
+        self.memos.insert(tenant.to_string(), Memo { inputs, reads, findings, tables, oldest });
+    }
+
+    /// Forgets the whole result of `tenant` (part of it is being recomputed).
+    pub fn forget_memo(&mut self, tenant: &str) {
+        self.memos.remove(tenant);
     }
 
     /// Stores the findings of `table` in `tenant`, computed from `inputs` by the scan begun at
@@ -459,11 +628,17 @@ pub fn unit_inputs(
     let mut own: HashMap<&str, Option<u64>> = HashMap::new();
     plan.tables
         .iter()
-        .filter(|unit| !unit.orphans.is_empty() || unit.nulls.is_some())
+        .filter(|unit| unit.has_checks())
         .map(|unit| {
             let mut h = DefaultHasher::new();
-            format!("{:?}", (&unit.relation, &unit.orphans, &unit.nulls)).hash(&mut h);
+            format!("{:?}", (&unit.relation, &unit.orphans, &unit.nulls, &unit.sequences)).hash(&mut h);
             let mut complete = true;
+            for probe in &unit.sequences {
+                match signals.sequences.get(&(tenant.to_string(), probe.sequence.clone())) {
+                    Some(state) => state.hash(&mut h),
+                    None => complete = false,
+                }
+            }
             for (schema, name) in unit.relations(tenant) {
                 let hash = if schema == tenant {
                     *own.entry(name).or_insert_with(|| table_hash(catalog, signals, schema, name))
@@ -507,6 +682,7 @@ mod tests {
             tables,
             fingerprints: HashMap::new(),
             roles: String::new(),
+            sequences: HashMap::new(),
         }
     }
 

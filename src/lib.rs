@@ -27,12 +27,16 @@
 //!   recorded, never fatal.
 //! - [`heal`]: plans and repairs; the ONLY code that writes to a tenant database.
 //! - [`report`]: report types and their table and JSON renderings.
-//! - [`metrics`]: the Prometheus registry, rebuilt from each finished report.
+//! - [`metrics`]: one target's Prometheus registry (every series labelled `database`), rebuilt
+//!   from each finished report.
+//! - [`exposition`]: `/metrics` of the process: the build info and every target's metrics.
+//! - [`shard`]: which shard owns a tenant (rendezvous hashing of the schema name).
 //! - [`schedule`]: the cron loop; one scan at a time; keeps the last good report.
 //! - [`http`]: the HTTP listener and endpoints: TLS, basic auth, timeouts, a connection cap,
 //!   accept back-off, responses encoded once per change. Never queries PostgreSQL.
 //! - [`web_config`]: the listener's exporter-toolkit web config file (TLS, basic auth users).
-//! - [`daemon`]: `serve`: wires scheduler and HTTP together, shuts down within the timeout.
+//! - [`daemon`]: `serve`: one scheduler per target and the HTTP listener; one target down, slow
+//!   or frozen never delays another; shuts down within the timeout.
 //!
 //! Outside `src/`: `dashboards/` (Grafana dashboard, alert rules and their promtool tests),
 //! `helm/tenant-audit/` (the chart), `tests/it/` (one integration binary against real
@@ -53,6 +57,7 @@ pub mod config;
 pub mod conninfo;
 pub mod daemon;
 pub mod db;
+pub mod exposition;
 pub mod heal;
 pub mod http;
 pub mod incremental;

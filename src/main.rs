@@ -226,19 +226,27 @@ fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let mut config = Config::load(&args.config)?;
+    let mut fleet = Fleet::load(&args.config)?;
     if let Some(path) = &args.web_config_file {
-        config.web.load_security(path)?;
+        fleet.load_web_security(path)?;
     }
-    let listen = config.serve.listen;
+    let web = &fleet.targets[0].web;
+    let listen = fleet.targets[0].serve.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (serve.listen)"))?;
     let address = listener.local_addr().context("cannot read the listening address")?;
-    let scheme = if config.web.security.as_ref().is_some_and(|s| s.tls.is_some()) { "https" } else { "http" };
-    tracing::info!(%address, database = %config.database.target, "listening; metrics at {scheme}://{address}/metrics");
+    let scheme = if web.security.as_ref().is_some_and(|s| s.tls.is_some()) { "https" } else { "http" };
+    let targets: Vec<String> = fleet.targets.iter().map(|t| format!("{} ({})", t.name, t.database.target)).collect();
+    tracing::info!(
+        %address,
+        targets = %targets.join(", "),
+        shard = fleet.shard.index,
+        shards = fleet.shard.count,
+        "listening; metrics at {scheme}://{address}/metrics"
+    );
     let shutdown = shutdown_on_signals()?;
-    daemon::run(config, listener, shutdown).await;
+    daemon::run(fleet, listener, shutdown).await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -70,219 +70,218 @@ pub const HEAL_RESULTS: [&str; 3] = ["success", "failure", "locked_out"];
 /// failures that stopped a whole scan.
 pub const SCAN_FAILURE_KINDS: [&str; 4] = ["discovery", "catalog", "config", "deadline"];
 
-fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    registry.register(Box::new(g.clone())).expect("metric registered once");
-    g
+/// Registers the metrics of one target in its registry, each with the constant label
+/// `database`.
+struct Builder<'a> {
+    registry: &'a Registry,
+    database: &'a str,
 }
 
-fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("valid metric definition");
-    registry.register(Box::new(g.clone())).expect("metric registered once");
-    g
-}
+impl Builder<'_> {
+    fn opts(&self, name: &str, help: &str) -> Opts {
+        Opts::new(name, help).const_label("database", self.database)
+    }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
-    let g = Gauge::new(name, help).expect("valid metric definition");
-    registry.register(Box::new(g.clone())).expect("metric registered once");
-    g
-}
-
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("valid metric definition");
-    registry.register(Box::new(c.clone())).expect("metric registered once");
-    c
-}
-
-fn float_gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
-    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    registry.register(Box::new(g.clone())).expect("metric registered once");
-    g
-}
-
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    registry.register(Box::new(c.clone())).expect("metric registered once");
-    c
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new()
+    fn register<M: prometheus::core::Collector + Clone + 'static>(&self, metric: M) -> M {
+        self.registry.register(Box::new(metric.clone())).expect("metric registered once");
+        metric
     }
 }
 
+fn gauge_vec(b: &Builder<'_>, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    b.register(IntGaugeVec::new(b.opts(name, help), labels).expect("valid metric definition"))
+}
+
+fn int_gauge(b: &Builder<'_>, name: &str, help: &str) -> IntGauge {
+    b.register(IntGauge::with_opts(b.opts(name, help)).expect("valid metric definition"))
+}
+
+fn gauge(b: &Builder<'_>, name: &str, help: &str) -> Gauge {
+    b.register(Gauge::with_opts(b.opts(name, help)).expect("valid metric definition"))
+}
+
+fn counter(b: &Builder<'_>, name: &str, help: &str) -> IntCounter {
+    b.register(IntCounter::with_opts(b.opts(name, help)).expect("valid metric definition"))
+}
+
+fn float_gauge_vec(b: &Builder<'_>, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    b.register(GaugeVec::new(b.opts(name, help), labels).expect("valid metric definition"))
+}
+
+fn counter_vec(b: &Builder<'_>, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    b.register(IntCounterVec::new(b.opts(name, help), labels).expect("valid metric definition"))
+}
+
 impl Metrics {
-    pub fn new() -> Metrics {
+    /// The metrics of target `database` (its name: the value of their `database` label).
+    pub fn new(database: &str) -> Metrics {
         let r = Registry::new();
+        let b = Builder { registry: &r, database };
         let per_schema = ["schema", "table", "column"];
         let m = Metrics {
             generation: AtomicU64::new(0),
             orphan_rows: gauge_vec(
-                &r,
+                &b,
                 "tenant_audit_orphan_rows",
                 "Child rows whose parent is missing from the tenant's expected parent table.",
                 &[&per_schema[..], &["parent_table", "parent_location"]].concat(),
             ),
             null_timestamps: gauge_vec(
-                &r,
+                &b,
                 "tenant_audit_null_timestamps",
                 "NULL values in a required timestamp column.",
                 &per_schema,
             ),
             sequence_behind: gauge_vec(
-                &r,
+                &b,
                 "tenant_audit_sequence_behind",
                 "How many of a tenant sequence's next values are already taken in its column.",
                 &per_schema,
             ),
             cross_schema_fks: gauge_vec(
-                &r,
+                &b,
                 "tenant_audit_cross_schema_fks",
                 "Foreign keys of a tenant that check another schema's table.",
                 &[&per_schema[..], &["target_schema", "target_table", "reason"]].concat(),
             ),
             schema_drift: gauge_vec(
-                &r,
+                &b,
                 "tenant_audit_schema_drift",
                 "Differences between a tenant table and the reference shape.",
                 &[&per_schema[..], &["difference"]].concat(),
             ),
             registry_findings: gauge_vec(
-                &r,
+                &b,
                 "tenant_audit_registry_findings",
                 "Registry rows without a schema and schemas without a registry row.",
                 &["schema", "check"],
             ),
             table_orphan_rows: gauge_vec(
-                &r,
+                &b,
                 "tenant_audit_table_orphan_rows",
                 "Orphan rows summed over all tenants.",
                 &["table", "column", "parent_table", "parent_location"],
             ),
             affected_rows: gauge_vec(
-                &r,
+                &b,
                 "tenant_audit_affected_rows",
                 "Rows (or structural problems) found, summed over all tenants.",
                 &["check", "table"],
             ),
             affected_tenants: gauge_vec(
-                &r,
+                &b,
                 "tenant_audit_affected_tenants",
                 "Tenants with at least one finding.",
                 &["check", "table"],
             ),
-            findings: gauge_vec(&r, "tenant_audit_findings", "Findings of the last successful scan.", &["check"]),
+            findings: gauge_vec(&b, "tenant_audit_findings", "Findings of the last successful scan.", &["check"]),
             series_dropped: int_gauge(
-                &r,
+                &b,
                 "tenant_audit_series_dropped",
                 "Per-schema series not exported because of metrics.max_tenant_series.",
             ),
             tenants_discovered: int_gauge(
-                &r,
+                &b,
                 "tenant_audit_tenants_discovered",
                 "Tenant schemas found by the last successful scan.",
             ),
             tenants_scanned: int_gauge(
-                &r,
+                &b,
                 "tenant_audit_tenants_scanned",
                 "Tenants the last successful scan checked without error.",
             ),
             tenants_failed: int_gauge(
-                &r,
+                &b,
                 "tenant_audit_tenants_failed",
                 "Tenants with an error in the last successful scan.",
             ),
             last_scan_duration: gauge(
-                &r,
+                &b,
                 "tenant_audit_last_scan_duration_seconds",
                 "Duration of the last scan, successful or not.",
             ),
             last_success_timestamp: gauge(
-                &r,
+                &b,
                 "tenant_audit_last_success_timestamp_seconds",
                 "Unix time at which the last successful scan finished.",
             ),
             last_scan_success: int_gauge(
-                &r,
+                &b,
                 "tenant_audit_last_scan_success",
                 "1 if the last scan completed, 0 if it failed.",
             ),
-            scan_errors: counter_vec(&r, "tenant_audit_scan_errors_total", "Errors met by scans, by kind.", &["kind"]),
-            scans: counter_vec(&r, "tenant_audit_scans_total", "Scans run, by result.", &["result"]),
+            scan_errors: counter_vec(&b, "tenant_audit_scan_errors_total", "Errors met by scans, by kind.", &["kind"]),
+            scans: counter_vec(&b, "tenant_audit_scans_total", "Scans run, by result.", &["result"]),
             skipped_ticks: counter(
-                &r,
+                &b,
                 "tenant_audit_skipped_ticks_total",
                 "Scheduled scans skipped because a scan was running.",
             ),
             database_up: int_gauge(
-                &r,
+                &b,
                 "tenant_audit_database_up",
                 "1 if the database answered the last attempt, else 0.",
             ),
             healed_rows: counter_vec(
-                &r,
+                &b,
                 "tenant_audit_healed_rows_total",
                 "Rows (or columns) changed by heal, by repair.",
                 &["repair"],
             ),
             heal_errors: counter_vec(
-                &r,
+                &b,
                 "tenant_audit_heal_errors_total",
                 "Repairs of a tenant that failed, by repair.",
                 &["repair"],
             ),
             heal_skipped_tenants: counter_vec(
-                &r,
+                &b,
                 "tenant_audit_heal_skipped_tenants_total",
                 "Tenants heal left for a later run, by reason.",
                 &["reason"],
             ),
             heal_set_aside: counter(
-                &r,
+                &b,
                 "tenant_audit_heal_set_aside_total",
                 "Orphaned keys a copy set aside (broken chain, not the same entity, a clash) and steps heal refused (a BEFORE row trigger not allowed, a table rewrite).",
             ),
             heal_runs: counter_vec(
-                &r,
+                &b,
                 "tenant_audit_heal_runs_total",
                 "Heal runs, by result (locked_out: another healer held the lock).",
                 &["result"],
             ),
             last_heal_timestamp: gauge(
-                &r,
+                &b,
                 "tenant_audit_last_heal_timestamp_seconds",
                 "Unix time the last heal run finished.",
             ),
             scan_kind_duration: float_gauge_vec(
-                &r,
+                &b,
                 "tenant_audit_scan_kind_duration_seconds",
                 "Duration of the last successful scan of each kind (full or incremental).",
                 &["scan_kind"],
             ),
             scans_by_kind: counter_vec(
-                &r,
+                &b,
                 "tenant_audit_scans_completed_total",
                 "Successful scans, by kind (full or incremental).",
                 &["scan_kind"],
             ),
             scan_tables: gauge_vec(
-                &r,
+                &b,
                 "tenant_audit_scan_tables",
                 "Tables with data checks in the last successful scan: checked, or carried forward from an earlier scan.",
                 &["scan_kind", "state"],
             ),
             carried_forward_age: gauge(
-                &r,
+                &b,
                 "tenant_audit_carried_forward_oldest_age_seconds",
                 "Age, when the last successful scan finished, of its oldest carried-forward result (0 when none).",
             ),
             consistency: Mutex::new(()),
             registry: r,
         };
-        let build =
-            gauge_vec(&m.registry, "tenant_audit_build_info", "Always 1; labels carry the build.", &["version"]);
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         // Counters exist from the start, so that rate() and alert rules see them before the
         // first error.
         for kind in ErrorKind::ALL {
@@ -408,10 +407,15 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
-        let _guard = self.consistency.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding of gathered metrics");
+        TextEncoder::new().encode(&self.gather(), &mut out).expect("text encoding of gathered metrics");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+
+    /// Every metric family, read in one consistent state.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let _guard = self.consistency.lock().unwrap_or_else(|e| e.into_inner());
+        self.registry.gather()
     }
 
     fn per_schema_gauge(&self, f: &Finding) -> IntGauge {

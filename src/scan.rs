@@ -155,7 +155,7 @@ async fn run_until(
     let started_at = Utc::now();
     let clock = Instant::now();
     let target = &config.database.target;
-    let Snapshot { discovery, catalog, present, chunk_failures, standby, signals, kind } = tokio::select! {
+    let Snapshot { discovery, catalog, present, chunk_failures, standby, mut signals, kind } = tokio::select! {
         snapshot = read_snapshot(config, pool, state.as_deref_mut(), started_at) => snapshot?,
         _ = cancel.cancelled() => return Err(ScanFailure::Cancelled),
     };
@@ -199,11 +199,21 @@ async fn run_until(
 
     let owned: BTreeSet<String> = tenants.iter().filter(|t| shard.owns(t)).cloned().collect();
     let database_wide = shard.reports_database_findings();
-    let mut findings = if database_wide { registry_findings(&discovery) } else { Vec::new() };
+    let findings = if database_wide { registry_findings(&discovery) } else { Vec::new() };
     errors.extend(unreadable_tables(&catalog, &owned, database_wide.then_some(config.tenants.shared_schema.as_str())));
-    for tenant in &owned {
-        findings.extend(checks::catalog_findings(&ctx, tenant));
+    // The sequences' states are signals too: read after the catalog, before any tenant's data.
+    if let Some(signals) = signals.as_mut() {
+        let sequences = tenant_sequences(&catalog, &owned);
+        tokio::select! {
+            read = read_sequences(config, pool, &sequences, signals) => read.map_err(ScanFailure::Connect)?,
+            _ = cancel.cancelled() => return Err(ScanFailure::Cancelled),
+        }
     }
+    let context = signals.as_ref().map(|signals| {
+        let schemas: Vec<&str> =
+            [Some(config.tenants.shared_schema.as_str()), reference_schema].into_iter().flatten().collect();
+        incremental::context(signals, &shape, &tenants, &schemas)
+    });
 
     let total = owned.len();
     let discovered = discovery.tenants.iter().filter(|t| shard.owns(t)).count();
@@ -228,7 +238,8 @@ async fn run_until(
         let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
         let outcomes = stream::iter(owned.iter().cloned())
             .map(|tenant: String| {
-                let (plan, unit) = prepare(&ctx, &tenant, kind, signals.as_ref(), standby, &mut lock());
+                let turn = Turn { kind, signals: signals.as_ref(), context, standby, started_at };
+                let (plan, unit) = prepare(&ctx, &tenant, &turn, &mut lock());
                 async move {
                     let outcome = scan_tenant(pool, target, &config.scan, &tenant, plan, samples, cancel).await;
                     (tenant, unit, outcome)
@@ -241,6 +252,7 @@ async fn run_until(
             if let Some(state) = progressive.state.as_deref_mut() {
                 remember(state, &tenant, &unit, &tenant_findings, &tenant_errors, started_at);
             }
+            progressive.findings.extend(unit.known);
             progressive.findings.extend(tenant_findings);
             progressive.errors.extend(tenant_errors);
             drop(progressive);
@@ -413,32 +425,61 @@ struct Progressive<'s> {
     errors: Vec<ScanError>,
 }
 
-/// One tenant's plan, without the checks whose stored findings are carried forward (those go
-/// to `progressive.findings`), and its units.
-fn prepare(
-    ctx: &Context<'_>,
-    tenant: &str,
+/// What every tenant's turn of one scan shares.
+struct Turn<'a> {
     kind: ScanKind,
-    signals: Option<&Signals>,
+    signals: Option<&'a Signals>,
+    /// The hash of what all tenants depend on (see [`incremental::context`]).
+    context: Option<u64>,
     standby: bool,
-    progressive: &mut Progressive<'_>,
-) -> (checks::Plan, Unit) {
+    started_at: chrono::DateTime<Utc>,
+}
+
+/// One tenant's turn before its statements: in an incremental scan, a tenant whose inputs did
+/// not change at all is not even planned (its whole last result is carried forward, catalog
+/// checks included); any other tenant gets its catalog checks and a plan without the checks
+/// whose stored findings are carried forward (those findings go with the unit).
+fn prepare(ctx: &Context<'_>, tenant: &str, turn: &Turn<'_>, progressive: &mut Progressive<'_>) -> (checks::Plan, Unit) {
+    let incremental = match (turn.kind, turn.signals, turn.context) {
+        (ScanKind::Incremental, Some(signals), Some(context)) => Some((signals, context)),
+        _ => None,
+    };
+    if let (Some((signals, context)), Some(state)) = (incremental, progressive.state.as_deref()) {
+        if let Some((found, tables, oldest)) = state.carried_tenant(context, tenant, ctx.catalog, signals) {
+            progressive.tally.carry(tables, oldest);
+            let unit = Unit { known: found.to_vec(), whole: true, ..Unit::default() };
+            return (checks::Plan { tables: Vec::new() }, unit);
+        }
+    }
+    let mut known = checks::catalog_findings(ctx, tenant);
     let mut plan = checks::plan(ctx, tenant);
-    if standby {
+    if turn.standby {
         let skipped = skip_unlogged(ctx.catalog, tenant, &mut plan);
         progressive.errors.extend(skipped);
     }
-    let inputs = match signals {
+    let reads = incremental::Reads::of(&plan, tenant);
+    let inputs = match turn.signals {
         Some(signals) => incremental::unit_inputs(&plan, tenant, ctx.catalog, signals, &mut progressive.shared),
         None => BTreeMap::new(),
     };
-    if let (ScanKind::Incremental, Some(state)) = (kind, progressive.state.as_deref()) {
-        let carried = carry_forward(state, tenant, &mut plan, &inputs, &mut progressive.tally);
-        progressive.findings.extend(carried);
+    let memo_inputs = match (turn.signals, turn.context) {
+        (Some(signals), Some(context)) => incremental::tenant_inputs(context, tenant, ctx.catalog, &reads, signals),
+        _ => None,
+    };
+    let tables = inputs.len();
+    let mut oldest = None;
+    if let (ScanKind::Incremental, Some(state)) = (turn.kind, progressive.state.as_deref()) {
+        let (carried, at) = carry_forward(state, tenant, &mut plan, &inputs, &mut progressive.tally);
+        known.extend(carried);
+        oldest = at;
     }
     let checked = plan_tables(&plan);
     progressive.tally.checked += checked.len();
-    (plan, Unit { inputs, checked })
+    if !checked.is_empty() {
+        oldest = Some(oldest.map_or(turn.started_at, |o: chrono::DateTime<Utc>| o.min(turn.started_at)));
+    }
+    let memo = memo_inputs.map(|hash| (hash, reads, tables, oldest.unwrap_or(turn.started_at)));
+    (plan, Unit { inputs, checked, known, memo, whole: false })
 }
 
 /// Tables checked and carried forward so far, and the oldest carried-forward result.
@@ -449,44 +490,63 @@ struct Tally {
     oldest: Option<chrono::DateTime<Utc>>,
 }
 
-/// One tenant's units: the inputs of every table with orphan or NULL-timestamp checks, and the
-/// tables whose checks run in this scan.
+impl Tally {
+    /// Counts `tables` carried forward, the oldest of them computed at `at`.
+    fn carry(&mut self, tables: usize, at: chrono::DateTime<Utc>) {
+        if tables > 0 {
+            self.carried += tables;
+            self.oldest = Some(self.oldest.map_or(at, |o| o.min(at)));
+        }
+    }
+}
+
+/// One tenant's units: the inputs of every table with data checks, the tables whose checks run
+/// in this scan, the findings known before they run (catalog checks', carried-forward ones),
+/// and what its whole result is stored with (its inputs hash, its reads, its tables with data
+/// checks, the time its oldest result was computed).
+#[derive(Default)]
 struct Unit {
     inputs: BTreeMap<String, Option<u64>>,
     checked: BTreeSet<String>,
+    known: Vec<Finding>,
+    memo: Option<(u64, incremental::Reads, usize, chrono::DateTime<Utc>)>,
+    /// The tenant's whole last result was carried forward (nothing was planned).
+    whole: bool,
 }
 
-/// The tables of `plan` with orphan or NULL-timestamp checks (`sequence_behind` runs in every
-/// scan and does not count).
+/// The tables of `plan` with data checks.
 fn plan_tables(plan: &checks::Plan) -> BTreeSet<String> {
-    plan.tables.iter().filter(|u| !u.orphans.is_empty() || u.nulls.is_some()).map(|u| u.table.clone()).collect()
+    plan.tables.iter().filter(|u| u.has_checks()).map(|u| u.table.clone()).collect()
 }
 
-/// Takes out of `plan` the orphan and NULL-timestamp checks of the tables whose stored findings
-/// are still valid (their `sequence_behind` statements stay), and returns those findings.
+/// Takes out of `plan` the checks of the tables whose stored findings are still valid, and
+/// returns those findings and when the oldest of them was computed.
 fn carry_forward(
     state: &incremental::State,
     tenant: &str,
     plan: &mut checks::Plan,
     inputs: &BTreeMap<String, Option<u64>>,
     tally: &mut Tally,
-) -> Vec<Finding> {
+) -> (Vec<Finding>, Option<chrono::DateTime<Utc>>) {
     let mut out = Vec::new();
+    let mut oldest: Option<chrono::DateTime<Utc>> = None;
     for unit in &mut plan.tables {
         let Some(Some(hash)) = inputs.get(&unit.table) else { continue };
         let Some((found, computed_at)) = state.carried(tenant, &unit.table, *hash) else { continue };
         out.extend_from_slice(found);
         unit.orphans.clear();
         unit.nulls = None;
-        tally.carried += 1;
-        tally.oldest = Some(tally.oldest.map_or(computed_at, |o| o.min(computed_at)));
+        unit.sequences.clear();
+        tally.carry(1, computed_at);
+        oldest = Some(oldest.map_or(computed_at, |o| o.min(computed_at)));
     }
-    plan.tables.retain(|u| !u.orphans.is_empty() || u.nulls.is_some() || !u.sequences.is_empty());
-    out
+    plan.tables.retain(|u| u.has_checks());
+    (out, oldest)
 }
 
 /// Updates `state` with one tenant's outcome: the findings of every table checked without error
-/// are stored with their inputs; a tenant-level error forgets the tenant.
+/// are stored with their inputs, and the tenant's whole result when it had no error at all; a
+/// tenant-level error forgets the tenant. A tenant carried forward whole keeps what it had.
 fn remember(
     state: &mut incremental::State,
     tenant: &str,
@@ -495,9 +555,19 @@ fn remember(
     errors: &[ScanError],
     started_at: chrono::DateTime<Utc>,
 ) {
+    if unit.whole {
+        return;
+    }
     if errors.iter().any(|e| e.table.is_none()) {
         state.forget_tenant(tenant);
         return;
+    }
+    match &unit.memo {
+        Some((inputs, reads, tables, oldest)) if errors.is_empty() => {
+            let all = unit.known.iter().chain(findings).cloned().collect();
+            state.store_tenant(tenant, *inputs, reads.clone(), all, *tables, *oldest);
+        }
+        _ => state.forget_memo(tenant),
     }
     state.retain_tables(tenant, |table| unit.inputs.get(table).is_some_and(Option::is_some));
     for table in &unit.checked {
@@ -506,11 +576,10 @@ fn remember(
             state.forget_table(tenant, table);
             continue;
         }
-        // Only what the unit's inputs decide is stored: `sequence_behind` also depends on the
-        // sequence's state, which no counter tracks, so it runs in every scan.
+        // Only what the unit's inputs decide is stored (its data checks' findings).
         let mine = findings
             .iter()
-            .filter(|f| matches!(f.check, Check::OrphanRows | Check::NullTimestamps))
+            .filter(|f| matches!(f.check, Check::OrphanRows | Check::NullTimestamps | Check::SequenceBehind))
             .filter(|f| f.table.as_deref() == Some(table))
             .cloned()
             .collect();
@@ -549,6 +618,39 @@ fn skip_unlogged(catalog: &Catalog, tenant: &str, plan: &mut checks::Plan) -> Ve
             message: "unlogged table: its rows cannot be read on a standby".into(),
         })
         .collect()
+}
+
+/// The sequences of `tenants`' own schemas that their readable tables' columns draw from.
+fn tenant_sequences(catalog: &Catalog, tenants: &BTreeSet<String>) -> Vec<(String, String)> {
+    let mut out = BTreeSet::new();
+    for tenant in tenants {
+        let Some(schema) = catalog.schemas.get(tenant) else { continue };
+        for table in schema.tables.values().filter(|t| t.readable) {
+            for column in &table.columns {
+                if let Some((seq_schema, name)) = column.sequence_in(tenant) {
+                    if seq_schema == tenant {
+                        out.insert((tenant.clone(), name.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Reads the states of `sequences` into `signals` on a session of its own.
+async fn read_sequences(
+    config: &Config,
+    pool: &Pool,
+    sequences: &[(String, String)],
+    signals: &mut Signals,
+) -> Result<(), DbError> {
+    if sequences.is_empty() {
+        return Ok(());
+    }
+    let session = db::session(pool, &config.database.target).await?;
+    incremental::read_sequences(&session, &config.scan, sequences, signals).await;
+    Ok(())
 }
 
 fn registry_findings(discovery: &Discovery) -> Vec<Finding> {
@@ -655,7 +757,7 @@ async fn scan_tenant(
                     db::discard(s);
                 }
                 conflicts += 1;
-                tracing::info!(tenant, table = %current.table, attempt = conflicts, "recovery conflict; trying again");
+                tracing::info!(tenant = %crate::sql::escape_controls(tenant), table = %crate::sql::escape_controls(&current.table), attempt = conflicts, "recovery conflict; trying again");
                 continue;
             }
             Err(e)
@@ -722,7 +824,9 @@ async fn run_unit(
     if let Some(sql) = unit.sample_sql(&findings, samples) {
         match db::read_only(client, scan, &sql, db::Parallel::Serial).await {
             Ok(rows) => work::attach_samples(&mut findings, rows.first().map(Vec::as_slice).unwrap_or_default()),
-            Err(e) => tracing::warn!(tenant, table = %unit.table, error = %e, "sample keys left out"),
+            Err(e) => {
+                tracing::warn!(tenant = %crate::sql::escape_controls(tenant), table = %crate::sql::escape_controls(&unit.table), error = %crate::sql::escape_controls(&e.to_string()), "sample keys left out")
+            }
         }
     }
     Ok((findings, failed))

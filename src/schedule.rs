@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::db::{self, Pool};
@@ -59,6 +60,8 @@ pub struct Scheduler {
     /// What incremental scans carry forward; taken by the running scan and put back when it
     /// ends (a scan that panics loses it, and the next scan is full).
     incremental: Mutex<Option<incremental::State>>,
+    /// The span of the target's tasks: their logs carry its name.
+    span: tracing::Span,
 }
 
 impl Scheduler {
@@ -68,7 +71,6 @@ impl Scheduler {
         let heal_pool = config.heal.enabled.then(|| db::heal_pool(&config.heal, config.scan.connect_timeout));
         metrics.set_database_up(false);
         Arc::new(Scheduler {
-            config,
             pool,
             ping_pool,
             heal_pool,
@@ -79,6 +81,8 @@ impl Scheduler {
             shutdown,
             tasks: TaskTracker::new(),
             incremental: Mutex::new(None),
+            span: tracing::info_span!("target", database = %config.name),
+            config,
         })
     }
 
@@ -94,10 +98,14 @@ impl Scheduler {
             Trigger::Request => (ScanKind::Full, self.config.web.scan_requests.heal),
         };
         let me = Arc::clone(self);
-        self.tasks.spawn(async move {
-            let _running = ClearOnDrop(&me.running);
-            me.scan_once(kind, heal).await;
-        });
+        let span = self.span.clone();
+        self.tasks.spawn(
+            async move {
+                let _running = ClearOnDrop(&me.running);
+                me.scan_once(kind, heal).await;
+            }
+            .instrument(span),
+        );
         true
     }
 
@@ -125,10 +133,20 @@ impl Scheduler {
     /// The schedule loop: waits for the database (capped exponential backoff), optionally scans
     /// at once, then starts a scan at every cron tick until shutdown.
     pub async fn run(self: Arc<Self>) {
+        let span = self.span.clone();
+        self.schedule().instrument(span).await
+    }
+
+    /// The target's name: the `database` label of its metrics.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    async fn schedule(self: Arc<Self>) {
         if !self.wait_for_database().await {
             return;
         }
-        self.tasks.spawn(Arc::clone(&self).watch_database());
+        self.tasks.spawn(Arc::clone(&self).watch_database().instrument(self.span.clone()));
         if self.config.serve.scan_on_start {
             self.try_start_scan(Trigger::Schedule);
         }
@@ -218,10 +236,10 @@ impl Scheduler {
             Ok(scanned) => {
                 for e in &scanned.report.errors {
                     tracing::warn!(
-                        schema = e.schema.as_deref(),
-                        table = e.table.as_deref(),
+                        schema = e.schema.as_deref().map(crate::sql::escape_controls),
+                        table = e.table.as_deref().map(crate::sql::escape_controls),
                         kind = e.kind.name(),
-                        error = %e.message,
+                        error = %crate::sql::escape_controls(&e.message),
                         "tenant scan error"
                     );
                 }

@@ -45,6 +45,11 @@ impl TableWork {
         items
     }
 
+    /// Whether any check is left in the unit.
+    pub fn has_checks(&self) -> bool {
+        !self.orphans.is_empty() || self.nulls.is_some() || !self.sequences.is_empty()
+    }
+
     /// The schemas and tables the unit's statements read: the table and its parents.
     pub fn relations<'a>(&'a self, tenant: &'a str) -> Vec<(&'a str, &'a str)> {
         let mut out = vec![(tenant, self.table.as_str())];

@@ -408,19 +408,19 @@ async fn heal_tenant(
                 }
                 Err(Stop::NoAnswer(within)) => {
                     let message = format!("the server did not answer within {}", humantime::format_duration(within));
-                    tracing::error!(schema = %tenant.schema, table = %action.table, error = %message, "heal stopped");
+                    tracing::error!(schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&action.table), error = %crate::sql::escape_controls(&message.to_string()), "heal stopped");
                     outcome.errors.push((tenant.schema.clone(), action.repair, message));
                     outcome.interrupted = true;
                     return;
                 }
                 Err(Stop::Reported) => break,
                 Err(Stop::Failed(e)) if e.code() == Some("55P03") => {
-                    tracing::warn!(schema = %tenant.schema, table = %action.table, "heal skipped the tenant: lock not available within heal.lock_timeout");
+                    tracing::warn!(schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&action.table), "heal skipped the tenant: lock not available within heal.lock_timeout");
                     outcome.skipped.push((tenant.schema.clone(), SkipReason::LockTimeout));
                     return;
                 }
                 Err(Stop::Failed(e)) => {
-                    tracing::error!(schema = %tenant.schema, table = %action.table, repair = action.repair.name(), error = %e, "repair failed");
+                    tracing::error!(schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&action.table), repair = action.repair.name(), error = %crate::sql::escape_controls(&e.to_string()), "repair failed");
                     outcome.errors.push((tenant.schema.clone(), action.repair, e.to_string()));
                     break;
                 }
@@ -516,7 +516,7 @@ async fn run_batches(
             .await?;
         for row in &rows {
             let (table, key): (String, String) = (row.get(0), row.get(1));
-            tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %table, repair = repair.name(), key = %key, "healed");
+            tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&table), repair = repair.name(), key = %crate::sql::escape_controls(&key), "healed");
         }
         let changed = rows.len() as u64;
         *outcome.changed.entry(repair.name()).or_default() += changed;
@@ -595,7 +595,7 @@ async fn run_backfill(
                 match table {
                     Some(table) => {
                         changed_keys.insert(key.clone());
-                        tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair = spec.repair.name(), key = %key, "healed")
+                        tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&table), repair = spec.repair.name(), key = %crate::sql::escape_controls(&key), "healed")
                     }
                     None => kept_null += 1,
                 }
@@ -610,7 +610,7 @@ async fn run_backfill(
                     crate::sql::escape_controls(&crate::sql::display_name(&spec.tenant, &spec.table)),
                     spec.column
                 );
-                tracing::error!(run_id = %outcome.run_id, schema = %spec.tenant, table = %spec.table, repair = spec.repair.name(), error = %message, "repair failed");
+                tracing::error!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&spec.table), repair = spec.repair.name(), error = %crate::sql::escape_controls(&message.to_string()), "repair failed");
                 outcome.errors.push((spec.tenant.clone(), spec.repair, message));
                 return Err(Stop::Reported);
             }
@@ -646,13 +646,13 @@ async fn run_copy(
             .transaction(move |tx| Box::pin(async move { copy::batch(tx, &spec_owned, limit, &at, &run_id).await }))
             .await?;
         for (table, key) in &done.inserted {
-            tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair, key = %key, "healed");
+            tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(table), repair, key = %crate::sql::escape_controls(key), "healed");
         }
         for (table, seq) in &done.sequences {
-            tracing::info!(run_id = %outcome.run_id, schema = %spec.tenant, table = %table, repair, sequence = %seq, "sequence moved past the copied keys");
+            tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(table), repair, sequence = %crate::sql::escape_controls(seq), "sequence moved past the copied keys");
         }
         for (key, reason) in &done.set_aside {
-            tracing::warn!(run_id = %outcome.run_id, schema = %spec.tenant, table = %spec.child, key = %key, reason = %reason, "orphan set aside");
+            tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&spec.child), key = %crate::sql::escape_controls(key), reason = %crate::sql::escape_controls(reason), "orphan set aside");
             outcome.set_aside.push((spec.tenant.clone(), spec.child.clone(), key.clone(), reason.clone()));
         }
         let changed = done.inserted.len() as u64;
@@ -791,12 +791,12 @@ async fn run_once(
             return Err(Stop::Reported);
         }
     };
-    tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %once.table, repair = action.repair.name(), statement = %once.sql, "healed");
+    tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), statement = %crate::sql::escape_controls(&once.sql), "healed");
     if once.adds_column {
         *outcome.changed.entry(action.repair.name()).or_default() += 1;
     }
     if moved > 0 {
-        tracing::info!(run_id = %outcome.run_id, schema = %tenant.schema, table = %once.table, repair = action.repair.name(), "sequence moved past the column's values");
+        tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), "sequence moved past the column's values");
         *outcome.changed.entry(action.repair.name()).or_default() += moved;
     }
     Ok(())

@@ -26,10 +26,10 @@ fn sorted<const N: usize>(lines: [String; N]) -> Vec<String> {
 async fn metrics_show_every_check_and_drop_fixed_series() {
     let url = fixture_db("daemon_metrics", DEMO_SQL).await;
     let daemon = start_daemon(config(&url, DAEMON)).await;
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
 
     let orphan = |schema: &str, table: &str, location: &str, n: u32| {
-        format!("tenant_audit_orphan_rows{{column=\"business_id\",parent_location=\"{location}\",parent_table=\"business_business\",schema=\"{schema}\",table=\"{table}\"}} {n}")
+        format!("tenant_audit_orphan_rows{{column=\"business_id\",database=\"default\",parent_location=\"{location}\",parent_table=\"business_business\",schema=\"{schema}\",table=\"{table}\"}} {n}")
     };
     assert_eq!(
         daemon.samples("tenant_audit_orphan_rows").await,
@@ -43,14 +43,14 @@ async fn metrics_show_every_check_and_drop_fixed_series() {
     );
     assert_eq!(
         daemon.samples("tenant_audit_null_timestamps").await,
-        ["tenant_audit_null_timestamps{column=\"updated_at\",schema=\"tenant_d4\",table=\"users_userprofile\"} 3"]
+        ["tenant_audit_null_timestamps{column=\"updated_at\",database=\"default\",schema=\"tenant_d4\",table=\"users_userprofile\"} 3"]
     );
     assert_eq!(
         daemon.samples("tenant_audit_cross_schema_fks").await,
-        ["tenant_audit_cross_schema_fks{column=\"business_id\",reason=\"shadowed_by_tenant_table\",schema=\"tenant_c3\",table=\"users_userprofile\",target_schema=\"public\",target_table=\"business_business\"} 1"]
+        ["tenant_audit_cross_schema_fks{column=\"business_id\",database=\"default\",reason=\"shadowed_by_tenant_table\",schema=\"tenant_c3\",table=\"users_userprofile\",target_schema=\"public\",target_table=\"business_business\"} 1"]
     );
     let drift = |schema: &str, table: &str, column: &str, difference: &str| {
-        format!("tenant_audit_schema_drift{{column=\"{column}\",difference=\"{difference}\",schema=\"{schema}\",table=\"{table}\"}} 1")
+        format!("tenant_audit_schema_drift{{column=\"{column}\",database=\"default\",difference=\"{difference}\",schema=\"{schema}\",table=\"{table}\"}} 1")
     };
     assert_eq!(
         daemon.samples("tenant_audit_schema_drift").await,
@@ -65,42 +65,42 @@ async fn metrics_show_every_check_and_drop_fixed_series() {
     assert_eq!(
         daemon.samples("tenant_audit_registry_findings").await,
         [
-            "tenant_audit_registry_findings{check=\"missing_schema\",schema=\"tenant_gone\"} 1",
-            "tenant_audit_registry_findings{check=\"unregistered_schema\",schema=\"tenant_zz9\"} 1",
+            "tenant_audit_registry_findings{check=\"missing_schema\",database=\"default\",schema=\"tenant_gone\"} 1",
+            "tenant_audit_registry_findings{check=\"unregistered_schema\",database=\"default\",schema=\"tenant_zz9\"} 1",
         ]
     );
     assert_eq!(
         daemon.samples("tenant_audit_table_orphan_rows").await,
         [
-            "tenant_audit_table_orphan_rows{column=\"business_id\",parent_location=\"missing\",parent_table=\"business_business\",table=\"users_businessdetails\"} 1",
-            "tenant_audit_table_orphan_rows{column=\"business_id\",parent_location=\"missing\",parent_table=\"business_business\",table=\"users_userprofile\"} 3",
-            "tenant_audit_table_orphan_rows{column=\"business_id\",parent_location=\"shared\",parent_table=\"business_business\",table=\"users_businessdetails\"} 1",
-            "tenant_audit_table_orphan_rows{column=\"business_id\",parent_location=\"shared\",parent_table=\"business_business\",table=\"users_userprofile\"} 2",
+            "tenant_audit_table_orphan_rows{column=\"business_id\",database=\"default\",parent_location=\"missing\",parent_table=\"business_business\",table=\"users_businessdetails\"} 1",
+            "tenant_audit_table_orphan_rows{column=\"business_id\",database=\"default\",parent_location=\"missing\",parent_table=\"business_business\",table=\"users_userprofile\"} 3",
+            "tenant_audit_table_orphan_rows{column=\"business_id\",database=\"default\",parent_location=\"shared\",parent_table=\"business_business\",table=\"users_businessdetails\"} 1",
+            "tenant_audit_table_orphan_rows{column=\"business_id\",database=\"default\",parent_location=\"shared\",parent_table=\"business_business\",table=\"users_userprofile\"} 2",
         ]
     );
     assert_eq!(
         daemon.samples("tenant_audit_affected_tenants").await,
         [
-            "tenant_audit_affected_tenants{check=\"cross_schema_fk\",table=\"users_userprofile\"} 1",
-            "tenant_audit_affected_tenants{check=\"missing_schema\",table=\"\"} 1",
-            "tenant_audit_affected_tenants{check=\"null_timestamps\",table=\"users_userprofile\"} 1",
-            "tenant_audit_affected_tenants{check=\"orphan_rows\",table=\"users_businessdetails\"} 1",
-            "tenant_audit_affected_tenants{check=\"orphan_rows\",table=\"users_userprofile\"} 3",
-            "tenant_audit_affected_tenants{check=\"schema_drift\",table=\"users_businessdetails\"} 1",
-            "tenant_audit_affected_tenants{check=\"schema_drift\",table=\"users_userprofile\"} 3",
-            "tenant_audit_affected_tenants{check=\"unregistered_schema\",table=\"\"} 1",
+            "tenant_audit_affected_tenants{check=\"cross_schema_fk\",database=\"default\",table=\"users_userprofile\"} 1",
+            "tenant_audit_affected_tenants{check=\"missing_schema\",database=\"default\",table=\"\"} 1",
+            "tenant_audit_affected_tenants{check=\"null_timestamps\",database=\"default\",table=\"users_userprofile\"} 1",
+            "tenant_audit_affected_tenants{check=\"orphan_rows\",database=\"default\",table=\"users_businessdetails\"} 1",
+            "tenant_audit_affected_tenants{check=\"orphan_rows\",database=\"default\",table=\"users_userprofile\"} 3",
+            "tenant_audit_affected_tenants{check=\"schema_drift\",database=\"default\",table=\"users_businessdetails\"} 1",
+            "tenant_audit_affected_tenants{check=\"schema_drift\",database=\"default\",table=\"users_userprofile\"} 3",
+            "tenant_audit_affected_tenants{check=\"unregistered_schema\",database=\"default\",table=\"\"} 1",
         ]
     );
     assert_eq!(
         daemon.samples("tenant_audit_findings").await,
         [
-            "tenant_audit_findings{check=\"cross_schema_fk\"} 1",
-            "tenant_audit_findings{check=\"missing_schema\"} 1",
-            "tenant_audit_findings{check=\"null_timestamps\"} 1",
-            "tenant_audit_findings{check=\"orphan_rows\"} 5",
-            "tenant_audit_findings{check=\"schema_drift\"} 5",
-            "tenant_audit_findings{check=\"sequence_behind\"} 0",
-            "tenant_audit_findings{check=\"unregistered_schema\"} 1",
+            "tenant_audit_findings{check=\"cross_schema_fk\",database=\"default\"} 1",
+            "tenant_audit_findings{check=\"missing_schema\",database=\"default\"} 1",
+            "tenant_audit_findings{check=\"null_timestamps\",database=\"default\"} 1",
+            "tenant_audit_findings{check=\"orphan_rows\",database=\"default\"} 5",
+            "tenant_audit_findings{check=\"schema_drift\",database=\"default\"} 5",
+            "tenant_audit_findings{check=\"sequence_behind\",database=\"default\"} 0",
+            "tenant_audit_findings{check=\"unregistered_schema\",database=\"default\"} 1",
         ]
     );
     for (name, value) in [
@@ -110,7 +110,7 @@ async fn metrics_show_every_check_and_drop_fixed_series() {
         ("tenant_audit_database_up", "1"),
         ("tenant_audit_series_dropped", "0"),
     ] {
-        assert_eq!(daemon.samples(name).await, [format!("{name} {value}")]);
+        assert_eq!(daemon.samples(name).await, [format!("{name}{{database=\"default\"}} {value}")]);
     }
     let (status, report) = daemon.get("/report").await;
     assert_eq!(status, 200);
@@ -128,7 +128,7 @@ async fn metrics_show_every_check_and_drop_fixed_series() {
     .await
     .unwrap();
     assert_eq!(daemon.post("/scan").await.0, 202);
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 2").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 2").await;
     assert_eq!(daemon.samples("tenant_audit_null_timestamps").await, Vec::<String>::new());
     assert_eq!(
         daemon.samples("tenant_audit_orphan_rows").await,
@@ -142,11 +142,14 @@ async fn metrics_show_every_check_and_drop_fixed_series() {
     assert_eq!(
         daemon.samples("tenant_audit_table_orphan_rows").await.iter().filter(|l| l.contains("users_userprofile")).collect::<Vec<_>>(),
         [
-            "tenant_audit_table_orphan_rows{column=\"business_id\",parent_location=\"missing\",parent_table=\"business_business\",table=\"users_userprofile\"} 1",
-            "tenant_audit_table_orphan_rows{column=\"business_id\",parent_location=\"shared\",parent_table=\"business_business\",table=\"users_userprofile\"} 2",
+            "tenant_audit_table_orphan_rows{column=\"business_id\",database=\"default\",parent_location=\"missing\",parent_table=\"business_business\",table=\"users_userprofile\"} 1",
+            "tenant_audit_table_orphan_rows{column=\"business_id\",database=\"default\",parent_location=\"shared\",parent_table=\"business_business\",table=\"users_userprofile\"} 2",
         ]
     );
-    assert_eq!(daemon.samples("tenant_audit_findings").await[2], "tenant_audit_findings{check=\"null_timestamps\"} 0");
+    assert_eq!(
+        daemon.samples("tenant_audit_findings").await[2],
+        "tenant_audit_findings{check=\"null_timestamps\",database=\"default\"} 0"
+    );
     daemon.stop().await;
 }
 
@@ -154,7 +157,7 @@ async fn metrics_show_every_check_and_drop_fixed_series() {
 async fn tenant_series_are_capped() {
     let url = fixture_db("daemon_cap", DEMO_SQL).await;
     let daemon = start_daemon(config(&url, &format!("{DAEMON}[metrics]\nmax_tenant_series = 3\n"))).await;
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     let (_, text) = daemon.get("/metrics").await;
     let per_schema: Vec<String> =
         text.lines().filter(|l| !l.starts_with('#') && l.contains("schema=\"")).map(str::to_string).collect();
@@ -162,16 +165,19 @@ async fn tenant_series_are_capped() {
     assert_eq!(
         per_schema,
         [
-            "tenant_audit_cross_schema_fks{column=\"business_id\",reason=\"shadowed_by_tenant_table\",schema=\"tenant_c3\",table=\"users_userprofile\",target_schema=\"public\",target_table=\"business_business\"} 1",
-            "tenant_audit_orphan_rows{column=\"business_id\",parent_location=\"missing\",parent_table=\"business_business\",schema=\"tenant_f6\",table=\"users_userprofile\"} 2",
-            "tenant_audit_orphan_rows{column=\"business_id\",parent_location=\"shared\",parent_table=\"business_business\",schema=\"tenant_c3\",table=\"users_userprofile\"} 2",
+            "tenant_audit_cross_schema_fks{column=\"business_id\",database=\"default\",reason=\"shadowed_by_tenant_table\",schema=\"tenant_c3\",table=\"users_userprofile\",target_schema=\"public\",target_table=\"business_business\"} 1",
+            "tenant_audit_orphan_rows{column=\"business_id\",database=\"default\",parent_location=\"missing\",parent_table=\"business_business\",schema=\"tenant_f6\",table=\"users_userprofile\"} 2",
+            "tenant_audit_orphan_rows{column=\"business_id\",database=\"default\",parent_location=\"shared\",parent_table=\"business_business\",schema=\"tenant_c3\",table=\"users_userprofile\"} 2",
         ]
     );
-    assert_eq!(metric_lines(&text, "tenant_audit_series_dropped"), ["tenant_audit_series_dropped 11"]);
+    assert_eq!(
+        metric_lines(&text, "tenant_audit_series_dropped"),
+        ["tenant_audit_series_dropped{database=\"default\"} 11"]
+    );
     // Aggregates still cover everything.
     assert_eq!(
         metric_lines(&text, "tenant_audit_affected_rows")[4],
-        "tenant_audit_affected_rows{check=\"orphan_rows\",table=\"users_userprofile\"} 5"
+        "tenant_audit_affected_rows{check=\"orphan_rows\",database=\"default\",table=\"users_userprofile\"} 5"
     );
     daemon.stop().await;
 }
@@ -180,7 +186,7 @@ async fn tenant_series_are_capped() {
 async fn scrapes_never_query_the_database() {
     let url = fixture_db("daemon_no_query", &format!("CREATE EXTENSION pg_stat_statements;\n{DEMO_SQL}")).await;
     let daemon = start_daemon(config(&url, DAEMON)).await;
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     let db = pg::connect(&url).await;
     db.batch_execute("SELECT pg_stat_statements_reset()").await.unwrap();
     for path in ["/metrics", "/report", "/readyz", "/healthz", "/metrics"] {
@@ -213,12 +219,12 @@ async fn database_outages_keep_last_results_and_recover() {
     // Down at start-up: the daemon serves, reports the database down, and retries.
     let extra = format!("{DAEMON}retry_initial_backoff = '50ms'\nretry_max_backoff = '200ms'\n");
     let daemon = start_daemon(config(&url, &extra)).await;
-    daemon.wait_for("tenant_audit_database_up 0").await;
+    daemon.wait_for("tenant_audit_database_up{database=\"default\"} 0").await;
     assert_eq!(daemon.get("/healthz").await.0, 200);
     assert_eq!(daemon.get("/readyz").await, (503, "not ready: database unreachable\n".to_string()));
     assert_eq!(daemon.get("/report").await.0, 503);
     cluster.restart();
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     let good_orphans = daemon.samples("tenant_audit_orphan_rows").await;
     let good_time = daemon.samples("tenant_audit_last_success_timestamp_seconds").await;
     let (_, good_report) = daemon.get("/report").await;
@@ -227,13 +233,16 @@ async fn database_outages_keep_last_results_and_recover() {
     // Down between scans: the scan fails, the last good results stay, with their timestamp.
     cluster.stop();
     assert_eq!(daemon.post("/scan").await.0, 202);
-    daemon.wait_for("tenant_audit_scans_total{result=\"failure\"} 1").await;
-    assert_eq!(daemon.samples("tenant_audit_last_scan_success").await, ["tenant_audit_last_scan_success 0"]);
-    assert_eq!(daemon.samples("tenant_audit_database_up").await, ["tenant_audit_database_up 0"]);
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"failure\"} 1").await;
+    assert_eq!(
+        daemon.samples("tenant_audit_last_scan_success").await,
+        ["tenant_audit_last_scan_success{database=\"default\"} 0"]
+    );
+    assert_eq!(daemon.samples("tenant_audit_database_up").await, ["tenant_audit_database_up{database=\"default\"} 0"]);
     assert!(daemon
         .samples("tenant_audit_scan_errors_total")
         .await
-        .contains(&"tenant_audit_scan_errors_total{kind=\"connection\"} 1".to_string()));
+        .contains(&"tenant_audit_scan_errors_total{database=\"default\",kind=\"connection\"} 1".to_string()));
     assert_eq!(daemon.samples("tenant_audit_orphan_rows").await, good_orphans);
     assert_eq!(daemon.samples("tenant_audit_last_success_timestamp_seconds").await, good_time);
     assert_eq!(daemon.get("/report").await, (200, good_report));
@@ -242,9 +251,12 @@ async fn database_outages_keep_last_results_and_recover() {
     // Back up: the next scan succeeds without a restart.
     cluster.restart();
     assert_eq!(daemon.post("/scan").await.0, 202);
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 2").await;
-    assert_eq!(daemon.samples("tenant_audit_last_scan_success").await, ["tenant_audit_last_scan_success 1"]);
-    assert_eq!(daemon.samples("tenant_audit_database_up").await, ["tenant_audit_database_up 1"]);
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 2").await;
+    assert_eq!(
+        daemon.samples("tenant_audit_last_scan_success").await,
+        ["tenant_audit_last_scan_success{database=\"default\"} 1"]
+    );
+    assert_eq!(daemon.samples("tenant_audit_database_up").await, ["tenant_audit_database_up{database=\"default\"} 1"]);
     assert_eq!(daemon.get("/readyz").await.0, 200);
     daemon.stop().await;
 }
@@ -257,7 +269,7 @@ async fn database_restart_in_the_middle_of_a_scan_fails_it_and_the_next_succeeds
     pg::connect(&url).await.batch_execute(&format!("{BASE_SQL}\n{LOCKABLE_SQL}")).await.unwrap();
     let extra = format!("{SCAN_REQUESTS}[serve]\nschedule = '0 0 0 1 1 *'\n[scan]\nlock_timeout = '60s'\n");
     let daemon = start_daemon(config(&url, &extra)).await;
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
 
     // The next scan blocks on a lock; the server crashes and restarts under it. (The cluster
     // runs with synchronous_commit off: a checkpoint first, so the crash loses no fixture.)
@@ -269,20 +281,26 @@ async fn database_restart_in_the_middle_of_a_scan_fails_it_and_the_next_succeeds
     // let the blocked read finish before its own session is told to stop.
     cluster.crash();
     cluster.restart();
-    daemon.wait_for("tenant_audit_scans_total{result=\"failure\"} 1").await;
-    assert_eq!(daemon.samples("tenant_audit_last_scan_success").await, ["tenant_audit_last_scan_success 0"]);
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"failure\"} 1").await;
+    assert_eq!(
+        daemon.samples("tenant_audit_last_scan_success").await,
+        ["tenant_audit_last_scan_success{database=\"default\"} 0"]
+    );
     assert_eq!(
         daemon.samples("tenant_audit_tenants_scanned").await,
-        ["tenant_audit_tenants_scanned 3"],
+        ["tenant_audit_tenants_scanned{database=\"default\"} 3"],
         "the last good scan stays"
     );
     assert!(daemon
         .samples("tenant_audit_scan_errors_total")
         .await
-        .contains(&"tenant_audit_scan_errors_total{kind=\"connection\"} 1".to_string()));
+        .contains(&"tenant_audit_scan_errors_total{database=\"default\",kind=\"connection\"} 1".to_string()));
     assert_eq!(daemon.post("/scan").await.0, 202);
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 2").await;
-    assert_eq!(daemon.samples("tenant_audit_last_scan_success").await, ["tenant_audit_last_scan_success 1"]);
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 2").await;
+    assert_eq!(
+        daemon.samples("tenant_audit_last_scan_success").await,
+        ["tenant_audit_last_scan_success{database=\"default\"} 1"]
+    );
     daemon.stop().await;
 }
 
@@ -295,11 +313,14 @@ async fn overlapping_scans_are_skipped_or_refused() {
         "{SCAN_REQUESTS}[serve]\nschedule = '* * * * * *'\nscan_on_start = false\n[scan]\nlock_timeout = '60s'\n"
     );
     let daemon = start_daemon(config(&url, &extra)).await;
-    daemon.wait_for("tenant_audit_skipped_ticks_total 1").await;
+    daemon.wait_for("tenant_audit_skipped_ticks_total{database=\"default\"} 1").await;
     assert_eq!(daemon.post("/scan").await, (409, "{\"status\":\"a scan is already running\"}".to_string()));
-    assert_eq!(daemon.samples("tenant_audit_scans_total").await[1], "tenant_audit_scans_total{result=\"success\"} 0");
+    assert_eq!(
+        daemon.samples("tenant_audit_scans_total").await[1],
+        "tenant_audit_scans_total{database=\"default\",result=\"success\"} 0"
+    );
     locker.batch_execute("COMMIT").await.unwrap();
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     daemon.stop().await;
 }
 

@@ -1,6 +1,6 @@
-//! The Grafana dashboard (dashboards/tenant-audit.json): data source and variables, the job and
-//! instance filter on every query, and what keeps it fast at 10,000 tenants: only the drill-down
-//! row reads per-schema series. prometheus.rs runs its queries.
+//! The Grafana dashboard (dashboards/tenant-audit.json): data source and variables, the job,
+//! database and instance filter on every query, and what keeps it fast at 10,000 tenants: only
+//! the drill-down row reads per-schema series. prometheus.rs runs its queries.
 
 use serde_json::{json, Value};
 
@@ -17,6 +17,14 @@ pub const PER_SCHEMA: [&str; 5] = [
 ];
 /// Title prefix of the drill-down row.
 pub const DRILL_DOWN: &str = "Tenant drill-down";
+/// The selector every per-target series is read with.
+const FILTER: &str = "{job=~\"$job\", database=~\"$database\", instance=~\"$instance\"";
+/// Process-wide series, without a `database` label (docs/metrics.md).
+const PROCESS_WIDE: [&str; 2] = ["up", "tenant_audit_build_info"];
+/// How a query of a process-wide series keeps the instances that audit the selected databases
+/// (remembered for an hour, so that a pod that stopped answering stays in).
+const AUDITS_DATABASE: &str = " and on (job, instance) last_over_time(tenant_audit_database_up{job=~\"$job\", \
+                               database=~\"$database\", instance=~\"$instance\"}[1h])";
 
 /// One query of a panel.
 pub struct Query {
@@ -66,7 +74,7 @@ pub fn variable<'a>(dashboard: &'a Value, name: &str) -> &'a Value {
 }
 
 #[test]
-fn every_panel_uses_the_datasource_variable_and_filters_job_and_instance() {
+fn every_panel_uses_the_datasource_variable_and_filters_job_database_and_instance() {
     let dashboard = dashboard();
     assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 39);
     assert_eq!(dashboard["uid"], "tenant-audit");
@@ -86,14 +94,36 @@ fn every_panel_uses_the_datasource_variable_and_filters_job_and_instance() {
     ids.dedup();
     assert_eq!(ids.len(), panels(&dashboard).len(), "panel ids are unique");
     for q in queries(&dashboard) {
-        let filter = "{job=~\"$job\", instance=~\"$instance\"";
         let selectors: Vec<_> = q.expr.match_indices('{').collect();
         assert!(!selectors.is_empty(), "{}: {}", q.panel, q.expr);
         for (at, _) in selectors {
-            assert!(q.expr[at..].starts_with(filter), "{}: a selector without {filter}}}: {}", q.panel, q.expr);
+            let before = &q.expr[..at];
+            let name = &before[before.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |i| i + 1)..];
+            if PROCESS_WIDE.contains(&name) {
+                let filter = "{job=~\"$job\", instance=~\"$instance\"}";
+                assert!(q.expr[at..].starts_with(filter), "{}: {name} without {filter}: {}", q.panel, q.expr);
+                assert!(q.expr.contains(AUDITS_DATABASE), "{}: {name} not narrowed to $database: {}", q.panel, q.expr);
+            } else {
+                assert!(q.expr[at..].starts_with(FILTER), "{}: a selector without {FILTER}}}: {}", q.panel, q.expr);
+            }
         }
         for name in metric_names(&q.expr) {
             assert!(q.expr.contains(&format!("{name}{{")), "{}: {name} without a selector", q.panel);
+        }
+        // A breakdown by table, schema or shard keeps databases apart: two databases have
+        // tables (and tenants) of the same names.
+        for (at, _) in q.expr.match_indices(" by (") {
+            let labels = &q.expr[at + 5..at + q.expr[at..].find(')').unwrap()];
+            let labels: Vec<&str> = labels.split(", ").collect();
+            if labels.iter().any(|l| ["table", "schema", "instance"].contains(l)) {
+                assert!(
+                    labels.contains(&"database"),
+                    "{}: by ({}) without database: {}",
+                    q.panel,
+                    labels.join(", "),
+                    q.expr
+                );
+            }
         }
     }
 }
@@ -117,25 +147,37 @@ fn only_the_drill_down_row_reads_per_schema_series() {
 }
 
 #[test]
-fn variables_select_datasource_job_instance_and_tenant() {
+fn variables_select_datasource_job_database_instance_and_tenant() {
     let dashboard = dashboard();
     let names: Vec<&str> =
         dashboard["templating"]["list"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["datasource", "job", "instance", "tenant"]);
+    assert_eq!(names, ["datasource", "job", "database", "instance", "tenant"]);
     let datasource = variable(&dashboard, "datasource");
     assert_eq!((&datasource["type"], &datasource["query"]), (&json!("datasource"), &json!("prometheus")));
     assert_eq!(variable(&dashboard, "job")["definition"], "label_values(tenant_audit_build_info, job)");
     assert_eq!(
-        variable(&dashboard, "instance")["definition"],
-        "label_values(tenant_audit_build_info{job=~\"$job\"}, instance)"
+        variable(&dashboard, "database")["definition"],
+        "label_values(tenant_audit_database_up{job=~\"$job\"}, database)"
     );
+    assert_eq!(
+        variable(&dashboard, "instance")["definition"],
+        "label_values(tenant_audit_database_up{job=~\"$job\", database=~\"$database\"}, instance)"
+    );
+    for var in ["job", "database", "instance"] {
+        let v = variable(&dashboard, var);
+        assert_eq!(
+            (&v["multi"], &v["includeAll"], &v["allValue"]),
+            (&json!(true), &json!(true), &json!(".*")),
+            "{var}"
+        );
+    }
     let tenant = variable(&dashboard, "tenant")["definition"].as_str().unwrap();
     assert_eq!(metric_names(tenant), {
         let mut v = PER_SCHEMA.map(String::from).to_vec();
         v.sort();
         v
     });
-    for var in ["job", "instance", "tenant"] {
+    for var in ["job", "database", "instance", "tenant"] {
         let v = variable(&dashboard, var);
         assert_eq!(v["definition"], v["query"]["query"], "{var}");
         assert_eq!(v["datasource"]["uid"], "${datasource}", "{var}");

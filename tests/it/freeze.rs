@@ -241,7 +241,7 @@ fn gauge(metrics: &str, name: &str) -> i64 {
 fn successes(metrics: &str) -> u64 {
     metric_lines(metrics, "tenant_audit_scans_total")
         .iter()
-        .find_map(|l| l.strip_prefix("tenant_audit_scans_total{result=\"success\"} "))
+        .find_map(|l| l.strip_prefix("tenant_audit_scans_total{database=\"default\",result=\"success\"} "))
         .map(|v| v.parse().unwrap())
         .unwrap()
 }

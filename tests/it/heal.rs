@@ -369,24 +369,30 @@ async fn the_daemon_heals_after_each_scan_and_counts_it() {
         &format!("{HEAL}enabled = true\n[serve]\nschedule = '0 0 0 1 1 *'\n{web}{HEAL_ON_REQUEST}"),
     ))
     .await;
-    daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_heal_runs_total{database=\"default\",result=\"success\"} 1").await;
     assert_eq!(
         daemon.samples("tenant_audit_healed_rows_total").await,
         [
-            "tenant_audit_healed_rows_total{repair=\"add_missing_columns\"} 3",
-            "tenant_audit_healed_rows_total{repair=\"advance_sequences\"} 0",
-            "tenant_audit_healed_rows_total{repair=\"backfill_null_timestamps\"} 3",
-            "tenant_audit_healed_rows_total{repair=\"copy_missing_parents\"} 3",
-            "tenant_audit_healed_rows_total{repair=\"undo\"} 0",
+            "tenant_audit_healed_rows_total{database=\"default\",repair=\"add_missing_columns\"} 3",
+            "tenant_audit_healed_rows_total{database=\"default\",repair=\"advance_sequences\"} 0",
+            "tenant_audit_healed_rows_total{database=\"default\",repair=\"backfill_null_timestamps\"} 3",
+            "tenant_audit_healed_rows_total{database=\"default\",repair=\"copy_missing_parents\"} 3",
+            "tenant_audit_healed_rows_total{database=\"default\",repair=\"undo\"} 0",
         ]
     );
     // The scan that ran before heal is what /metrics shows until the next one.
-    assert_eq!(daemon.samples("tenant_audit_findings").await[3], "tenant_audit_findings{check=\"orphan_rows\"} 5");
+    assert_eq!(
+        daemon.samples("tenant_audit_findings").await[3],
+        "tenant_audit_findings{check=\"orphan_rows\",database=\"default\"} 5"
+    );
     // Without credentials a request that would heal is refused.
     assert_eq!(daemon.post("/scan").await.0, 401);
     assert_eq!(web_auth::post(&daemon, "/scan").await, 202);
-    daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 2").await;
-    assert_eq!(daemon.samples("tenant_audit_findings").await[3], "tenant_audit_findings{check=\"orphan_rows\"} 3");
+    daemon.wait_for("tenant_audit_heal_runs_total{database=\"default\",result=\"success\"} 2").await;
+    assert_eq!(
+        daemon.samples("tenant_audit_findings").await[3],
+        "tenant_audit_findings{check=\"orphan_rows\",database=\"default\"} 3"
+    );
     assert_eq!(daemon.samples("tenant_audit_heal_errors_total").await.iter().filter(|l| !l.ends_with(" 0")).count(), 0);
     assert_eq!(count(&url, LOGGED).await, 16);
     daemon.stop().await;

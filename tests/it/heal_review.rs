@@ -330,3 +330,24 @@ async fn control_characters_in_names_cannot_escape_the_plan_comments() {
     // of the plan holds it raw.
     assert!(!plan.contains("-- tenant tenant_x\nDROP"), "{plan}");
 }
+
+/// A schema whose name holds a newline and an ANSI escape cannot forge or colour a log line: heal
+/// writes names escaped in its text log fields, one line per event.
+#[tokio::test]
+async fn names_in_log_lines_are_escaped() {
+    let sql = "SELECT pg_temp.create_tenant(E'tenant_x\\n2026-01-01T00:00:00Z  INFO forged\\x1b[31m');
+        CREATE TABLE \"tenant_x\n2026-01-01T00:00:00Z  INFO forged\x1b[31m\".note (id int PRIMARY KEY, created_at timestamptz, modified_at timestamptz);
+        INSERT INTO \"tenant_x\n2026-01-01T00:00:00Z  INFO forged\x1b[31m\".note VALUES (1, '2020-01-01 00:00:00+00', NULL);";
+    let url = fixture_db("heal_review_log_escape", sql).await;
+    let out = heal(&url, "heal_review_log_escape", "backfill_null_timestamps = true\n");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\x1b'), "{stderr}");
+    assert!(!stderr.lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")), "{stderr}");
+    let healed: Vec<&str> = stderr.lines().filter(|l| l.contains(" healed ")).collect();
+    assert_eq!(healed.len(), 1, "{stderr}");
+    assert!(
+        healed[0].ends_with(" schema=tenant_x\\u{a}2026-01-01T00:00:00Z  INFO forged\\u{1b}[31m table=note repair=\"backfill_null_timestamps\" key={\"id\": 1}"),
+        "{stderr}"
+    );
+}

@@ -257,13 +257,14 @@ async fn unflushed_changes_are_reported_once_the_statistics_are_flushed() {
         let expected = inserted(&observer, &table).await + 1;
         // Two statements back to back: the first (on a table no check reads) may flush the
         // session's statistics, so the second's stay pending (PGSTAT_MIN_INTERVAL) until the
-        // session has been idle a while.
+        // session has been idle a while. The row has an explicit key: drawing one from the
+        // sequence would move the sequence's state, a signal that needs no flush.
         session.batch_execute("INSERT INTO public.scratch VALUES (1)").await.expect("scratch");
         session
             .batch_execute(&format!(
                 "SET session_replication_role = replica;
-                 INSERT INTO {table} (user_id, business_id, created_at, modified_at)
-                 VALUES (1, 'c0000000-0000-0000-0000-0000000000{round:02}', now(), now());
+                 INSERT INTO {table} (id, user_id, business_id, created_at, modified_at)
+                 VALUES (1000 + {round}, 1, 'c0000000-0000-0000-0000-0000000000{round:02}', now(), now());
                  RESET session_replication_role"
             ))
             .await
@@ -296,18 +297,18 @@ async fn scheduled_scans_are_incremental_and_report_what_they_carried() {
     session.batch_execute("SELECT pg_stat_force_next_flush()").await.expect("flush");
     let extra = "[serve]\nschedule = '* * * * * *'\n[web.scan_requests]\nenabled = true\nmin_interval = '1ms'\n";
     let daemon = start_daemon(config(&url, &format!("{CONFIG}{extra}"))).await;
-    daemon.wait_for("tenant_audit_scans_completed_total{scan_kind=\"incremental\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_completed_total{database=\"default\",scan_kind=\"incremental\"} 1").await;
     assert_eq!(
         daemon.samples("tenant_audit_scans_completed_total").await[0],
-        "tenant_audit_scans_completed_total{scan_kind=\"full\"} 1"
+        "tenant_audit_scans_completed_total{database=\"default\",scan_kind=\"full\"} 1"
     );
     // Three tenants, two tables with data checks each (business_business has none: its
     // timestamps are NOT NULL and it has no foreign key); nothing changed.
     assert_eq!(
         daemon.samples("tenant_audit_scan_tables").await,
         [
-            "tenant_audit_scan_tables{scan_kind=\"incremental\",state=\"carried_forward\"} 6",
-            "tenant_audit_scan_tables{scan_kind=\"incremental\",state=\"checked\"} 0",
+            "tenant_audit_scan_tables{database=\"default\",scan_kind=\"incremental\",state=\"carried_forward\"} 6",
+            "tenant_audit_scan_tables{database=\"default\",scan_kind=\"incremental\",state=\"checked\"} 0",
         ]
     );
     session
@@ -347,6 +348,6 @@ async fn scheduled_scans_are_incremental_and_report_what_they_carried() {
         assert!(std::time::Instant::now() < deadline, "POST /scan never accepted");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    daemon.wait_for("tenant_audit_scans_completed_total{scan_kind=\"full\"} 2").await;
+    daemon.wait_for("tenant_audit_scans_completed_total{database=\"default\",scan_kind=\"full\"} 2").await;
     daemon.stop().await;
 }

@@ -149,8 +149,8 @@ async fn https_basic_auth_and_scan_requests() {
     assert_eq!(challenge.headers()["www-authenticate"], "Basic realm=\"tenant-audit\", charset=\"UTF-8\"");
     let (status, _, text) = send(metrics(), ALICE).await;
     assert_eq!(status, 200);
-    assert!(text.contains("\ntenant_audit_database_up "), "{text}");
-    wait_for(&client, &base, ALICE, "tenant_audit_scans_total{result=\"success\"} 1").await;
+    assert!(text.contains("\ntenant_audit_database_up{database=\"default\"} "), "{text}");
+    wait_for(&client, &base, ALICE, "tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     assert_eq!(send(client.get(format!("{base}/report")), None).await, unauthorized);
     assert_eq!(send(client.get(format!("{base}/report")), ALICE).await.0, 200);
 
@@ -169,12 +169,12 @@ async fn https_basic_auth_and_scan_requests() {
     let base = daemon.base.replace("http://", "https://");
     assert_eq!(send(client.get(format!("{base}/metrics")), None).await.0, 200);
     assert_eq!(send(client.get(format!("{base}/report")), None).await.0, 401);
-    wait_for(&client, &base, None, "tenant_audit_scans_total{result=\"success\"} 1").await;
+    wait_for(&client, &base, None, "tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     assert_eq!(send(scan(&base), None).await, unauthorized);
     assert_eq!(send(scan(&base), ALICE).await, (202, None, "{\"status\":\"scan started\"}".to_string()));
     let limited = (429, Some("3600".to_string()), "{\"status\":\"too many scan requests\"}".to_string());
     assert_eq!(send(scan(&base), ALICE).await, limited);
-    wait_for(&client, &base, None, "tenant_audit_scans_total{result=\"success\"} 2").await;
+    wait_for(&client, &base, None, "tenant_audit_scans_total{database=\"default\",result=\"success\"} 2").await;
     assert_eq!(send(scan(&base), ALICE).await, limited, "the limit counts from the last accepted request");
     daemon.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
@@ -266,7 +266,7 @@ async fn requested_scans_heal_only_when_allowed() {
     let before = checksum(&url).await;
     let daemon = start_daemon(config(&url, &format!("{HEALING}[web.scan_requests]\nenabled = true\n"))).await;
     assert_eq!(daemon.post("/scan").await.0, 202);
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     assert_eq!(checksum(&url).await, before, "a requested scan wrote");
     let runs = daemon.samples("tenant_audit_heal_runs_total").await;
     assert!(runs.iter().all(|l| l.ends_with(" 0")), "{runs:?}");
@@ -279,7 +279,7 @@ async fn requested_scans_heal_only_when_allowed() {
     let allowed = format!("{HEALING}{web}[web.scan_requests]\nenabled = true\nheal = true\n");
     let daemon = start_daemon(config(&url, &allowed)).await;
     assert_eq!(web_auth::post(&daemon, "/scan").await, 202);
-    daemon.wait_for("tenant_audit_heal_runs_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_heal_runs_total{database=\"default\",result=\"success\"} 1").await;
     assert_eq!(db.query_one(NULLS, &[]).await.unwrap().get::<_, i64>(0), 0);
     daemon.stop().await;
 }
@@ -289,7 +289,7 @@ async fn half_sent_requests_are_closed_within_the_header_timeout() {
     let url = fixture_db("listener_slow", DEMO_SQL).await;
     let extra = format!("{DAEMON}[web]\nheader_read_timeout = '2s'\n");
     let daemon = start_daemon(config(&url, &extra)).await;
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     let address = daemon.base.trim_start_matches("http://").to_string();
     let opened = Instant::now();
     let mut slow = Vec::new();
@@ -301,7 +301,7 @@ async fn half_sent_requests_are_closed_within_the_header_timeout() {
     // A real scrape is served meanwhile.
     let (status, text) = daemon.get("/metrics").await;
     assert_eq!(status, 200);
-    assert!(text.contains("tenant_audit_scans_total{result=\"success\"} 1"));
+    assert!(text.contains("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1"));
     assert!(opened.elapsed() < Duration::from_secs(2), "the scrape ran after the timeout: {:?}", opened.elapsed());
     // Every half-sent request is closed by the server: end of stream (or a reset), and no response.
     let closed = futures::future::join_all(slow.into_iter().map(|mut stream| async move {
@@ -323,7 +323,7 @@ async fn half_sent_requests_are_closed_within_the_header_timeout() {
 async fn shutdown_does_not_wait_for_half_sent_requests() {
     let url = fixture_db("listener_shutdown", DEMO_SQL).await;
     let daemon = start_daemon(config(&url, &format!("{DAEMON}[web]\nheader_read_timeout = '5m'\n"))).await;
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     let address = daemon.base.trim_start_matches("http://").to_string();
     let mut slow = Vec::new();
     for _ in 0..50 {
@@ -419,7 +419,7 @@ async fn out_of_file_descriptors_the_daemon_neither_spins_nor_floods_its_log() {
         );
     };
     assert_eq!(status, 200);
-    assert!(text.contains("tenant_audit_database_up 1"), "{text}");
+    assert!(text.contains("tenant_audit_database_up{database=\"default\"} 1"), "{text}");
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     assert!(child.wait().unwrap().success());
 }
@@ -428,7 +428,7 @@ async fn out_of_file_descriptors_the_daemon_neither_spins_nor_floods_its_log() {
 async fn metrics_and_report_are_served_as_encoded_and_gzipped() {
     let url = fixture_db("listener_gzip", DEMO_SQL).await;
     let daemon = start_daemon(config(&url, DAEMON)).await;
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     let http = reqwest::Client::new();
     for (path, content_type) in
         [("/metrics", "text/plain; version=0.0.4; charset=utf-8"), ("/report", "application/json")]

@@ -7,6 +7,7 @@ mod config_input;
 mod conninfo;
 mod daemon;
 mod dashboard;
+mod fleet;
 mod freeze;
 mod heal;
 mod heal_backfill;

@@ -1,22 +1,26 @@
-//! End to end with a real Prometheus: it scrapes the daemon running on the demo database and
-//! evaluates dashboards/alerts.yml; then every dashboard query and variable and every alert
-//! expression runs through its HTTP API with the expected result, and every metric they name is
-//! on `/metrics`.
+//! End to end with a real Prometheus: it scrapes the daemon auditing two targets (two copies of
+//! the demo database) and evaluates dashboards/alerts.yml; then every dashboard query and
+//! variable and every alert expression runs through its HTTP API with the expected result, for
+//! both databases and for one (the `database` variable), and every metric they name is on
+//! `/metrics`.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tenant_audit::config::{Env, Fleet};
 
 use crate::dashboard::{dashboard, queries, variable};
 use crate::rules::alerts;
-use crate::support::{config, fixture_db, metric_lines, start_daemon, DEMO_SQL};
+use crate::support::{fixture_db, metric_lines, start_daemon, DEMO_SQL};
 use crate::tools::{metric_names, repo, temp_dir, tool};
 
 /// Tenants as in the demo; a schedule that does not fire during the test (the scan runs at start-up).
 const DAEMON: &str = "[tenants]\ninclude = ['^tenant_']\n[serve]\nschedule = '0 0 0 1 1 *'\n";
+/// The targets' names, sorted.
+const DATABASES: [&str; 2] = ["billing", "orders"];
 /// The alerts whose expressions hold on the demo database: it has every kind of finding, and a
 /// healthy daemon, database and scrape, and heal disabled (`DAEMON` has no `[heal]`), so neither
 /// TenantAuditHealErrors nor TenantAuditHealFailing holds.
@@ -29,20 +33,44 @@ const FIRING_ON_DEMO: [&str; 4] = [
 
 #[tokio::test]
 async fn dashboard_and_alert_queries_run_on_a_real_prometheus() {
-    let url = fixture_db("prometheus_e2e", DEMO_SQL).await;
-    let daemon = start_daemon(config(&url, DAEMON)).await;
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    let mut text = DAEMON.to_string();
+    for name in DATABASES {
+        let url = fixture_db(&format!("prometheus_{name}"), DEMO_SQL).await;
+        text.push_str(&format!("[[targets]]\nname = '{name}'\ndatabase_url = {url:?}\n"));
+    }
+    let fleet = Fleet::from_toml(&text, Path::new("test.toml"), Env::default()).unwrap();
+    let daemon = start_daemon(fleet).await;
+    for name in DATABASES {
+        daemon.wait_for(&format!("tenant_audit_scans_total{{database=\"{name}\",result=\"success\"}} 1")).await;
+    }
     let target = daemon.base.strip_prefix("http://").unwrap().to_string();
     let mut prometheus = Prometheus::start(&target);
     prometheus.wait_for_scrapes().await;
 
+    // Every panel has data for both databases and for one; a query of one database's panel
+    // returns only that database's series.
     let dashboard = dashboard();
     for q in queries(&dashboard) {
-        let expr = substitute(&q.expr);
-        assert!(!prometheus.query(&expr).await.is_empty(), "panel {:?} got no data from {expr}", q.panel);
+        let all = substitute(&q.expr, ".*");
+        assert!(!prometheus.query(&all).await.is_empty(), "panel {:?} got no data from {all}", q.panel);
+        let one = substitute(&q.expr, "billing");
+        let result = prometheus.query(&one).await;
+        assert!(!result.is_empty(), "panel {:?} got no data from {one}", q.panel);
+        for series in &result {
+            let database = &series["metric"]["database"];
+            assert!(database.is_null() || database == "billing", "panel {:?}: {series} from {one}", q.panel);
+        }
+    }
+    // The two copies of the demo database have 7 orphan rows each.
+    let orphans = queries(&dashboard).into_iter().find(|q| q.panel == "Orphan rows now").unwrap();
+    for (database, rows) in [(".*", "14"), ("orders", "7"), ("billing", "7")] {
+        let result = prometheus.query(&substitute(&orphans.expr, database)).await;
+        assert_eq!(result.len(), 1, "{result:?}");
+        assert_eq!(result[0]["value"][1], rows, "orphan rows of {database}");
     }
     let tenants = ["tenant_c3", "tenant_d4", "tenant_e5", "tenant_f6", "tenant_gone", "tenant_zz9"];
     assert_eq!(prometheus.variable_values(variable(&dashboard, "job")).await, ["tenant-audit"]);
+    assert_eq!(prometheus.variable_values(variable(&dashboard, "database")).await, DATABASES);
     assert_eq!(prometheus.variable_values(variable(&dashboard, "instance")).await, [target.as_str()]);
     assert_eq!(prometheus.variable_values(variable(&dashboard, "tenant")).await, tenants);
 
@@ -53,8 +81,18 @@ async fn dashboard_and_alert_queries_run_on_a_real_prometheus() {
     assert_eq!(rules.iter().map(|r| r["name"].as_str().unwrap()).collect::<Vec<_>>(), names);
     for rule in &rules {
         let (name, expr) = (rule["name"].as_str().unwrap(), rule["query"].as_str().unwrap());
-        let holds = !prometheus.query(expr).await.is_empty();
-        assert_eq!(holds, FIRING_ON_DEMO.contains(&name), "{name}: {expr}");
+        let result = prometheus.query(expr).await;
+        assert_eq!(!result.is_empty(), FIRING_ON_DEMO.contains(&name), "{name}: {expr}");
+        // A finding alert holds once per database (and table), summed: never per instance.
+        for series in &result {
+            assert!(series["metric"].get("instance").is_none(), "{name}: {series}");
+        }
+        let mut databases: Vec<&str> = result.iter().map(|s| s["metric"]["database"].as_str().unwrap()).collect();
+        databases.sort();
+        databases.dedup();
+        if !result.is_empty() {
+            assert_eq!(databases, DATABASES, "{name}: {result:?}");
+        }
     }
     prometheus.wait_for_active_alerts(&FIRING_ON_DEMO).await;
 
@@ -76,11 +114,13 @@ async fn dashboard_and_alert_queries_run_on_a_real_prometheus() {
     daemon.stop().await;
 }
 
-/// Grafana's variables as this test sets them.
-fn substitute(expr: &str) -> String {
+/// Grafana's variables as this test sets them, with `$database` = `database` (a regex: `.*` is
+/// "All").
+fn substitute(expr: &str, database: &str) -> String {
     let expr = expr
         .replace("$__rate_interval", "1m")
         .replace("$job", "tenant-audit")
+        .replace("$database", database)
         .replace("$instance", ".*")
         .replace("$tenant", "tenant_c3");
     assert!(!expr.contains('$'), "unknown variable in {expr}");
@@ -187,7 +227,7 @@ impl Prometheus {
     /// The values a Grafana query variable offers: `label_values(SELECTOR, LABEL)`, or
     /// `query_result(EXPR)` with the regex `/LABEL="([^"]+)"/`. Sorted, deduplicated.
     async fn variable_values(&self, var: &Value) -> Vec<String> {
-        let definition = substitute(var["definition"].as_str().unwrap());
+        let definition = substitute(var["definition"].as_str().unwrap(), ".*");
         let (expr, label) = match definition.strip_prefix("label_values(") {
             Some(args) => {
                 let (expr, label) = args.strip_suffix(')').unwrap().rsplit_once(", ").unwrap();

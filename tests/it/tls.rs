@@ -166,7 +166,7 @@ async fn sslmodes_have_libpq_meaning() {
     );
     let config = tenant_audit::config::Config::from_toml(&text, Path::new("tls.toml"), Default::default()).unwrap();
     let daemon = start_daemon(config).await;
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
     let row = pg::connect(&cluster.url("app"))
         .await
         .query_one(
@@ -223,7 +223,7 @@ async fn a_rotated_password_in_the_url_file_reaches_new_connections() {
     );
     let config = tenant_audit::config::Config::from_toml(&text, &dir.join("config.toml"), Default::default()).unwrap();
     let daemon = start_daemon(config).await;
-    daemon.wait_for("tenant_audit_scans_total{result=\"success\"} 1").await;
+    daemon.wait_for("tenant_audit_scans_total{database=\"default\",result=\"success\"} 1").await;
 
     // The password changes and every session of the old one ends: new connections need the new one.
     admin.batch_execute("ALTER ROLE pwuser PASSWORD 'second'").await.unwrap();
@@ -233,7 +233,8 @@ async fn a_rotated_password_in_the_url_file_reaches_new_connections() {
         crate::support::metric_lines(text, "tenant_audit_scans_total")
             .iter()
             .find_map(|l| {
-                l.strip_prefix("tenant_audit_scans_total{result=\"failure\"} ").map(|v| v.parse::<u64>().unwrap())
+                l.strip_prefix("tenant_audit_scans_total{database=\"default\",result=\"failure\"} ")
+                    .map(|v| v.parse::<u64>().unwrap())
             })
             .unwrap()
     };
@@ -241,7 +242,8 @@ async fn a_rotated_password_in_the_url_file_reaches_new_connections() {
         crate::support::metric_lines(text, "tenant_audit_scans_total")
             .iter()
             .find_map(|l| {
-                l.strip_prefix("tenant_audit_scans_total{result=\"success\"} ").map(|v| v.parse::<u64>().unwrap())
+                l.strip_prefix("tenant_audit_scans_total{database=\"default\",result=\"success\"} ")
+                    .map(|v| v.parse::<u64>().unwrap())
             })
             .unwrap()
     };

@@ -93,12 +93,12 @@ pub struct RunningDaemon {
     http: reqwest::Client,
 }
 
-/// Starts `tenant_audit::daemon::run` for `config`.
-pub async fn start_daemon(config: Config) -> RunningDaemon {
+/// Starts `tenant_audit::daemon::run` for `config` (one target, or a whole `Fleet`).
+pub async fn start_daemon(config: impl Into<tenant_audit::config::Fleet>) -> RunningDaemon {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let handle = tokio::spawn(tenant_audit::daemon::run(config, listener, shutdown.clone()));
+    let handle = tokio::spawn(tenant_audit::daemon::run(config.into(), listener, shutdown.clone()));
     RunningDaemon { base, shutdown, handle, http: reqwest::Client::new() }
 }
 
