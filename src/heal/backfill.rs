@@ -90,8 +90,19 @@ impl BackfillSpec {
         if self.key.is_empty() {
             format!("jsonb_build_object('relation', {}::text, 'ctid', c.ctid::text)", sql::literal(relation))
         } else {
-            audit::key_json("c", &self.key)
+            format!("{} || {}", audit::key_json("c", &self.key), self.relation_key(relation))
         }
+    }
+
+    /// What a primary key needs to name one row of the whole tree: nothing on the table itself,
+    /// `{"relation": ...}` on a descendant (a primary key is unique within one relation only: an
+    /// inheritance child may hold the parent's keys), so that undo updates that row and no other.
+    fn relation_key(&self, relation: &str) -> String {
+        let relation = sql::literal(relation);
+        format!(
+            "(CASE WHEN {relation}::pg_catalog.regclass = {}::pg_catalog.regclass THEN '{{}}'::jsonb ELSE jsonb_build_object('relation', {relation}::text) END)",
+            sql::literal(&self.table_name())
+        )
     }
 
     /// The audit keys (JSON text) of the rows of `relation` the backfill would change now.
@@ -122,7 +133,10 @@ impl BackfillSpec {
                 "jsonb_build_object('relation', u.relation, 'ctid', u.row_id)".to_string(),
             )
         } else {
-            (sql::columns("c", &self.key), audit::key_json("u", &self.key))
+            (
+                sql::columns("c", &self.key),
+                format!("{} || {}", audit::key_json("u", &self.key), self.relation_key(relation)),
+            )
         };
         let old = format!("jsonb_build_object({}, NULL)", sql::literal(&self.column));
         let new = format!("jsonb_build_object({}, u.{col})", sql::literal(&self.column));

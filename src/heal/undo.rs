@@ -131,9 +131,17 @@ fn targets(schema: &str, table: &str, repair: &str, run_id: &str, extra: &str) -
     )
 }
 
-/// `jsonb_build_object('k', c."k", ...) = x.row_key`: the row of the audited key.
-fn key_match(key: &[String]) -> String {
-    format!("{} = x.row_key", audit::key_json("c", key))
+/// The row of the audited key in `schema.table`'s tree: its primary key, in the relation the
+/// audit names (`relation`, a descendant: a primary key is unique within one relation only) or
+/// else in the table itself or one of its partitions, never in an inheritance child.
+fn key_match(schema: &str, table: &str, key: &[String]) -> String {
+    let key: Vec<String> = key.iter().filter(|k| *k != "relation").cloned().collect();
+    format!(
+        "{} = (x.row_key - 'relation') AND CASE WHEN x.row_key ? 'relation' THEN c.tableoid = (x.row_key->>'relation')::pg_catalog.regclass
+    ELSE c.tableoid = {}::pg_catalog.regclass OR (SELECT r.relispartition FROM pg_catalog.pg_class r WHERE r.oid = c.tableoid) END",
+        audit::key_json("c", &key),
+        sql::literal(&sql::qualified(schema, table)),
+    )
 }
 
 fn undo_log(schema: &str, table: &str) -> String {
@@ -150,7 +158,7 @@ fn delete_copied(schema: &str, table: &str, key: &[String], run_id: &str) -> Str
         "WITH x AS (\n  {}\n),\ndone AS (\n  DELETE FROM {} c USING x WHERE {} AND to_jsonb(c) = x.new_value\n  RETURNING x.id, x.row_key\n),\n{}",
         targets(schema, table, "copy_missing_parents", run_id, " AND NOT l.row_key ? 'sequence'"),
         sql::qualified(schema, table),
-        key_match(key),
+        key_match(schema, table, key),
         undo_log(schema, table),
     )
 }
@@ -171,7 +179,7 @@ fn reset_backfilled(
         "WITH x AS (\n  {}\n),\ndone AS (\n  UPDATE {} c SET {col} = NULL FROM x\n  WHERE {} AND c.{col} = (x.new_value->>{name})::{data_type}\n  RETURNING x.id, x.row_key\n),\n{}",
         targets(schema, table, repair, run_id, &format!(" AND l.old_value = jsonb_build_object({name}, NULL)")),
         sql::qualified(schema, table),
-        key_match(key),
+        key_match(schema, table, key),
         undo_log(schema, table),
     )
 }

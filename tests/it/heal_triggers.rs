@@ -121,8 +121,8 @@ async fn a_backfill_of_a_table_with_a_before_update_trigger_is_refused_unless_al
         rows(&url, "SELECT format('%s %s', row_key, new_value) FROM tenant_audit.heal_log ORDER BY row_key->>'id'")
             .await,
         [
-            "{\"id\": 1} {\"updated_at\": \"2021-01-01T00:00:00+00:00\"}",
-            "{\"id\": 11} {\"updated_at\": \"2021-01-03T00:00:00+00:00\"}",
+            "{\"id\": 1, \"relation\": \"tenant_a.note_1\"} {\"updated_at\": \"2021-01-01T00:00:00+00:00\"}",
+            "{\"id\": 11, \"relation\": \"tenant_a.note_2\"} {\"updated_at\": \"2021-01-03T00:00:00+00:00\"}",
         ]
     );
 }
