@@ -785,7 +785,7 @@ async fn run_once(
             return Err(Stop::Reported);
         }
         OnceDone::DefaultChanged => {
-            let key = once_key(once);
+            let key = set_default_key(once.expect_default.as_ref().map(|e| e.column.as_str()).unwrap_or_default());
             tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), key = %crate::sql::escape_controls(&key), "skipped: the default changed since the plan");
             outcome.not_applied.push((tenant.schema.clone(), once.table.clone(), key));
             return Err(Stop::Reported);
@@ -802,9 +802,8 @@ async fn run_once(
     Ok(())
 }
 
-/// A one-off step's audit key as the summary names it: `{"column": C, "step": S}`.
-fn once_key(once: &OnceStep) -> String {
-    let column = once.expect_default.as_ref().map(|e| e.column.as_str()).unwrap_or_default();
+/// A `set_default` step's audit key as the summary names it: `{"column": C, "step": "set_default"}`.
+fn set_default_key(column: &str) -> String {
     format!("{{\"column\": {}, \"step\": \"set_default\"}}", serde_json::Value::from(column))
 }
 

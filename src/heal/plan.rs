@@ -12,7 +12,7 @@ use crate::scan::Scanned;
 use crate::sql;
 
 /// Everything one heal run would do.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     pub tenants: Vec<TenantPlan>,
 }

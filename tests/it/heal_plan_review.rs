@@ -131,3 +131,89 @@ async fn set_default_moves_its_sequence_only_forward_and_audited() {
     assert_eq!(rows(&url, "INSERT INTO tenant_a.doc (title) VALUES ('next') RETURNING id::text").await, ["1000000"]);
     assert_eq!(rows(&url, "INSERT INTO tenant_b.doc (title) VALUES ('next') RETURNING id::text").await, ["11"]);
 }
+
+/// Item 3: a backfill of a table without a primary key is left out of the plan file (its rows
+/// have no stable name), so a row inserted into a reused `ctid` slot after the plan is never
+/// changed by `--apply`.
+#[tokio::test]
+async fn a_table_without_a_primary_key_is_left_out_of_plan_files() {
+    let sql = "SELECT pg_temp.create_tenant('tenant_a');
+        CREATE TABLE tenant_a.eventlog (body text, created_at timestamptz NOT NULL, updated_at timestamptz);
+        INSERT INTO tenant_a.eventlog VALUES ('row A', '2026-01-01 00:00+00', NULL);";
+    let url = fixture_db("plan_review_no_pk", sql).await;
+    let config = "[tenants]\ninclude = ['^tenant_']\n[heal]\nbackfill_null_timestamps = true\n";
+    let file = plan_path("no_pk");
+    let (code, stdout, stderr) = heal(&url, "plan_review_no_pk", config, &["--plan-out", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stdout,
+        [
+            format!("wrote the plan for 0 tenant(s) to {}", file.display()),
+            "left out of the plan: backfill_null_timestamps on tenant_a.eventlog: the table has no primary key: a plan file cannot name its rows (a ctid names a slot that VACUUM lets another row reuse); heal --execute without a plan file heals it".to_string(),
+        ]
+    );
+    run_sql(&url, "DELETE FROM tenant_a.eventlog").await;
+    run_sql(&url, "VACUUM tenant_a.eventlog").await;
+    run_sql(&url, "INSERT INTO tenant_a.eventlog VALUES ('row B, inserted after the plan', '2025-06-01 00:00+00', NULL)")
+        .await;
+    let (code, stdout, stderr) = heal(&url, "plan_review_no_pk", config, &["--apply", file.to_str().unwrap(), "--execute"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, ["heal run: 0 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    assert_eq!(
+        rows(&url, "SELECT format('%s %s %s', ctid, body, coalesce(updated_at::text, 'NULL')) FROM tenant_a.eventlog").await,
+        ["(0,1) row B, inserted after the plan NULL"]
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
+/// Item 18: a corrupted or hand-edited plan file is refused whole with a one-line error and exit
+/// 2, before the lease and before any write; the file's SQL is never run.
+#[tokio::test]
+async fn a_hand_edited_plan_file_is_refused_and_its_sql_never_runs() {
+    let url = fixture_db("plan_review_edited", TEMPLATE).await;
+    let file = plan_path("edited");
+    let (code, _, stderr) = heal(&url, "plan_review_edited", DEFAULTS, &["--plan-out", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let good: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(good["version"], 2);
+    let once = "/plan/tenants/0/actions/0/steps/0/Once";
+    assert_eq!(
+        good.pointer(&format!("{once}/sql")).unwrap(),
+        "ALTER TABLE \"tenant_a\".\"users_businessdetails\" ALTER COLUMN \"business_type\" SET DEFAULT 'retail'::text"
+    );
+    let apply = |name: &str, text: String| {
+        let path = plan_path(name);
+        std::fs::write(&path, text).unwrap();
+        let out = heal(&url, "plan_review_edited", DEFAULTS, &["--apply", path.to_str().unwrap(), "--execute"]);
+        let _ = std::fs::remove_file(&path);
+        (out.0, out.1, out.2.lines().last().unwrap_or_default().to_string(), path)
+    };
+    let mut edited = good.clone();
+    *edited.pointer_mut(&format!("{once}/sql")).unwrap() = serde_json::json!(
+        "ALTER TABLE \"tenant_a\".\"users_businessdetails\" ALTER COLUMN \"business_type\" SET DEFAULT 'retail'::text; DROP TABLE tenant_a.users_userprofile"
+    );
+    let (code, stdout, last, path) = apply("edited_sql", edited.to_string());
+    assert_eq!((code, stdout), (Some(2), Vec::<String>::new()));
+    assert_eq!(
+        last,
+        format!("tenant-audit: error: plan file {} refused: step 1 of add_missing_columns on tenant_a.users_businessdetails is not what heal derives from the database now (the file was edited, or the schema changed since the plan): make a new plan with --plan-out", path.display())
+    );
+    let mut old = good.clone();
+    old["version"] = serde_json::json!(1);
+    let (code, _, last, path) = apply("old_version", old.to_string());
+    assert_eq!(code, Some(2));
+    assert_eq!(last, format!("tenant-audit: error: plan file {} has version 1; this heal reads version 2", path.display()));
+    let (code, _, last, path) = apply("corrupt", "{\"version\": 2, \"plan\": [".to_string());
+    assert_eq!(code, Some(2));
+    assert!(last.starts_with(&format!("tenant-audit: error: plan file {} is not a heal plan: ", path.display())), "{last}");
+    // Nothing ran: the table is there, the default unchanged, no lease or audit table created.
+    assert_eq!(rows(&url, "SELECT to_regclass('tenant_a.users_userprofile')::text").await, ["tenant_a.users_userprofile"]);
+    assert_eq!(rows(&url, DEFAULT_OF).await, ["none"]);
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM pg_namespace WHERE nspname = 'tenant_audit'").await, ["0"]);
+    // The untouched file applies.
+    let (code, stdout, _, _) = apply("good", good.to_string());
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout, ["heal run: 0 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    assert_eq!(rows(&url, DEFAULT_OF).await, ["'retail'::text"]);
+    let _ = std::fs::remove_file(&file);
+}
