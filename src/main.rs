@@ -146,7 +146,9 @@ async fn checked_plan_file(
             heal::Repair::BackfillNullTimestamps => config.heal.backfill_null_timestamps = true,
             heal::Repair::AddMissingColumns => config.heal.add_missing_columns = true,
             heal::Repair::AdvanceSequences => config.heal.advance_sequences = true,
-            heal::Repair::Undo => anyhow::bail!("plan file {} holds an undo action: undo is run with --undo", file.display()),
+            heal::Repair::Undo => {
+                anyhow::bail!("plan file {} holds an undo action: undo is run with --undo", file.display())
+            }
         }
     }
     let scanned = scan::run(&config, &db::scan_pool(&config.database, &config.scan), cancel, None).await?;

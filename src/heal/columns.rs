@@ -112,8 +112,12 @@ pub fn set_default(
         (true, Some(seq)) => Some(sequence::advance_sql("$1", tenant, table, &column.name, seq, "add_missing_columns")),
         (true, None) => return None,
     };
-    let mut step =
-        Step::once(table, &column.name, "set_default", format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET DEFAULT {default}"));
+    let mut step = Step::once(
+        table,
+        &column.name,
+        "set_default",
+        format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET DEFAULT {default}"),
+    );
     if let Step::Once(once) = &mut step {
         once.expect_default = Some(ExpectDefault { column: column.name.clone(), default: seen.map(str::to_string) });
         once.advance = advance;

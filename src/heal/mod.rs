@@ -799,7 +799,10 @@ async fn run_once(
                 if let Some(expect) = expect {
                     tx.batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")).await?;
                     let now = tx
-                        .query_typed_opt(columns::CURRENT_DEFAULT, &[(&table, Type::TEXT), (&expect.column, Type::TEXT)])
+                        .query_typed_opt(
+                            columns::CURRENT_DEFAULT,
+                            &[(&table, Type::TEXT), (&expect.column, Type::TEXT)],
+                        )
                         .await?;
                     if now.map(|r| r.get::<_, Option<String>>(0)) != Some(expect.default) {
                         return Ok(OnceDone::DefaultChanged);

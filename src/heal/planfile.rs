@@ -146,7 +146,8 @@ pub fn check(file: &Plan, derived: &Plan) -> Result<Checked, PlanFileError> {
                         return Err(PlanFileError::Differs { repair, table, what });
                     }
                     for step in &action.steps {
-                        out.gone.extend(keys(step).into_iter().map(|k| (tenant.schema.clone(), action.table.clone(), k)));
+                        out.gone
+                            .extend(keys(step).into_iter().map(|k| (tenant.schema.clone(), action.table.clone(), k)));
                     }
                 }
             }
@@ -165,6 +166,7 @@ fn identity(action: &Action) -> (Repair, &str, Vec<String>) {
         .iter()
         .map(|s| match s {
             Step::Batched(_) => "batched".to_string(),
+            Step::Undo(u) => format!("undo {} {}", u.schema, u.table),
             Step::Once(o) => format!("once {} {}", o.table, o.key),
             Step::Copy(c) => format!("copy {} {}({})", c.child, c.root, c.root_columns.join(", ")),
             Step::Backfill(b) => format!("backfill {} {}", b.table, b.column),
@@ -180,7 +182,7 @@ fn normalized(step: &Step) -> Step {
         Step::Copy(c) => c.only = None,
         Step::Backfill(b) => b.only = None,
         Step::Once(o) => o.expect_default = None,
-        Step::Batched(_) => {}
+        Step::Batched(_) | Step::Undo(_) => {}
     }
     step
 }
@@ -194,7 +196,8 @@ fn same(derived: &Action, file: &Action) -> bool {
 
 /// `derived` with the file's restrictions, each checked for shape.
 fn restricted(derived: &Action, file: &Action, table: &str) -> Result<Action, PlanFileError> {
-    let invalid = |reason: String| PlanFileError::Invalid { repair: file.repair.name(), table: table.to_string(), reason };
+    let invalid =
+        |reason: String| PlanFileError::Invalid { repair: file.repair.name(), table: table.to_string(), reason };
     let mut action = derived.clone();
     action.summary = file.summary.clone();
     for (step, given) in action.steps.iter_mut().zip(&file.steps) {
@@ -247,6 +250,6 @@ fn keys(step: &Step) -> Vec<String> {
         Step::Copy(c) => c.only.iter().flatten().map(|k| k.join(", ")).collect(),
         Step::Backfill(b) => b.only.clone().unwrap_or_default(),
         Step::Once(o) => o.expect_default.iter().map(|e| super::set_default_key(&e.column)).collect(),
-        Step::Batched(_) => Vec::new(),
+        Step::Batched(_) | Step::Undo(_) => Vec::new(),
     }
 }

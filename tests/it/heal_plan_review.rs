@@ -105,10 +105,7 @@ async fn set_default_moves_its_sequence_only_forward_and_audited() {
     let url = fixture_db("plan_review_nextval", sql).await;
     let (code, stdout, stderr) = heal(&url, "plan_review_nextval", DEFAULTS, &["--execute"]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(
-        stdout,
-        ["add_missing_columns: 1 change(s)", "heal run: 1 change(s), 0 tenant(s) skipped, 0 error(s)"]
-    );
+    assert_eq!(stdout, ["add_missing_columns: 1 change(s)", "heal run: 1 change(s), 0 tenant(s) skipped, 0 error(s)"]);
     assert_eq!(
         rows(&url, "SELECT format('%s %s', last_value, is_called) FROM tenant_a.doc_id_seq").await,
         ["1000000 f"]
@@ -154,13 +151,18 @@ async fn a_table_without_a_primary_key_is_left_out_of_plan_files() {
     );
     run_sql(&url, "DELETE FROM tenant_a.eventlog").await;
     run_sql(&url, "VACUUM tenant_a.eventlog").await;
-    run_sql(&url, "INSERT INTO tenant_a.eventlog VALUES ('row B, inserted after the plan', '2025-06-01 00:00+00', NULL)")
-        .await;
-    let (code, stdout, stderr) = heal(&url, "plan_review_no_pk", config, &["--apply", file.to_str().unwrap(), "--execute"]);
+    run_sql(
+        &url,
+        "INSERT INTO tenant_a.eventlog VALUES ('row B, inserted after the plan', '2025-06-01 00:00+00', NULL)",
+    )
+    .await;
+    let (code, stdout, stderr) =
+        heal(&url, "plan_review_no_pk", config, &["--apply", file.to_str().unwrap(), "--execute"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, ["heal run: 0 change(s), 0 tenant(s) skipped, 0 error(s)"]);
     assert_eq!(
-        rows(&url, "SELECT format('%s %s %s', ctid, body, coalesce(updated_at::text, 'NULL')) FROM tenant_a.eventlog").await,
+        rows(&url, "SELECT format('%s %s %s', ctid, body, coalesce(updated_at::text, 'NULL')) FROM tenant_a.eventlog")
+            .await,
         ["(0,1) row B, inserted after the plan NULL"]
     );
     let _ = std::fs::remove_file(&file);
@@ -202,12 +204,21 @@ async fn a_hand_edited_plan_file_is_refused_and_its_sql_never_runs() {
     old["version"] = serde_json::json!(1);
     let (code, _, last, path) = apply("old_version", old.to_string());
     assert_eq!(code, Some(2));
-    assert_eq!(last, format!("tenant-audit: error: plan file {} has version 1; this heal reads version 2", path.display()));
+    assert_eq!(
+        last,
+        format!("tenant-audit: error: plan file {} has version 1; this heal reads version 2", path.display())
+    );
     let (code, _, last, path) = apply("corrupt", "{\"version\": 2, \"plan\": [".to_string());
     assert_eq!(code, Some(2));
-    assert!(last.starts_with(&format!("tenant-audit: error: plan file {} is not a heal plan: ", path.display())), "{last}");
+    assert!(
+        last.starts_with(&format!("tenant-audit: error: plan file {} is not a heal plan: ", path.display())),
+        "{last}"
+    );
     // Nothing ran: the table is there, the default unchanged, no lease or audit table created.
-    assert_eq!(rows(&url, "SELECT to_regclass('tenant_a.users_userprofile')::text").await, ["tenant_a.users_userprofile"]);
+    assert_eq!(
+        rows(&url, "SELECT to_regclass('tenant_a.users_userprofile')::text").await,
+        ["tenant_a.users_userprofile"]
+    );
     assert_eq!(rows(&url, DEFAULT_OF).await, ["none"]);
     assert_eq!(rows(&url, "SELECT count(*)::text FROM pg_namespace WHERE nspname = 'tenant_audit'").await, ["0"]);
     // The untouched file applies.
