@@ -51,8 +51,8 @@ use crate::catalog::{Catalog, Interner, Schema, SchemaRef, TypeSchema};
 use crate::checks::{Plan, Shape};
 use crate::config::ScanConfig;
 use crate::db::{self, DbError};
-use crate::sql;
 use crate::report::{Finding, ScanKind};
+use crate::sql;
 
 /// Where the statistics counters come from, and whether they can be trusted at all. Two reads
 /// with different epochs cannot be compared: counters were reset or discarded in between.
@@ -375,13 +375,7 @@ pub type Carried<'a> = (&'a [Finding], usize, DateTime<Utc>);
 /// catalog fingerprint and those of the schemas it names, the signals and catalog fingerprints
 /// of every relation it reads and the state of every sequence it reads. `None` when one of them
 /// is missing (nothing to compare with).
-pub fn tenant_inputs(
-    context: u64,
-    tenant: &str,
-    catalog: &Catalog,
-    reads: &Reads,
-    signals: &Signals,
-) -> Option<u64> {
+pub fn tenant_inputs(context: u64, tenant: &str, catalog: &Catalog, reads: &Reads, signals: &Signals) -> Option<u64> {
     let mut h = DefaultHasher::new();
     context.hash(&mut h);
     signals.fingerprints.get(tenant)?.hash(&mut h);
@@ -538,7 +532,13 @@ impl State {
     }
 
     /// The whole last result of `tenant`, if its inputs are still the ones it was computed from.
-    pub fn carried_tenant(&self, context: u64, tenant: &str, catalog: &Catalog, signals: &Signals) -> Option<Carried<'_>> {
+    pub fn carried_tenant(
+        &self,
+        context: u64,
+        tenant: &str,
+        catalog: &Catalog,
+        signals: &Signals,
+    ) -> Option<Carried<'_>> {
         let memo = self.memos.get(tenant)?;
         let now = tenant_inputs(context, tenant, catalog, &memo.reads, signals)?;
         (now == memo.inputs).then_some((memo.findings.as_slice(), memo.tables, memo.oldest))

@@ -439,7 +439,12 @@ struct Turn<'a> {
 /// not change at all is not even planned (its whole last result is carried forward, catalog
 /// checks included); any other tenant gets its catalog checks and a plan without the checks
 /// whose stored findings are carried forward (those findings go with the unit).
-fn prepare(ctx: &Context<'_>, tenant: &str, turn: &Turn<'_>, progressive: &mut Progressive<'_>) -> (checks::Plan, Unit) {
+fn prepare(
+    ctx: &Context<'_>,
+    tenant: &str,
+    turn: &Turn<'_>,
+    progressive: &mut Progressive<'_>,
+) -> (checks::Plan, Unit) {
     let incremental = match (turn.kind, turn.signals, turn.context) {
         (ScanKind::Incremental, Some(signals), Some(context)) => Some((signals, context)),
         _ => None,

@@ -5,7 +5,9 @@
 //! by primary key); every other row is left alone and listed. Undo writes its own audit rows
 //! (`repair = 'undo'`, `old_value = {"undoes": <audit row id>}`) in the same statement, which
 //! also makes it idempotent. Added columns, constraints and defaults are not dropped, sequence
-//! moves are not reversed (either could break the application), rows audited without their value
+//! moves are not reversed (either could break the application), copied rows of a table a foreign
+//! key references `ON DELETE CASCADE`, `SET NULL` or `SET DEFAULT` are not deleted (that would
+//! change the application's rows, unaudited), rows audited without their value
 //! (`heal.audit_values = "keys"`) or without a primary key are not undone: all of these are
 //! listed.
 
@@ -41,6 +43,18 @@ const COLUMN_TYPE: &str = "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod
 WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))
   AND a.attname = $3 AND NOT a.attisdropped";
 
+/// `$1` schema, `$2` table: the first foreign key referencing the table whose `ON DELETE` action
+/// changes the referencing rows (`CASCADE`, `SET NULL`, `SET DEFAULT`): (name, referencing
+/// table, action). Deleting a copied row would then delete or change the application's rows
+/// (the orphans it was copied for, at least), unaudited; such copies are not undone.
+const CASCADES: &str = "SELECT c.conname::text, pg_catalog.format('%I.%I', n.nspname, r.relname),
+       CASE c.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' ELSE 'SET DEFAULT' END
+FROM pg_catalog.pg_constraint c
+JOIN pg_catalog.pg_class r ON r.oid = c.conrelid JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
+WHERE c.contype = 'f' AND c.confdeltype IN ('c', 'n', 'd')
+  AND c.confrelid = pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))
+ORDER BY 2, 1 LIMIT 1";
+
 /// The plan that undoes `run_id`, and one line per group of audit rows it cannot undo.
 pub async fn plan(client: &impl GenericClient, run_id: &str) -> Result<(Plan, Vec<String>), DbError> {
     let mut plan = Plan { tenants: Vec::new() };
@@ -54,10 +68,24 @@ pub async fn plan(client: &impl GenericClient, run_id: &str) -> Result<(Plan, Ve
         let count: i64 = row.get(6);
         let place = sql::escape_controls(&sql::display_name(&schema, &table));
         let step = match kind.as_str() {
-            "copy" => Some((
-                format!("delete {count} copied row(s) that still hold what heal wrote"),
-                delete_copied(&schema, &table, &key, run_id),
-            )),
+            "copy" => {
+                let cascades = client.query_typed(CASCADES, &[(&schema, Type::TEXT), (&table, Type::TEXT)]).await?;
+                match cascades.first() {
+                    Some(c) => {
+                        let (name, referencing, action): (String, String, String) = (c.get(0), c.get(1), c.get(2));
+                        notes.push(format!(
+                            "{place}: {count} copied row(s) not undone: foreign key {} of {} references the table ON DELETE {action}, so deleting them would change the application's rows",
+                            sql::escape_controls(&name),
+                            sql::escape_controls(&referencing)
+                        ));
+                        None
+                    }
+                    None => Some((
+                        format!("delete {count} copied row(s) that still hold what heal wrote"),
+                        delete_copied(&schema, &table, &key, run_id),
+                    )),
+                }
+            }
             "backfill" => {
                 let Some(column) = column else { continue };
                 let types = client

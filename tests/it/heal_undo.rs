@@ -113,3 +113,33 @@ async fn undo_leaves_and_lists_the_rows_the_application_changed() {
         .collect();
     assert_eq!(nulls, ["2 NULL", "3 2000-01-01 00:00:00+00", "4 NULL"]);
 }
+
+/// A foreign key `ON DELETE CASCADE` references the copied rows (added `NOT VALID` while the
+/// orphans were known): deleting them would delete the application's orphan rows, which existed
+/// before heal ran. Undo leaves the copies, says why, and exits 1; every profile is still there.
+#[tokio::test]
+async fn undo_never_deletes_a_copy_a_cascading_foreign_key_references() {
+    let sql = "SELECT pg_temp.create_tenant('tenant_a');
+        ALTER TABLE tenant_a.users_userprofile DROP CONSTRAINT users_userprofile_business_id_fk;
+        INSERT INTO tenant_a.users_userprofile (user_id, business_id, created_at, modified_at) VALUES
+          (2, 'b0000000-0000-0000-0000-000000000002', now(), now()),
+          (3, 'b0000000-0000-0000-0000-000000000002', now(), now()),
+          (4, 'b0000000-0000-0000-0000-000000000003', now(), now());
+        ALTER TABLE tenant_a.users_userprofile ADD CONSTRAINT users_userprofile_business_id_fk
+          FOREIGN KEY (business_id) REFERENCES tenant_a.business_business (id) ON DELETE CASCADE NOT VALID;";
+    let url = fixture_db("heal_undo_cascade", sql).await;
+    let (code, stdout) = heal(&url, "heal_undo_cascade", &["--execute"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.starts_with("copy_missing_parents: 2 change(s)\n"), "{stdout}");
+    let run_id = stdout.lines().last().unwrap().split(' ').nth(2).unwrap().trim_end_matches(':').to_string();
+    let (code, stdout) = heal(&url, "heal_undo_cascade", &["--undo", &run_id, "--execute"]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("not undone: tenant_a.business_business: 2 copied row(s) not undone: foreign key users_userprofile_business_id_fk of tenant_a.users_userprofile references the table ON DELETE CASCADE, so deleting them would change the application's rows\n"),
+        "{stdout}"
+    );
+    let profiles = "SELECT count(*)::text FROM tenant_a.users_userprofile";
+    assert_eq!(pg::connect(&url).await.query_one(profiles, &[]).await.unwrap().get::<_, String>(0), "4");
+    let businesses = "SELECT count(*)::text FROM tenant_a.business_business";
+    assert_eq!(pg::connect(&url).await.query_one(businesses, &[]).await.unwrap().get::<_, String>(0), "3");
+}
