@@ -30,6 +30,7 @@
 //! - [`metrics`]: one target's Prometheus registry (every series labelled `database`), rebuilt
 //!   from each finished report.
 //! - [`exposition`]: `/metrics` of the process: the build info and every target's metrics.
+//! - [`replica`]: the replica lag of a scan connection that is a hot standby.
 //! - [`shard`]: which shard owns a tenant (rendezvous hashing of the schema name).
 //! - [`schedule`]: the cron loop; one scan at a time; keeps the last good report.
 //! - [`http`]: the HTTP listener and endpoints: TLS, basic auth, timeouts, a connection cap,
@@ -63,6 +64,7 @@ pub mod http;
 pub mod incremental;
 pub mod metrics;
 pub mod pgtls;
+pub mod replica;
 pub mod report;
 pub mod scan;
 pub mod schedule;

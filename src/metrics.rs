@@ -56,6 +56,9 @@ pub struct Metrics {
     scans_by_kind: IntCounterVec,
     scan_tables: IntGaugeVec,
     carried_forward_age: Gauge,
+    /// No labels of their own: a series exists only while the scan connection is a standby.
+    replica_lag_seconds: GaugeVec,
+    replica_lag_bytes: GaugeVec,
 }
 
 /// The repairs heal can make: the `repair` label of the heal metrics.
@@ -279,6 +282,18 @@ impl Metrics {
                 "tenant_audit_carried_forward_oldest_age_seconds",
                 "Age, when the last successful scan finished, of its oldest carried-forward result (0 when none).",
             ),
+            replica_lag_seconds: float_gauge_vec(
+                &b,
+                "tenant_audit_replica_lag_seconds",
+                "When the scan connection is a hot standby: now() - pg_last_xact_replay_timestamp() at the start of the last scan, 0 when nothing waits for replay.",
+                &[],
+            ),
+            replica_lag_bytes: float_gauge_vec(
+                &b,
+                "tenant_audit_replica_lag_bytes",
+                "When the scan connection is a hot standby and heal connects to the primary: WAL bytes the standby had not replayed at the start of the last scan.",
+                &[],
+            ),
             consistency: Mutex::new(()),
             registry: r,
         };
@@ -386,6 +401,19 @@ impl Metrics {
 
     pub fn set_database_up(&self, up: bool) {
         self.database_up.set(i64::from(up));
+        self.changed();
+    }
+
+    /// Records the scan connection's replica lag: `None` on a primary (the series go away).
+    pub fn set_replica_lag(&self, lag: Option<&crate::replica::Lag>) {
+        self.replica_lag_seconds.reset();
+        self.replica_lag_bytes.reset();
+        if let Some(lag) = lag {
+            self.replica_lag_seconds.with_label_values::<&str>(&[]).set(lag.seconds);
+            if let Some(bytes) = lag.bytes {
+                self.replica_lag_bytes.with_label_values::<&str>(&[]).set(bytes);
+            }
+        }
         self.changed();
     }
 

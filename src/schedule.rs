@@ -27,7 +27,7 @@ use crate::db::{self, Pool};
 use crate::metrics::Metrics;
 use crate::report::{Report, ScanKind};
 use crate::scan;
-use crate::{heal, incremental};
+use crate::{heal, incremental, replica};
 
 /// Who asked for a scan: it decides whether heal may follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +47,9 @@ pub struct Scheduler {
     /// Writer sessions, only when `heal.enabled`: heal runs after every successful scheduled scan
     /// (after a requested one only with `web.scan_requests.heal`).
     heal_pool: Option<Pool>,
+    /// One session to the primary, when `heal.database_url` names another server than the scan's:
+    /// the replica lag in bytes.
+    primary_pool: Option<Pool>,
     metrics: Arc<Metrics>,
     /// The last successful scan's report; `None` until one completes.
     last_report: RwLock<Option<Arc<Report>>>,
@@ -69,11 +72,14 @@ impl Scheduler {
         let pool = db::scan_pool(&config.database, &config.scan);
         let ping_pool = db::ping_pool(&config.database, config.scan.connect_timeout);
         let heal_pool = config.heal.enabled.then(|| db::heal_pool(&config.heal, config.scan.connect_timeout));
+        let primary_pool = (config.heal.database.target != config.database.target)
+            .then(|| db::ping_pool(&config.heal.database, config.scan.connect_timeout));
         metrics.set_database_up(false);
         Arc::new(Scheduler {
             pool,
             ping_pool,
             heal_pool,
+            primary_pool,
             metrics,
             last_report: RwLock::new(None),
             running: AtomicBool::new(false),
@@ -219,6 +225,18 @@ impl Scheduler {
         db::ping(&self.ping_pool, &self.config.database.target, self.config.database_checks.ping_timeout).await
     }
 
+    /// Exports the scan connection's replica lag (none on a primary). A failure leaves the last
+    /// value: the scan that follows reports the database's state.
+    async fn record_replica_lag(&self) {
+        let (config, within) = (&self.config, self.config.database_checks.ping_timeout);
+        let scan = (&self.ping_pool, config.database.target.as_str());
+        let primary = self.primary_pool.as_ref().map(|pool| (pool, config.heal.database.target.as_str()));
+        match replica::lag(scan, primary, within).await {
+            Ok(lag) => self.metrics.set_replica_lag(lag.as_ref()),
+            Err(e) => tracing::debug!(error = %e, "cannot read the replica lag"),
+        }
+    }
+
     fn set_database_up(&self, up: bool) {
         self.database_up.store(up, Ordering::Release);
         self.metrics.set_database_up(up);
@@ -228,6 +246,7 @@ impl Scheduler {
     /// `heal` and `heal.enabled`.
     async fn scan_once(&self, kind: ScanKind, heal: bool) {
         let clock = Instant::now();
+        self.record_replica_lag().await;
         let stored = self.incremental.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut state = stored.filter(|_| kind == ScanKind::Incremental).unwrap_or_default();
         let result = scan::run_with(&self.config, &self.pool, &self.shutdown, None, Some(&mut state)).await;

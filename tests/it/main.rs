@@ -28,6 +28,7 @@ mod scan;
 mod scan_locks;
 mod scan_samples;
 mod scan_semantics;
+mod shard;
 mod support;
 mod tls;
 mod tools;

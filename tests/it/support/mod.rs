@@ -137,6 +137,26 @@ impl RunningDaemon {
         }
     }
 
+    /// The value of the sample `series` (name and labels, as on `/metrics`), if present.
+    pub async fn value(&self, series: &str) -> Option<f64> {
+        let name = series.split(['{', ' ']).next().unwrap();
+        let lines = self.samples(name).await;
+        lines.iter().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Polls `/metrics` until the sample `series` is present and above `floor` (60 s at most);
+    /// returns its value.
+    pub async fn wait_above(&self, series: &str, floor: f64) -> f64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match self.value(series).await {
+                Some(v) if v > floor => return v,
+                other => assert!(std::time::Instant::now() < deadline, "{series} stayed at {other:?}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.handle.await.unwrap();
