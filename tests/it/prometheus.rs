@@ -1,5 +1,5 @@
 //! End to end with a real Prometheus: it scrapes the daemon auditing two targets (two copies of
-//! the demo database) and evaluates dashboards/alerts.yml; then every dashboard query and
+//! the demo database, one scanned on a streaming standby) and evaluates dashboards/alerts.yml; then every dashboard query and
 //! variable and every alert expression runs through its HTTP API with the expected result, for
 //! both databases and for one (the `database` variable), and every metric they name is on
 //! `/metrics`.
@@ -14,7 +14,8 @@ use tenant_audit::config::{Env, Fleet};
 
 use crate::dashboard::{dashboard, queries, variable};
 use crate::rules::alerts;
-use crate::support::{fixture_db, metric_lines, start_daemon, DEMO_SQL};
+use crate::support::pg::{connect, Cluster};
+use crate::support::{fixture_db, metric_lines, start_daemon, BASE_SQL, DEMO_SQL};
 use crate::tools::{metric_names, repo, temp_dir, tool};
 
 /// Tenants as in the demo; a schedule that does not fire during the test (the scan runs at start-up).
@@ -33,9 +34,16 @@ const FIRING_ON_DEMO: [&str; 4] = [
 
 #[tokio::test]
 async fn dashboard_and_alert_queries_run_on_a_real_prometheus() {
+    // orders: the demo database on the shared test server. billing: a copy on a cluster of its
+    // own, scanned on its hot standby (made by pg_basebackup after the copy), so that the replica
+    // lag panel and alert have their series.
+    let orders = fixture_db("prometheus_orders", DEMO_SQL).await;
+    let primary = Cluster::start();
+    connect(&primary.url("postgres")).await.batch_execute("CREATE DATABASE billing").await.unwrap();
+    connect(&primary.url("billing")).await.batch_execute(&format!("{BASE_SQL}\n{DEMO_SQL}")).await.unwrap();
+    let standby = primary.standby();
     let mut text = DAEMON.to_string();
-    for name in DATABASES {
-        let url = fixture_db(&format!("prometheus_{name}"), DEMO_SQL).await;
+    for (name, url) in [("billing", standby.url("billing")), ("orders", orders)] {
         text.push_str(&format!("[[targets]]\nname = '{name}'\ndatabase_url = {url:?}\n"));
     }
     let fleet = Fleet::from_toml(&text, Path::new("test.toml"), Env::default()).unwrap();
@@ -112,6 +120,7 @@ async fn dashboard_and_alert_queries_run_on_a_real_prometheus() {
         );
     }
     daemon.stop().await;
+    drop((standby, primary));
 }
 
 /// Grafana's variables as this test sets them, with `$database` = `database` (a regex: `.*` is
