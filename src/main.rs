@@ -65,8 +65,11 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         return undo(&config, run_id, args.execute).await;
     }
     let cancel = shutdown_on_signals()?;
-    let plan = match &args.apply {
-        Some(file) => read_plan_file(file, &config)?,
+    let (plan, gone) = match &args.apply {
+        Some(file) => {
+            let checked = checked_plan_file(file, &config, &cancel).await?;
+            (checked.plan, checked.gone)
+        }
         None => {
             if !config.heal.any_repair() {
                 anyhow::bail!("no repair is enabled: set heal.copy_missing_parents, heal.backfill_null_timestamps, heal.add_missing_columns or heal.advance_sequences");
@@ -78,7 +81,7 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
             let mut plan = Plan::build(&scanned, &config);
             if let Some(file) = &args.plan_out {
                 let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
-                heal::planfile::resolve(&config.heal, &pool, &mut plan).await?;
+                let left_out = heal::planfile::resolve(&config.heal, &pool, &mut plan).await?;
                 let document = heal::planfile::PlanFile {
                     version: heal::planfile::VERSION,
                     database: config.heal.database.target.clone(),
@@ -89,9 +92,12 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
                 let json = serde_json::to_string_pretty(&document).context("cannot encode the plan")?;
                 std::fs::write(file, json + "\n").with_context(|| format!("cannot write {}", file.display()))?;
                 println!("wrote the plan for {} tenant(s) to {}", document.plan.tenants.len(), file.display());
+                for line in left_out {
+                    println!("{line}");
+                }
                 return Ok(ExitCode::SUCCESS);
             }
-            plan
+            (plan, Vec::new())
         }
     };
     let mut out = std::io::stdout();
@@ -100,13 +106,16 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
-    let outcome = match heal::execute(&config.heal, &pool, &plan, None, &cancel).await {
+    let mut outcome = match heal::execute(&config.heal, &pool, &plan, None, &cancel).await {
         Err(HealError::LockedOut) => {
             eprintln!("tenant-audit: {}", HealError::LockedOut);
             return Ok(ExitCode::from(1));
         }
         other => other?,
     };
+    // What the new scan no longer finds comes first, as the file lists it.
+    let applied = std::mem::replace(&mut outcome.not_applied, gone);
+    outcome.not_applied.extend(applied);
     write!(out, "{}", outcome.summary())?;
     if let Some((schema, repair, message)) = outcome.errors.first() {
         anyhow::bail!("{} repair(s) failed; first: {} on {schema}: {message}", outcome.errors.len(), repair.name());
@@ -120,6 +129,32 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         && outcome.refused.is_empty()
         && outcome.not_applied.is_empty();
     Ok(if complete { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Reads a plan file and checks it against the plan derived from a fresh scan (with the repairs
+/// the file uses enabled): the plan to run is the derived one, restricted as the file says.
+async fn checked_plan_file(
+    file: &std::path::Path,
+    config: &Config,
+    cancel: &CancellationToken,
+) -> anyhow::Result<heal::planfile::Checked> {
+    let given = read_plan_file(file, config)?;
+    let mut config = config.clone();
+    for action in given.tenants.iter().flat_map(|t| &t.actions) {
+        match action.repair {
+            heal::Repair::CopyMissingParents => config.heal.copy_missing_parents = true,
+            heal::Repair::BackfillNullTimestamps => config.heal.backfill_null_timestamps = true,
+            heal::Repair::AddMissingColumns => config.heal.add_missing_columns = true,
+            heal::Repair::AdvanceSequences => config.heal.advance_sequences = true,
+            heal::Repair::Undo => anyhow::bail!("plan file {} holds an undo action: undo is run with --undo", file.display()),
+        }
+    }
+    let scanned = scan::run(&config, &db::scan_pool(&config.database, &config.scan), cancel, None).await?;
+    if let Some(e) = incomplete_scan_error(&scanned.report) {
+        return Err(e.context("--apply needs a complete scan (it derives the plan's SQL again)"));
+    }
+    let derived = Plan::build(&scanned, &config);
+    heal::planfile::check(&given, &derived).with_context(|| format!("plan file {} refused", file.display()))
 }
 
 /// Reads a plan file of `heal --plan-out`, for the database `config` heals.

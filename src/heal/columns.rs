@@ -17,8 +17,8 @@
 //! relative to its schema; heal runs them under the tenant's `search_path` (see
 //! [`super::search_path`]).
 
-use super::backfill;
-use super::plan::Step;
+use super::plan::{ExpectDefault, Step};
+use super::{backfill, sequence};
 use crate::catalog::{Column, Table};
 use crate::sql;
 
@@ -88,39 +88,46 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
 
 /// Sets the reference's default on a column that has another one or none (a run stopped
 /// between adding a column and setting its default, or a drifted tenant). `None` when the
-/// reference has no default: heal does not drop defaults.
+/// reference has no default: heal does not drop defaults, nor when the default draws from a
+/// sequence (`nextval`) and `sequence` (the one it draws from in the reference, by name in the
+/// tenant's schema) is unknown.
 ///
-/// A default that draws from a sequence (`nextval`) is followed, in the same transaction, by a
-/// statement that moves the sequence it now draws from past the column's largest value: the
-/// column may hold values drawn from another sequence, and the application's next insert must
-/// not fail with a duplicate key.
-pub fn set_default(tenant: &str, table: &str, column: &Column) -> Option<Vec<Step>> {
+/// The step runs only while the tenant still has `seen`, the default the scan saw (see
+/// [`super::plan::OnceStep::expect_default`]): a migration that changed it meanwhile is never reverted. A
+/// `nextval` default is followed, in the same transaction (under the `ALTER`'s lock, so no insert
+/// draws from the sequence in between), by [`sequence::advance_sql`] on that sequence: forward
+/// only, past the column's largest value, audited.
+pub fn set_default(
+    tenant: &str,
+    table: &str,
+    column: &Column,
+    seen: Option<&str>,
+    seq_name: Option<&str>,
+) -> Option<Vec<Step>> {
     let default = column.default.as_deref()?;
     let tbl = sql::qualified(tenant, table);
     let col = sql::ident(&column.name);
-    let mut sql = format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET DEFAULT {default}");
-    // The sequence itself is found structurally (the default's dependency), `nextval` in the
-    // text only decides whether to look: a default without it draws from no sequence.
-    if default.contains("nextval(") {
-        sql.push_str(&format!(
-            ";
-SELECT pg_catalog.setval(x.seq, x.top) FROM (
-               SELECT d.refobjid::pg_catalog.regclass AS seq, (SELECT max(c.{col}) FROM {tbl} c)::bigint AS top,
-                      coalesce(pg_catalog.pg_sequence_last_value(d.refobjid::pg_catalog.regclass) + q.seqincrement, q.seqstart) AS next_value
-               FROM pg_catalog.pg_attrdef ad
-               JOIN pg_catalog.pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
-               JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid = ad.oid
-                 AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-               JOIN pg_catalog.pg_sequence q ON q.seqrelid = d.refobjid
-               WHERE ad.adrelid = {}::pg_catalog.regclass AND a.attname = {} AND q.seqincrement > 0
-) x
-WHERE x.top >= x.next_value",
-            sql::literal(&tbl),
-            sql::literal(&column.name),
-        ));
+    let advance = match (default.contains("nextval("), seq_name) {
+        (false, _) => None,
+        (true, Some(seq)) => Some(sequence::advance_sql("$1", tenant, table, &column.name, seq, "add_missing_columns")),
+        (true, None) => return None,
+    };
+    let mut step =
+        Step::once(table, &column.name, "set_default", format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET DEFAULT {default}"));
+    if let Step::Once(once) = &mut step {
+        once.expect_default = Some(ExpectDefault { column: column.name.clone(), default: seen.map(str::to_string) });
+        once.advance = advance;
     }
-    Some(vec![Step::once(table, &column.name, "set_default", sql)])
+    Some(vec![step])
 }
+
+/// `$1` the table (qualified), `$2` the column: the column's default as the catalog deparses it
+/// under the transaction's `search_path` (the tenant's, as the scan read it), NULL without one.
+/// No row when the column is gone.
+pub const CURRENT_DEFAULT: &str = "SELECT pg_catalog.pg_get_expr(d.adbin, 0)
+FROM pg_catalog.pg_attribute a
+LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = $1::pg_catalog.regclass AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped";
 
 /// The batched backfill of `column` from `fallback`, audited under this repair.
 fn backfill_step(tenant: &str, table: &str, own: &Table, column: &Column, fallback: &str) -> Step {

@@ -715,9 +715,21 @@ async fn refused_triggers(
     Ok(out)
 }
 
+/// What a one-off step did.
+enum OnceDone {
+    /// Ran; with the number of sequences its `advance` moved.
+    Ran(u64),
+    /// Set aside: the added column's type is a constrained domain.
+    Rewrite,
+    /// Skipped: the column's default is no longer the one the plan saw.
+    DefaultChanged,
+}
+
 /// Runs a one-off statement (DDL) with its audit row in one transaction. An added column whose
 /// type is a constrained domain there is set aside (nothing written) unless
-/// `heal.allow_table_rewrite`: adding it would rewrite the table.
+/// `heal.allow_table_rewrite`: adding it would rewrite the table. A step with an expected
+/// default takes the table's `ACCESS EXCLUSIVE` lock first (the one its `ALTER` needs, under
+/// `heal.lock_timeout`), then runs only if the column still has that default.
 async fn run_once(
     writer: &mut Writer<'_>,
     once: &OnceStep,
@@ -730,13 +742,24 @@ async fn run_once(
     let timeout =
         once.long.then(|| format!("SET LOCAL statement_timeout = '{}ms'", writer.heal.validate_timeout.as_millis()));
     let guard = once.added.clone().filter(|_| !writer.heal.allow_table_rewrite).map(|(_, t)| t);
+    let table = crate::sql::qualified(&tenant.schema, &once.table);
+    let (expect, advance) = (once.expect_default.clone(), once.advance.clone());
     let done = writer
         .transaction_within(once.long, move |tx| {
             Box::pin(async move {
                 if let Some(data_type) = guard {
                     let row = tx.query_typed_one(columns::CONSTRAINED_DOMAIN, &[(&data_type, Type::TEXT)]).await?;
                     if row.get::<_, bool>(0) {
-                        return Ok(false);
+                        return Ok(OnceDone::Rewrite);
+                    }
+                }
+                if let Some(expect) = expect {
+                    tx.batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")).await?;
+                    let now = tx
+                        .query_typed_opt(columns::CURRENT_DEFAULT, &[(&table, Type::TEXT), (&expect.column, Type::TEXT)])
+                        .await?;
+                    if now.map(|r| r.get::<_, Option<String>>(0)) != Some(expect.default) {
+                        return Ok(OnceDone::DefaultChanged);
                     }
                 }
                 if let Some(timeout) = timeout {
@@ -744,22 +767,44 @@ async fn run_once(
                 }
                 tx.batch_execute(&statement).await?;
                 tx.query_typed(&record, &[(&run_id, Type::TEXT), (&statement, Type::TEXT)]).await?;
-                Ok(true)
+                let moved = match advance {
+                    Some(sql) => tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?.len() as u64,
+                    None => 0,
+                };
+                Ok(OnceDone::Ran(moved))
             })
         })
         .await?;
-    if !done {
-        let (column, data_type) = once.added.clone().unwrap_or_default();
-        let reason = columns::rewrite_reason(&column, &data_type);
-        tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), reason = %crate::sql::escape_controls(&reason), "step set aside");
-        outcome.refused.push((tenant.schema.clone(), once.table.clone(), reason));
-        return Err(Stop::Reported);
-    }
+    let moved = match done {
+        OnceDone::Ran(moved) => moved,
+        OnceDone::Rewrite => {
+            let (column, data_type) = once.added.clone().unwrap_or_default();
+            let reason = columns::rewrite_reason(&column, &data_type);
+            tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), reason = %crate::sql::escape_controls(&reason), "step set aside");
+            outcome.refused.push((tenant.schema.clone(), once.table.clone(), reason));
+            return Err(Stop::Reported);
+        }
+        OnceDone::DefaultChanged => {
+            let key = set_default_key(once.expect_default.as_ref().map(|e| e.column.as_str()).unwrap_or_default());
+            tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), key = %crate::sql::escape_controls(&key), "skipped: the default changed since the plan");
+            outcome.not_applied.push((tenant.schema.clone(), once.table.clone(), key));
+            return Err(Stop::Reported);
+        }
+    };
     tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), statement = %crate::sql::escape_controls(&once.sql), "healed");
     if once.adds_column {
         *outcome.changed.entry(action.repair.name()).or_default() += 1;
     }
+    if moved > 0 {
+        tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), "sequence moved past the column's values");
+        *outcome.changed.entry(action.repair.name()).or_default() += moved;
+    }
     Ok(())
+}
+
+/// A `set_default` step's audit key as the summary names it: `{"column": C, "step": "set_default"}`.
+fn set_default_key(column: &str) -> String {
+    format!("{{\"column\": {}, \"step\": \"set_default\"}}", serde_json::Value::from(column))
 }
 
 /// Creates the audit table if it is missing.

@@ -12,7 +12,7 @@ use crate::scan::Scanned;
 use crate::sql;
 
 /// Everything one heal run would do.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     pub tenants: Vec<TenantPlan>,
 }
@@ -68,6 +68,22 @@ pub struct OnceStep {
     /// when the type is a domain with constraints there (see [`columns::CONSTRAINED_DOMAIN`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub added: Option<(String, String)>,
+    /// The step runs only while the column still has this default (a `set_default`): checked
+    /// under the table's `ACCESS EXCLUSIVE` lock in the step's transaction; otherwise the step is
+    /// skipped and reported (`changed since the plan`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_default: Option<ExpectDefault>,
+    /// Run after `sql` in the same transaction, `$1` the run id ([`sequence::advance_sql`]):
+    /// moves the sequence a new `nextval` default draws from past the column's values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advance: Option<String>,
+}
+
+/// The default a column had when the plan was made (`None`: no default).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExpectDefault {
+    pub column: String,
+    pub default: Option<String>,
 }
 
 impl Action {
@@ -105,6 +121,8 @@ impl Step {
             adds_column: step == "add_column",
             long: false,
             added: None,
+            expect_default: None,
+            advance: None,
         })
     }
 }
@@ -198,11 +216,27 @@ impl Plan {
                                     columns::CONSTRAINED_DOMAIN
                                 );
                             }
+                            if let Some(expect) = &once.expect_default {
+                                let table = sql::qualified(&tenant.schema, &once.table);
+                                let seen = expect.default.as_deref().unwrap_or("none");
+                                let _ = writeln!(
+                                    out,
+                                    "-- first, in the same transaction: LOCK TABLE {} IN ACCESS EXCLUSIVE MODE; then ($1 = {}, $2 = {}) only if the default is still {}, else skipped:\n{};",
+                                    sql::escape_controls(&table),
+                                    sql::escape_controls(&sql::literal(&table)),
+                                    sql::escape_controls(&sql::literal(&expect.column)),
+                                    sql::escape_controls(seen),
+                                    columns::CURRENT_DEFAULT
+                                );
+                            }
                             if once.long {
                                 let _ =
                                     writeln!(out, "-- under heal.validate_timeout instead of heal.statement_timeout");
                             }
                             let _ = writeln!(out, "{};", once.sql);
+                            if let Some(advance) = &once.advance {
+                                let _ = writeln!(out, "-- then, in the same transaction ($1 = run id):\n{advance};");
+                            }
                         }
                     }
                 }
@@ -272,9 +306,11 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                 }
                 DriftKind::DefaultMismatch => {
                     let default = column.default.as_deref()?;
+                    let seen = own.column(name)?.default.as_deref();
+                    let sequence = reference_sequence(scanned, config, &table, column);
                     (
                         format!("set the default of {name} to {default} as the reference has it"),
-                        columns::set_default(tenant, &table, column)?,
+                        columns::set_default(tenant, &table, column, seen, sequence.as_deref())?,
                     )
                 }
                 DriftKind::NullabilityMismatch if column.not_null => {
@@ -300,6 +336,26 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
     };
     let triggers = fired_triggers(catalog, tenant, &steps, &config.heal.allow_triggers);
     Some(Action { repair, table, summary, steps, triggers })
+}
+
+/// The sequence (by name, in the column's own schema) that `column`'s default draws from where
+/// a schema has that default: the reference schema's table when there is one, else the first
+/// schema whose table has the column with this very default on a sequence of its own schema.
+fn reference_sequence(
+    scanned: &Scanned,
+    config: &Config,
+    table: &str,
+    column: &crate::catalog::Column,
+) -> Option<String> {
+    let reference = config.tenants.reference_schema.as_deref();
+    let schemas = reference.into_iter().chain(scanned.catalog.schemas.keys().map(String::as_str));
+    schemas
+        .filter_map(|schema| scanned.catalog.table(schema, table)?.column(&column.name))
+        .filter(|c| c.default == column.default)
+        .find_map(|c| match &c.sequence {
+            Some((crate::catalog::SchemaRef::Own, name)) => Some(name.clone()),
+            _ => None,
+        })
 }
 
 /// The relationships the checks know besides the tenants' constraints: `checks.relationships`,

@@ -3,17 +3,24 @@
 //! exactly that plan: every step re-checks its predicate, and a copy or backfill changes only the
 //! keys or rows the file lists (those the application changed meanwhile are skipped and
 //! reported).
+//!
+//! Invariants: `--apply` never runs SQL text taken from the file. [`check`] matches each action
+//! of the file with the one heal derives from a fresh scan and runs the derived one (refusing a
+//! file whose SQL differs); from the file it keeps only the restrictions (`only` lists, expected
+//! defaults), each checked for shape. A backfill of a table without a primary key is never in a
+//! plan file: its rows have no stable name.
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
 
-use super::plan::{Plan, Step};
-use super::{backfill, search_path};
+use super::plan::{Action, Plan, Step, TenantPlan};
+use super::{backfill, search_path, Repair};
 use crate::config::HealConfig;
 use crate::db::{self, DbError, Pool};
+use crate::sql;
 
 /// The format version of plan files.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// A plan file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,8 +34,25 @@ pub struct PlanFile {
     pub plan: Plan,
 }
 
-/// Fills every copy's and backfill's `only` with the keys and rows it would touch now.
-pub async fn resolve(heal: &HealConfig, pool: &Pool, plan: &mut Plan) -> Result<(), DbError> {
+/// Fills every copy's and backfill's `only` with the keys and rows it would touch now. An action
+/// that backfills a table without a primary key is left out; returns one line per action left
+/// out, saying why.
+pub async fn resolve(heal: &HealConfig, pool: &Pool, plan: &mut Plan) -> Result<Vec<String>, DbError> {
+    let mut left_out = Vec::new();
+    for tenant in &mut plan.tenants {
+        tenant.actions.retain(|action| {
+            let keyless = action.steps.iter().any(|s| matches!(s, Step::Backfill(b) if b.key.is_empty()));
+            if keyless {
+                left_out.push(format!(
+                    "left out of the plan: {} on {}: {NO_PRIMARY_KEY}",
+                    action.repair.name(),
+                    sql::escape_controls(&sql::display_name(&tenant.schema, &action.table))
+                ));
+            }
+            !keyless
+        });
+    }
+    plan.tenants.retain(|t| !t.actions.is_empty());
     let mut session = db::session(pool, &heal.database.target).await?;
     for tenant in &mut plan.tenants {
         let path = search_path(&tenant.schema);
@@ -70,5 +94,158 @@ pub async fn resolve(heal: &HealConfig, pool: &Pool, plan: &mut Plan) -> Result<
             }
         }
     }
-    Ok(())
+    Ok(left_out)
+}
+
+/// Why `--apply` refuses a plan file as a whole (before the lease, nothing written).
+#[derive(Debug, thiserror::Error)]
+pub enum PlanFileError {
+    #[error("{what} of {repair} on {table} is not what heal derives from the database now (the file was edited, or the schema changed since the plan): make a new plan with --plan-out")]
+    Differs { repair: &'static str, table: String, what: String },
+    #[error("{repair} on {table}: {reason}")]
+    Invalid { repair: &'static str, table: String, reason: String },
+}
+
+/// Why a backfill of a table without a primary key is left out of plan files.
+pub const NO_PRIMARY_KEY: &str = "the table has no primary key: a plan file cannot name its rows (a ctid names a slot that VACUUM lets another row reuse); heal --execute without a plan file heals it";
+
+/// A plan file checked against the plan heal derives now: what to run and what to report.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// The file's actions as heal derives them now (their SQL rebuilt from the live catalog,
+    /// never the file's), restricted to the file's `only` lists and expected defaults.
+    pub plan: Plan,
+    /// (schema, table, key) of what the file names that no longer needs healing: skipped.
+    pub gone: Vec<(String, String, String)>,
+}
+
+/// Checks `file` against `derived` (the plan built now from a fresh scan). An action of the file
+/// runs only as derived: the same repair, table and steps, their SQL included (a file whose SQL
+/// differs is refused whole: `--apply` never runs SQL taken from the file); only the file's `only`
+/// lists and expected defaults are kept from it, and checked for shape. An action the scan no
+/// longer finds is skipped: every key it names is reported.
+pub fn check(file: &Plan, derived: &Plan) -> Result<Checked, PlanFileError> {
+    let mut out = Checked::default();
+    for tenant in &file.tenants {
+        let now: &[Action] = derived.tenants.iter().find(|t| t.schema == tenant.schema).map_or(&[], |t| &t.actions);
+        let mut actions = Vec::new();
+        for action in &tenant.actions {
+            let table = sql::display_name(&tenant.schema, &action.table);
+            let repair = action.repair.name();
+            match now.iter().find(|d| same(d, action)) {
+                Some(d) => actions.push(restricted(d, action, &table)?),
+                None => {
+                    if let Some(d) = now.iter().find(|d| identity(d) == identity(action)) {
+                        let what = action
+                            .steps
+                            .iter()
+                            .zip(d.steps.iter())
+                            .position(|(a, b)| normalized(a) != normalized(b))
+                            .map_or("a step".to_string(), |i| format!("step {}", i + 1));
+                        return Err(PlanFileError::Differs { repair, table, what });
+                    }
+                    for step in &action.steps {
+                        out.gone.extend(keys(step).into_iter().map(|k| (tenant.schema.clone(), action.table.clone(), k)));
+                    }
+                }
+            }
+        }
+        if !actions.is_empty() {
+            out.plan.tenants.push(TenantPlan { schema: tenant.schema.clone(), actions });
+        }
+    }
+    Ok(out)
+}
+
+/// What identifies an action whatever its SQL: repair, table and per step what it acts on.
+fn identity(action: &Action) -> (Repair, &str, Vec<String>) {
+    let steps = action
+        .steps
+        .iter()
+        .map(|s| match s {
+            Step::Batched(_) => "batched".to_string(),
+            Step::Once(o) => format!("once {} {}", o.table, o.key),
+            Step::Copy(c) => format!("copy {} {}({})", c.child, c.root, c.root_columns.join(", ")),
+            Step::Backfill(b) => format!("backfill {} {}", b.table, b.column),
+        })
+        .collect();
+    (action.repair, action.table.as_str(), steps)
+}
+
+/// A step without what the file may restrict (`only`, the expected default).
+fn normalized(step: &Step) -> Step {
+    let mut step = step.clone();
+    match &mut step {
+        Step::Copy(c) => c.only = None,
+        Step::Backfill(b) => b.only = None,
+        Step::Once(o) => o.expect_default = None,
+        Step::Batched(_) => {}
+    }
+    step
+}
+
+fn same(derived: &Action, file: &Action) -> bool {
+    derived.repair == file.repair
+        && derived.table == file.table
+        && derived.steps.len() == file.steps.len()
+        && derived.steps.iter().zip(&file.steps).all(|(a, b)| normalized(a) == normalized(b))
+}
+
+/// `derived` with the file's restrictions, each checked for shape.
+fn restricted(derived: &Action, file: &Action, table: &str) -> Result<Action, PlanFileError> {
+    let invalid = |reason: String| PlanFileError::Invalid { repair: file.repair.name(), table: table.to_string(), reason };
+    let mut action = derived.clone();
+    action.summary = file.summary.clone();
+    for (step, given) in action.steps.iter_mut().zip(&file.steps) {
+        match (step, given) {
+            (Step::Copy(c), Step::Copy(g)) => {
+                if let Some(bad) = g.only.iter().flatten().find(|k| k.len() != c.key_len) {
+                    return Err(invalid(format!(
+                        "an orphaned key in only has {} value(s), the relationship has {} column(s): {bad:?}",
+                        bad.len(),
+                        c.key_len
+                    )));
+                }
+                c.only = g.only.clone();
+            }
+            (Step::Backfill(b), Step::Backfill(g)) => {
+                if b.key.is_empty() && g.only.is_some() {
+                    return Err(invalid(NO_PRIMARY_KEY.to_string()));
+                }
+                if let Some(bad) = g.only.iter().flatten().find(|k| !is_key(k, &b.key)) {
+                    return Err(invalid(format!(
+                        "{bad:?} in only is not a key of the table (a JSON object of {}, and relation for a table with children)",
+                        b.key.join(", ")
+                    )));
+                }
+                b.only = g.only.clone();
+            }
+            (Step::Once(o), Step::Once(g)) => o.expect_default = g.expect_default.clone(),
+            _ => {}
+        }
+    }
+    Ok(action)
+}
+
+/// Whether `text` is a JSON object of the columns `key`, and of the relation holding the row
+/// when the table has inheritance children (`relation`).
+fn is_key(text: &str, key: &[String]) -> bool {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(map)) => {
+            key.iter().all(|k| map.contains_key(k))
+                && map.keys().all(|k| k == "relation" || key.contains(k))
+                && map.len() <= key.len() + 1
+        }
+        _ => false,
+    }
+}
+
+/// The keys a step of the file names, as the summary reports them.
+fn keys(step: &Step) -> Vec<String> {
+    match step {
+        Step::Copy(c) => c.only.iter().flatten().map(|k| k.join(", ")).collect(),
+        Step::Backfill(b) => b.only.clone().unwrap_or_default(),
+        Step::Once(o) => o.expect_default.iter().map(|e| super::set_default_key(&e.column)).collect(),
+        Step::Batched(_) => Vec::new(),
+    }
 }

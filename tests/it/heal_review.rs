@@ -127,7 +127,7 @@ async fn a_default_that_draws_from_a_sequence_leaves_the_sequence_past_the_colum
     );
     let plan = stdout(&cli(&["heal", "--config", path.to_str().unwrap()], &[]));
     assert!(
-        plan.contains("SET DEFAULT nextval('doc_id_seq'::regclass);\nSELECT pg_catalog.setval(x.seq, x.top) FROM ("),
+        plan.contains("SET DEFAULT nextval('doc_id_seq'::regclass);\n-- then, in the same transaction ($1 = run id):\nWITH moved AS ("),
         "{plan}"
     );
     let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);

@@ -14,6 +14,7 @@ mod heal_backfill;
 mod heal_ddl;
 mod heal_graph;
 mod heal_plan;
+mod heal_plan_review;
 mod heal_review;
 mod heal_sequences;
 mod heal_triggers;
