@@ -1,5 +1,4 @@
-//! Plan files and `set_default` under the second hostile DBA review (items 3, 4, 13, 17, 18 of
-//! notes/heal-review2.md), against real PostgreSQL: `--apply` changes exactly what the plan
+//! Plan files and `set_default` under a hostile DBA's review, against real PostgreSQL: `--apply` changes exactly what the plan
 //! names, re-checks it when it runs, and reports what it skipped; a bad file is refused whole.
 
 use crate::support::{cli, config_file, fixture_db, pg};
