@@ -1,5 +1,6 @@
-//! Plan files and `set_default` under a hostile DBA's review, against real PostgreSQL: `--apply` changes exactly what the plan
-//! names, re-checks it when it runs, and reports what it skipped; a bad file is refused whole.
+//! Plan files and `set_default` under a hostile DBA's review, against real PostgreSQL:
+//! `--apply` changes exactly what the plan names, re-checks it when it runs, and reports what it
+//! skipped; a bad file is refused whole.
 
 use crate::support::{cli, config_file, fixture_db, pg};
 
