@@ -573,14 +573,18 @@ async fn run_backfill(
             .first()
             .map(|r| r.get(0))
             .unwrap_or(0);
-        let mut start = 0;
-        while start < blocks.max(1) {
-            if *budget == 0 {
+        // Ranges of `step` blocks; within one, batches of at most `limit` rows in `ctid` order,
+        // each starting after the last row the one before picked.
+        let mut range = 0;
+        let mut after = backfill::FIRST_TID.to_string();
+        while range < blocks.max(1) {
+            let limit = (*budget).min(batch_size as u64) as i64;
+            if limit == 0 {
                 return Err(Stop::BudgetReached);
             }
             let end =
-                if start + step >= blocks { backfill::LAST_TID.to_string() } else { format!("({},0)", start + step) };
-            let (from, to) = (format!("({start},0)"), end);
+                if range + step >= blocks { backfill::LAST_TID.to_string() } else { format!("({},0)", range + step) };
+            let (from, to) = (after.clone(), end.clone());
             let (sql, run_id) = (sql.clone(), outcome.run_id.clone());
             let only = spec.only.clone().unwrap_or_default();
             let restricted = spec.only.is_some();
@@ -588,7 +592,7 @@ async fn run_backfill(
                 .transaction(move |tx| {
                     Box::pin(async move {
                         let mut params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
-                            vec![(&from, Type::TEXT), (&to, Type::TEXT), (&run_id, Type::TEXT)];
+                            vec![(&from, Type::TEXT), (&to, Type::TEXT), (&run_id, Type::TEXT), (&limit, Type::INT8)];
                         if restricted {
                             params.push((&only, Type::TEXT_ARRAY));
                         }
@@ -597,17 +601,20 @@ async fn run_backfill(
                 })
                 .await?;
             let mut kept_null = 0;
+            let mut next = None;
             for row in &rows {
-                let (table, key): (Option<String>, String) = (row.get(0), row.get(1));
-                match table {
-                    Some(table) => {
-                        changed_keys.insert(key.clone());
-                        tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&table), repair = spec.repair.name(), key = %crate::sql::escape_controls(&key), "healed")
+                let (table, key, cursor): (Option<String>, Option<String>, Option<String>) =
+                    (row.get(0), row.get(1), row.get(2));
+                match (table, key) {
+                    (Some(table), Some(key)) => {
+                        tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&table), repair = spec.repair.name(), key = %crate::sql::escape_controls(&key), "healed");
+                        changed_keys.insert(key);
                     }
-                    None => kept_null += 1,
+                    (None, Some(_)) => kept_null += 1,
+                    _ => next = cursor,
                 }
             }
-            let changed = (rows.len() - kept_null) as u64;
+            let changed = (rows.len() - kept_null - usize::from(next.is_some())) as u64;
             *outcome.changed.entry(spec.repair.name()).or_default() += changed;
             *budget = budget.saturating_sub(changed);
             if kept_null > 0 {
@@ -621,7 +628,13 @@ async fn run_backfill(
                 outcome.errors.push((spec.tenant.clone(), spec.repair, message));
                 return Err(Stop::Reported);
             }
-            start += step;
+            match next {
+                Some(cursor) => after = cursor,
+                None => {
+                    range += step;
+                    after = end;
+                }
+            }
         }
     }
     for key in spec.only.iter().flatten().filter(|k| !changed_keys.contains(*k)) {

@@ -239,7 +239,7 @@ impl Plan {
                                 "-- then per relation: its size ($1 = the relation):\n{};",
                                 backfill::BLOCKS
                             );
-                            let _ = writeln!(out, "-- and per range of {} block(s) ($1, $2 its first and end ctid, the last one ending at {}; $3 run id; the audit key names the relation when the table has descendants):", (batch_size / backfill::ROWS_PER_BLOCK).max(1), backfill::LAST_TID);
+                            let _ = writeln!(out, "-- and per range of {} block(s), batch by batch ($1 the ctid the batch starts after: {} first, then the last one the previous batch picked or the previous range's end; $2 the range's end ctid, the last one ending at {}; $3 run id; $4 = {batch_size} (heal.batch_size, fewer when heal.max_rows_per_run has fewer left); the audit key names the relation when the table has descendants):", (batch_size / backfill::ROWS_PER_BLOCK).max(1), backfill::FIRST_TID, backfill::LAST_TID);
                             let _ =
                                 writeln!(out, "{};", spec.batch_sql(&sql::qualified(&spec.tenant, &spec.table), false));
                         }

@@ -11,6 +11,7 @@ mod fleet;
 mod freeze;
 mod heal;
 mod heal_backfill;
+mod heal_columns_review;
 mod heal_ddl;
 mod heal_graph;
 mod heal_plan;
