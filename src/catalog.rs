@@ -170,8 +170,10 @@ pub struct Column {
     /// tenant's `nextval('seq'::regclass)` reads the same); `None` for generated columns, whose
     /// expression is not a default.
     pub default: Option<String>,
-    /// Whether the default calls a volatile function (`nextval`, `random()`, ...): such a
-    /// default gives every row its own value, so adding the column with it rewrites the table.
+    /// Whether the default is volatile (`nextval`, `random()`, `gen_random_uuid()`,
+    /// `clock_timestamp()`, or anything the catalog query cannot classify): such a default gives
+    /// every row its own value, so adding the column with it rewrites the table. A stable
+    /// default (`now()`) is not: `ADD COLUMN` evaluates it once.
     pub default_volatile: bool,
     /// The sequence the column draws its values from, (schema, name): an identity column's own,
     /// or the one its default calls `nextval` on (serial columns).
@@ -260,16 +262,20 @@ pub fn relation(catalog: &Catalog, schema: &str, table: &str) -> String {
 /// transaction pooler) and every other name in the catalog queries is qualified.
 const RELATIVE: &str = "CASE WHEN pg_catalog.set_config('search_path', 'pg_catalog, ' || pg_catalog.quote_ident(n.nspname), true) IS NOT NULL THEN {expr} END";
 
-/// Whether the default `d` depends on a volatile function, directly or through an operator
-/// (`pg_depend` records every function and operator an expression calls).
-const DEFAULT_VOLATILE: &str = "EXISTS (
-         SELECT 1 FROM pg_catalog.pg_depend dep
-         LEFT JOIN pg_catalog.pg_operator o
-           ON dep.refclassid = 'pg_catalog.pg_operator'::pg_catalog.regclass AND o.oid = dep.refobjid
-         JOIN pg_catalog.pg_proc p ON p.oid = CASE
-           WHEN dep.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass THEN dep.refobjid ELSE o.oprcode::oid END
-         WHERE dep.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND dep.objid = d.oid
-           AND p.provolatile = 'v')";
+/// Whether the default `d` is volatile, as PostgreSQL itself would judge it for `ADD COLUMN`
+/// (which then rewrites the table): read from the default's stored node tree (`adbin`), never
+/// from its text. Volatile when the tree calls a function (`:funcid`, or an operator's
+/// `:opfuncid`) whose `pg_proc.provolatile` is `v` or that cannot be found, or when it holds a
+/// node outside a short list of node types whose only calls are those (constants, function and
+/// operator calls, `CASE`, `COALESCE`, arrays, `CURRENT_TIMESTAMP` and its kin, casts without a
+/// function): anything heal cannot classify counts as volatile. (`pg_depend` cannot tell:
+/// it records no dependency on built-in functions such as `random()` or `gen_random_uuid()`.)
+const DEFAULT_VOLATILE: &str = "(d.oid IS NOT NULL AND (
+         d.adbin::text ~ '\\{(?!(CONST|FUNCEXPR|OPEXPR|DISTINCTEXPR|NULLIFEXPR|SCALARARRAYOPEXPR|SQLVALUEFUNCTION|ARRAYEXPR|COALESCEEXPR|RELABELTYPE|CASEEXPR|CASEWHEN|BOOLEXPR|NULLTEST|COERCETODOMAIN|COLLATEEXPR)[ }])'
+         OR EXISTS (
+           SELECT 1 FROM pg_catalog.regexp_matches(d.adbin::text, ':(?:funcid|opfuncid) (\\d+)', 'g') AS m(f)
+           LEFT JOIN pg_catalog.pg_proc p ON p.oid = m.f[1]::pg_catalog.oid
+           WHERE p.oid IS NULL OR p.provolatile = 'v')))";
 
 /// `[schema, name]` of the column's sequence: the identity's (a dependency of the sequence on the
 /// column) or the one the default references (a dependency of the default on a sequence).

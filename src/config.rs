@@ -508,20 +508,26 @@ struct RawConfig {
 }
 
 /// One `[[targets]]` entry as written. The sections are parsed here only to check them (with
-/// line numbers); their values reach the target through [`targets::merged`], key by key.
+/// line numbers), hence their `_` names; their values reach the target through
+/// [`targets::merged`], key by key.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 struct RawTarget {
     name: String,
     database_url: Option<String>,
     database_url_file: Option<PathBuf>,
-    schedule: Option<String>,
-    tenants: Option<RawTenants>,
-    scan: Option<RawScan>,
-    checks: Option<RawChecks>,
-    heal: Option<RawHeal>,
-    database: Option<RawDatabase>,
+    #[serde(rename = "schedule")]
+    _schedule: Option<String>,
+    #[serde(rename = "tenants")]
+    _tenants: Option<RawTenants>,
+    #[serde(rename = "scan")]
+    _scan: Option<RawScan>,
+    #[serde(rename = "checks")]
+    _checks: Option<RawChecks>,
+    #[serde(rename = "heal")]
+    _heal: Option<RawHeal>,
+    #[serde(rename = "database")]
+    _database: Option<RawDatabase>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -42,12 +42,15 @@ pg_start() {
     export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 }
 
-# pg_stop DIR: stop the cluster and remove DIR. Safe to call twice.
+# pg_stop DIR: stop the cluster and remove DIR. Safe to call twice. A fast shutdown that has
+# not finished after 30 s (a backend that does not reach an interrupt check) becomes an
+# immediate one, so that no server is left running on a removed directory.
 pg_stop() {
     local dir=${1:?usage: pg_stop DIR}
     [ -d "$dir" ] || return 0
     if [ -f "$dir/data/postmaster.pid" ]; then
-        _pg_as_owner pg_ctl -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
+        _pg_as_owner pg_ctl -D "$dir/data" -m fast -t 30 stop >/dev/null 2>&1 ||
+            _pg_as_owner pg_ctl -D "$dir/data" -m immediate -t 30 stop >/dev/null 2>&1 || true
     fi
     rm -rf "$dir"
 }

@@ -88,6 +88,9 @@ pub const BLOCKS: &str =
 /// run are covered too.
 pub const LAST_TID: &str = "(4294967294,0)";
 
+/// Where the first range of a relation starts after: no row has offset 0.
+pub const FIRST_TID: &str = "(0,0)";
+
 impl BackfillSpec {
     /// The table's qualified name, the parameter of [`RELATIONS`].
     pub fn table_name(&self) -> String {
@@ -122,16 +125,19 @@ impl BackfillSpec {
     }
 
     /// The statement of one batch on `relation` (a quoted, qualified name from [`RELATIONS`], of
-    /// a table with descendants when `tree`):
-    /// `$1`, `$2` the block range's first and end `ctid`, `$3` the run id, and with `only`, `$4`
-    /// the audit keys of the rows it may change. Returns (table, key) per row changed and audited,
-    /// and (NULL, key) per row still NULL after its update (a `BEFORE UPDATE` trigger put the old
-    /// value back): no change, not audited.
+    /// a table with descendants when `tree`): `$1` the `ctid` the batch starts after, `$2` the
+    /// `ctid` its block range ends before, `$3` the run id, `$4` how many rows it may pick (at most
+    /// `heal.batch_size` and what is left of `heal.max_rows_per_run`), and with `only`, `$5` the
+    /// audit keys of the rows it may change. The rows are picked in `ctid` order. Returns (table,
+    /// key, NULL) per row changed and audited, (NULL, key, NULL) per row still NULL after its
+    /// update (a `BEFORE UPDATE` trigger put the old value back: no change, not audited), and,
+    /// when it picked `$4` rows, (NULL, NULL, the last `ctid` picked): the next batch of the range
+    /// starts after it.
     pub fn batch_sql(&self, relation: &str, tree: bool) -> String {
         let col = sql::ident(&self.column);
         let fallback = &self.fallback;
         let only = match &self.only {
-            Some(_) => format!(" AND ({})::text = ANY($4::text[])", self.key_expr(relation, tree, "c")),
+            Some(_) => format!(" AND ({})::text = ANY($5::text[])", self.key_expr(relation, tree, "c")),
             None => String::new(),
         };
         let (returning_key, key_json) = if self.key.is_empty() {
@@ -149,10 +155,13 @@ impl BackfillSpec {
             audit::row("$3", &self.tenant, &self.table, self.repair.name(), &key_json, &old, &new)
         );
         format!(
-            "WITH batch AS (\n  SELECT c.ctid AS row_id FROM ONLY {relation} c\n  WHERE c.ctid >= $1::tid AND c.ctid < $2::tid AND c.{col} IS NULL AND {fallback} IS NOT NULL{only}\n  FOR UPDATE OF c SKIP LOCKED\n),\n\
-             changed AS (\n  UPDATE ONLY {relation} c SET {col} = {fallback}\n  FROM batch b WHERE c.ctid = b.row_id AND c.{col} IS NULL\n  RETURNING {returning_key}, c.{col}\n),\n{}\n\
-             UNION ALL SELECT NULL, {key_json}::text FROM changed u WHERE u.{col} IS NULL",
-            audit::log_and_return(&log),
+            "WITH batch AS (\n  SELECT c.ctid AS row_id FROM ONLY {relation} c\n  WHERE c.ctid > $1::tid AND c.ctid < $2::tid AND c.{col} IS NULL AND {fallback} IS NOT NULL{only}\n  ORDER BY c.ctid LIMIT $4\n  FOR UPDATE OF c SKIP LOCKED\n),\n\
+             changed AS (\n  UPDATE ONLY {relation} c SET {col} = {fallback}\n  FROM batch b WHERE c.ctid = b.row_id AND c.{col} IS NULL\n  RETURNING {returning_key}, c.{col}\n),\n\
+             log AS (\n  INSERT INTO {} (run_id, schema_name, table_name, repair, row_key, old_value, new_value)\n  {log}\n  RETURNING table_name, row_key::text\n)\n\
+             SELECT table_name, row_key, NULL::text FROM log\n\
+             UNION ALL SELECT NULL, {key_json}::text, NULL FROM changed u WHERE u.{col} IS NULL\n\
+             UNION ALL SELECT NULL, NULL, (SELECT b.row_id FROM batch b ORDER BY b.row_id DESC LIMIT 1)::text\n  WHERE (SELECT count(*) FROM batch) = $4",
+            audit::table(),
         )
     }
 }
