@@ -192,7 +192,8 @@ async fn undo(config: &Config, run_id: &str, execute: bool) -> anyhow::Result<Ex
     let cancel = shutdown_on_signals()?;
     let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
     let mut session = db::session(&pool, &config.heal.database.target).await?;
-    let tx = db::begin_heal(&mut session, &config.heal).await?;
+    // Read only: the plan of an undo is printed from a standby too.
+    let tx = db::begin_heal_checks(&mut session, &config.heal).await?;
     let (plan, notes) = heal::undo::plan(&tx, run_id, &config.checks.relationships).await?;
     tx.commit().await.context("cannot read the audit table")?;
     drop(session);
@@ -225,7 +226,7 @@ async fn undo(config: &Config, run_id: &str, execute: bool) -> anyhow::Result<Ex
     if let Some((schema, repair, message)) = outcome.errors.first() {
         anyhow::bail!("{} repair(s) failed; first: {} on {schema}: {message}", outcome.errors.len(), repair.name());
     }
-    Ok(if outcome.left.is_empty() && !outcome.interrupted && outcome.skipped.is_empty() {
+    Ok(if outcome.left.is_empty() && outcome.refused.is_empty() && !outcome.interrupted && outcome.skipped.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

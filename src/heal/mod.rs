@@ -80,7 +80,9 @@ pub enum HealError {
         "cannot create the lease table tenant_audit.heal_lease: {0} (create it as described in docs/permissions.md)"
     )]
     LeaseTable(DbError),
-    #[error("the heal role lacks write privileges: {0} (see docs/heal.md)")]
+    #[error("there is no audit table tenant_audit.heal_log in this database: no heal run has written to it, so there is nothing to undo")]
+    NoAuditTable,
+    #[error("the heal role lacks a privilege it needs: {0} (see docs/heal.md)")]
     Privileges(String),
     #[error("heal failed: {0}")]
     Query(#[from] DbError),
@@ -889,6 +891,20 @@ async fn run_undo(
     let repair = Repair::Undo.name();
     // Listed even when nothing is left to undo (`undo: 0 change(s)`).
     outcome.changed.entry(repair).or_default();
+    // The same rule as heal's writes: a BEFORE row trigger could keep a row or change the value
+    // undo writes, and the audit row would say otherwise.
+    let event = spec.event();
+    let refused: Vec<String> = refused_triggers(writer, vec![(spec.relation.clone(), spec.table.clone())], event)
+        .await?
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
+    if !refused.is_empty() {
+        let reason = format!("undo: {}", triggers::event_reason(&refused, event));
+        tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.schema), table = %crate::sql::escape_controls(&spec.table), repair, reason = %crate::sql::escape_controls(&reason), "step set aside");
+        outcome.refused.push((spec.schema.clone(), spec.table.clone(), reason));
+        return Err(Stop::Reported);
+    }
     let mut cursor = 0;
     loop {
         let limit = (*budget).min(batch_size as u64) as i64;
@@ -1119,35 +1135,54 @@ async fn ensure_audit_indexes(client: &mut Client, heal: &HealConfig) -> Result<
     create.await.map_err(HealError::AuditTable)
 }
 
-/// Checks, in one query, that the role may write every table the plan touches: INSERT for
-/// copies, UPDATE for backfills, ownership for added columns, and INSERT and SELECT on the
-/// audit table.
+/// Checks, in one query, that the role has every privilege the plan needs (see
+/// [`Action::privileges`]: what copies and backfills read and write, ownership for added
+/// columns, what an undo deletes, updates and reads), INSERT and SELECT on the audit table and
+/// what the lease takes; the first one missing is the error.
 async fn check_privileges(client: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), HealError> {
     // Relations dropped since the scan are left to fail (and be reported) in their own repair.
-    const CHECK: &str = "SELECT t.rel, t.privilege
-FROM unnest($1::text[], $2::text[]) AS t(rel, privilege), LATERAL pg_catalog.to_regclass(t.rel) AS r(oid)
-WHERE r.oid IS NOT NULL AND NOT CASE t.privilege
-    WHEN 'OWNER' THEN pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = r.oid), 'USAGE')
-    ELSE pg_catalog.has_table_privilege(r.oid, t.privilege) END
+    // A relation checked with its tree stands for its inheritance children and partitions too
+    // (a backfill updates each by name; privileges on a parent do not cover that).
+    const CHECK: &str = "WITH RECURSIVE r(ord, privilege, oid, tree) AS (
+  SELECT t.ord, t.privilege, pg_catalog.to_regclass(t.rel)::pg_catalog.oid, t.tree
+  FROM unnest($1::text[], $2::text[], $3::bool[]) WITH ORDINALITY AS t(rel, privilege, tree, ord)
+  WHERE pg_catalog.to_regclass(t.rel) IS NOT NULL
+  UNION
+  SELECT r.ord, r.privilege, i.inhrelid, r.tree FROM r JOIN pg_catalog.pg_inherits i ON i.inhparent = r.oid
+  WHERE r.tree
+)
+SELECT n.nspname::text, c.relname::text, r.privilege
+FROM r JOIN pg_catalog.pg_class c ON c.oid = r.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT CASE r.privilege
+    WHEN 'OWNER' THEN pg_catalog.pg_has_role(c.relowner, 'USAGE')
+    ELSE pg_catalog.has_table_privilege(r.oid, r.privilege) END
+ORDER BY r.ord, n.nspname, c.relname
 LIMIT 1";
     // SELECT on the audit table: every write statement reads its audit rows back (`RETURNING`).
-    let mut rels = vec![audit::table(), audit::table(), lease::table(), lease::table(), lease::table()];
-    let mut privileges = ["INSERT", "SELECT", "INSERT", "UPDATE", "DELETE"].map(String::from).to_vec();
+    let mut needed: Vec<plan::Needed> = [
+        (audit::table(), "INSERT"),
+        (audit::table(), "SELECT"),
+        (lease::table(), "INSERT"),
+        (lease::table(), "UPDATE"),
+        (lease::table(), "DELETE"),
+    ]
+    .into_iter()
+    .map(|(relation, privilege)| plan::Needed { relation, privilege, tree: false })
+    .collect();
     for tenant in &plan.tenants {
         for action in &tenant.actions {
-            for (rel, privilege) in action.writes() {
-                rels.push(crate::sql::qualified(&tenant.schema, &rel));
-                privileges.push(privilege.to_string());
-            }
+            needed.extend(action.privileges(&tenant.schema));
         }
     }
-    if let Some(row) = client
-        .query_typed_opt(CHECK, &[(&rels, Type::TEXT_ARRAY), (&privileges, Type::TEXT_ARRAY)])
-        .await
-        .map_err(DbError::from)?
-    {
-        let (rel, privilege): (String, String) = (row.get(0), row.get(1));
+    let rels: Vec<&str> = needed.iter().map(|n| n.relation.as_str()).collect();
+    let privileges: Vec<&str> = needed.iter().map(|n| n.privilege).collect();
+    let trees: Vec<bool> = needed.iter().map(|n| n.tree).collect();
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] =
+        [(&rels, Type::TEXT_ARRAY), (&privileges, Type::TEXT_ARRAY), (&trees, Type::BOOL_ARRAY)];
+    if let Some(row) = client.query_typed_opt(CHECK, &params).await.map_err(DbError::from)? {
+        let (schema, name, privilege): (String, String, String) = (row.get(0), row.get(1), row.get(2));
         let what = if privilege == "OWNER" { "ownership (to add columns)".to_string() } else { privilege };
+        let rel = crate::sql::escape_controls(&crate::sql::qualified(&schema, &name));
         return Err(HealError::Privileges(format!("no {what} on {rel}")));
     }
     Ok(())

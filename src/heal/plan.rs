@@ -92,27 +92,67 @@ pub struct ExpectDefault {
     pub default: Option<String>,
 }
 
+/// A privilege a heal run needs: on `relation` (qualified and quoted), and with `tree` on every
+/// inheritance child and partition of it too (a backfill updates each of them by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needed {
+    pub relation: String,
+    pub privilege: &'static str,
+    pub tree: bool,
+}
+
 impl Action {
-    /// (relation, privilege) of everything the repair writes: INSERT on every table a copy may
-    /// write (and UPDATE on their sequences), UPDATE for backfills, ownership for column
-    /// changes, UPDATE on a sequence to advance.
-    pub fn writes(&self) -> Vec<(String, &'static str)> {
-        match self.repair {
-            Repair::CopyMissingParents => {
-                let mut out = Vec::new();
-                for step in &self.steps {
-                    let Step::Copy(spec) = step else { continue };
-                    for (name, t) in spec.tables.iter().filter(|(_, t)| t.in_shared && t.unusable.is_none()) {
-                        out.push((name.clone(), "INSERT"));
-                        out.extend(t.sequences.iter().map(|(_, seq)| (seq.clone(), "UPDATE")));
+    /// Every privilege the repair needs on the tables of `schema` (its tenant) and the shared
+    /// schema: SELECT on every table a copy reads (the orphans' table, and each table of its
+    /// closure in the tenant and the shared schema), INSERT on those it may write, SELECT and
+    /// UPDATE on their sequences; SELECT and UPDATE for a backfill, on the table and its
+    /// descendants; ownership for column changes; for an undo, those of [`undo::UndoSpec`].
+    pub fn privileges(&self, schema: &str) -> Vec<Needed> {
+        let mut out = Vec::new();
+        let mut need = |relation: String, privilege: &'static str, tree: bool| {
+            let needed = Needed { relation, privilege, tree };
+            if !out.contains(&needed) {
+                out.push(needed);
+            }
+        };
+        if self.repair == Repair::AddMissingColumns {
+            need(sql::qualified(schema, &self.table), "OWNER", false);
+        }
+        for step in &self.steps {
+            match step {
+                Step::Copy(spec) => {
+                    need(sql::qualified(schema, &spec.child), "SELECT", false);
+                    for (name, t) in &spec.tables {
+                        need(sql::qualified(schema, name), "SELECT", false);
+                        for edge in &t.edges {
+                            need(sql::qualified(schema, &edge.target), "SELECT", false);
+                        }
+                        if !t.in_shared {
+                            continue;
+                        }
+                        need(sql::qualified(&spec.shared, name), "SELECT", false);
+                        if t.unusable.is_none() {
+                            need(sql::qualified(schema, name), "INSERT", false);
+                            for (_, seq) in &t.sequences {
+                                need(sql::qualified(schema, seq), "SELECT", false);
+                                need(sql::qualified(schema, seq), "UPDATE", false);
+                            }
+                        }
                     }
                 }
-                out
+                Step::Backfill(spec) => {
+                    need(sql::qualified(schema, &spec.table), "SELECT", true);
+                    need(sql::qualified(schema, &spec.table), "UPDATE", true);
+                }
+                Step::Undo(spec) => {
+                    for (relation, privilege) in spec.privileges() {
+                        need(relation, privilege, false);
+                    }
+                }
+                Step::Batched(_) | Step::Once(_) => {}
             }
-            Repair::BackfillNullTimestamps => vec![(self.table.clone(), "UPDATE")],
-            Repair::AddMissingColumns => vec![(self.table.clone(), "OWNER")],
-            Repair::AdvanceSequences | Repair::Undo => Vec::new(),
         }
+        out
     }
 }
 

@@ -58,8 +58,9 @@ pub async fn resolve(heal: &HealConfig, pool: &Pool, plan: &mut Plan) -> Result<
         let path = search_path(&tenant.schema);
         for action in &mut tenant.actions {
             for step in &mut action.steps {
-                let tx = db::begin_heal(&mut session, heal).await?;
-                tx.batch_execute(&format!("SET TRANSACTION READ ONLY; {path}")).await?;
+                // Read only, so that a plan is made from a standby too.
+                let tx = db::begin_heal_checks(&mut session, heal).await?;
+                tx.batch_execute(&path).await?;
                 match step {
                     Step::Copy(spec) => {
                         let nulls: Vec<Option<String>> = vec![None; spec.key_len];

@@ -20,6 +20,7 @@ mod heal_review;
 mod heal_sequences;
 mod heal_triggers;
 mod heal_undo;
+mod heal_undo_review;
 mod incremental;
 mod listener;
 mod pgbouncer;
