@@ -109,6 +109,13 @@ const HAS_COLUMNS: &str =
 WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))
   AND a.attname = ANY($3::text[]) AND a.attnum > 0 AND NOT a.attisdropped";
 
+/// The equality undo compares tenant columns with, where no constraint names its own: the
+/// built-in one. A plain `=` would resolve, under `search_path = pg_catalog, <tenant>`, to an
+/// operator the tenant defined for its own type (a domain key) or for a pair of types
+/// `pg_catalog` has none for (`uuid = text`): it could match other rows than heal's, and would
+/// run the tenant's function with the heal role's privileges.
+const EQ: &str = "OPERATOR(pg_catalog.=)";
+
 /// One group of audit rows (a table's copies, or a column's backfill in one relation), undone
 /// batch by batch.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -428,12 +435,12 @@ impl Target {
         format!("{}{}", if self.only { "ONLY " } else { "" }, sql::qualified(&self.schema, &self.relation))
     }
 
-    /// `c."k" = (x.row_key->>'k')::T AND ...`: the row of the audited key, by typed columns (an
-    /// index on the key serves it).
+    /// `c."k" OPERATOR(pg_catalog.=) (x.row_key->>'k')::T AND ...`: the row of the audited key,
+    /// by typed columns (an index on the key serves it), with the built-in equality (see [`EQ`]).
     fn key_match(&self) -> String {
         self.key
             .iter()
-            .map(|(k, t)| format!("c.{} = (x.row_key->>{})::{t}", sql::ident(k), sql::literal(k)))
+            .map(|(k, t)| format!("c.{} {EQ} (x.row_key->>{})::{t}", sql::ident(k), sql::literal(k)))
             .collect::<Vec<_>>()
             .join(" AND ")
     }
@@ -527,7 +534,7 @@ fn delete_copied(target: &Target, group: &Group, references: &[Reference]) -> St
 fn reset_backfilled(target: &Target, group: &Group, column: &str, data_type: &str) -> String {
     let col = sql::ident(column);
     let change = format!(
-        "UPDATE {} c SET {col} = NULL FROM x\n  WHERE {} AND c.{col} = (x.new_value->>{})::{data_type}",
+        "UPDATE {} c SET {col} = NULL FROM x\n  WHERE {} AND c.{col} {EQ} (x.new_value->>{})::{data_type}",
         target.name(),
         target.key_match(),
         sql::literal(column)
@@ -557,8 +564,8 @@ impl Reference {
             .enumerate()
             .map(|(i, (p, ch))| {
                 let op = match &self.operators {
-                    Some(ops) => ops.get(i).map_or_else(|| "=".to_string(), |(s, n)| sql::operator(s, n)),
-                    None => "=".to_string(),
+                    Some(ops) => ops.get(i).map_or_else(|| EQ.to_string(), |(s, n)| sql::operator(s, n)),
+                    None => EQ.to_string(),
                 };
                 format!("c.{} {op} r.{}", sql::ident(p), sql::ident(ch))
             })

@@ -316,3 +316,34 @@ async fn plans_and_undo_plans_are_made_on_a_standby() {
         "tenant-audit: error: heal refuses to run against a server in recovery (a replica); point heal.database_url at the primary"
     );
 }
+
+/// A tenant whose key is its own domain, with its own `=` for it that matches every row.
+const TENANT_OPERATOR_SQL: &str = "SELECT pg_temp.create_tenant('tenant_a');
+    CREATE DOMAIN tenant_a.note_id AS uuid;
+    CREATE FUNCTION tenant_a.always(tenant_a.note_id, tenant_a.note_id) RETURNS bool LANGUAGE sql AS 'SELECT true';
+    CREATE OPERATOR tenant_a.= (LEFTARG = tenant_a.note_id, RIGHTARG = tenant_a.note_id, FUNCTION = tenant_a.always);
+    CREATE TABLE tenant_a.note (id tenant_a.note_id PRIMARY KEY, created_at timestamptz NOT NULL, updated_at timestamptz);
+    INSERT INTO tenant_a.note VALUES
+      ('a0000000-0000-0000-0000-000000000001', '2026-01-01 00:00:00+00', NULL),
+      ('a0000000-0000-0000-0000-000000000002', '2026-01-01 00:00:00+00', '2026-01-01 00:00:00+00');";
+
+#[tokio::test]
+async fn undo_compares_keys_with_the_built_in_equality_not_a_tenant_operator() {
+    let url = fixture_db("undo_review_operator", TENANT_OPERATOR_SQL).await;
+    let toml = format!("database_url = {url:?}\n{HEAL}");
+    let (code, stdout, stderr) = heal("undo_review_operator_heal", &toml, &["--execute"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("backfill_null_timestamps: 1 change(s)\n"), "{stdout}");
+    let run = stdout.lines().last().unwrap().strip_prefix("heal run ").unwrap().split(':').next().unwrap().to_string();
+
+    let (code, stdout, stderr) = heal("undo_review_operator_undo", &toml, &["--undo", &run, "--execute"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("undo: 1 change(s)\n"), "{stdout}");
+    // Only the row heal wrote is reset: the application's row 2 of the same value keeps it.
+    let notes = "SELECT format('%s %s', id, updated_at AT TIME ZONE 'UTC') FROM tenant_a.note ORDER BY id::uuid";
+    assert_eq!(
+        rows(&url, notes).await,
+        ["a0000000-0000-0000-0000-000000000001 ", "a0000000-0000-0000-0000-000000000002 2026-01-01 00:00:00"]
+    );
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_audit.heal_log WHERE repair = 'undo'").await, ["1"]);
+}
