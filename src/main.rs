@@ -97,6 +97,9 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            // Pending backfills of added columns are resumed by runs without a plan file.
+            let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
+            heal::resume_pending(&mut plan, &scanned, &config, &pool).await?;
             (plan, Vec::new())
         }
     };

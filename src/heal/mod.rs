@@ -187,6 +187,42 @@ impl Outcome {
     }
 }
 
+/// Adds to `plan` (of `scanned`), after each tenant's other actions, the pending backfills of
+/// added nullable columns that the audit table records (read through `pool`, heal's sessions, in
+/// a read-only transaction; no audit table: none), resumed (see [`Plan::resume`]).
+pub async fn resume_pending(
+    plan: &mut Plan,
+    scanned: &crate::scan::Scanned,
+    config: &crate::config::Config,
+    pool: &Pool,
+) -> Result<(), DbError> {
+    if config.heal.add_missing_columns {
+        let pending = pending_backfills(&config.heal, pool).await?;
+        plan.resume(scanned, config, &pending);
+    }
+    Ok(())
+}
+
+/// (schema, table, column) of every pending backfill of an added column, once each.
+async fn pending_backfills(heal: &HealConfig, pool: &Pool) -> Result<Vec<(String, String, String)>, DbError> {
+    let mut session = db::session(pool, &heal.database.target).await?;
+    let tx = db::begin_heal_checks(&mut session, heal).await?;
+    let exists: bool = tx
+        .query_typed_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[(&audit::table(), Type::TEXT)])
+        .await?
+        .get(0);
+    let rows = if exists { tx.query_typed(&columns::pending_sql(), &[]).await? } else { Vec::new() };
+    tx.commit().await?;
+    let mut out: Vec<(String, String, String)> = Vec::new();
+    for row in &rows {
+        let entry = (row.get(0), row.get(1), row.get(2));
+        if !out.contains(&entry) {
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
+
 /// Applies `plan` through `pool` (heal sessions). Returns what changed; records it in `metrics`.
 /// Cancelling `cancel` stops the run between statements, and a running statement is cancelled
 /// on the server (its batch rolls back whole).
@@ -535,7 +571,9 @@ async fn run_batches(
 }
 
 /// Runs a backfill range by range over every relation holding the table's rows, until the end of
-/// each (as it was when the run reached it), the budget runs out, or the run is cancelled.
+/// each (as it was when the run reached it), the budget runs out, or the run is cancelled. The
+/// backfill of an added nullable column reads its pending record first (none: nothing to do),
+/// and records it done after a whole pass that found nothing left to fill.
 async fn run_backfill(
     writer: &mut Writer<'_>,
     batch_size: usize,
@@ -543,6 +581,13 @@ async fn run_backfill(
     budget: &mut u64,
     outcome: &mut Outcome,
 ) -> Result<(), Stop> {
+    let before = match spec.pending {
+        true => match pending_xid(writer, spec).await? {
+            Some(xid) => Some(xid),
+            None => return Ok(()),
+        },
+        false => None,
+    };
     let table_name = spec.table_name();
     let relations = writer
         .transaction(move |tx| {
@@ -562,8 +607,8 @@ async fn run_backfill(
     }
     let step = (batch_size / backfill::ROWS_PER_BLOCK).max(1) as i64;
     let mut changed_keys = std::collections::BTreeSet::new();
+    let mut untouched = true;
     for relation in relations {
-        let sql = spec.batch_sql(&relation, tree);
         let name = relation.clone();
         let blocks: i64 = writer
             .transaction(move |tx| {
@@ -573,6 +618,7 @@ async fn run_backfill(
             .first()
             .map(|r| r.get(0))
             .unwrap_or(0);
+        let target = BatchTarget { sql: spec.batch_sql(&relation, tree), relation, tree };
         // Ranges of `step` blocks; within one, batches of at most `limit` rows in `ctid` order,
         // each starting after the last row the one before picked.
         let mut range = 0;
@@ -584,43 +630,27 @@ async fn run_backfill(
             }
             let end =
                 if range + step >= blocks { backfill::LAST_TID.to_string() } else { format!("({},0)", range + step) };
-            let (from, to) = (after.clone(), end.clone());
-            let (sql, run_id) = (sql.clone(), outcome.run_id.clone());
-            let only = spec.only.clone().unwrap_or_default();
-            let restricted = spec.only.is_some();
-            let rows = writer
-                .transaction(move |tx| {
-                    Box::pin(async move {
-                        let mut params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
-                            vec![(&from, Type::TEXT), (&to, Type::TEXT), (&run_id, Type::TEXT), (&limit, Type::INT8)];
-                        if restricted {
-                            params.push((&only, Type::TEXT_ARRAY));
-                        }
-                        tx.query_typed(&sql, &params).await
-                    })
-                })
-                .await?;
-            let mut kept_null = 0;
-            let mut next = None;
-            for row in &rows {
-                let (table, key, cursor): (Option<String>, Option<String>, Option<String>) =
-                    (row.get(0), row.get(1), row.get(2));
-                match (table, key) {
-                    (Some(table), Some(key)) => {
-                        tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&table), repair = spec.repair.name(), key = %crate::sql::escape_controls(&key), "healed");
-                        changed_keys.insert(key);
-                    }
-                    (None, Some(_)) => kept_null += 1,
-                    _ => next = cursor,
+            let params =
+                BatchParams { after: after.clone(), end: end.clone(), limit, tids: None, before: before.clone() };
+            let done = match backfill_batch(writer, spec, &target, &params, outcome).await {
+                Err(Stop::Failed(e)) if backfill::row_specific(&e) => {
+                    split_batch(writer, spec, &target, &params, outcome).await?
                 }
+                other => other?,
+            };
+            for (table, key) in &done.changed {
+                tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(table), repair = spec.repair.name(), key = %crate::sql::escape_controls(key), "healed");
             }
-            let changed = (rows.len() - kept_null - usize::from(next.is_some())) as u64;
+            let changed = done.changed.len() as u64;
+            untouched &= changed == 0 && done.set_aside == 0;
+            changed_keys.extend(done.changed.into_iter().map(|(_, key)| key));
             *outcome.changed.entry(spec.repair.name()).or_default() += changed;
             *budget = budget.saturating_sub(changed);
-            if kept_null > 0 {
+            if done.kept_null > 0 {
                 // Updating them again would change nothing either: the table is left, reported.
                 let message = format!(
-                    "{kept_null} row(s) of {} kept {} NULL after the update (a trigger undoes it): the backfill of this table stopped",
+                    "{} row(s) of {} kept {} NULL after the update (a trigger undoes it): the backfill of this table stopped",
+                    done.kept_null,
                     crate::sql::escape_controls(&crate::sql::display_name(&spec.tenant, &spec.table)),
                     spec.column
                 );
@@ -628,7 +658,7 @@ async fn run_backfill(
                 outcome.errors.push((spec.tenant.clone(), spec.repair, message));
                 return Err(Stop::Reported);
             }
-            match next {
+            match done.next {
                 Some(cursor) => after = cursor,
                 None => {
                     range += step;
@@ -640,7 +670,167 @@ async fn run_backfill(
     for key in spec.only.iter().flatten().filter(|k| !changed_keys.contains(*k)) {
         outcome.not_applied.push((spec.tenant.clone(), spec.table.clone(), key.clone()));
     }
+    if spec.pending && untouched {
+        let (sql, run_id) = (columns::done_record(&spec.tenant, &spec.table, &spec.column), outcome.run_id.clone());
+        writer
+            .transaction(move |tx| Box::pin(async move { tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await }))
+            .await?;
+    }
     Ok(())
+}
+
+/// The transaction id (text) recorded when the column of `spec` was added, from its latest
+/// pending record (see [`columns::pending_sql`]); `None` when there is none left.
+async fn pending_xid(writer: &mut Writer<'_>, spec: &backfill::BackfillSpec) -> Result<Option<String>, Stop> {
+    let rows = writer
+        .transaction(move |tx| Box::pin(async move { tx.query_typed(&columns::pending_sql(), &[]).await }))
+        .await?;
+    Ok(rows
+        .iter()
+        .rev()
+        .find(|r| {
+            (r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2))
+                == (spec.tenant.clone(), spec.table.clone(), spec.column.clone())
+        })
+        .map(|r| r.get(3)))
+}
+
+/// The relation a backfill's batches write, and their statement.
+struct BatchTarget {
+    relation: String,
+    tree: bool,
+    sql: String,
+}
+
+/// The parameters of one batch (see [`backfill::BackfillSpec::batch_sql`]).
+#[derive(Clone)]
+struct BatchParams {
+    after: String,
+    end: String,
+    limit: i64,
+    /// The `ctid`s a split batch may pick.
+    tids: Option<Vec<String>>,
+    /// The pending record's transaction id.
+    before: Option<String>,
+}
+
+/// What one batch (or one split batch) did.
+#[derive(Default)]
+struct BatchDone {
+    /// (table, key) of every row changed and audited.
+    changed: Vec<(String, String)>,
+    /// Rows a trigger kept NULL.
+    kept_null: usize,
+    /// Rows set aside (in the outcome) because their update failed.
+    set_aside: usize,
+    /// Where the next batch of the range starts, when this one picked its limit.
+    next: Option<String>,
+}
+
+/// Runs one batch in its own transaction.
+async fn backfill_batch(
+    writer: &mut Writer<'_>,
+    spec: &backfill::BackfillSpec,
+    target: &BatchTarget,
+    params: &BatchParams,
+    outcome: &Outcome,
+) -> Result<BatchDone, Stop> {
+    let (sql, run_id, only, p) = (target.sql.clone(), outcome.run_id.clone(), spec.only.clone(), params.clone());
+    let rows = writer
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.query_typed(
+                    &sql,
+                    &[
+                        (&p.after, Type::TEXT),
+                        (&p.end, Type::TEXT),
+                        (&run_id, Type::TEXT),
+                        (&p.limit, Type::INT8),
+                        (&only, Type::TEXT_ARRAY),
+                        (&p.tids, Type::TEXT_ARRAY),
+                        (&p.before, Type::TEXT),
+                    ],
+                )
+                .await
+            })
+        })
+        .await?;
+    let mut done = BatchDone::default();
+    for row in &rows {
+        let (table, key, cursor): (Option<String>, Option<String>, Option<String>) =
+            (row.get(0), row.get(1), row.get(2));
+        match (table, key) {
+            (Some(table), Some(key)) => done.changed.push((table, key)),
+            (None, Some(_)) => done.kept_null += 1,
+            _ => done.next = cursor,
+        }
+    }
+    Ok(done)
+}
+
+/// A batch that failed on one of its rows: reads the rows it picks, then writes them in halves,
+/// each its own transaction, halving again the ones that fail, down to single rows; a single row
+/// that fails is set aside (in `outcome`) with the error. Returns what was done as one batch.
+async fn split_batch(
+    writer: &mut Writer<'_>,
+    spec: &backfill::BackfillSpec,
+    target: &BatchTarget,
+    params: &BatchParams,
+    outcome: &mut Outcome,
+) -> Result<BatchDone, Stop> {
+    let (sql, only, p) = (spec.candidates_sql(&target.relation, target.tree), spec.only.clone(), params.clone());
+    let run_id = outcome.run_id.clone();
+    let rows = writer
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.query_typed(
+                    &sql,
+                    &[
+                        (&p.after, Type::TEXT),
+                        (&p.end, Type::TEXT),
+                        (&run_id, Type::TEXT),
+                        (&p.limit, Type::INT8),
+                        (&only, Type::TEXT_ARRAY),
+                        (&p.tids, Type::TEXT_ARRAY),
+                        (&p.before, Type::TEXT),
+                    ],
+                )
+                .await
+            })
+        })
+        .await?;
+    let candidates: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut done = BatchDone {
+        next: candidates.last().filter(|_| candidates.len() as i64 == params.limit).map(|(tid, _)| tid.clone()),
+        ..BatchDone::default()
+    };
+    let mut parts: Vec<&[(String, String)]> = vec![&candidates];
+    while let Some(part) = parts.pop().filter(|p| !p.is_empty()) {
+        let tids: Vec<String> = part.iter().map(|(tid, _)| tid.clone()).collect();
+        let sub = BatchParams { limit: tids.len() as i64, tids: Some(tids), ..params.clone() };
+        match backfill_batch(writer, spec, target, &sub, outcome).await {
+            Ok(part_done) => {
+                done.changed.extend(part_done.changed);
+                done.kept_null += part_done.kept_null;
+            }
+            Err(Stop::Failed(e)) if backfill::row_specific(&e) => match part {
+                [(_, key)] => {
+                    let reason = format!("backfill of {}: {}", spec.column, e);
+                    tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&spec.table), repair = spec.repair.name(), key = %crate::sql::escape_controls(key), reason = %crate::sql::escape_controls(&reason), "row set aside");
+                    outcome.set_aside.push((spec.tenant.clone(), spec.table.clone(), key.clone(), reason));
+                    done.set_aside += 1;
+                }
+                _ => {
+                    let (first, second) = part.split_at(part.len() / 2);
+                    // Popped last first: the halves run in `ctid` order.
+                    parts.push(second);
+                    parts.push(first);
+                }
+            },
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// Runs a copy batch by batch (keyset over the orphaned keys) until no key is left, the budget
@@ -795,6 +985,8 @@ enum OnceDone {
     Rewrite,
     /// Skipped: the column's default is no longer the one the plan saw.
     DefaultChanged,
+    /// Skipped: the column to add exists (it appeared since the plan).
+    Exists,
 }
 
 /// Runs a one-off statement (DDL) with its audit row in one transaction. An added column whose
@@ -814,8 +1006,9 @@ async fn run_once(
     let timeout =
         once.long.then(|| format!("SET LOCAL statement_timeout = '{}ms'", writer.heal.validate_timeout.as_millis()));
     let guard = once.added.clone().filter(|_| !writer.heal.allow_table_rewrite).map(|(_, t)| t);
+    let adds = once.added.clone().map(|(column, _)| column);
     let table = crate::sql::qualified(&tenant.schema, &once.table);
-    let (expect, advance) = (once.expect_default.clone(), once.advance.clone());
+    let (expect, advance, pending) = (once.expect_default.clone(), once.advance.clone(), once.pending.clone());
     let done = writer
         .transaction_within(once.long, move |tx| {
             Box::pin(async move {
@@ -823,6 +1016,17 @@ async fn run_once(
                     let row = tx.query_typed_one(columns::CONSTRAINED_DOMAIN, &[(&data_type, Type::TEXT)]).await?;
                     if row.get::<_, bool>(0) {
                         return Ok(OnceDone::Rewrite);
+                    }
+                }
+                if let Some(column) = adds {
+                    // Under the lock the `ALTER` takes anyway: a column that appeared since the
+                    // plan (a migration) is left as it is, nothing written or audited.
+                    tx.batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")).await?;
+                    let exists = tx
+                        .query_typed_opt(columns::CURRENT_DEFAULT, &[(&table, Type::TEXT), (&column, Type::TEXT)])
+                        .await?;
+                    if exists.is_some() {
+                        return Ok(OnceDone::Exists);
                     }
                 }
                 if let Some(expect) = expect {
@@ -846,6 +1050,9 @@ async fn run_once(
                     Some(sql) => tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?.len() as u64,
                     None => 0,
                 };
+                if let Some(sql) = pending {
+                    tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?;
+                }
                 Ok(OnceDone::Ran(moved))
             })
         })
@@ -859,8 +1066,15 @@ async fn run_once(
             outcome.refused.push((tenant.schema.clone(), once.table.clone(), reason));
             return Err(Stop::Reported);
         }
+        OnceDone::Exists => {
+            let key = step_key(once.added.as_ref().map(|(c, _)| c.as_str()).unwrap_or_default(), "add_column");
+            tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), key = %crate::sql::escape_controls(&key), "skipped: the column exists since the plan");
+            outcome.not_applied.push((tenant.schema.clone(), once.table.clone(), key));
+            return Err(Stop::Reported);
+        }
         OnceDone::DefaultChanged => {
-            let key = set_default_key(once.expect_default.as_ref().map(|e| e.column.as_str()).unwrap_or_default());
+            let key =
+                step_key(once.expect_default.as_ref().map(|e| e.column.as_str()).unwrap_or_default(), "set_default");
             tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), key = %crate::sql::escape_controls(&key), "skipped: the default changed since the plan");
             outcome.not_applied.push((tenant.schema.clone(), once.table.clone(), key));
             return Err(Stop::Reported);
@@ -877,9 +1091,9 @@ async fn run_once(
     Ok(())
 }
 
-/// A `set_default` step's audit key as the summary names it: `{"column": C, "step": "set_default"}`.
-fn set_default_key(column: &str) -> String {
-    format!("{{\"column\": {}, \"step\": \"set_default\"}}", serde_json::Value::from(column))
+/// A one-off step's audit key as the summary names it: `{"column": C, "step": S}`.
+fn step_key(column: &str, step: &str) -> String {
+    format!("{{\"column\": {}, \"step\": {}}}", serde_json::Value::from(column), serde_json::Value::from(step))
 }
 
 /// Creates the audit table if it is missing.

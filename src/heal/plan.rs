@@ -79,6 +79,10 @@ pub struct OnceStep {
     /// moves the sequence a new `nextval` default draws from past the column's values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advance: Option<String>,
+    /// Run after `sql` in the same transaction, `$1` the run id
+    /// ([`columns::pending_record`]): records the backfill of the added column as pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
 }
 
 /// The default a column had when the plan was made (`None`: no default).
@@ -165,6 +169,7 @@ impl Step {
             added: None,
             expect_default: None,
             advance: None,
+            pending: None,
         })
     }
 }
@@ -198,6 +203,39 @@ impl Plan {
         }
         tenants.sort_by(|a, b| a.schema.cmp(&b.schema));
         Plan { tenants }
+    }
+
+    /// Adds, after each tenant's other actions, the resumption of every pending backfill of an
+    /// added nullable column (`pending`: (schema, table, column) from the audit table, see
+    /// [`columns::pending_sql`]) when `heal.add_missing_columns` is on, the tenant's table still
+    /// has the column and the reference's column can fill it.
+    pub fn resume(&mut self, scanned: &Scanned, config: &Config, pending: &[(String, String, String)]) {
+        if !config.heal.add_missing_columns {
+            return;
+        }
+        for (tenant, table, name) in pending {
+            let Some(own) = scanned.catalog.table(tenant, table).filter(|t| t.column(name).is_some()) else {
+                continue;
+            };
+            let Some(column) = scanned.shape.tables.get(table).and_then(|t| t.columns.get(name)?.to_column(name))
+            else {
+                continue;
+            };
+            let chain = config.heal.fallbacks.get(name).cloned().unwrap_or_default();
+            let Some(step) = columns::resume(tenant, table, own, &column, &chain) else { continue };
+            let summary = format!(
+                "finish the pending backfill of the added column {name}: the rows unchanged since it was added get {}",
+                column.default.as_deref().map(|d| format!("DEFAULT {d}")).unwrap_or_else(|| chain.join(", "))
+            );
+            let steps = vec![step];
+            let triggers = fired_triggers(&scanned.catalog, tenant, &steps, &config.heal.allow_triggers);
+            let action = Action { repair: Repair::AddMissingColumns, table: table.clone(), summary, steps, triggers };
+            match self.tenants.iter_mut().find(|t| &t.schema == tenant) {
+                Some(t) => t.actions.push(action),
+                None => self.tenants.push(TenantPlan { schema: tenant.clone(), actions: vec![action] }),
+            }
+        }
+        self.tenants.sort_by(|a, b| a.schema.cmp(&b.schema));
     }
 
     /// The plan as commented SQL, as `heal` prints it without `--execute`.
@@ -240,6 +278,9 @@ impl Plan {
                                 backfill::BLOCKS
                             );
                             let _ = writeln!(out, "-- and per range of {} block(s), batch by batch ($1 the ctid the batch starts after: {} first, then the last one the previous batch picked or the previous range's end; $2 the range's end ctid, the last one ending at {}; $3 run id; $4 = {batch_size} (heal.batch_size, fewer when heal.max_rows_per_run has fewer left); the audit key names the relation when the table has descendants):", (batch_size / backfill::ROWS_PER_BLOCK).max(1), backfill::FIRST_TID, backfill::LAST_TID);
+                            if spec.pending {
+                                let _ = writeln!(out, "-- only the rows unchanged since the column was added: $7 = the id of the transaction that added it (its backfill_pending audit row); $6 NULL, or the ctids of a batch split to set aside the rows that fail");
+                            }
                             let _ =
                                 writeln!(out, "{};", spec.batch_sql(&sql::qualified(&spec.tenant, &spec.table), false));
                         }
@@ -260,12 +301,21 @@ impl Plan {
                             let _ = writeln!(out, "{};", spec.undo_sql);
                         }
                         Step::Once(once) => {
-                            if let Some((_, data_type)) = &once.added {
+                            if let Some((column, data_type)) = &once.added {
                                 let _ = writeln!(
                                     out,
                                     "-- first, in the same transaction ($1 = {}): set aside, unless heal.allow_table_rewrite, when the type is a domain with constraints (adding it rewrites the table):\n{};",
                                     sql::escape_controls(&sql::literal(data_type)),
                                     columns::CONSTRAINED_DOMAIN
+                                );
+                                let table = sql::qualified(&tenant.schema, &once.table);
+                                let _ = writeln!(
+                                    out,
+                                    "-- then LOCK TABLE {} IN ACCESS EXCLUSIVE MODE; and ($1 = {}, $2 = {}) skipped, nothing written, if the column exists already:\n{};",
+                                    sql::escape_controls(&table),
+                                    sql::escape_controls(&sql::literal(&table)),
+                                    sql::escape_controls(&sql::literal(column)),
+                                    columns::CURRENT_DEFAULT
                                 );
                             }
                             if let Some(expect) = &once.expect_default {
@@ -288,6 +338,12 @@ impl Plan {
                             let _ = writeln!(out, "{};", once.sql);
                             if let Some(advance) = &once.advance {
                                 let _ = writeln!(out, "-- then, in the same transaction ($1 = run id):\n{advance};");
+                            }
+                            if let Some(pending) = &once.pending {
+                                let _ = writeln!(
+                                    out,
+                                    "-- then, in the same transaction ($1 = run id), the backfill recorded as pending:\n{pending};"
+                                );
                             }
                         }
                     }
@@ -339,6 +395,7 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                     key: own.primary_key.clone(),
                     repair,
                     only: None,
+                    pending: false,
                 }))],
             )
         }

@@ -250,7 +250,7 @@ fn keys(step: &Step) -> Vec<String> {
     match step {
         Step::Copy(c) => c.only.iter().flatten().map(|k| k.join(", ")).collect(),
         Step::Backfill(b) => b.only.clone().unwrap_or_default(),
-        Step::Once(o) => o.expect_default.iter().map(|e| super::set_default_key(&e.column)).collect(),
+        Step::Once(o) => o.expect_default.iter().map(|e| super::step_key(&e.column, "set_default")).collect(),
         Step::Batched(_) | Step::Undo(_) => Vec::new(),
     }
 }
