@@ -28,7 +28,7 @@
 //! back under the same `search_path` relative to the tenant, so it means there what it meant in
 //! the reference.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use tokio_postgres::types::Type;
@@ -126,6 +126,10 @@ pub struct Table {
     pub collations: BTreeMap<String, QualifiedName>,
     /// The table's enabled user triggers that fire on `INSERT` or `UPDATE` (heal's writes).
     pub triggers: Vec<Trigger>,
+    /// Columns of a unique index other than the primary key's.
+    pub unique_columns: BTreeSet<String>,
+    /// Columns whose type is `uuid` or a domain over it (at any depth).
+    pub uuid_columns: BTreeSet<String>,
 }
 
 /// A schema-qualified catalog object name (a collation, an operator's schema and name).
@@ -166,8 +170,10 @@ pub struct Column {
     /// tenant's `nextval('seq'::regclass)` reads the same); `None` for generated columns, whose
     /// expression is not a default.
     pub default: Option<String>,
-    /// Whether the default calls a volatile function (`nextval`, `random()`, ...): such a
-    /// default gives every row its own value, so adding the column with it rewrites the table.
+    /// Whether the default is volatile (`nextval`, `random()`, `gen_random_uuid()`,
+    /// `clock_timestamp()`, or anything the catalog query cannot classify): such a default gives
+    /// every row its own value, so adding the column with it rewrites the table. A stable
+    /// default (`now()`) is not: `ADD COLUMN` evaluates it once.
     pub default_volatile: bool,
     /// The sequence the column draws its values from, (schema, name): an identity column's own,
     /// or the one its default calls `nextval` on (serial columns).
@@ -256,16 +262,20 @@ pub fn relation(catalog: &Catalog, schema: &str, table: &str) -> String {
 /// transaction pooler) and every other name in the catalog queries is qualified.
 const RELATIVE: &str = "CASE WHEN pg_catalog.set_config('search_path', 'pg_catalog, ' || pg_catalog.quote_ident(n.nspname), true) IS NOT NULL THEN {expr} END";
 
-/// Whether the default `d` depends on a volatile function, directly or through an operator
-/// (`pg_depend` records every function and operator an expression calls).
-const DEFAULT_VOLATILE: &str = "EXISTS (
-         SELECT 1 FROM pg_catalog.pg_depend dep
-         LEFT JOIN pg_catalog.pg_operator o
-           ON dep.refclassid = 'pg_catalog.pg_operator'::pg_catalog.regclass AND o.oid = dep.refobjid
-         JOIN pg_catalog.pg_proc p ON p.oid = CASE
-           WHEN dep.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass THEN dep.refobjid ELSE o.oprcode::oid END
-         WHERE dep.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND dep.objid = d.oid
-           AND p.provolatile = 'v')";
+/// Whether the default `d` is volatile, as PostgreSQL itself would judge it for `ADD COLUMN`
+/// (which then rewrites the table): read from the default's stored node tree (`adbin`), never
+/// from its text. Volatile when the tree calls a function (`:funcid`, or an operator's
+/// `:opfuncid`) whose `pg_proc.provolatile` is `v` or that cannot be found, or when it holds a
+/// node outside a short list of node types whose only calls are those (constants, function and
+/// operator calls, `CASE`, `COALESCE`, arrays, `CURRENT_TIMESTAMP` and its kin, casts without a
+/// function): anything heal cannot classify counts as volatile. (`pg_depend` cannot tell:
+/// it records no dependency on built-in functions such as `random()` or `gen_random_uuid()`.)
+const DEFAULT_VOLATILE: &str = "(d.oid IS NOT NULL AND (
+         d.adbin::text ~ '\\{(?!(CONST|FUNCEXPR|OPEXPR|DISTINCTEXPR|NULLIFEXPR|SCALARARRAYOPEXPR|SQLVALUEFUNCTION|ARRAYEXPR|COALESCEEXPR|RELABELTYPE|CASEEXPR|CASEWHEN|BOOLEXPR|NULLTEST|COERCETODOMAIN|COLLATEEXPR)[ }])'
+         OR EXISTS (
+           SELECT 1 FROM pg_catalog.regexp_matches(d.adbin::text, ':(?:funcid|opfuncid) (\\d+)', 'g') AS m(f)
+           LEFT JOIN pg_catalog.pg_proc p ON p.oid = m.f[1]::pg_catalog.oid
+           WHERE p.oid IS NULL OR p.provolatile = 'v')))";
 
 /// `[schema, name]` of the column's sequence: the identity's (a dependency of the sequence on the
 /// column) or the one the default references (a dependency of the default on a sequence).
@@ -357,11 +367,23 @@ JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
 WHERE con.contype = 'f' AND con.conparentid = 0 AND n.nspname = ANY($1)
 ORDER BY 1, 2, 3";
 
-/// Per ordinary or partitioned table: whether it is partitioned, whether it is unlogged, and the
-/// collation of each collatable column (three parallel arrays: column, schema and name).
+/// Per ordinary or partitioned table: whether it is partitioned, whether it is unlogged, the
+/// collation of each collatable column (three parallel arrays: column, schema and name), the
+/// columns of its unique indexes other than the primary key, and the columns whose type is
+/// `uuid` (oid 2950) or a domain over it (following `typbasetype` through domains of domains).
 const RELATIONS: &str = "/* tenant-audit:catalog */
 SELECT n.nspname::text, c.relname::text, c.relkind = 'p', c.relpersistence = 'u',
-       coalesce(coll.columns, '{}'), coalesce(coll.schemas, '{}'), coalesce(coll.names, '{}')
+       coalesce(coll.columns, '{}'), coalesce(coll.schemas, '{}'), coalesce(coll.names, '{}'),
+       ARRAY(SELECT DISTINCT a.attname::text FROM pg_catalog.pg_index u
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = u.indrelid AND a.attnum = ANY (u.indkey::pg_catalog.int2[])
+             WHERE u.indrelid = c.oid AND u.indisunique AND NOT u.indisprimary),
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND 2950 IN (
+               WITH RECURSIVE base(oid) AS (
+                 SELECT a.atttypid
+                 UNION ALL
+                 SELECT t.typbasetype FROM pg_catalog.pg_type t JOIN base ON t.oid = base.oid WHERE t.typtype = 'd')
+               SELECT base.oid FROM base))
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 CROSS JOIN LATERAL (
@@ -504,6 +526,8 @@ async fn read_chunk(
             .zip(schemas.into_iter().zip(names))
             .map(|(column, (schema, name))| (column, QualifiedName { schema, name }))
             .collect();
+        t.unique_columns = row.get::<_, Vec<String>>(7).into_iter().collect();
+        t.uuid_columns = row.get::<_, Vec<String>>(8).into_iter().collect();
     }
     Ok(Catalog { schemas: catalog.into_iter().map(|(name, s)| (name, interner.intern(s))).collect() })
 }

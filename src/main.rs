@@ -97,6 +97,9 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            // Pending backfills of added columns are resumed by runs without a plan file.
+            let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
+            heal::resume_pending(&mut plan, &scanned, &config, &pool).await?;
             (plan, Vec::new())
         }
     };
@@ -106,13 +109,7 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
-    let mut outcome = match heal::execute(&config.heal, &pool, &plan, None, &cancel).await {
-        Err(HealError::LockedOut) => {
-            eprintln!("tenant-audit: {}", HealError::LockedOut);
-            return Ok(ExitCode::from(1));
-        }
-        other => other?,
-    };
+    let Some(mut outcome) = run_plan(&config, &pool, &plan, &cancel).await? else { return Ok(ExitCode::from(1)) };
     // What the new scan no longer finds comes first, as the file lists it.
     let applied = std::mem::replace(&mut outcome.not_applied, gone);
     outcome.not_applied.extend(applied);
@@ -129,6 +126,23 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         && outcome.refused.is_empty()
         && outcome.not_applied.is_empty();
     Ok(if complete { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Runs `plan` (a heal's or an undo's); `None` when another healer holds the lease, which is
+/// said on stderr (exit 1: the run is skipped, not failed).
+async fn run_plan(
+    config: &Config,
+    pool: &db::Pool,
+    plan: &Plan,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<heal::Outcome>> {
+    match heal::execute(&config.heal, pool, plan, None, cancel).await {
+        Err(HealError::LockedOut) => {
+            eprintln!("tenant-audit: {}", HealError::LockedOut);
+            Ok(None)
+        }
+        other => Ok(Some(other?)),
+    }
 }
 
 /// Reads a plan file and checks it against the plan derived from a fresh scan (with the repairs
@@ -189,7 +203,8 @@ async fn undo(config: &Config, run_id: &str, execute: bool) -> anyhow::Result<Ex
     let cancel = shutdown_on_signals()?;
     let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
     let mut session = db::session(&pool, &config.heal.database.target).await?;
-    let tx = db::begin_heal(&mut session, &config.heal).await?;
+    // Read only: the plan of an undo is printed from a standby too.
+    let tx = db::begin_heal_checks(&mut session, &config.heal).await?;
     let (plan, notes) = heal::undo::plan(&tx, run_id, &config.checks.relationships).await?;
     tx.commit().await.context("cannot read the audit table")?;
     drop(session);
@@ -204,13 +219,7 @@ async fn undo(config: &Config, run_id: &str, execute: bool) -> anyhow::Result<Ex
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let outcome = match heal::execute(&config.heal, &pool, &plan, None, &cancel).await {
-        Err(HealError::LockedOut) => {
-            eprintln!("tenant-audit: {}", HealError::LockedOut);
-            return Ok(ExitCode::from(1));
-        }
-        other => other?,
-    };
+    let Some(outcome) = run_plan(config, &pool, &plan, &cancel).await? else { return Ok(ExitCode::from(1)) };
     write!(out, "{}", outcome.summary())?;
     for note in &notes {
         writeln!(out, "not undone: {note}")?;
@@ -222,7 +231,7 @@ async fn undo(config: &Config, run_id: &str, execute: bool) -> anyhow::Result<Ex
     if let Some((schema, repair, message)) = outcome.errors.first() {
         anyhow::bail!("{} repair(s) failed; first: {} on {schema}: {message}", outcome.errors.len(), repair.name());
     }
-    Ok(if outcome.left.is_empty() && !outcome.interrupted && outcome.skipped.is_empty() {
+    Ok(if outcome.left.is_empty() && outcome.refused.is_empty() && !outcome.interrupted && outcome.skipped.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

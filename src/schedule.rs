@@ -265,14 +265,19 @@ impl Scheduler {
                 self.set_database_up(true);
                 self.metrics.record_report(&scanned.report, self.config.metrics.max_tenant_series);
                 if let Some(pool) = self.heal_pool.as_ref().filter(|_| heal) {
-                    let plan = heal::Plan::build(&scanned, &self.config);
+                    let mut plan = heal::Plan::build(&scanned, &self.config);
+                    if let Err(e) = heal::resume_pending(&mut plan, &scanned, &self.config, pool).await {
+                        tracing::error!(error = %e, "cannot read the pending backfills from the audit table; this run does not resume them");
+                    }
                     let healed =
                         heal::execute(&self.config.heal, pool, &plan, Some(&self.metrics), &self.shutdown).await;
                     let may_have_written = match &healed {
                         Ok(outcome) => outcome.total_changed() > 0 || !outcome.errors.is_empty() || outcome.interrupted,
                         Err(e) => {
                             tracing::error!(error = %e, "heal did not run");
-                            true
+                            // Stood down before writing (another shard or a manual run heals
+                            // now): the next scan stays incremental.
+                            !matches!(e, heal::HealError::LockedOut)
                         }
                     };
                     // Heal's writes are reported by the next scan at once, not after heal's

@@ -13,6 +13,13 @@
 //! skipped, left for the next run), updates them re-checking `IS NULL`, and writes one audit row
 //! per row the update filled. A row a trigger kept NULL is no change: the table is reported and
 //! left. Rows appended after the run started are left for the next run.
+//!
+//! A batch picks at most its limit (`heal.batch_size`, or less of `heal.max_rows_per_run`) in
+//! `ctid` order; the next one starts after the last row picked. A batch that fails on a row of
+//! its own (a data exception, a constraint, a trigger's `RAISE`: [`row_specific`]) is split in
+//! halves, each its own transaction (no savepoints), down to the single rows that fail: those are
+//! set aside with the error, the others written. The backfill of an added nullable column
+//! (`pending`) fills only rows whose version predates the transaction that added the column.
 
 use super::audit;
 use crate::catalog::Table;
@@ -58,6 +65,20 @@ pub struct BackfillSpec {
     /// other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub only: Option<Vec<String>>,
+    /// Finishes an added nullable column: fills only the rows whose version is older than the
+    /// transaction that added the column (recorded in the audit table, see
+    /// [`super::columns::pending_record`]): a row the application inserted or updated since is
+    /// its own, NULL included.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
+}
+
+/// Whether a batch's error belongs to one of its rows rather than to the batch: a data exception
+/// (class 22, a fallback that does not fit), an integrity constraint (class 23, a `CHECK`), a
+/// view's check option (44) or a PL/pgSQL `RAISE` (P0, a trigger). Such a batch is split until
+/// the failing rows are found and set aside.
+pub fn row_specific(error: &crate::db::DbError) -> bool {
+    error.code().is_some_and(|code| ["22", "23", "44", "P0"].iter().any(|class| code.starts_with(class)))
 }
 
 /// `$1` the table: every relation with storage that holds its rows (itself, its inheritance
@@ -87,6 +108,9 @@ pub const BLOCKS: &str =
 /// The end of the last range: past any block a relation can have, so rows appended during the
 /// run are covered too.
 pub const LAST_TID: &str = "(4294967294,0)";
+
+/// Where the first range of a relation starts after: no row has offset 0.
+pub const FIRST_TID: &str = "(0,0)";
 
 impl BackfillSpec {
     /// The table's qualified name, the parameter of [`RELATIONS`].
@@ -121,19 +145,44 @@ impl BackfillSpec {
         )
     }
 
+    /// The rows a batch picks, on `relation`, rows aliased `c`, with the parameters of
+    /// [`Self::batch_sql`].
+    fn picks(&self, relation: &str, tree: bool) -> String {
+        let only = match &self.only {
+            Some(_) => format!(" AND ({})::text = ANY($5::text[])", self.key_expr(relation, tree, "c")),
+            None => String::new(),
+        };
+        let pending = if self.pending { " AND pg_catalog.age(c.xmin) > pg_catalog.age($7::text::xid)" } else { "" };
+        format!(
+            "c.ctid > $1::tid AND c.ctid < $2::tid AND c.{} IS NULL AND {} IS NOT NULL{only}{pending}\n    AND ($6::text[] IS NULL OR c.ctid = ANY($6::text[]::tid[]))",
+            sql::ident(&self.column),
+            self.fallback
+        )
+    }
+
+    /// The `ctid` and audit key (text) of the rows the batch of the same parameters would pick,
+    /// in order: read when that batch failed on one of its rows, to split it.
+    pub fn candidates_sql(&self, relation: &str, tree: bool) -> String {
+        format!(
+            "SELECT c.ctid::text, ({})::text FROM ONLY {relation} c\n  WHERE {}\n  ORDER BY c.ctid LIMIT $4",
+            self.key_expr(relation, tree, "c"),
+            self.picks(relation, tree)
+        )
+    }
+
     /// The statement of one batch on `relation` (a quoted, qualified name from [`RELATIONS`], of
-    /// a table with descendants when `tree`):
-    /// `$1`, `$2` the block range's first and end `ctid`, `$3` the run id, and with `only`, `$4`
-    /// the audit keys of the rows it may change. Returns (table, key) per row changed and audited,
-    /// and (NULL, key) per row still NULL after its update (a `BEFORE UPDATE` trigger put the old
-    /// value back): no change, not audited.
+    /// a table with descendants when `tree`): `$1` the `ctid` the batch starts after, `$2` the
+    /// `ctid` its block range ends before, `$3` the run id, `$4` how many rows it may pick (at most
+    /// `heal.batch_size` and what is left of `heal.max_rows_per_run`), `$5` with `only` the audit
+    /// keys of the rows it may change, `$6` NULL or the `ctid`s it may pick (a split batch), `$7`
+    /// when `pending` the transaction id that added the column. The rows are picked in `ctid`
+    /// order. Returns (table, key, NULL) per row changed and audited, (NULL, key, NULL) per row
+    /// still NULL after its update (a `BEFORE UPDATE` trigger put the old value back: no change,
+    /// not audited), and, when it picked `$4` rows, (NULL, NULL, the last `ctid` picked): the next
+    /// batch of the range starts after it.
     pub fn batch_sql(&self, relation: &str, tree: bool) -> String {
         let col = sql::ident(&self.column);
         let fallback = &self.fallback;
-        let only = match &self.only {
-            Some(_) => format!(" AND ({})::text = ANY($4::text[])", self.key_expr(relation, tree, "c")),
-            None => String::new(),
-        };
         let (returning_key, key_json) = if self.key.is_empty() {
             (
                 format!("{}::text AS relation, c.ctid::text AS row_id", sql::literal(relation)),
@@ -149,10 +198,14 @@ impl BackfillSpec {
             audit::row("$3", &self.tenant, &self.table, self.repair.name(), &key_json, &old, &new)
         );
         format!(
-            "WITH batch AS (\n  SELECT c.ctid AS row_id FROM ONLY {relation} c\n  WHERE c.ctid >= $1::tid AND c.ctid < $2::tid AND c.{col} IS NULL AND {fallback} IS NOT NULL{only}\n  FOR UPDATE OF c SKIP LOCKED\n),\n\
-             changed AS (\n  UPDATE ONLY {relation} c SET {col} = {fallback}\n  FROM batch b WHERE c.ctid = b.row_id AND c.{col} IS NULL\n  RETURNING {returning_key}, c.{col}\n),\n{}\n\
-             UNION ALL SELECT NULL, {key_json}::text FROM changed u WHERE u.{col} IS NULL",
-            audit::log_and_return(&log),
+            "WITH batch AS (\n  SELECT c.ctid AS row_id FROM ONLY {relation} c\n  WHERE {picks}\n  ORDER BY c.ctid LIMIT $4\n  FOR UPDATE OF c SKIP LOCKED\n),\n\
+             changed AS (\n  UPDATE ONLY {relation} c SET {col} = {fallback}\n  FROM batch b WHERE c.ctid = b.row_id AND c.{col} IS NULL\n  RETURNING {returning_key}, c.{col}\n),\n\
+             log AS (\n  INSERT INTO {} (run_id, schema_name, table_name, repair, row_key, old_value, new_value)\n  {log}\n  RETURNING table_name, row_key::text\n)\n\
+             SELECT table_name, row_key, NULL::text FROM log\n\
+             UNION ALL SELECT NULL, {key_json}::text, NULL FROM changed u WHERE u.{col} IS NULL\n\
+             UNION ALL SELECT NULL, NULL, (SELECT b.row_id FROM batch b ORDER BY b.row_id DESC LIMIT 1)::text\n  WHERE (SELECT count(*) FROM batch) = $4",
+            audit::table(),
+            picks = self.picks(relation, tree),
         )
     }
 }

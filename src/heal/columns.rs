@@ -11,14 +11,16 @@
 //!   writes) under `heal.validate_timeout`, and `SET NOT NULL` with the check dropped in the same
 //!   transaction (`SET NOT NULL` uses the validated check instead of scanning under its lock).
 //!
-//! Every state an interruption leaves is a finding the next run finishes: a column without its
+//! Every state an interruption leaves is one the next run finishes: a column without its
 //! NOT NULL is a `nullability_mismatch` (backfill and NOT NULL steps again), a column without its
-//! default a `default_mismatch` ([`set_default`]). Types and defaults are the reference's text
-//! relative to its schema; heal runs them under the tenant's `search_path` (see
-//! [`super::search_path`]).
+//! default a `default_mismatch` ([`set_default`]). A nullable column shows no drift once added,
+//! so its add records its backfill as pending in the audit table, in the add's transaction
+//! ([`pending_record`]); every run resumes the pending backfills ([`pending_sql`]) until a pass finds
+//! nothing left to fill ([`done_record`]). Types and defaults are the reference's text relative
+//! to its schema; heal runs them under the tenant's `search_path` (see [`super::search_path`]).
 
 use super::plan::{ExpectDefault, Step};
-use super::{backfill, sequence};
+use super::{audit, backfill, sequence, Repair};
 use crate::catalog::{Column, Table};
 use crate::sql;
 
@@ -79,7 +81,10 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
             if column.not_null {
                 steps.extend(not_null(tenant, table, own, column, chain));
             } else if let Some(fallback) = backfill::fallback(chain, Some(own), &column.data_type, default) {
-                steps.push(backfill_step(tenant, table, own, column, &fallback));
+                if let Some(Step::Once(once)) = steps.first_mut() {
+                    once.pending = Some(pending_record(tenant, table, &column.name));
+                }
+                steps.push(pending_backfill(tenant, table, own, column, &fallback));
             }
             steps
         }
@@ -143,7 +148,72 @@ fn backfill_step(tenant: &str, table: &str, own: &Table, column: &Column, fallba
         key: own.primary_key.clone(),
         repair: super::Repair::AddMissingColumns,
         only: None,
+        pending: false,
     }))
+}
+
+/// The backfill of an added nullable column: only rows unchanged since its add (see
+/// [`backfill::BackfillSpec::pending`]).
+fn pending_backfill(tenant: &str, table: &str, own: &Table, column: &Column, fallback: &str) -> Step {
+    let mut step = backfill_step(tenant, table, own, column, fallback);
+    if let Step::Backfill(spec) = &mut step {
+        spec.pending = true;
+    }
+    step
+}
+
+/// The backfill that finishes `column` of `tenant.table`, an added nullable column whose pending
+/// backfill the audit table records: from its fallback chain (`chain`, the column's
+/// `heal.fallbacks`) then the reference's default. `None` when nothing can fill it.
+pub fn resume(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[String]) -> Option<Step> {
+    let fallback = backfill::fallback(chain, Some(own), &column.data_type, column.default.as_deref())?;
+    Some(pending_backfill(tenant, table, own, column, &fallback))
+}
+
+/// `$1` the run id: records, in the transaction that adds `column` to `tenant.table` (under its
+/// `ACCESS EXCLUSIVE` lock), that the column's backfill is pending, with that transaction's id
+/// (32 bits, as `xmin` holds it): the rows whose version is older are the ones it fills.
+pub fn pending_record(tenant: &str, table: &str, column: &str) -> String {
+    progress_record(
+        tenant,
+        table,
+        column,
+        "backfill_pending",
+        "jsonb_build_object('xid', (pg_catalog.pg_current_xact_id()::text::bigint % 4294967296)::text)",
+    )
+}
+
+/// `$1` the run id: records that the pending backfill of `column` of `tenant.table` is done (a
+/// whole pass found no row left to fill).
+pub fn done_record(tenant: &str, table: &str, column: &str) -> String {
+    progress_record(tenant, table, column, "backfill_done", "NULL")
+}
+
+fn progress_record(tenant: &str, table: &str, column: &str, step: &str, value: &str) -> String {
+    format!(
+        "INSERT INTO {} (run_id, schema_name, table_name, repair, row_key, old_value, new_value)\nVALUES ($1, {}, {}, {}, jsonb_build_object('column', {}, 'step', {}), NULL, {value})",
+        audit::table(),
+        sql::literal(tenant),
+        sql::literal(table),
+        sql::literal(Repair::AddMissingColumns.name()),
+        sql::literal(column),
+        sql::literal(step)
+    )
+}
+
+/// The pending backfills of added columns: (schema, table, column, transaction id) of every
+/// `backfill_pending` audit row without a later `backfill_done` of the same column, oldest
+/// first. (It reads the audit table's `add_missing_columns` rows.)
+pub fn pending_sql() -> String {
+    let log = audit::table();
+    format!(
+        "SELECT p.schema_name, p.table_name, p.row_key->>'column', p.new_value->>'xid' FROM {log} p
+WHERE p.repair = 'add_missing_columns' AND p.row_key->>'step' = 'backfill_pending'
+  AND NOT EXISTS (SELECT 1 FROM {log} d WHERE d.repair = 'add_missing_columns' AND d.schema_name = p.schema_name
+    AND d.table_name = p.table_name AND d.row_key->>'step' = 'backfill_done'
+    AND d.row_key->>'column' = p.row_key->>'column' AND d.id > p.id)
+ORDER BY p.id"
+    )
 }
 
 /// Backfills `column` and makes it NOT NULL; nothing when its NULLs cannot be filled.

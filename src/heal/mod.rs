@@ -80,7 +80,9 @@ pub enum HealError {
         "cannot create the lease table tenant_audit.heal_lease: {0} (create it as described in docs/permissions.md)"
     )]
     LeaseTable(DbError),
-    #[error("the heal role lacks write privileges: {0} (see docs/heal.md)")]
+    #[error("there is no audit table tenant_audit.heal_log in this database: no heal run has written to it, so there is nothing to undo")]
+    NoAuditTable,
+    #[error("the heal role lacks a privilege it needs: {0} (see docs/heal.md)")]
     Privileges(String),
     #[error("heal failed: {0}")]
     Query(#[from] DbError),
@@ -183,6 +185,42 @@ impl Outcome {
         ));
         out
     }
+}
+
+/// Adds to `plan` (of `scanned`), after each tenant's other actions, the pending backfills of
+/// added nullable columns that the audit table records (read through `pool`, heal's sessions, in
+/// a read-only transaction; no audit table: none), resumed (see [`Plan::resume`]).
+pub async fn resume_pending(
+    plan: &mut Plan,
+    scanned: &crate::scan::Scanned,
+    config: &crate::config::Config,
+    pool: &Pool,
+) -> Result<(), DbError> {
+    if config.heal.add_missing_columns {
+        let pending = pending_backfills(&config.heal, pool).await?;
+        plan.resume(scanned, config, &pending);
+    }
+    Ok(())
+}
+
+/// (schema, table, column) of every pending backfill of an added column, once each.
+async fn pending_backfills(heal: &HealConfig, pool: &Pool) -> Result<Vec<(String, String, String)>, DbError> {
+    let mut session = db::session(pool, &heal.database.target).await?;
+    let tx = db::begin_heal_checks(&mut session, heal).await?;
+    let exists: bool = tx
+        .query_typed_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[(&audit::table(), Type::TEXT)])
+        .await?
+        .get(0);
+    let rows = if exists { tx.query_typed(&columns::pending_sql(), &[]).await? } else { Vec::new() };
+    tx.commit().await?;
+    let mut out: Vec<(String, String, String)> = Vec::new();
+    for row in &rows {
+        let entry = (row.get(0), row.get(1), row.get(2));
+        if !out.contains(&entry) {
+            out.push(entry);
+        }
+    }
+    Ok(out)
 }
 
 /// Applies `plan` through `pool` (heal sessions). Returns what changed; records it in `metrics`.
@@ -533,7 +571,9 @@ async fn run_batches(
 }
 
 /// Runs a backfill range by range over every relation holding the table's rows, until the end of
-/// each (as it was when the run reached it), the budget runs out, or the run is cancelled.
+/// each (as it was when the run reached it), the budget runs out, or the run is cancelled. The
+/// backfill of an added nullable column reads its pending record first (none: nothing to do),
+/// and records it done after a whole pass that found nothing left to fill.
 async fn run_backfill(
     writer: &mut Writer<'_>,
     batch_size: usize,
@@ -541,6 +581,13 @@ async fn run_backfill(
     budget: &mut u64,
     outcome: &mut Outcome,
 ) -> Result<(), Stop> {
+    let before = match spec.pending {
+        true => match pending_xid(writer, spec).await? {
+            Some(xid) => Some(xid),
+            None => return Ok(()),
+        },
+        false => None,
+    };
     let table_name = spec.table_name();
     let relations = writer
         .transaction(move |tx| {
@@ -560,8 +607,8 @@ async fn run_backfill(
     }
     let step = (batch_size / backfill::ROWS_PER_BLOCK).max(1) as i64;
     let mut changed_keys = std::collections::BTreeSet::new();
+    let mut untouched = true;
     for relation in relations {
-        let sql = spec.batch_sql(&relation, tree);
         let name = relation.clone();
         let blocks: i64 = writer
             .transaction(move |tx| {
@@ -571,47 +618,39 @@ async fn run_backfill(
             .first()
             .map(|r| r.get(0))
             .unwrap_or(0);
-        let mut start = 0;
-        while start < blocks.max(1) {
-            if *budget == 0 {
+        let target = BatchTarget { sql: spec.batch_sql(&relation, tree), relation, tree };
+        // Ranges of `step` blocks; within one, batches of at most `limit` rows in `ctid` order,
+        // each starting after the last row the one before picked.
+        let mut range = 0;
+        let mut after = backfill::FIRST_TID.to_string();
+        while range < blocks.max(1) {
+            let limit = (*budget).min(batch_size as u64) as i64;
+            if limit == 0 {
                 return Err(Stop::BudgetReached);
             }
             let end =
-                if start + step >= blocks { backfill::LAST_TID.to_string() } else { format!("({},0)", start + step) };
-            let (from, to) = (format!("({start},0)"), end);
-            let (sql, run_id) = (sql.clone(), outcome.run_id.clone());
-            let only = spec.only.clone().unwrap_or_default();
-            let restricted = spec.only.is_some();
-            let rows = writer
-                .transaction(move |tx| {
-                    Box::pin(async move {
-                        let mut params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
-                            vec![(&from, Type::TEXT), (&to, Type::TEXT), (&run_id, Type::TEXT)];
-                        if restricted {
-                            params.push((&only, Type::TEXT_ARRAY));
-                        }
-                        tx.query_typed(&sql, &params).await
-                    })
-                })
-                .await?;
-            let mut kept_null = 0;
-            for row in &rows {
-                let (table, key): (Option<String>, String) = (row.get(0), row.get(1));
-                match table {
-                    Some(table) => {
-                        changed_keys.insert(key.clone());
-                        tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&table), repair = spec.repair.name(), key = %crate::sql::escape_controls(&key), "healed")
-                    }
-                    None => kept_null += 1,
+                if range + step >= blocks { backfill::LAST_TID.to_string() } else { format!("({},0)", range + step) };
+            let params =
+                BatchParams { after: after.clone(), end: end.clone(), limit, tids: None, before: before.clone() };
+            let done = match backfill_batch(writer, spec, &target, &params, outcome).await {
+                Err(Stop::Failed(e)) if backfill::row_specific(&e) => {
+                    split_batch(writer, spec, &target, &params, outcome).await?
                 }
+                other => other?,
+            };
+            for (table, key) in &done.changed {
+                tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(table), repair = spec.repair.name(), key = %crate::sql::escape_controls(key), "healed");
             }
-            let changed = (rows.len() - kept_null) as u64;
+            let changed = done.changed.len() as u64;
+            untouched &= changed == 0 && done.set_aside == 0;
+            changed_keys.extend(done.changed.into_iter().map(|(_, key)| key));
             *outcome.changed.entry(spec.repair.name()).or_default() += changed;
             *budget = budget.saturating_sub(changed);
-            if kept_null > 0 {
+            if done.kept_null > 0 {
                 // Updating them again would change nothing either: the table is left, reported.
                 let message = format!(
-                    "{kept_null} row(s) of {} kept {} NULL after the update (a trigger undoes it): the backfill of this table stopped",
+                    "{} row(s) of {} kept {} NULL after the update (a trigger undoes it): the backfill of this table stopped",
+                    done.kept_null,
                     crate::sql::escape_controls(&crate::sql::display_name(&spec.tenant, &spec.table)),
                     spec.column
                 );
@@ -619,13 +658,179 @@ async fn run_backfill(
                 outcome.errors.push((spec.tenant.clone(), spec.repair, message));
                 return Err(Stop::Reported);
             }
-            start += step;
+            match done.next {
+                Some(cursor) => after = cursor,
+                None => {
+                    range += step;
+                    after = end;
+                }
+            }
         }
     }
     for key in spec.only.iter().flatten().filter(|k| !changed_keys.contains(*k)) {
         outcome.not_applied.push((spec.tenant.clone(), spec.table.clone(), key.clone()));
     }
+    if spec.pending && untouched {
+        let (sql, run_id) = (columns::done_record(&spec.tenant, &spec.table, &spec.column), outcome.run_id.clone());
+        writer
+            .transaction(move |tx| Box::pin(async move { tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await }))
+            .await?;
+    }
     Ok(())
+}
+
+/// The transaction id (text) recorded when the column of `spec` was added, from its latest
+/// pending record (see [`columns::pending_sql`]); `None` when there is none left.
+async fn pending_xid(writer: &mut Writer<'_>, spec: &backfill::BackfillSpec) -> Result<Option<String>, Stop> {
+    let rows = writer
+        .transaction(move |tx| Box::pin(async move { tx.query_typed(&columns::pending_sql(), &[]).await }))
+        .await?;
+    Ok(rows
+        .iter()
+        .rev()
+        .find(|r| {
+            (r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2))
+                == (spec.tenant.clone(), spec.table.clone(), spec.column.clone())
+        })
+        .map(|r| r.get(3)))
+}
+
+/// The relation a backfill's batches write, and their statement.
+struct BatchTarget {
+    relation: String,
+    tree: bool,
+    sql: String,
+}
+
+/// The parameters of one batch (see [`backfill::BackfillSpec::batch_sql`]).
+#[derive(Clone)]
+struct BatchParams {
+    after: String,
+    end: String,
+    limit: i64,
+    /// The `ctid`s a split batch may pick.
+    tids: Option<Vec<String>>,
+    /// The pending record's transaction id.
+    before: Option<String>,
+}
+
+/// What one batch (or one split batch) did.
+#[derive(Default)]
+struct BatchDone {
+    /// (table, key) of every row changed and audited.
+    changed: Vec<(String, String)>,
+    /// Rows a trigger kept NULL.
+    kept_null: usize,
+    /// Rows set aside (in the outcome) because their update failed.
+    set_aside: usize,
+    /// Where the next batch of the range starts, when this one picked its limit.
+    next: Option<String>,
+}
+
+/// Runs one batch in its own transaction.
+async fn backfill_batch(
+    writer: &mut Writer<'_>,
+    spec: &backfill::BackfillSpec,
+    target: &BatchTarget,
+    params: &BatchParams,
+    outcome: &Outcome,
+) -> Result<BatchDone, Stop> {
+    let (sql, run_id, only, p) = (target.sql.clone(), outcome.run_id.clone(), spec.only.clone(), params.clone());
+    let rows = writer
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.query_typed(
+                    &sql,
+                    &[
+                        (&p.after, Type::TEXT),
+                        (&p.end, Type::TEXT),
+                        (&run_id, Type::TEXT),
+                        (&p.limit, Type::INT8),
+                        (&only, Type::TEXT_ARRAY),
+                        (&p.tids, Type::TEXT_ARRAY),
+                        (&p.before, Type::TEXT),
+                    ],
+                )
+                .await
+            })
+        })
+        .await?;
+    let mut done = BatchDone::default();
+    for row in &rows {
+        let (table, key, cursor): (Option<String>, Option<String>, Option<String>) =
+            (row.get(0), row.get(1), row.get(2));
+        match (table, key) {
+            (Some(table), Some(key)) => done.changed.push((table, key)),
+            (None, Some(_)) => done.kept_null += 1,
+            _ => done.next = cursor,
+        }
+    }
+    Ok(done)
+}
+
+/// A batch that failed on one of its rows: reads the rows it picks, then writes them in halves,
+/// each its own transaction, halving again the ones that fail, down to single rows; a single row
+/// that fails is set aside (in `outcome`) with the error. Returns what was done as one batch.
+async fn split_batch(
+    writer: &mut Writer<'_>,
+    spec: &backfill::BackfillSpec,
+    target: &BatchTarget,
+    params: &BatchParams,
+    outcome: &mut Outcome,
+) -> Result<BatchDone, Stop> {
+    let (sql, only, p) = (spec.candidates_sql(&target.relation, target.tree), spec.only.clone(), params.clone());
+    let run_id = outcome.run_id.clone();
+    let rows = writer
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.query_typed(
+                    &sql,
+                    &[
+                        (&p.after, Type::TEXT),
+                        (&p.end, Type::TEXT),
+                        (&run_id, Type::TEXT),
+                        (&p.limit, Type::INT8),
+                        (&only, Type::TEXT_ARRAY),
+                        (&p.tids, Type::TEXT_ARRAY),
+                        (&p.before, Type::TEXT),
+                    ],
+                )
+                .await
+            })
+        })
+        .await?;
+    let candidates: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut done = BatchDone {
+        next: candidates.last().filter(|_| candidates.len() as i64 == params.limit).map(|(tid, _)| tid.clone()),
+        ..BatchDone::default()
+    };
+    let mut parts: Vec<&[(String, String)]> = vec![&candidates];
+    while let Some(part) = parts.pop().filter(|p| !p.is_empty()) {
+        let tids: Vec<String> = part.iter().map(|(tid, _)| tid.clone()).collect();
+        let sub = BatchParams { limit: tids.len() as i64, tids: Some(tids), ..params.clone() };
+        match backfill_batch(writer, spec, target, &sub, outcome).await {
+            Ok(part_done) => {
+                done.changed.extend(part_done.changed);
+                done.kept_null += part_done.kept_null;
+            }
+            Err(Stop::Failed(e)) if backfill::row_specific(&e) => match part {
+                [(_, key)] => {
+                    let reason = format!("backfill of {}: {}", spec.column, e);
+                    tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&spec.table), repair = spec.repair.name(), key = %crate::sql::escape_controls(key), reason = %crate::sql::escape_controls(&reason), "row set aside");
+                    outcome.set_aside.push((spec.tenant.clone(), spec.table.clone(), key.clone(), reason));
+                    done.set_aside += 1;
+                }
+                _ => {
+                    let (first, second) = part.split_at(part.len() / 2);
+                    // Popped last first: the halves run in `ctid` order.
+                    parts.push(second);
+                    parts.push(first);
+                }
+            },
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// Runs a copy batch by batch (keyset over the orphaned keys) until no key is left, the budget
@@ -686,6 +891,20 @@ async fn run_undo(
     let repair = Repair::Undo.name();
     // Listed even when nothing is left to undo (`undo: 0 change(s)`).
     outcome.changed.entry(repair).or_default();
+    // The same rule as heal's writes: a BEFORE row trigger could keep a row or change the value
+    // undo writes, and the audit row would say otherwise.
+    let event = spec.event();
+    let refused: Vec<String> = refused_triggers(writer, vec![(spec.relation.clone(), spec.table.clone())], event)
+        .await?
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
+    if !refused.is_empty() {
+        let reason = format!("undo: {}", triggers::event_reason(&refused, event));
+        tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.schema), table = %crate::sql::escape_controls(&spec.table), repair, reason = %crate::sql::escape_controls(&reason), "step set aside");
+        outcome.refused.push((spec.schema.clone(), spec.table.clone(), reason));
+        return Err(Stop::Reported);
+    }
     let mut cursor = 0;
     loop {
         let limit = (*budget).min(batch_size as u64) as i64;
@@ -766,6 +985,8 @@ enum OnceDone {
     Rewrite,
     /// Skipped: the column's default is no longer the one the plan saw.
     DefaultChanged,
+    /// Skipped: the column to add exists (it appeared since the plan).
+    Exists,
 }
 
 /// Runs a one-off statement (DDL) with its audit row in one transaction. An added column whose
@@ -785,8 +1006,9 @@ async fn run_once(
     let timeout =
         once.long.then(|| format!("SET LOCAL statement_timeout = '{}ms'", writer.heal.validate_timeout.as_millis()));
     let guard = once.added.clone().filter(|_| !writer.heal.allow_table_rewrite).map(|(_, t)| t);
+    let adds = once.added.clone().map(|(column, _)| column);
     let table = crate::sql::qualified(&tenant.schema, &once.table);
-    let (expect, advance) = (once.expect_default.clone(), once.advance.clone());
+    let (expect, advance, pending) = (once.expect_default.clone(), once.advance.clone(), once.pending.clone());
     let done = writer
         .transaction_within(once.long, move |tx| {
             Box::pin(async move {
@@ -794,6 +1016,17 @@ async fn run_once(
                     let row = tx.query_typed_one(columns::CONSTRAINED_DOMAIN, &[(&data_type, Type::TEXT)]).await?;
                     if row.get::<_, bool>(0) {
                         return Ok(OnceDone::Rewrite);
+                    }
+                }
+                if let Some(column) = adds {
+                    // Under the lock the `ALTER` takes anyway: a column that appeared since the
+                    // plan (a migration) is left as it is, nothing written or audited.
+                    tx.batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")).await?;
+                    let exists = tx
+                        .query_typed_opt(columns::CURRENT_DEFAULT, &[(&table, Type::TEXT), (&column, Type::TEXT)])
+                        .await?;
+                    if exists.is_some() {
+                        return Ok(OnceDone::Exists);
                     }
                 }
                 if let Some(expect) = expect {
@@ -817,6 +1050,9 @@ async fn run_once(
                     Some(sql) => tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?.len() as u64,
                     None => 0,
                 };
+                if let Some(sql) = pending {
+                    tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?;
+                }
                 Ok(OnceDone::Ran(moved))
             })
         })
@@ -830,8 +1066,15 @@ async fn run_once(
             outcome.refused.push((tenant.schema.clone(), once.table.clone(), reason));
             return Err(Stop::Reported);
         }
+        OnceDone::Exists => {
+            let key = step_key(once.added.as_ref().map(|(c, _)| c.as_str()).unwrap_or_default(), "add_column");
+            tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), key = %crate::sql::escape_controls(&key), "skipped: the column exists since the plan");
+            outcome.not_applied.push((tenant.schema.clone(), once.table.clone(), key));
+            return Err(Stop::Reported);
+        }
         OnceDone::DefaultChanged => {
-            let key = set_default_key(once.expect_default.as_ref().map(|e| e.column.as_str()).unwrap_or_default());
+            let key =
+                step_key(once.expect_default.as_ref().map(|e| e.column.as_str()).unwrap_or_default(), "set_default");
             tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), key = %crate::sql::escape_controls(&key), "skipped: the default changed since the plan");
             outcome.not_applied.push((tenant.schema.clone(), once.table.clone(), key));
             return Err(Stop::Reported);
@@ -848,9 +1091,9 @@ async fn run_once(
     Ok(())
 }
 
-/// A `set_default` step's audit key as the summary names it: `{"column": C, "step": "set_default"}`.
-fn set_default_key(column: &str) -> String {
-    format!("{{\"column\": {}, \"step\": \"set_default\"}}", serde_json::Value::from(column))
+/// A one-off step's audit key as the summary names it: `{"column": C, "step": S}`.
+fn step_key(column: &str, step: &str) -> String {
+    format!("{{\"column\": {}, \"step\": {}}}", serde_json::Value::from(column), serde_json::Value::from(step))
 }
 
 /// Creates the audit table if it is missing.
@@ -892,35 +1135,54 @@ async fn ensure_audit_indexes(client: &mut Client, heal: &HealConfig) -> Result<
     create.await.map_err(HealError::AuditTable)
 }
 
-/// Checks, in one query, that the role may write every table the plan touches: INSERT for
-/// copies, UPDATE for backfills, ownership for added columns, and INSERT and SELECT on the
-/// audit table.
+/// Checks, in one query, that the role has every privilege the plan needs (see
+/// [`Action::privileges`]: what copies and backfills read and write, ownership for added
+/// columns, what an undo deletes, updates and reads), INSERT and SELECT on the audit table and
+/// what the lease takes; the first one missing is the error.
 async fn check_privileges(client: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), HealError> {
     // Relations dropped since the scan are left to fail (and be reported) in their own repair.
-    const CHECK: &str = "SELECT t.rel, t.privilege
-FROM unnest($1::text[], $2::text[]) AS t(rel, privilege), LATERAL pg_catalog.to_regclass(t.rel) AS r(oid)
-WHERE r.oid IS NOT NULL AND NOT CASE t.privilege
-    WHEN 'OWNER' THEN pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class WHERE oid = r.oid), 'USAGE')
-    ELSE pg_catalog.has_table_privilege(r.oid, t.privilege) END
+    // A relation checked with its tree stands for its inheritance children and partitions too
+    // (a backfill updates each by name; privileges on a parent do not cover that).
+    const CHECK: &str = "WITH RECURSIVE r(ord, privilege, oid, tree) AS (
+  SELECT t.ord, t.privilege, pg_catalog.to_regclass(t.rel)::pg_catalog.oid, t.tree
+  FROM unnest($1::text[], $2::text[], $3::bool[]) WITH ORDINALITY AS t(rel, privilege, tree, ord)
+  WHERE pg_catalog.to_regclass(t.rel) IS NOT NULL
+  UNION
+  SELECT r.ord, r.privilege, i.inhrelid, r.tree FROM r JOIN pg_catalog.pg_inherits i ON i.inhparent = r.oid
+  WHERE r.tree
+)
+SELECT n.nspname::text, c.relname::text, r.privilege
+FROM r JOIN pg_catalog.pg_class c ON c.oid = r.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT CASE r.privilege
+    WHEN 'OWNER' THEN pg_catalog.pg_has_role(c.relowner, 'USAGE')
+    ELSE pg_catalog.has_table_privilege(r.oid, r.privilege) END
+ORDER BY r.ord, n.nspname, c.relname
 LIMIT 1";
     // SELECT on the audit table: every write statement reads its audit rows back (`RETURNING`).
-    let mut rels = vec![audit::table(), audit::table(), lease::table(), lease::table(), lease::table()];
-    let mut privileges = ["INSERT", "SELECT", "INSERT", "UPDATE", "DELETE"].map(String::from).to_vec();
+    let mut needed: Vec<plan::Needed> = [
+        (audit::table(), "INSERT"),
+        (audit::table(), "SELECT"),
+        (lease::table(), "INSERT"),
+        (lease::table(), "UPDATE"),
+        (lease::table(), "DELETE"),
+    ]
+    .into_iter()
+    .map(|(relation, privilege)| plan::Needed { relation, privilege, tree: false })
+    .collect();
     for tenant in &plan.tenants {
         for action in &tenant.actions {
-            for (rel, privilege) in action.writes() {
-                rels.push(crate::sql::qualified(&tenant.schema, &rel));
-                privileges.push(privilege.to_string());
-            }
+            needed.extend(action.privileges(&tenant.schema));
         }
     }
-    if let Some(row) = client
-        .query_typed_opt(CHECK, &[(&rels, Type::TEXT_ARRAY), (&privileges, Type::TEXT_ARRAY)])
-        .await
-        .map_err(DbError::from)?
-    {
-        let (rel, privilege): (String, String) = (row.get(0), row.get(1));
+    let rels: Vec<&str> = needed.iter().map(|n| n.relation.as_str()).collect();
+    let privileges: Vec<&str> = needed.iter().map(|n| n.privilege).collect();
+    let trees: Vec<bool> = needed.iter().map(|n| n.tree).collect();
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] =
+        [(&rels, Type::TEXT_ARRAY), (&privileges, Type::TEXT_ARRAY), (&trees, Type::BOOL_ARRAY)];
+    if let Some(row) = client.query_typed_opt(CHECK, &params).await.map_err(DbError::from)? {
+        let (schema, name, privilege): (String, String, String) = (row.get(0), row.get(1), row.get(2));
         let what = if privilege == "OWNER" { "ownership (to add columns)".to_string() } else { privilege };
+        let rel = crate::sql::escape_controls(&crate::sql::qualified(&schema, &name));
         return Err(HealError::Privileges(format!("no {what} on {rel}")));
     }
     Ok(())

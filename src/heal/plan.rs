@@ -79,6 +79,10 @@ pub struct OnceStep {
     /// moves the sequence a new `nextval` default draws from past the column's values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advance: Option<String>,
+    /// Run after `sql` in the same transaction, `$1` the run id
+    /// ([`columns::pending_record`]): records the backfill of the added column as pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
 }
 
 /// The default a column had when the plan was made (`None`: no default).
@@ -88,27 +92,67 @@ pub struct ExpectDefault {
     pub default: Option<String>,
 }
 
+/// A privilege a heal run needs: on `relation` (qualified and quoted), and with `tree` on every
+/// inheritance child and partition of it too (a backfill updates each of them by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needed {
+    pub relation: String,
+    pub privilege: &'static str,
+    pub tree: bool,
+}
+
 impl Action {
-    /// (relation, privilege) of everything the repair writes: INSERT on every table a copy may
-    /// write (and UPDATE on their sequences), UPDATE for backfills, ownership for column
-    /// changes, UPDATE on a sequence to advance.
-    pub fn writes(&self) -> Vec<(String, &'static str)> {
-        match self.repair {
-            Repair::CopyMissingParents => {
-                let mut out = Vec::new();
-                for step in &self.steps {
-                    let Step::Copy(spec) = step else { continue };
-                    for (name, t) in spec.tables.iter().filter(|(_, t)| t.in_shared && t.unusable.is_none()) {
-                        out.push((name.clone(), "INSERT"));
-                        out.extend(t.sequences.iter().map(|(_, seq)| (seq.clone(), "UPDATE")));
+    /// Every privilege the repair needs on the tables of `schema` (its tenant) and the shared
+    /// schema: SELECT on every table a copy reads (the orphans' table, and each table of its
+    /// closure in the tenant and the shared schema), INSERT on those it may write, SELECT and
+    /// UPDATE on their sequences; SELECT and UPDATE for a backfill, on the table and its
+    /// descendants; ownership for column changes; for an undo, those of [`undo::UndoSpec`].
+    pub fn privileges(&self, schema: &str) -> Vec<Needed> {
+        let mut out = Vec::new();
+        let mut need = |relation: String, privilege: &'static str, tree: bool| {
+            let needed = Needed { relation, privilege, tree };
+            if !out.contains(&needed) {
+                out.push(needed);
+            }
+        };
+        if self.repair == Repair::AddMissingColumns {
+            need(sql::qualified(schema, &self.table), "OWNER", false);
+        }
+        for step in &self.steps {
+            match step {
+                Step::Copy(spec) => {
+                    need(sql::qualified(schema, &spec.child), "SELECT", false);
+                    for (name, t) in &spec.tables {
+                        need(sql::qualified(schema, name), "SELECT", false);
+                        for edge in &t.edges {
+                            need(sql::qualified(schema, &edge.target), "SELECT", false);
+                        }
+                        if !t.in_shared {
+                            continue;
+                        }
+                        need(sql::qualified(&spec.shared, name), "SELECT", false);
+                        if t.unusable.is_none() {
+                            need(sql::qualified(schema, name), "INSERT", false);
+                            for (_, seq) in &t.sequences {
+                                need(sql::qualified(schema, seq), "SELECT", false);
+                                need(sql::qualified(schema, seq), "UPDATE", false);
+                            }
+                        }
                     }
                 }
-                out
+                Step::Backfill(spec) => {
+                    need(sql::qualified(schema, &spec.table), "SELECT", true);
+                    need(sql::qualified(schema, &spec.table), "UPDATE", true);
+                }
+                Step::Undo(spec) => {
+                    for (relation, privilege) in spec.privileges() {
+                        need(relation, privilege, false);
+                    }
+                }
+                Step::Batched(_) | Step::Once(_) => {}
             }
-            Repair::BackfillNullTimestamps => vec![(self.table.clone(), "UPDATE")],
-            Repair::AddMissingColumns => vec![(self.table.clone(), "OWNER")],
-            Repair::AdvanceSequences | Repair::Undo => Vec::new(),
         }
+        out
     }
 }
 
@@ -125,6 +169,7 @@ impl Step {
             added: None,
             expect_default: None,
             advance: None,
+            pending: None,
         })
     }
 }
@@ -158,6 +203,39 @@ impl Plan {
         }
         tenants.sort_by(|a, b| a.schema.cmp(&b.schema));
         Plan { tenants }
+    }
+
+    /// Adds, after each tenant's other actions, the resumption of every pending backfill of an
+    /// added nullable column (`pending`: (schema, table, column) from the audit table, see
+    /// [`columns::pending_sql`]) when `heal.add_missing_columns` is on, the tenant's table still
+    /// has the column and the reference's column can fill it.
+    pub fn resume(&mut self, scanned: &Scanned, config: &Config, pending: &[(String, String, String)]) {
+        if !config.heal.add_missing_columns {
+            return;
+        }
+        for (tenant, table, name) in pending {
+            let Some(own) = scanned.catalog.table(tenant, table).filter(|t| t.column(name).is_some()) else {
+                continue;
+            };
+            let Some(column) = scanned.shape.tables.get(table).and_then(|t| t.columns.get(name)?.to_column(name))
+            else {
+                continue;
+            };
+            let chain = config.heal.fallbacks.get(name).cloned().unwrap_or_default();
+            let Some(step) = columns::resume(tenant, table, own, &column, &chain) else { continue };
+            let summary = format!(
+                "finish the pending backfill of the added column {name}: the rows unchanged since it was added get {}",
+                column.default.as_deref().map(|d| format!("DEFAULT {d}")).unwrap_or_else(|| chain.join(", "))
+            );
+            let steps = vec![step];
+            let triggers = fired_triggers(&scanned.catalog, tenant, &steps, &config.heal.allow_triggers);
+            let action = Action { repair: Repair::AddMissingColumns, table: table.clone(), summary, steps, triggers };
+            match self.tenants.iter_mut().find(|t| &t.schema == tenant) {
+                Some(t) => t.actions.push(action),
+                None => self.tenants.push(TenantPlan { schema: tenant.clone(), actions: vec![action] }),
+            }
+        }
+        self.tenants.sort_by(|a, b| a.schema.cmp(&b.schema));
     }
 
     /// The plan as commented SQL, as `heal` prints it without `--execute`.
@@ -199,7 +277,10 @@ impl Plan {
                                 "-- then per relation: its size ($1 = the relation):\n{};",
                                 backfill::BLOCKS
                             );
-                            let _ = writeln!(out, "-- and per range of {} block(s) ($1, $2 its first and end ctid, the last one ending at {}; $3 run id; the audit key names the relation when the table has descendants):", (batch_size / backfill::ROWS_PER_BLOCK).max(1), backfill::LAST_TID);
+                            let _ = writeln!(out, "-- and per range of {} block(s), batch by batch ($1 the ctid the batch starts after: {} first, then the last one the previous batch picked or the previous range's end; $2 the range's end ctid, the last one ending at {}; $3 run id; $4 = {batch_size} (heal.batch_size, fewer when heal.max_rows_per_run has fewer left); the audit key names the relation when the table has descendants):", (batch_size / backfill::ROWS_PER_BLOCK).max(1), backfill::FIRST_TID, backfill::LAST_TID);
+                            if spec.pending {
+                                let _ = writeln!(out, "-- only the rows unchanged since the column was added: $7 = the id of the transaction that added it (its backfill_pending audit row); $6 NULL, or the ctids of a batch split to set aside the rows that fail");
+                            }
                             let _ =
                                 writeln!(out, "{};", spec.batch_sql(&sql::qualified(&spec.tenant, &spec.table), false));
                         }
@@ -220,12 +301,21 @@ impl Plan {
                             let _ = writeln!(out, "{};", spec.undo_sql);
                         }
                         Step::Once(once) => {
-                            if let Some((_, data_type)) = &once.added {
+                            if let Some((column, data_type)) = &once.added {
                                 let _ = writeln!(
                                     out,
                                     "-- first, in the same transaction ($1 = {}): set aside, unless heal.allow_table_rewrite, when the type is a domain with constraints (adding it rewrites the table):\n{};",
                                     sql::escape_controls(&sql::literal(data_type)),
                                     columns::CONSTRAINED_DOMAIN
+                                );
+                                let table = sql::qualified(&tenant.schema, &once.table);
+                                let _ = writeln!(
+                                    out,
+                                    "-- then LOCK TABLE {} IN ACCESS EXCLUSIVE MODE; and ($1 = {}, $2 = {}) skipped, nothing written, if the column exists already:\n{};",
+                                    sql::escape_controls(&table),
+                                    sql::escape_controls(&sql::literal(&table)),
+                                    sql::escape_controls(&sql::literal(column)),
+                                    columns::CURRENT_DEFAULT
                                 );
                             }
                             if let Some(expect) = &once.expect_default {
@@ -248,6 +338,12 @@ impl Plan {
                             let _ = writeln!(out, "{};", once.sql);
                             if let Some(advance) = &once.advance {
                                 let _ = writeln!(out, "-- then, in the same transaction ($1 = run id):\n{advance};");
+                            }
+                            if let Some(pending) = &once.pending {
+                                let _ = writeln!(
+                                    out,
+                                    "-- then, in the same transaction ($1 = run id), the backfill recorded as pending:\n{pending};"
+                                );
                             }
                         }
                     }
@@ -299,6 +395,7 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                     key: own.primary_key.clone(),
                     repair,
                     only: None,
+                    pending: false,
                 }))],
             )
         }

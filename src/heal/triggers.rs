@@ -1,7 +1,8 @@
 //! `BEFORE ... FOR EACH ROW` triggers on the tables heal writes: such a trigger can change or
 //! suppress the row heal inserts or updates, so heal refuses to write a table that has one,
 //! unless the operator allows it by name (`heal.allow_triggers`). `AFTER` triggers cannot change
-//! the row; they are only named in the plan.
+//! the row; they are only named in the plan. Undo's deletes and updates follow the same rule
+//! (`BEFORE DELETE` and `BEFORE UPDATE` row triggers on the relation it changes).
 //!
 //! Invariants: the plan refuses from the scan's catalog, and every write step checks again at
 //! run time, in one catalog read per step (no relation is locked), against what the database has
@@ -14,6 +15,8 @@ use crate::config::AllowedTrigger;
 
 /// `tgtype` bit of an `INSERT` trigger.
 pub const INSERT: i32 = 4;
+/// `tgtype` bit of a `DELETE` trigger.
+pub const DELETE: i32 = 8;
 /// `tgtype` bit of an `UPDATE` trigger.
 pub const UPDATE: i32 = 16;
 
@@ -50,7 +53,16 @@ pub fn refused_in_catalog(allow: &[AllowedTrigger], name: &str, own: &Table, ins
 
 /// Why a table with the refused triggers `names` (`relation.trigger`) is not written.
 pub fn reason(names: &[String], insert: bool) -> String {
-    let event = if insert { "INSERT" } else { "UPDATE" };
+    event_reason(names, if insert { INSERT } else { UPDATE })
+}
+
+/// Why a relation with the refused triggers `names` for `event` (a `tgtype` bit) is not written.
+pub fn event_reason(names: &[String], event: i32) -> String {
+    let event = match event {
+        INSERT => "INSERT",
+        DELETE => "DELETE",
+        _ => "UPDATE",
+    };
     format!(
         "BEFORE {event} trigger(s) {} can change or suppress the rows heal writes (heal's audit and undo would not match them); allow each with heal.allow_triggers = [{{ table = ..., trigger = ... }}]",
         names.join(", ")

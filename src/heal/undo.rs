@@ -27,7 +27,7 @@ use tokio_postgres::{GenericClient, Transaction};
 
 use super::audit;
 use super::plan::{Action, Plan, Step, TenantPlan};
-use super::Repair;
+use super::{HealError, Repair};
 use crate::config::DeclaredRelationship;
 use crate::db::DbError;
 use crate::sql;
@@ -109,6 +109,13 @@ const HAS_COLUMNS: &str =
 WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))
   AND a.attname = ANY($3::text[]) AND a.attnum > 0 AND NOT a.attisdropped";
 
+/// The equality undo compares tenant columns with, where no constraint names its own: the
+/// built-in one. A plain `=` would resolve, under `search_path = pg_catalog, <tenant>`, to an
+/// operator the tenant defined for its own type (a domain key) or for a pair of types
+/// `pg_catalog` has none for (`uuid = text`): it could match other rows than heal's, and would
+/// run the tenant's function with the heal role's privileges.
+const EQ: &str = "OPERATOR(pg_catalog.=)";
+
 /// One group of audit rows (a table's copies, or a column's backfill in one relation), undone
 /// batch by batch.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -122,6 +129,34 @@ pub struct UndoSpec {
     /// `$1` the undo's own run id, `$2` the picked audit ids: undoes the rows that still hold what heal wrote,
     /// with their audit rows, and returns (`undone` or why the row was left, key) per picked row.
     pub undo_sql: String,
+    /// The relation the undo changes, qualified and quoted (a partition or child a backfill's
+    /// audit keys name, or the table).
+    pub relation: String,
+    /// A copy's undo deletes rows (`DELETE`, after `FOR UPDATE`); a backfill's updates them.
+    pub deletes: bool,
+    /// The relations, qualified and quoted, whose rows the `DELETE` checks for references.
+    pub reads: Vec<String>,
+}
+
+impl UndoSpec {
+    /// (relation, privilege) of everything the undo reads or changes: SELECT and UPDATE on its
+    /// relation (the rows are locked first), DELETE too for a copy's undo, SELECT on every
+    /// relation whose rows are checked for references.
+    pub fn privileges(&self) -> Vec<(String, &'static str)> {
+        let own: &[&'static str] = if self.deletes { &["SELECT", "UPDATE", "DELETE"] } else { &["SELECT", "UPDATE"] };
+        let mut out: Vec<(String, &'static str)> = own.iter().map(|p| (self.relation.clone(), *p)).collect();
+        out.extend(self.reads.iter().map(|r| (r.clone(), "SELECT")));
+        out
+    }
+
+    /// The `tgtype` bit of the row event the undo fires ([`super::triggers`]).
+    pub fn event(&self) -> i32 {
+        if self.deletes {
+            super::triggers::DELETE
+        } else {
+            super::triggers::UPDATE
+        }
+    }
 }
 
 /// What one batch of an undo did.
@@ -163,17 +198,36 @@ pub async fn batch(
     Ok(out)
 }
 
+/// Whether the audit table exists, and whether the role may read it (USAGE on its schema,
+/// SELECT on it).
+const AUDIT_READABLE: &str = "SELECT t.oid IS NOT NULL,
+       t.oid IS NOT NULL AND pg_catalog.has_schema_privilege('tenant_audit', 'USAGE'),
+       t.oid IS NOT NULL AND pg_catalog.has_table_privilege(t.oid, 'SELECT')
+FROM (SELECT pg_catalog.to_regclass('tenant_audit.heal_log')::pg_catalog.oid AS oid) t";
+
 /// The plan that undoes `run_id`, and one line per group of audit rows it cannot undo.
 /// `relationships` are the configured ones (`checks.relationships`): a copied row any of them
-/// references is left.
+/// references is left. Reads only (it runs on a standby too); an audit table that is missing or
+/// that the role may not read is an error saying so.
 pub async fn plan(
     client: &impl GenericClient,
     run_id: &str,
     relationships: &[DeclaredRelationship],
-) -> Result<(Plan, Vec<String>), DbError> {
+) -> Result<(Plan, Vec<String>), HealError> {
+    let row = client.query_typed_one(AUDIT_READABLE, &[]).await.map_err(DbError::from)?;
+    let (exists, usage, select): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    if !exists {
+        return Err(HealError::NoAuditTable);
+    }
+    if !usage {
+        return Err(HealError::Privileges(format!("no USAGE on schema {}", sql::ident(crate::tenants::AUDIT_SCHEMA))));
+    }
+    if !select {
+        return Err(HealError::Privileges(format!("no SELECT on {}", audit::table())));
+    }
     let mut tenants: Vec<(String, Vec<Ordered>)> = Vec::new();
     let mut notes = Vec::new();
-    let rows = client.query_typed(GROUPS, &[(&run_id, Type::TEXT)]).await?;
+    let rows = client.query_typed(GROUPS, &[(&run_id, Type::TEXT)]).await.map_err(DbError::from)?;
     for row in rows {
         let group = Group {
             run_id: run_id.to_string(),
@@ -293,7 +347,10 @@ async fn copy_step(
         "delete the copied rows ({count} audited) that still hold what heal wrote and that no row references ({} relationship(s) checked)",
         references.len()
     );
-    let spec = target.spec(group, "FOR UPDATE", &delete_copied(&target, group, &references));
+    let mut reads: Vec<String> = references.iter().map(|r| sql::qualified(&r.schema, &r.table)).collect();
+    reads.sort();
+    reads.dedup();
+    let spec = target.spec(group, "FOR UPDATE", &delete_copied(&target, group, &references), reads);
     Ok(Ok((summary, spec, Some(checked))))
 }
 
@@ -342,7 +399,8 @@ async fn backfill_step(client: &impl GenericClient, group: &Group, count: i64) -
         return Ok(Err(format!("{count} {repair} change(s) not undone: a key column no longer exists")));
     };
     let summary = format!("set {count} {column} value(s) back to NULL where they still hold what heal wrote");
-    let spec = target.spec(group, "FOR NO KEY UPDATE", &reset_backfilled(&target, group, column, &data_type));
+    let spec =
+        target.spec(group, "FOR NO KEY UPDATE", &reset_backfilled(&target, group, column, &data_type), Vec::new());
     Ok(Ok((summary, spec, None)))
 }
 
@@ -377,17 +435,17 @@ impl Target {
         format!("{}{}", if self.only { "ONLY " } else { "" }, sql::qualified(&self.schema, &self.relation))
     }
 
-    /// `c."k" = (x.row_key->>'k')::T AND ...`: the row of the audited key, by typed columns (an
-    /// index on the key serves it).
+    /// `c."k" OPERATOR(pg_catalog.=) (x.row_key->>'k')::T AND ...`: the row of the audited key,
+    /// by typed columns (an index on the key serves it), with the built-in equality (see [`EQ`]).
     fn key_match(&self) -> String {
         self.key
             .iter()
-            .map(|(k, t)| format!("c.{} = (x.row_key->>{})::{t}", sql::ident(k), sql::literal(k)))
+            .map(|(k, t)| format!("c.{} {EQ} (x.row_key->>{})::{t}", sql::ident(k), sql::literal(k)))
             .collect::<Vec<_>>()
             .join(" AND ")
     }
 
-    fn spec(&self, group: &Group, lock: &str, undo_sql: &str) -> UndoSpec {
+    fn spec(&self, group: &Group, lock: &str, undo_sql: &str, reads: Vec<String>) -> UndoSpec {
         UndoSpec {
             schema: group.schema.clone(),
             table: group.table.clone(),
@@ -398,6 +456,9 @@ impl Target {
                 self.key_match()
             ),
             undo_sql: undo_sql.to_string(),
+            relation: sql::qualified(&self.schema, &self.relation),
+            deletes: group.copy,
+            reads,
         }
     }
 }
@@ -461,11 +522,11 @@ fn undo_statement(target: &Target, group: &Group, change: &str, left: &str) -> S
 fn delete_copied(target: &Target, group: &Group, references: &[Reference]) -> String {
     let unreferenced: String = references.iter().map(|r| format!("\n    AND NOT EXISTS ({})", r.exists())).collect();
     let change = format!(
-        "DELETE FROM {} c USING x\n  WHERE {} AND to_jsonb(c) = x.new_value{unreferenced}",
+        "DELETE FROM {} c USING x\n  WHERE {} AND to_jsonb(c.*) = x.new_value{unreferenced}",
         target.name(),
         target.key_match()
     );
-    let left = "CASE WHEN c.ctid IS NULL THEN 'no longer exists' WHEN to_jsonb(c) <> x.new_value THEN 'changed since the run' ELSE 'still referenced' END";
+    let left = "CASE WHEN c.ctid IS NULL THEN 'no longer exists' WHEN to_jsonb(c.*) <> x.new_value THEN 'changed since the run' ELSE 'still referenced' END";
     undo_statement(target, group, &change, left)
 }
 
@@ -473,7 +534,7 @@ fn delete_copied(target: &Target, group: &Group, references: &[Reference]) -> St
 fn reset_backfilled(target: &Target, group: &Group, column: &str, data_type: &str) -> String {
     let col = sql::ident(column);
     let change = format!(
-        "UPDATE {} c SET {col} = NULL FROM x\n  WHERE {} AND c.{col} = (x.new_value->>{})::{data_type}",
+        "UPDATE {} c SET {col} = NULL FROM x\n  WHERE {} AND c.{col} {EQ} (x.new_value->>{})::{data_type}",
         target.name(),
         target.key_match(),
         sql::literal(column)
@@ -503,8 +564,8 @@ impl Reference {
             .enumerate()
             .map(|(i, (p, ch))| {
                 let op = match &self.operators {
-                    Some(ops) => ops.get(i).map_or_else(|| "=".to_string(), |(s, n)| sql::operator(s, n)),
-                    None => "=".to_string(),
+                    Some(ops) => ops.get(i).map_or_else(|| EQ.to_string(), |(s, n)| sql::operator(s, n)),
+                    None => EQ.to_string(),
                 };
                 format!("c.{} {op} r.{}", sql::ident(p), sql::ident(ch))
             })

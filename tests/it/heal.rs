@@ -344,7 +344,7 @@ async fn heal_without_write_privileges_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).lines().last(),
-        Some("tenant-audit: error: the heal role lacks write privileges: no INSERT on \"tenant_audit\".\"heal_log\" (see docs/heal.md)")
+        Some("tenant-audit: error: the heal role lacks a privilege it needs: no INSERT on \"tenant_audit\".\"heal_log\" (see docs/heal.md)")
     );
     assert_eq!(checksum(&url).await, before);
 }

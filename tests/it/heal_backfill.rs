@@ -127,7 +127,7 @@ async fn rows_moved_between_partitions_mid_run_are_changed_exactly_once() {
     let url = fixture_db("heal_backfill_moved", sql).await;
     let path = config_file(
         "heal_backfill_moved_1",
-        &format!("database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\n[heal]\nbackfill_null_timestamps = true\nbatch_size = 1\nmax_rows_per_run = 1\n"),
+        &format!("database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\n[heal]\nbackfill_null_timestamps = true\nbatch_size = 1\nmax_rows_per_run = 5\n"),
     );
     let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
@@ -135,7 +135,7 @@ async fn rows_moved_between_partitions_mid_run_are_changed_exactly_once() {
         rows(&url, "SELECT string_agg(id::text, ',' ORDER BY id) FROM tenant_a.ev WHERE updated_at = modified_at")
             .await,
         ["1,3,5,7,9"],
-        "the first run stopped after the first partition"
+        "the first run stopped after the first partition's 5 NULL rows (max_rows_per_run = 5)"
     );
     rows(
         &url,

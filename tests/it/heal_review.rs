@@ -298,7 +298,7 @@ async fn heal_without_select_on_the_audit_table_is_the_privilege_error() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).lines().last(),
-        Some("tenant-audit: error: the heal role lacks write privileges: no SELECT on \"tenant_audit\".\"heal_log\" (see docs/heal.md)")
+        Some("tenant-audit: error: the heal role lacks a privilege it needs: no SELECT on \"tenant_audit\".\"heal_log\" (see docs/heal.md)")
     );
     assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.category").await, ["0"]);
     assert_eq!(rows(&url, LOGGED).await, ["0"]);
