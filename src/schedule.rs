@@ -275,7 +275,9 @@ impl Scheduler {
                         Ok(outcome) => outcome.total_changed() > 0 || !outcome.errors.is_empty() || outcome.interrupted,
                         Err(e) => {
                             tracing::error!(error = %e, "heal did not run");
-                            true
+                            // Stood down before writing (another shard or a manual run heals
+                            // now): the next scan stays incremental.
+                            !matches!(e, heal::HealError::LockedOut)
                         }
                     };
                     // Heal's writes are reported by the next scan at once, not after heal's

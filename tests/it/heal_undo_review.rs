@@ -1,11 +1,13 @@
 //! Heal's and undo's preconditions against real PostgreSQL: every privilege a run needs (what it
 //! reads too, on every inheritance child a backfill updates) is checked before anything is
 //! written, for `heal --undo` as for heal; read-only commands (`--plan-out`, an undo's plan) work
-//! on a hot standby; undo refuses a relation whose `BEFORE` row trigger heal would refuse.
+//! on a hot standby; undo refuses a relation whose `BEFORE` row trigger heal would refuse and
+//! compares keys with the built-in equality; a daemon locked out of the heal lease (another shard
+//! heals) keeps its scans incremental.
 
 use std::time::{Duration, Instant};
 
-use crate::support::{cli, config_file, fixture_db, pg};
+use crate::support::{cli, config, config_file, fixture_db, pg, start_daemon};
 
 /// A tenant with one orphan whose parent the shared schema has (a copy), a NULL `updated_at` in
 /// a table and in its inheritance child (a backfill of both).
@@ -346,4 +348,24 @@ async fn undo_compares_keys_with_the_built_in_equality_not_a_tenant_operator() {
         ["a0000000-0000-0000-0000-000000000001 ", "a0000000-0000-0000-0000-000000000002 2026-01-01 00:00:00"]
     );
     assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_audit.heal_log WHERE repair = 'undo'").await, ["1"]);
+}
+
+#[tokio::test]
+async fn a_daemon_locked_out_of_the_heal_lease_keeps_its_scans_incremental() {
+    let url = fixture_db("undo_review_locked_out", SQL).await;
+    create_heal_tables(&url, "undo_review_locked_out_setup");
+    // Another healer (a shard of the same database, a manual run) holds the lock all along.
+    let holder = pg::connect(&url).await;
+    holder.query_one("SELECT pg_advisory_lock($1)", &[&tenant_audit::heal::LOCK_KEY]).await.unwrap();
+    let extra = format!("{HEAL}enabled = true\n[serve]\nschedule = '* * * * * *'\n");
+    let daemon = start_daemon(config(&url, &extra)).await;
+    daemon.wait_for("tenant_audit_heal_runs_total{database=\"default\",result=\"locked_out\"} 2").await;
+    // Standing down wrote nothing: the scan after it is incremental, not forced full.
+    daemon.wait_for("tenant_audit_scans_completed_total{database=\"default\",scan_kind=\"incremental\"} 1").await;
+    assert_eq!(
+        daemon.samples("tenant_audit_scans_completed_total").await[0],
+        "tenant_audit_scans_completed_total{database=\"default\",scan_kind=\"full\"} 1"
+    );
+    daemon.stop().await;
+    assert_eq!(rows(&url, STATE).await, ["shop 0", "note 1 ", "note 2 ", "heal_log 0", "heal_lease 0"]);
 }
