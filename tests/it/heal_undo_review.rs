@@ -282,8 +282,9 @@ async fn plans_and_undo_plans_are_made_on_a_standby() {
     caught_up(&app, &standby).await;
     let on = |url: &str| format!("database_url = {url:?}\n{HEAL}");
 
-    // --plan-out reads only: the standby's plan is the primary's.
-    let mut plans = Vec::new();
+    // --plan-out reads only: the standby's plan is the primary's; --apply without --execute
+    // prints it there too.
+    let (mut plans, mut printed) = (Vec::new(), Vec::new());
     for (url, name) in [(&app, "primary"), (&standby, "standby")] {
         let file = dir.join(format!("tenant-audit-it-{}-undo-review-{name}.json", std::process::id()));
         let file = file.to_str().unwrap();
@@ -296,8 +297,13 @@ async fn plans_and_undo_plans_are_made_on_a_standby() {
         assert_eq!((code, stdout), (Some(0), expected), "{stderr}");
         let document: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
         plans.push(document["plan"].clone());
+        let (code, stdout, stderr) = heal(&format!("undo_review_apply_{name}"), &on(url), &["--apply", file]);
+        assert_eq!(code, Some(0), "{stderr}");
+        printed.push(after_first_line(&stdout).to_string());
     }
     assert_eq!(plans[0], plans[1]);
+    assert_eq!(printed[0], printed[1]);
+    assert!(printed[1].contains("\n-- copy_missing_parents on tenant_a.refs: "), "{}", printed[1]);
     assert_eq!(plans[1]["tenants"][0]["actions"].as_array().unwrap().len(), 2);
 
     let run = heal_run(&app, "undo_review_standby_heal");
