@@ -28,7 +28,7 @@
 //! back under the same `search_path` relative to the tenant, so it means there what it meant in
 //! the reference.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use tokio_postgres::types::Type;
@@ -129,6 +129,10 @@ pub struct Table {
     /// Columns with the `NOT VALID` check `tenant_audit_<column>_not_null` (`CHECK (c IS NOT
     /// NULL)`, checked structurally) that a staged add-column stopped before its `VALIDATE` left.
     pub unvalidated_not_null: Vec<String>,
+    /// Columns of a unique index other than the primary key's.
+    pub unique_columns: BTreeSet<String>,
+    /// Columns whose type is `uuid` or a domain over it (at any depth).
+    pub uuid_columns: BTreeSet<String>,
 }
 
 /// A schema-qualified catalog object name (a collation, an operator's schema and name).
@@ -377,11 +381,23 @@ JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
 WHERE con.contype = 'f' AND con.conparentid = 0 AND n.nspname = ANY($1)
 ORDER BY 1, 2, 3";
 
-/// Per ordinary or partitioned table: whether it is partitioned, whether it is unlogged, and the
-/// collation of each collatable column (three parallel arrays: column, schema and name).
+/// Per ordinary or partitioned table: whether it is partitioned, whether it is unlogged, the
+/// collation of each collatable column (three parallel arrays: column, schema and name), the
+/// columns of its unique indexes other than the primary key, and the columns whose type is
+/// `uuid` (oid 2950) or a domain over it (following `typbasetype` through domains of domains).
 const RELATIONS: &str = "/* tenant-audit:catalog */
 SELECT n.nspname::text, c.relname::text, c.relkind = 'p', c.relpersistence = 'u',
-       coalesce(coll.columns, '{}'), coalesce(coll.schemas, '{}'), coalesce(coll.names, '{}')
+       coalesce(coll.columns, '{}'), coalesce(coll.schemas, '{}'), coalesce(coll.names, '{}'),
+       ARRAY(SELECT DISTINCT a.attname::text FROM pg_catalog.pg_index u
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = u.indrelid AND a.attnum = ANY (u.indkey::pg_catalog.int2[])
+             WHERE u.indrelid = c.oid AND u.indisunique AND NOT u.indisprimary),
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND 2950 IN (
+               WITH RECURSIVE base(oid) AS (
+                 SELECT a.atttypid
+                 UNION ALL
+                 SELECT t.typbasetype FROM pg_catalog.pg_type t JOIN base ON t.oid = base.oid WHERE t.typtype = 'd')
+               SELECT base.oid FROM base))
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 CROSS JOIN LATERAL (
@@ -527,6 +543,8 @@ async fn read_chunk(
             .zip(schemas.into_iter().zip(names))
             .map(|(column, (schema, name))| (column, QualifiedName { schema, name }))
             .collect();
+        t.unique_columns = row.get::<_, Vec<String>>(7).into_iter().collect();
+        t.uuid_columns = row.get::<_, Vec<String>>(8).into_iter().collect();
     }
     Ok(Catalog { schemas: catalog.into_iter().map(|(name, s)| (name, interner.intern(s))).collect() })
 }

@@ -54,15 +54,16 @@ pub struct Probe {
 }
 
 /// Whether `table(columns)` of `schema` is a key that means the same row in every schema: every
-/// column a built-in `uuid` (globally unique by construction), or the table listed in
+/// column a built-in `uuid` or a domain over it (globally unique by construction), or the table listed in
 /// `heal.same_entity_keys`. Serial and identity keys come from each schema's own sequence, so
 /// the same number names unrelated rows.
 pub fn same_entity(keys: &[SameEntityKey], schema: &Schema, table: &str, columns: &[String]) -> bool {
     let listed = keys.iter().any(|k| k.table == table && k.columns == columns);
     let uuid = schema.tables.get(table).is_some_and(|t| {
-        columns
-            .iter()
-            .all(|c| t.column(c).is_some_and(|c| c.type_schema == TypeSchema::Catalog && c.data_type == "uuid"))
+        columns.iter().all(|c| {
+            t.uuid_columns.contains(c)
+                || t.column(c).is_some_and(|c| c.type_schema == TypeSchema::Catalog && c.data_type == "uuid")
+        })
     });
     listed || uuid
 }

@@ -12,13 +12,20 @@
 //!   entity (or is NULL);
 //! - one orphaned key that cannot be repaired (its chain is broken, a unique constraint or a
 //!   check clashes) is set aside with its reason and never blocks the others: batches page
-//!   through the orphaned keys (keyset, in key order), and a batch whose insert fails is retried
-//!   key by key under savepoints;
+//!   through the orphaned keys (keyset, in key order), and a batch whose insert fails because of
+//!   its rows is retried by bisection under savepoints (at most [`SAVEPOINTS_PER_BATCH`] per
+//!   transaction);
 //! - each batch is one transaction: pick the keys (the scan's predicate again), compute the
 //!   closure with one lookup per table and level, insert everything in one statement (foreign
 //!   keys are checked when the statement ends, so the order of rows within it does not matter,
 //!   and deferrable ones at commit), write one audit row per inserted row, and move the
 //!   sequences of the tables written past the copied keys;
+//! - rows are read as foreign keys see them: a plain table `ONLY` (an inheritance child's rows
+//!   are none of its parent's), a partitioned one with its partitions, on both sides;
+//! - a column outside the primary key that draws from the tenant's own sequence is left out of
+//!   the insert (the row takes the tenant's next value); only key columns copied verbatim move
+//!   sequences; such a column that is a unique or referenced key makes its table unusable;
+//! - a plan file's copy writes only the rows its `rows` lists;
 //! - generated columns are left out; a `GENERATED ALWAYS` identity is inserted with
 //!   `OVERRIDING SYSTEM VALUE`; a row that arrived meanwhile is left alone (`ON CONFLICT (key)
 //!   DO NOTHING`, and such a row is not audited).
@@ -29,7 +36,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
 
 use super::{audit, sequence, triggers};
-use crate::catalog::{Catalog, Column, Identity, Schema, Table, TypeSchema};
+use crate::catalog::{self, Catalog, Column, Identity, Schema, Table, TypeSchema};
 use crate::checks::orphan_rows::{self, Probe};
 use crate::config::{AuditValues, HealConfig, SameEntityKey};
 use crate::report::RelationshipSource;
@@ -68,6 +75,17 @@ pub struct CopySpec {
     /// In a plan file: the orphaned keys (as text) the copy may repair, and no other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub only: Option<Vec<Vec<String>>>,
+    /// In a plan file: every row the copy may write (the parents and all their ancestors), and no
+    /// other; a key whose closure needs another row is set aside.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Vec<CopyRow>>,
+}
+
+/// A row a copy writes: its table and primary key (as text, in key order).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct CopyRow {
+    pub table: String,
+    pub key: Vec<String>,
 }
 
 /// One table of the tenant the copy may write.
@@ -83,10 +101,23 @@ pub struct CopyTable {
     pub overriding: bool,
     /// The shared schema has this table.
     pub in_shared: bool,
+    /// The tenant's and the shared schema's table as statements name them: `ONLY` unless
+    /// partitioned (see [`catalog::relation`]). Foreign keys see a partitioned table's
+    /// partitions but never an inheritance child, so a row only a child holds is none of the
+    /// table's: it neither satisfies a reference nor is copied.
+    #[serde(default)]
+    pub relation: String,
+    #[serde(default)]
+    pub shared_relation: String,
     /// The tenant's foreign keys to tables of its own schema.
     pub edges: Vec<Edge>,
-    /// (column, sequence) of the columns drawing from a sequence of the tenant's schema.
+    /// (column, sequence) of the columns copied that draw from a sequence of the tenant's schema
+    /// (key columns): moved past the copied values.
     pub sequences: Vec<(String, String)>,
+    /// Columns outside the primary key that draw from the tenant's own sequence (serial,
+    /// identity): left out of the insert, so a copied row takes the tenant's next value.
+    #[serde(default)]
+    pub drawn: Vec<String>,
     /// Why no row of this table can be copied, when none can.
     pub unusable: Option<String>,
 }
@@ -158,7 +189,7 @@ pub fn spec(
     let pick_sql = format!(
         "SELECT {texts} FROM (\n  SELECT DISTINCT {cols} FROM {tbl} c\n  WHERE {orphan} AND {in_shared}\n    AND ($2::text IS NULL OR ({cols}) > ({cursor}))\n  ORDER BY {cols} LIMIT $1\n) c",
         texts = probe.columns.iter().map(|c| format!("c.{}::text", sql::ident(c))).collect::<Vec<_>>().join(", "),
-        tbl = sql::qualified(tenant, &probe.table),
+        tbl = catalog::relation(catalog, tenant, &probe.table),
         orphan = probe.orphan_condition(),
         in_shared = probe.in_shared(),
         cursor = cursor_params.join(", "),
@@ -172,6 +203,8 @@ pub fn spec(
         let own = catalog.table(tenant, &name)?;
         let theirs = catalog.table(shared, &name);
         let mut table = copy_table(&relationships, &name, own, theirs, tenant, shared, shared_schema, keys);
+        table.relation = catalog::relation(catalog, tenant, &name);
+        table.shared_relation = catalog::relation(catalog, shared, &name);
         let refused = triggers::refused_in_catalog(&heal.allow_triggers, &name, own, true);
         if table.unusable.is_none() && !refused.is_empty() {
             table.unusable = Some(triggers::reason(&refused, true));
@@ -194,6 +227,7 @@ pub fn spec(
         tables,
         audit_full: heal.audit_values == AuditValues::Full,
         only: None,
+        rows: None,
     })
 }
 
@@ -208,12 +242,21 @@ fn copy_table(
     shared: &Schema,
     keys: &[SameEntityKey],
 ) -> CopyTable {
-    let columns: Vec<String> = match theirs {
-        Some(t) => {
-            own.columns.iter().filter(|c| !c.generated && t.column(&c.name).is_some()).map(|c| c.name.clone()).collect()
-        }
+    let common: Vec<&Column> = match theirs {
+        Some(t) => own.columns.iter().filter(|c| !c.generated && t.column(&c.name).is_some()).collect(),
         None => Vec::new(),
     };
+    // A value the shared schema drew from its own sequence is a number of the shared schema's
+    // series: written into the tenant it jumps the tenant's sequence or repeats one of its
+    // numbers. Outside the primary key such a column takes the tenant's next value (its default,
+    // or its identity), unless the operator lists it as a same-entity key.
+    let drawn: Vec<String> = common
+        .iter()
+        .filter(|c| !own.primary_key.contains(&c.name) && draws_from_own_sequence(c, tenant))
+        .filter(|c| !orphan_rows::same_entity(keys, shared, name, std::slice::from_ref(&c.name)))
+        .map(|c| c.name.clone())
+        .collect();
+    let columns: Vec<String> = common.iter().filter(|c| !drawn.contains(&c.name)).map(|c| c.name.clone()).collect();
     let overriding = columns.iter().any(|c| own.column(c).is_some_and(|c| c.identity == Some(Identity::Always)));
     // Only the columns copied carry a value over (the others get the tenant's default).
     let edges = relationships
@@ -255,6 +298,15 @@ fn copy_table(
         None => Vec::new(),
     };
     let foreign_keys = foreign_key_columns(relationships, name, own, &columns, shared, keys);
+    // A new number for a column other rows (or a unique index) know the row by would change
+    // which row they name: heal does not renumber.
+    let renumbered: Vec<&String> = drawn
+        .iter()
+        .filter(|c| {
+            own.unique_columns.contains(*c)
+                || relationships.iter().any(|r| r.parent_table == name && r.parent_columns.contains(c))
+        })
+        .collect();
     let unusable = if own.primary_key.is_empty() {
         Some("the table has no primary key".to_string())
     } else if own_type {
@@ -268,6 +320,11 @@ fn copy_table(
             "its column(s) {} are a key the tenant's rows reference or draw from the tenant's own sequence, and not a same-entity key (not a uuid, not in heal.same_entity_keys): the shared row's value names another entity in the tenant",
             foreign_keys.join(", ")
         ))
+    } else if !renumbered.is_empty() {
+        Some(format!(
+            "its column(s) {} draw from the tenant's own sequence, so a copy takes the tenant's next value, but they are a unique key or a key the tenant's rows reference: heal does not renumber them",
+            renumbered.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ")
+        ))
     } else {
         None
     };
@@ -277,10 +334,19 @@ fn copy_table(
         columns,
         overriding,
         in_shared: theirs.is_some(),
+        relation: String::new(),
+        shared_relation: String::new(),
         edges,
         sequences,
+        drawn,
         unusable,
     }
+}
+
+/// Whether `column` takes its values from a sequence of the tenant's own schema: an identity, or
+/// a default that calls `nextval` on one (serial).
+fn draws_from_own_sequence(column: &Column, tenant: &str) -> bool {
+    column.identity.is_some() || column.sequence_in(tenant).is_some_and(|(schema, _)| schema == tenant)
 }
 
 /// Whether a value of `theirs` (a column of the shared schema `shared`) is stored unchanged in
@@ -349,10 +415,39 @@ impl CopySpec {
     /// The statements of one batch as the plan prints them: the pick, then per table the insert
     /// (with its keys as `$n` text arrays) and its sequence moves.
     pub fn render(&self) -> String {
-        let mut out = format!("-- pick up to $1 orphaned keys after the cursor $2..:\n{};\n", self.pick_sql);
+        let mut out = String::new();
+        if let Some(only) = &self.only {
+            out.push_str(&format!("-- the plan file's {} orphaned key(s), and no other:\n", only.len()));
+            for key in only {
+                out.push_str(&format!("--   ({})\n", sql::escape_controls(&key.join(", "))));
+            }
+        }
+        if let Some(rows) = &self.rows {
+            out.push_str(&format!(
+                "-- the {} row(s) the copy writes for them, and no other (a key that needs another row is set aside):\n",
+                rows.len()
+            ));
+            for row in rows {
+                let key = self.tables.get(&row.table).map(|t| t.key.join(", ")).unwrap_or_default();
+                out.push_str(&format!(
+                    "--   {}({}) = ({})\n",
+                    sql::escape_controls(&row.table),
+                    sql::escape_controls(&key),
+                    sql::escape_controls(&row.key.join(", "))
+                ));
+            }
+        }
+        out.push_str(&format!("-- pick up to $1 orphaned keys after the cursor $2..:\n{};\n", self.pick_sql));
         out.push_str("-- then per table of the rows' closure over the tenant's foreign keys (keys as $n text arrays), one statement with the audit rows ($1 run id), then its sequences:\n");
         for (name, table) in &self.tables {
             if table.in_shared && table.unusable.is_none() {
+                if !table.drawn.is_empty() {
+                    out.push_str(&format!(
+                        "-- {}: column(s) {} take the tenant's next value (they draw from its own sequence), not the shared row's\n",
+                        sql::escape_controls(name),
+                        sql::escape_controls(&table.drawn.join(", "))
+                    ));
+                }
                 out.push_str(&format!("{};\n", self.insert_cte(name, table, 1)));
                 for (column, seq) in &table.sequences {
                     let sql = sequence::advance_sql("$1", &self.tenant, name, column, seq, "copy_missing_parents");
@@ -377,7 +472,7 @@ impl CopySpec {
             sql::ident_list(&table.columns),
             if table.overriding { " OVERRIDING SYSTEM VALUE" } else { "" },
             sql::columns("s", &table.columns),
-            sql::qualified(&self.shared, name),
+            table.shared_relation,
             sql::columns("s", &table.key),
             arrays.join(", "),
             sql::ident_list(&table.key),
@@ -387,7 +482,7 @@ impl CopySpec {
     /// One lookup of `values` of `columns` in `table`: per value (by ordinality) whether the
     /// tenant has it, and the shared row's key, foreign-key values and whether the tenant has a
     /// row under that key.
-    fn lookup_sql(&self, name: &str, table: &CopyTable, columns: &[String]) -> String {
+    fn lookup_sql(&self, table: &CopyTable, columns: &[String]) -> String {
         let arrays: Vec<String> = columns
             .iter()
             .enumerate()
@@ -404,7 +499,7 @@ impl CopySpec {
         };
         let mut select = vec![
             "v.ord::text".to_string(),
-            format!("EXISTS (SELECT 1 FROM {} t WHERE {})::text", sql::qualified(&self.tenant, name), match_v("t")),
+            format!("EXISTS (SELECT 1 FROM {} t WHERE {})::text", table.relation, match_v("t")),
         ];
         let mut from = format!("unnest({}) WITH ORDINALITY AS v({}, ord)", arrays.join(", "), vcols.join(", "));
         if table.in_shared {
@@ -414,11 +509,8 @@ impl CopySpec {
             }
             let same_key =
                 table.key.iter().map(|k| format!("t.{0} = s.{0}", sql::ident(k))).collect::<Vec<_>>().join(" AND ");
-            select.push(format!(
-                "EXISTS (SELECT 1 FROM {} t WHERE {same_key})::text",
-                sql::qualified(&self.tenant, name)
-            ));
-            from.push_str(&format!(" LEFT JOIN {} s ON {}", sql::qualified(&self.shared, name), match_v("s")));
+            select.push(format!("EXISTS (SELECT 1 FROM {} t WHERE {same_key})::text", table.relation));
+            from.push_str(&format!(" LEFT JOIN {} s ON {}", table.shared_relation, match_v("s")));
         }
         format!("SELECT {} FROM {from}", select.join(", "))
     }
@@ -464,18 +556,7 @@ pub async fn batch(
     cursor: &[String],
     run_id: &str,
 ) -> Result<BatchOutcome, tokio_postgres::Error> {
-    let mut params: Vec<(Option<String>, Type)> = Vec::new();
-    for i in 0..spec.key_len {
-        params.push((cursor.get(i).cloned(), Type::TEXT));
-    }
-    let mut typed: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = vec![(&limit, Type::INT8)];
-    typed.extend(params.iter().map(|(v, t)| (v as &(dyn tokio_postgres::types::ToSql + Sync), t.clone())));
-    let picked: Vec<Vec<String>> = tx
-        .query_typed(&spec.pick_sql, &typed)
-        .await?
-        .iter()
-        .map(|r| (0..spec.key_len).map(|i| r.get::<_, Option<String>>(i).unwrap_or_default()).collect())
-        .collect();
+    let picked = pick(tx, spec, limit, cursor).await?;
     let mut out =
         BatchOutcome { picked: picked.len(), cursor: picked.last().cloned().unwrap_or_default(), ..Default::default() };
     // A plan file's copy repairs only the keys it lists (they are still orphans: the pick says so).
@@ -487,7 +568,93 @@ pub async fn batch(
     if picked.is_empty() {
         return Ok(out);
     }
+    let Closure { nodes, mut good, mut broken } = closure(tx, spec, &picked).await?;
+    // A plan file's copy writes only the rows it lists: a key that now needs another row (its
+    // chain changed since the plan) is set aside.
+    if let Some(listed) = &spec.rows {
+        let listed: BTreeSet<(&str, &[String])> = listed.iter().map(|r| (r.table.as_str(), r.key.as_slice())).collect();
+        good.retain(|(i, rows)| {
+            let unlisted = rows.iter().find_map(|id| match &nodes[*id] {
+                Node::Row { table, key, .. } if !listed.contains(&(table.as_str(), key.as_slice())) => {
+                    Some((table, key))
+                }
+                _ => None,
+            });
+            match unlisted {
+                Some((table, key)) => {
+                    broken.push((*i, unlisted_reason(table, &spec.tables[table].key, key)));
+                    false
+                }
+                None => true,
+            }
+        });
+        broken.sort_by_key(|(i, _)| *i);
+    }
 
+    // Deferrable constraints are checked at the end of each insert, inside its savepoint: a clash
+    // found at COMMIT would lose the whole batch, every run. (All rows of a closure, cycles
+    // included, are in the one statement whose end the checks wait for.)
+    tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE").await?;
+    let isolated = insert_isolating(tx, spec, &nodes, &good, run_id).await?;
+    // Keys from the first one not tried on are left to the next batch, which starts after the
+    // last key tried.
+    let end = isolated.stopped_at.map_or(picked.len(), |g| good[g].0);
+    if end < picked.len() {
+        out.cursor = picked[end - 1].clone();
+        out.handled.truncate(end);
+    }
+    out.inserted = isolated.inserted;
+    for (i, reason) in broken.into_iter().filter(|(i, _)| *i < end).chain(isolated.set_aside) {
+        out.set_aside.push((picked[i].join(", "), reason));
+    }
+
+    // The sequences of the tables written, past the copied keys, in this same transaction.
+    let written: BTreeSet<&String> = out.inserted.iter().map(|(t, _)| t).collect();
+    for name in written {
+        for (column, seq) in &spec.tables[name].sequences {
+            let sql = sequence::advance_sql("$1", &spec.tenant, name, column, seq, "copy_missing_parents");
+            if !tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?.is_empty() {
+                out.sequences.push((name.clone(), seq.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The next `limit` orphaned keys (as text) after `cursor`, in key order.
+async fn pick(
+    tx: &Transaction<'_>,
+    spec: &CopySpec,
+    limit: i64,
+    cursor: &[String],
+) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
+    let params: Vec<Option<String>> = (0..spec.key_len).map(|i| cursor.get(i).cloned()).collect();
+    let mut typed: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = vec![(&limit, Type::INT8)];
+    typed.extend(params.iter().map(|v| (v as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT)));
+    Ok(tx
+        .query_typed(&spec.pick_sql, &typed)
+        .await?
+        .iter()
+        .map(|r| (0..spec.key_len).map(|i| r.get::<_, Option<String>>(i).unwrap_or_default()).collect())
+        .collect())
+}
+
+/// The rows a batch of orphaned keys needs.
+struct Closure {
+    nodes: Vec<Node>,
+    /// (index among the keys, the nodes of its closure) of the keys that can be copied.
+    good: Vec<(usize, BTreeSet<usize>)>,
+    /// (index among the keys, why) of the keys whose chain is broken, in key order.
+    broken: Vec<(usize, String)>,
+}
+
+/// The closure of the orphaned keys `picked` over the copy's relationships, with one lookup per
+/// table and level; reads only.
+async fn closure(
+    tx: &Transaction<'_>,
+    spec: &CopySpec,
+    picked: &[Vec<String>],
+) -> Result<Closure, tokio_postgres::Error> {
     // The closure: nodes are rows to copy (or chain ends), found level by level.
     let mut nodes: Vec<Node> = Vec::new();
     let mut memo: BTreeMap<(String, Vec<String>, Vec<String>), usize> = BTreeMap::new();
@@ -532,7 +699,7 @@ pub async fn batch(
         let mut expand: Vec<usize> = Vec::new();
         for ((name, columns), values) in groups {
             let Some(table) = spec.tables.get(&name) else { continue };
-            let sql = spec.lookup_sql(&name, table, &columns);
+            let sql = spec.lookup_sql(table, &columns);
             let arrays: Vec<Vec<String>> =
                 (0..columns.len()).map(|i| values.iter().map(|v| v[i].clone()).collect()).collect();
             let typed: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
@@ -642,15 +809,15 @@ pub async fn batch(
 
     // Per orphaned key: the rows it needs, or the first broken link of its chain.
     let mut good: Vec<(usize, BTreeSet<usize>)> = Vec::new();
+    let mut broken: Vec<(usize, String)> = Vec::new();
     for (i, root) in roots.iter().enumerate() {
-        let key_text = picked[i].join(", ");
         let Some(root) = *root else {
-            out.set_aside.push((key_text, "the parent row disappeared from the shared schema".into()));
+            broken.push((i, "the parent row disappeared from the shared schema".into()));
             continue;
         };
         let mut seen = BTreeSet::new();
         let mut stack = vec![root];
-        let mut broken = None;
+        let mut reason = None;
         while let Some(id) = stack.pop() {
             if !seen.insert(id) {
                 continue;
@@ -658,73 +825,151 @@ pub async fn batch(
             match &nodes[id] {
                 Node::Row { children, .. } => stack.extend(children.iter().copied()),
                 Node::Satisfied => {}
-                Node::Broken(reason) => {
-                    broken = Some(reason.clone());
+                Node::Broken(why) => {
+                    reason = Some(why.clone());
                     break;
                 }
             }
         }
-        match broken {
-            Some(reason) => out.set_aside.push((key_text, reason)),
+        match reason {
+            Some(reason) => broken.push((i, reason)),
             None => good.push((i, seen)),
         }
     }
 
-    // Everything in one statement; on failure, key by key so one clash blocks no other key.
-    // Deferrable constraints are checked at the end of each insert, inside its savepoint: a clash
-    // found at COMMIT would lose the whole batch, every run. (All rows of a closure, cycles
-    // included, are in the one statement whose end the checks wait for.)
-    tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE").await?;
-    let all: BTreeSet<usize> = good.iter().flat_map(|(_, s)| s.iter().copied()).collect();
-    tx.batch_execute("SAVEPOINT copy_batch").await?;
-    match insert(tx, spec, &nodes, &all, run_id).await {
-        Ok(rows) => {
-            tx.batch_execute("RELEASE SAVEPOINT copy_batch").await?;
-            out.inserted = rows;
-        }
-        Err(e) if !row_error(&e) => return Err(e),
-        Err(_) => {
-            tx.batch_execute("ROLLBACK TO SAVEPOINT copy_batch").await?;
-            for (i, rows) in &good {
-                tx.batch_execute("SAVEPOINT copy_key").await?;
-                match insert(tx, spec, &nodes, rows, run_id).await {
-                    Ok(inserted) => {
-                        tx.batch_execute("RELEASE SAVEPOINT copy_key").await?;
-                        out.inserted.extend(inserted);
-                    }
-                    Err(e) if !row_error(&e) => return Err(e),
-                    Err(e) => {
-                        tx.batch_execute("ROLLBACK TO SAVEPOINT copy_key").await?;
-                        let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
-                        out.set_aside.push((picked[*i].join(", "), message));
-                    }
-                }
-            }
-        }
-    }
+    Ok(Closure { nodes, good, broken })
+}
 
-    // The sequences of the tables written, past the copied keys, in this same transaction.
-    let written: BTreeSet<&String> = out.inserted.iter().map(|(t, _)| t).collect();
-    for name in written {
-        for (column, seq) in &spec.tables[name].sequences {
-            let sql = sequence::advance_sql("$1", &spec.tenant, name, column, seq, "copy_missing_parents");
-            if !tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?.is_empty() {
-                out.sequences.push((name.clone(), seq.clone()));
+/// What a copy would do now, for a plan file: the orphaned keys it would repair or set aside and
+/// the rows it would write for them, keys in key order until `max_rows` rows are listed (a key
+/// whose rows would pass it is left for a later plan). Reads only; `batch_size` keys per lookup.
+pub async fn planned(
+    tx: &Transaction<'_>,
+    spec: &CopySpec,
+    batch_size: i64,
+    max_rows: u64,
+) -> Result<(Vec<Vec<String>>, Vec<CopyRow>), tokio_postgres::Error> {
+    let (mut keys, mut rows) = (Vec::new(), BTreeSet::new());
+    let mut cursor: Vec<String> = Vec::new();
+    loop {
+        let picked = pick(tx, spec, batch_size, &cursor).await?;
+        let Some(last) = picked.last().cloned() else { break };
+        let Closure { nodes, good, .. } = closure(tx, spec, &picked).await?;
+        for (i, key) in picked.iter().enumerate() {
+            let needed: BTreeSet<CopyRow> = good
+                .iter()
+                .filter(|(g, _)| *g == i)
+                .flat_map(|(_, ids)| ids.iter())
+                .filter_map(|id| match &nodes[*id] {
+                    Node::Row { table, key, .. } => Some(CopyRow { table: table.clone(), key: key.clone() }),
+                    _ => None,
+                })
+                .filter(|r| !rows.contains(r))
+                .collect();
+            if (rows.len() + needed.len()) as u64 > max_rows {
+                return Ok((keys, rows.into_iter().collect()));
+            }
+            keys.push(key.clone());
+            rows.extend(needed);
+        }
+        cursor = last;
+    }
+    Ok((keys, rows.into_iter().collect()))
+}
+
+/// Why a key of a plan file is set aside when its closure needs the row `table(key) = values`
+/// that the file does not list.
+fn unlisted_reason(table: &str, key: &[String], values: &[String]) -> String {
+    format!(
+        "the copy now needs {table}({}) = ({}), a row the plan file does not list (the data changed since the plan): make a new plan with --plan-out",
+        key.join(", "),
+        values.join(", ")
+    )
+}
+
+/// At most this many savepoints per batch transaction. Each savepoint whose insert succeeded
+/// keeps its subtransaction id until the transaction ends; beyond 64 of them (PostgreSQL's
+/// per-backend subtransaction cache) every snapshot on the primary and on its replicas has to
+/// look subtransactions up in `pg_subtrans`, which slows the whole server down.
+pub const SAVEPOINTS_PER_BATCH: usize = 32;
+
+/// What [`insert_isolating`] did.
+struct Isolated {
+    /// (table, key) of every row inserted.
+    inserted: Vec<(String, String)>,
+    /// (index of the orphaned key among the picked, the error) of the keys whose rows failed.
+    set_aside: Vec<(usize, String)>,
+    /// The first entry of `good` not tried, when the savepoints ran out.
+    stopped_at: Option<usize>,
+}
+
+/// Inserts the rows of every key of `good` ((picked index, rows)), all in one statement first;
+/// when that fails because of its rows, by bisection: each half under its own savepoint, down to
+/// the single keys that fail, which are set aside with their error. A failure that is not about
+/// the rows ends the batch. At most [`SAVEPOINTS_PER_BATCH`] savepoints are used (one key is
+/// always finished, so every batch makes progress); the keys left are reported by `stopped_at`.
+async fn insert_isolating(
+    tx: &Transaction<'_>,
+    spec: &CopySpec,
+    nodes: &[Node],
+    good: &[(usize, BTreeSet<usize>)],
+    run_id: &str,
+) -> Result<Isolated, tokio_postgres::Error> {
+    let mut out = Isolated { inserted: Vec::new(), set_aside: Vec::new(), stopped_at: None };
+    // Ranges of `good`, the leftmost on top: keys are finished in key order.
+    let mut ranges = vec![(0, good.len())];
+    let (mut savepoints, mut finished) = (0, false);
+    while let Some((lo, hi)) = ranges.pop() {
+        if lo == hi {
+            continue;
+        }
+        if savepoints >= SAVEPOINTS_PER_BATCH && finished {
+            out.stopped_at = Some(lo);
+            break;
+        }
+        savepoints += 1;
+        let rows: BTreeSet<usize> = good[lo..hi].iter().flat_map(|(_, s)| s.iter().copied()).collect();
+        tx.batch_execute("SAVEPOINT copy_rows").await?;
+        match insert(tx, spec, nodes, &rows, run_id).await {
+            Ok(inserted) => {
+                tx.batch_execute("RELEASE SAVEPOINT copy_rows").await?;
+                out.inserted.extend(inserted);
+                finished = true;
+            }
+            Err(e) if session_error(&e) => return Err(e),
+            Err(e) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT copy_rows").await?;
+                if hi - lo == 1 {
+                    let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+                    out.set_aside.push((good[lo].0, message));
+                    finished = true;
+                } else {
+                    let mid = lo + (hi - lo) / 2;
+                    ranges.push((mid, hi));
+                    ranges.push((lo, mid));
+                }
             }
         }
     }
     Ok(out)
 }
 
-/// Whether a failed insert failed because of its rows (a unique, check or foreign-key clash:
-/// the key is set aside, the others go on) rather than of the server's state: a lock or
-/// statement timeout, a deadlock, a cancel or a lost connection ends the batch, so that one
-/// transaction never waits `heal.lock_timeout` once per key.
-fn row_error(e: &tokio_postgres::Error) -> bool {
-    e.code().is_some_and(|code| {
-        let code = code.code();
-        code.starts_with("23") || code.starts_with("22") || code == "P0001"
-    })
+/// Whether a failed insert failed because of the server's or the session's state rather than
+/// of its rows: no SQLSTATE (a lost connection), a connection, transaction-state (read-only
+/// transaction), rollback (deadlock, serialization, a standby's conflict), resource, lock
+/// (`lock_timeout`), operator (`statement_timeout`, a cancel, a shutdown), system or internal
+/// error, or a missing privilege. Such a failure ends the batch, so that one transaction never
+/// waits `heal.lock_timeout` once per key. Any other error (a unique, check or foreign-key clash,
+/// a data error, whatever a trigger raises) is about the rows: their key is set aside.
+fn session_error(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true,
+        Some(code) => {
+            let code = code.code();
+            ["08", "25", "40", "53", "55", "57", "58", "XX"].iter().any(|class| code.starts_with(class))
+                || code == "42501"
+        }
+    }
 }
 
 /// Inserts the rows `ids` of `nodes` (grouped by table) in one statement with their audit rows;
@@ -755,7 +1000,7 @@ async fn insert(
             arrays.push(keys.iter().map(|key| key[k].clone()).collect());
         }
         ctes.push(format!("ins_{i} AS (\n  {}\n)", spec.insert_cte(name, table, first)));
-        let new = if spec.audit_full { "to_jsonb(i)" } else { "NULL::jsonb" };
+        let new = if spec.audit_full { "to_jsonb(i.*)" } else { "NULL::jsonb" };
         let key = audit::key_json("i", &table.key);
         log_rows.push(format!(
             "{} FROM ins_{i} i",

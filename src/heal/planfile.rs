@@ -14,13 +14,13 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
 
 use super::plan::{Action, Plan, Step, TenantPlan};
-use super::{backfill, search_path, Repair};
+use super::{backfill, copy, search_path, Repair};
 use crate::config::HealConfig;
 use crate::db::{self, DbError, Pool};
 use crate::sql;
 
 /// The format version of plan files.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// A plan file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,7 +34,9 @@ pub struct PlanFile {
     pub plan: Plan,
 }
 
-/// Fills every copy's and backfill's `only` with the keys and rows it would touch now. An action
+/// Fills every copy's and backfill's `only` with the keys and rows it would touch now (and a
+/// copy's `rows` with every row it would write, ancestors included, at most
+/// `heal.max_rows_per_run`). An action
 /// that backfills a table without a primary key is left out; returns one line per action left
 /// out, saying why.
 pub async fn resolve(heal: &HealConfig, pool: &Pool, plan: &mut Plan) -> Result<Vec<String>, DbError> {
@@ -63,20 +65,10 @@ pub async fn resolve(heal: &HealConfig, pool: &Pool, plan: &mut Plan) -> Result<
                 tx.batch_execute(&path).await?;
                 match step {
                     Step::Copy(spec) => {
-                        let nulls: Vec<Option<String>> = vec![None; spec.key_len];
-                        let mut params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
-                            vec![(&i64::MAX, Type::INT8)];
-                        params.extend(
-                            nulls.iter().map(|n| (n as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT)),
-                        );
-                        let rows = tx.query_typed(&spec.pick_sql, &params).await?;
-                        let keys = rows
-                            .iter()
-                            .map(|r| {
-                                (0..spec.key_len).map(|i| r.get::<_, Option<String>>(i).unwrap_or_default()).collect()
-                            })
-                            .collect();
+                        let batch = i64::try_from(heal.batch_size).unwrap_or(i64::MAX);
+                        let (keys, rows) = copy::planned(&tx, spec, batch, heal.max_rows_per_run).await?;
                         spec.only = Some(keys);
+                        spec.rows = Some(rows);
                     }
                     Step::Backfill(spec) => {
                         let relations =
@@ -180,7 +172,10 @@ fn identity(action: &Action) -> (Repair, &str, Vec<String>) {
 fn normalized(step: &Step) -> Step {
     let mut step = step.clone();
     match &mut step {
-        Step::Copy(c) => c.only = None,
+        Step::Copy(c) => {
+            c.only = None;
+            c.rows = None;
+        }
         Step::Backfill(b) => b.only = None,
         Step::Once(o) => o.expect_default = None,
         Step::Batched(_) | Step::Undo(_) => {}
@@ -211,7 +206,21 @@ fn restricted(derived: &Action, file: &Action, table: &str) -> Result<Action, Pl
                         c.key_len
                     )));
                 }
+                if let Some(bad) = g
+                    .rows
+                    .iter()
+                    .flatten()
+                    .find(|r| !c.tables.get(&r.table).is_some_and(|t| t.key.len() == r.key.len()))
+                {
+                    return Err(invalid(format!(
+                        "a row in rows is not a key of a table the copy writes: {} {:?}",
+                        sql::escape_controls(&bad.table),
+                        bad.key
+                    )));
+                }
                 c.only = g.only.clone();
+                // A file without rows lists none: its copy writes nothing.
+                c.rows = Some(g.rows.clone().unwrap_or_default());
             }
             (Step::Backfill(b), Step::Backfill(g)) => {
                 if b.key.is_empty() && g.only.is_some() {

@@ -522,11 +522,11 @@ fn undo_statement(target: &Target, group: &Group, change: &str, left: &str) -> S
 fn delete_copied(target: &Target, group: &Group, references: &[Reference]) -> String {
     let unreferenced: String = references.iter().map(|r| format!("\n    AND NOT EXISTS ({})", r.exists())).collect();
     let change = format!(
-        "DELETE FROM {} c USING x\n  WHERE {} AND to_jsonb(c) = x.new_value{unreferenced}",
+        "DELETE FROM {} c USING x\n  WHERE {} AND to_jsonb(c.*) = x.new_value{unreferenced}",
         target.name(),
         target.key_match()
     );
-    let left = "CASE WHEN c.ctid IS NULL THEN 'no longer exists' WHEN to_jsonb(c) <> x.new_value THEN 'changed since the run' ELSE 'still referenced' END";
+    let left = "CASE WHEN c.ctid IS NULL THEN 'no longer exists' WHEN to_jsonb(c.*) <> x.new_value THEN 'changed since the run' ELSE 'still referenced' END";
     undo_statement(target, group, &change, left)
 }
 

@@ -38,10 +38,17 @@ async fn apply_changes_exactly_what_the_plan_lists_and_reports_what_changed_in_b
     assert_eq!(stdout, format!("wrote the plan for 2 tenant(s) to {}\n", file.display()));
     assert_eq!(checksum(&url).await, before, "--plan-out writes nothing to the database");
     let plan: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    assert_eq!(plan["version"], 2);
+    assert_eq!(plan["version"], 3);
     let tenants = plan["plan"]["tenants"].as_array().unwrap();
     assert_eq!(tenants[0]["schema"], "tenant_c3");
     assert_eq!(tenants[0]["actions"][0]["steps"][0]["Copy"]["only"], serde_json::json!([[b("02")], [b("03")]]));
+    assert_eq!(
+        tenants[0]["actions"][0]["steps"][0]["Copy"]["rows"],
+        serde_json::json!([
+            { "table": "business_business", "key": [b("02")] },
+            { "table": "business_business", "key": [b("03")] }
+        ])
+    );
     assert_eq!(tenants[1]["schema"], "tenant_d4");
     let d4: Vec<&serde_json::Value> = tenants[1]["actions"].as_array().unwrap().iter().collect();
     assert_eq!(d4[0]["steps"][0]["Copy"]["only"], serde_json::json!([[b("04")]]));

@@ -177,7 +177,7 @@ async fn a_hand_edited_plan_file_is_refused_and_its_sql_never_runs() {
     let (code, _, stderr) = heal(&url, "plan_review_edited", DEFAULTS, &["--plan-out", file.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{stderr}");
     let good: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    assert_eq!(good["version"], 2);
+    assert_eq!(good["version"], 3);
     let once = "/plan/tenants/0/actions/0/steps/0/Once";
     assert_eq!(
         good.pointer(&format!("{once}/sql")).unwrap(),
@@ -206,7 +206,7 @@ async fn a_hand_edited_plan_file_is_refused_and_its_sql_never_runs() {
     assert_eq!(code, Some(2));
     assert_eq!(
         last,
-        format!("tenant-audit: error: plan file {} has version 1; this heal reads version 2", path.display())
+        format!("tenant-audit: error: plan file {} has version 1; this heal reads version 3", path.display())
     );
     let (code, _, last, path) = apply("corrupt", "{\"version\": 2, \"plan\": [".to_string());
     assert_eq!(code, Some(2));
