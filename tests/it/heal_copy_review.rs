@@ -310,3 +310,42 @@ async fn a_plan_file_lists_the_rows_a_copy_writes_and_apply_writes_no_other() {
     assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.shop").await, ["0"]);
     assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_audit.heal_log").await, ["0"]);
 }
+
+/// A key of a domain over `uuid` is a same-entity key like `uuid` itself: copied. And a `BEFORE
+/// INSERT` row trigger on a partition of a partitioned tenant table (which the scan's catalog
+/// does not show) fires on the rows routed there: the copy into it is set aside at run time.
+#[tokio::test]
+async fn a_uuid_domain_key_is_copied_and_a_partitions_before_trigger_is_refused() {
+    let sql = "SELECT pg_temp.create_tenant('tenant_a');
+        CREATE DOMAIN public.uid AS uuid;
+        CREATE DOMAIN public.item_uid AS public.uid;
+        CREATE TABLE public.item (id public.item_uid PRIMARY KEY, name text);
+        CREATE TABLE tenant_a.item (id public.item_uid PRIMARY KEY, name text);
+        CREATE TABLE public.event (id uuid PRIMARY KEY, name text);
+        CREATE TABLE tenant_a.event (id uuid PRIMARY KEY, name text) PARTITION BY HASH (id);
+        CREATE TABLE tenant_a.event_p0 PARTITION OF tenant_a.event FOR VALUES WITH (MODULUS 1, REMAINDER 0);
+        CREATE FUNCTION tenant_a.rename() RETURNS trigger LANGUAGE plpgsql AS $$
+          BEGIN NEW.name = 'renamed'; RETURN NEW; END $$;
+        CREATE TRIGGER rename BEFORE INSERT ON tenant_a.event_p0 FOR EACH ROW EXECUTE FUNCTION tenant_a.rename();
+        CREATE TABLE tenant_a.line (id serial PRIMARY KEY, item_id public.item_uid REFERENCES tenant_a.item (id),
+          event_id uuid REFERENCES tenant_a.event (id));
+        INSERT INTO public.item VALUES ('00000000-0000-0000-0000-000000000001', 'item 1');
+        INSERT INTO public.event VALUES ('00000000-0000-0000-0000-000000000002', 'event 2');
+        SET session_replication_role = replica;
+        INSERT INTO tenant_a.line (item_id, event_id) VALUES ('00000000-0000-0000-0000-000000000001', NULL),
+          (NULL, '00000000-0000-0000-0000-000000000002');
+        RESET session_replication_role;";
+    let url = fixture_db("copy_review_domain_partition", sql).await;
+    let (code, stdout, stderr) = heal(&url, "copy_review_domain_partition", COPY, &["--execute"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stdout,
+        [
+            "copy_missing_parents: 1 change(s)".to_string(),
+            format!("set aside tenant_a.line key ({}): event(id) = ({}) cannot be copied: BEFORE INSERT trigger(s) event_p0.rename can change or suppress the rows heal writes (heal's audit and undo would not match them); allow each with heal.allow_triggers = [{{ table = ..., trigger = ... }}]", id(2), id(2)),
+            "heal run: 1 change(s), 0 tenant(s) skipped, 0 error(s)".to_string(),
+        ]
+    );
+    assert_eq!(rows(&url, "SELECT name FROM tenant_a.item").await, ["item 1"]);
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.event").await, ["0"]);
+}
