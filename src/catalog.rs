@@ -126,6 +126,9 @@ pub struct Table {
     pub collations: BTreeMap<String, QualifiedName>,
     /// The table's enabled user triggers that fire on `INSERT` or `UPDATE` (heal's writes).
     pub triggers: Vec<Trigger>,
+    /// Columns with the `NOT VALID` check `tenant_audit_<column>_not_null` (`CHECK (c IS NOT
+    /// NULL)`, checked structurally) that a staged add-column stopped before its `VALIDATE` left.
+    pub unvalidated_not_null: Vec<String>,
     /// Columns of a unique index other than the primary key's.
     pub unique_columns: BTreeSet<String>,
     /// Columns whose type is `uuid` or a domain over it (at any depth).
@@ -294,6 +297,15 @@ const SEQUENCE: &str = "CASE WHEN a.attidentity <> '' THEN (
            AND dep.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
          ORDER BY 1 LIMIT 1) END";
 
+/// Whether the column has heal's `NOT VALID` check `tenant_audit_<column>_not_null`: a check
+/// constraint of that name on exactly this column whose expression is `column IS NOT NULL` (a
+/// `NULLTEST` of type `IS_NOT_NULL` on the column), never validated.
+const UNVALIDATED_NOT_NULL: &str = "EXISTS (
+         SELECT 1 FROM pg_catalog.pg_constraint k
+         WHERE k.conrelid = c.oid AND k.contype = 'c' AND NOT k.convalidated
+           AND k.conname = 'tenant_audit_' || a.attname || '_not_null' AND k.conkey = ARRAY[a.attnum]
+           AND k.conbin::text ~ '^\\{NULLTEST :arg \\{VAR :varno 1 :varattno [0-9]+ [^{}]*\\} :nulltesttype 1 ')";
+
 /// The enabled user triggers of the table that fire on `INSERT` (`tgtype` bit 4) or `UPDATE`
 /// (bit 16), in name order: the `FROM` of four arrays (name, on insert, on update, and
 /// `BEFORE ... FOR EACH ROW`: bits 1 and 2).
@@ -319,7 +331,8 @@ SELECT n.nspname::text, c.relname::text, a.attname::text,
        a.attidentity::text, a.attgenerated <> '',
        {volatile},
        {sequence},
-       {triggers}
+       {triggers},
+       {unvalidated}
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -334,6 +347,7 @@ ORDER BY 1, 2, a.attnum",
         default = relative("pg_catalog.pg_get_expr(d.adbin, 0)"),
         volatile = DEFAULT_VOLATILE,
         sequence = SEQUENCE,
+        unvalidated = UNVALIDATED_NOT_NULL,
         triggers = ["t.tgname::text", "t.tgtype & 4 <> 0", "t.tgtype & 16 <> 0", "t.tgtype & 3 = 3"]
             .map(|field| format!("ARRAY(SELECT {field} {TRIGGERS})"))
             .join(",\n       "),
@@ -462,6 +476,9 @@ async fn read_chunk(
             .zip(inserts.into_iter().zip(updates).zip(befores))
             .map(|(name, ((on_insert, on_update), before_row))| Trigger { name, on_insert, on_update, before_row })
             .collect();
+        if row.get::<_, bool>(17) {
+            table.unvalidated_not_null.push(name.clone());
+        }
         let type_schema = match row.get::<_, Option<String>>(8) {
             None => TypeSchema::Catalog,
             Some(s) if s.is_empty() => TypeSchema::Own,

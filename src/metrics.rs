@@ -399,13 +399,22 @@ impl Metrics {
         self.changed();
     }
 
+    /// Records whether the database answered. Called after every ping: the metrics count as
+    /// changed only when the value did, so that `/metrics` is not encoded again for nothing.
     pub fn set_database_up(&self, up: bool) {
-        self.database_up.set(i64::from(up));
-        self.changed();
+        if self.database_up.get() != i64::from(up) {
+            self.database_up.set(i64::from(up));
+            self.changed();
+        }
     }
 
-    /// Records the scan connection's replica lag: `None` on a primary (the series go away).
+    /// Records the scan connection's replica lag: `None` on a primary (the series go away;
+    /// on a primary that had none, nothing changes).
     pub fn set_replica_lag(&self, lag: Option<&crate::replica::Lag>) {
+        let had_series = !prometheus::core::Collector::collect(&self.replica_lag_seconds).iter().all(|family| family.get_metric().is_empty());
+        if lag.is_none() && !had_series {
+            return;
+        }
         self.replica_lag_seconds.reset();
         self.replica_lag_bytes.reset();
         if let Some(lag) = lag {
@@ -499,5 +508,30 @@ impl Metrics {
         for ((check, table), schemas) in tenants {
             self.affected_tenants.with_label_values(&[check.name(), table]).set(schemas.len() as i64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pings_and_a_primary_s_lag_change_the_metrics_only_when_a_value_changes() {
+        let m = Metrics::new("db");
+        let start = m.generation();
+        m.set_database_up(false);
+        m.set_replica_lag(None);
+        assert_eq!(m.generation(), start, "database_up starts at 0 and a primary has no lag series");
+        m.set_database_up(true);
+        let up = m.generation();
+        assert_ne!(up, start);
+        m.set_database_up(true);
+        assert_eq!(m.generation(), up);
+        m.set_replica_lag(Some(&crate::replica::Lag { seconds: 2.0, bytes: None }));
+        let lagging = m.generation();
+        assert_ne!(lagging, up);
+        m.set_replica_lag(None);
+        assert_ne!(m.generation(), lagging, "the lag series go away");
+        assert!(!m.encode().contains("replica_lag"));
     }
 }

@@ -229,17 +229,20 @@ pub fn not_null(tenant: &str, table: &str, own: &Table, column: &Column, chain: 
     if let Step::Once(once) = &mut validate {
         once.long = true;
     }
-    vec![
-        backfill_step(tenant, table, own, column, &fallback),
-        // A check left by an interrupted run is replaced.
-        Step::once(
+    let mut steps = vec![backfill_step(tenant, table, own, column, &fallback)];
+    // The check an interrupted run left (see [`has_unvalidated_check`]) is validated as it is:
+    // it already holds new rows to NOT NULL. Any other of that name is replaced.
+    if !has_unvalidated_check(own, &column.name) {
+        steps.push(Step::once(
             table,
             &column.name,
             "add_check",
             format!(
                 "ALTER TABLE {tbl} DROP CONSTRAINT IF EXISTS {check}, ADD CONSTRAINT {check} CHECK ({col} IS NOT NULL) NOT VALID"
             ),
-        ),
+        ));
+    }
+    steps.extend([
         validate,
         // One transaction: the check is gone exactly when the NOT NULL is there.
         Step::once(
@@ -248,5 +251,12 @@ pub fn not_null(tenant: &str, table: &str, own: &Table, column: &Column, chain: 
             "set_not_null",
             format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET NOT NULL; ALTER TABLE {tbl} DROP CONSTRAINT {check}"),
         ),
-    ]
+    ]);
+    steps
+}
+
+/// Whether `column` of `own` has the `NOT VALID` check `tenant_audit_<column>_not_null` that an
+/// add-column stopped before its `VALIDATE` left (as the catalog read it).
+pub fn has_unvalidated_check(own: &Table, column: &str) -> bool {
+    own.unvalidated_not_null.iter().any(|c| c == column)
 }

@@ -427,7 +427,12 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                     if steps.is_empty() {
                         return None;
                     }
-                    (format!("make {name} NOT NULL as the reference has it"), steps)
+                    let summary = if columns::has_unvalidated_check(own, name) {
+                        format!("make {name} NOT NULL as the reference has it: VALIDATE the existing NOT VALID check tenant_audit_{name}_not_null an interrupted run left, then SET NOT NULL")
+                    } else {
+                        format!("make {name} NOT NULL as the reference has it")
+                    };
+                    (summary, steps)
                 }
                 _ => return None,
             }

@@ -334,3 +334,56 @@ async fn a_row_that_fails_its_update_is_set_aside_and_the_others_are_written() {
         ["7"]
     );
 }
+
+/// A staged add of a NOT NULL column stopped after its `NOT VALID` check: the next plan says it
+/// validates that check (no `ADD CONSTRAINT` again), and the run issues exactly the `VALIDATE`
+/// and the `SET NOT NULL` with the check dropped.
+#[tokio::test]
+async fn a_not_valid_check_left_by_an_interrupted_add_is_validated_as_it_is() {
+    let sql = format!(
+        "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_template', 'tenant_a']) t;
+        CREATE TABLE tenant_template.item (id int PRIMARY KEY, u uuid NOT NULL DEFAULT gen_random_uuid());
+        CREATE TABLE tenant_a.item (id int PRIMARY KEY);
+        INSERT INTO tenant_a.item SELECT generate_series(1, 10);
+        {DDL_LOG}"
+    );
+    let url = fixture_db("heal_columns_not_valid", &sql).await;
+    let (cfg, mut plan) = planned(&url).await;
+    let [tenant] = plan.tenants.as_mut_slice() else { panic!("one tenant: {plan:?}") };
+    let [action] = tenant.actions.as_mut_slice() else { panic!("one action: {tenant:?}") };
+    assert_eq!(action.steps.len(), 5, "{action:?}");
+    action.steps.truncate(3);
+    assert_eq!(execute(&cfg, &plan).await.errors, []);
+    assert_eq!(
+        rows(
+            &url,
+            "SELECT format('%s %s', conname, convalidated) FROM pg_constraint WHERE conname LIKE 'tenant_audit%'"
+        )
+        .await,
+        ["tenant_audit_u_not_null f"]
+    );
+    let path = config_file("heal_columns_not_valid_plan", &format!("database_url = {url:?}\n{HEAL}"));
+    let dry = String::from_utf8_lossy(&cli(&["heal", "--config", path.to_str().unwrap()], &[]).stdout).into_owned();
+    assert!(
+        dry.contains("-- add_missing_columns on tenant_a.item: make u NOT NULL as the reference has it: VALIDATE the existing NOT VALID check tenant_audit_u_not_null an interrupted run left, then SET NOT NULL\n"),
+        "{dry}"
+    );
+    assert_eq!(
+        dry.lines().filter(|l| l.starts_with("ALTER TABLE")).collect::<Vec<_>>(),
+        [
+            "ALTER TABLE \"tenant_a\".\"item\" VALIDATE CONSTRAINT \"tenant_audit_u_not_null\";",
+            "ALTER TABLE \"tenant_a\".\"item\" ALTER COLUMN \"u\" SET NOT NULL; ALTER TABLE \"tenant_a\".\"item\" DROP CONSTRAINT \"tenant_audit_u_not_null\";",
+        ]
+    );
+    let ddl = pg::connect(&url).await;
+    ddl.batch_execute("DELETE FROM public.ddl_log").await.unwrap();
+    let out = heal(&url, "heal_columns_not_valid", "");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        rows(&url, "SELECT format('%s %s', tag, count(*)) FROM public.ddl_log GROUP BY tag ORDER BY tag").await,
+        ["ALTER TABLE 3"]
+    );
+    assert_eq!(definition(&url, "tenant_a", "item").await, definition(&url, "tenant_template", "item").await);
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM pg_constraint WHERE conname LIKE 'tenant_audit%'").await, ["0"]);
+    assert_eq!(rows(&url, "SELECT count(DISTINCT u)::text FROM tenant_a.item").await, ["10"]);
+}
