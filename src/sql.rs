@@ -33,6 +33,13 @@ pub fn key_match(left: &str, left_columns: &[String], right: &str, right_columns
         .join(" AND ")
 }
 
+/// `ROWS FROM (pg_catalog.unnest(a), pg_catalog.unnest(b))`: arrays side by side, as the
+/// multi-argument `unnest(a, b)` (which PostgreSQL expands only when unqualified) does.
+pub fn unnest(arrays: &[String]) -> String {
+    let each: Vec<String> = arrays.iter().map(|a| format!("pg_catalog.unnest({a})")).collect();
+    format!("ROWS FROM ({})", each.join(", "))
+}
+
 /// `"a", "b"`: a bare column list, as in `INSERT INTO t ("a", "b")`.
 pub fn ident_list(names: &[String]) -> String {
     names.iter().map(|n| ident(n)).collect::<Vec<_>>().join(", ")

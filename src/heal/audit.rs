@@ -16,7 +16,7 @@ pub fn create_sql() -> String {
         "CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {table} (
     id bigserial PRIMARY KEY,
-    healed_at timestamptz NOT NULL DEFAULT now(),
+    healed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     run_id text NOT NULL,
     schema_name text NOT NULL,
     table_name text NOT NULL,
@@ -71,7 +71,7 @@ pub fn log_and_return(rows: &str) -> String {
 /// The statement that records a one-off change (DDL): `$1` run id, `$2` the statement run.
 pub fn record_once(schema: &str, table: &str, repair: &str, key: &str) -> String {
     format!(
-        "INSERT INTO {} (run_id, schema_name, table_name, repair, row_key, old_value, new_value)\nVALUES ($1, {}, {}, {}, {key}, NULL, jsonb_build_object('sql', $2::text))",
+        "INSERT INTO {} (run_id, schema_name, table_name, repair, row_key, old_value, new_value)\nVALUES ($1, {}, {}, {}, {key}, NULL, pg_catalog.jsonb_build_object('sql', $2::text))",
         self::table(),
         sql::literal(schema),
         sql::literal(table),
@@ -83,5 +83,5 @@ pub fn record_once(schema: &str, table: &str, repair: &str, key: &str) -> String
 pub fn key_json(alias: &str, columns: &[String]) -> String {
     let pairs: Vec<String> =
         columns.iter().map(|c| format!("{}, {alias}.{}", sql::literal(c), sql::ident(c))).collect();
-    format!("jsonb_build_object({})", pairs.join(", "))
+    format!("pg_catalog.jsonb_build_object({})", pairs.join(", "))
 }

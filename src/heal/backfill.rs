@@ -35,7 +35,7 @@ pub fn fallback(chain: &[String], table: Option<&Table>, data_type: &str, extra:
     let mut parts: Vec<String> = chain
         .iter()
         .filter_map(|entry| match entry.as_str() {
-            "now()" => Some(format!("now()::{data_type}")),
+            "now()" => Some(format!("pg_catalog.now()::{data_type}")),
             name if table.is_some_and(|t| t.column(name).is_some()) => {
                 Some(format!("c.{}::{data_type}", sql::ident(name)))
             }
@@ -122,10 +122,10 @@ impl BackfillSpec {
     /// aliased `alias`: its primary key, or (relation, `ctid`) without one.
     fn key_expr(&self, relation: &str, tree: bool, alias: &str) -> String {
         if self.key.is_empty() {
-            format!("jsonb_build_object('relation', {}::text, 'ctid', {alias}.ctid::text)", sql::literal(relation))
+            format!("pg_catalog.jsonb_build_object('relation', {}::text, 'ctid', {alias}.ctid::text)", sql::literal(relation))
         } else if tree {
             format!(
-                "(jsonb_build_object('relation', {}::text) || {})",
+                "(pg_catalog.jsonb_build_object('relation', {}::text) || {})",
                 sql::literal(relation),
                 audit::key_json(alias, &self.key)
             )
@@ -186,13 +186,13 @@ impl BackfillSpec {
         let (returning_key, key_json) = if self.key.is_empty() {
             (
                 format!("{}::text AS relation, c.ctid::text AS row_id", sql::literal(relation)),
-                "jsonb_build_object('relation', u.relation, 'ctid', u.row_id)".to_string(),
+                "pg_catalog.jsonb_build_object('relation', u.relation, 'ctid', u.row_id)".to_string(),
             )
         } else {
             (sql::columns("c", &self.key), self.key_expr(relation, tree, "u"))
         };
-        let old = format!("jsonb_build_object({}, NULL)", sql::literal(&self.column));
-        let new = format!("jsonb_build_object({}, u.{col})", sql::literal(&self.column));
+        let old = format!("pg_catalog.jsonb_build_object({}, NULL)", sql::literal(&self.column));
+        let new = format!("pg_catalog.jsonb_build_object({}, u.{col})", sql::literal(&self.column));
         let log = format!(
             "{} FROM changed u WHERE u.{col} IS NOT NULL",
             audit::row("$3", &self.tenant, &self.table, self.repair.name(), &key_json, &old, &new)
@@ -203,7 +203,7 @@ impl BackfillSpec {
              log AS (\n  INSERT INTO {} (run_id, schema_name, table_name, repair, row_key, old_value, new_value)\n  {log}\n  RETURNING table_name, row_key::text\n)\n\
              SELECT table_name, row_key, NULL::text FROM log\n\
              UNION ALL SELECT NULL, {key_json}::text, NULL FROM changed u WHERE u.{col} IS NULL\n\
-             UNION ALL SELECT NULL, NULL, (SELECT b.row_id FROM batch b ORDER BY b.row_id DESC LIMIT 1)::text\n  WHERE (SELECT count(*) FROM batch) = $4",
+             UNION ALL SELECT NULL, NULL, (SELECT b.row_id FROM batch b ORDER BY b.row_id DESC LIMIT 1)::text\n  WHERE (SELECT pg_catalog.count(*) FROM batch) = $4",
             audit::table(),
             picks = self.picks(relation, tree),
         )

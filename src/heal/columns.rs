@@ -179,7 +179,7 @@ pub fn pending_record(tenant: &str, table: &str, column: &str) -> String {
         table,
         column,
         "backfill_pending",
-        "jsonb_build_object('xid', (pg_catalog.pg_current_xact_id()::text::bigint % 4294967296)::text)",
+        "pg_catalog.jsonb_build_object('xid', (pg_catalog.pg_current_xact_id()::text::bigint % 4294967296)::text)",
     )
 }
 
@@ -191,7 +191,7 @@ pub fn done_record(tenant: &str, table: &str, column: &str) -> String {
 
 fn progress_record(tenant: &str, table: &str, column: &str, step: &str, value: &str) -> String {
     format!(
-        "INSERT INTO {} (run_id, schema_name, table_name, repair, row_key, old_value, new_value)\nVALUES ($1, {}, {}, {}, jsonb_build_object('column', {}, 'step', {}), NULL, {value})",
+        "INSERT INTO {} (run_id, schema_name, table_name, repair, row_key, old_value, new_value)\nVALUES ($1, {}, {}, {}, pg_catalog.jsonb_build_object('column', {}, 'step', {}), NULL, {value})",
         audit::table(),
         sql::literal(tenant),
         sql::literal(table),

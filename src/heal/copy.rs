@@ -187,7 +187,7 @@ pub fn spec(
     let cols = sql::columns("c", &probe.columns);
     let cursor_params: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("${}::text::{t}", i + 2)).collect();
     let pick_sql = format!(
-        "SELECT {texts} FROM (\n  SELECT DISTINCT {cols} FROM {tbl} c\n  WHERE {orphan} AND {in_shared}\n    AND ($2::text IS NULL OR ({cols}) > ({cursor}))\n  ORDER BY {cols} LIMIT $1\n) c",
+        "SELECT {texts} FROM (\n  SELECT DISTINCT {cols} FROM {tbl} c\n  WHERE {orphan} AND {in_shared}\n    AND ($2::text IS NULL OR ({cols}) OPERATOR(pg_catalog.>) ({cursor}))\n  ORDER BY {cols} LIMIT $1\n) c",
         texts = probe.columns.iter().map(|c| format!("c.{}::text", sql::ident(c))).collect::<Vec<_>>().join(", "),
         tbl = catalog::relation(catalog, tenant, &probe.table),
         orphan = probe.orphan_condition(),
@@ -458,7 +458,7 @@ impl CopySpec {
         out
     }
 
-    /// `INSERT ... SELECT ... WHERE key IN (unnest($first::text[]::T[], ...)) ... RETURNING *`.
+    /// `INSERT ... SELECT ... WHERE key = ANY (ROWS FROM (unnest($first::text[]::T[]), ...)) ... RETURNING *`.
     fn insert_cte(&self, name: &str, table: &CopyTable, first: usize) -> String {
         let arrays: Vec<String> = table
             .key
@@ -467,14 +467,14 @@ impl CopySpec {
             .map(|(i, k)| format!("${}::text[]::{}[]", first + i, table.types[k]))
             .collect();
         format!(
-            "INSERT INTO {} ({}){}\n  SELECT {} FROM {} s WHERE ({}) IN (SELECT * FROM unnest({}))\n  ON CONFLICT ({}) DO NOTHING\n  RETURNING *",
+            "INSERT INTO {} ({}){}\n  SELECT {} FROM {} s WHERE ({}) OPERATOR(pg_catalog.=) ANY (SELECT * FROM {})\n  ON CONFLICT ({}) DO NOTHING\n  RETURNING *",
             sql::qualified(&self.tenant, name),
             sql::ident_list(&table.columns),
             if table.overriding { " OVERRIDING SYSTEM VALUE" } else { "" },
             sql::columns("s", &table.columns),
             table.shared_relation,
             sql::columns("s", &table.key),
-            arrays.join(", "),
+            sql::unnest(&arrays),
             sql::ident_list(&table.key),
         )
     }
@@ -493,7 +493,7 @@ impl CopySpec {
             columns
                 .iter()
                 .zip(&vcols)
-                .map(|(c, v)| format!("{alias}.{} = v.{v}", sql::ident(c)))
+                .map(|(c, v)| format!("{alias}.{} OPERATOR(pg_catalog.=) v.{v}", sql::ident(c)))
                 .collect::<Vec<_>>()
                 .join(" AND ")
         };
@@ -501,14 +501,14 @@ impl CopySpec {
             "v.ord::text".to_string(),
             format!("EXISTS (SELECT 1 FROM {} t WHERE {})::text", table.relation, match_v("t")),
         ];
-        let mut from = format!("unnest({}) WITH ORDINALITY AS v({}, ord)", arrays.join(", "), vcols.join(", "));
+        let mut from = format!("{} WITH ORDINALITY AS v({}, ord)", sql::unnest(&arrays), vcols.join(", "));
         if table.in_shared {
             select.extend(table.key.iter().map(|k| format!("s.{}::text", sql::ident(k))));
             for edge in &table.edges {
                 select.extend(edge.columns.iter().map(|c| format!("s.{}::text", sql::ident(c))));
             }
             let same_key =
-                table.key.iter().map(|k| format!("t.{0} = s.{0}", sql::ident(k))).collect::<Vec<_>>().join(" AND ");
+                table.key.iter().map(|k| format!("t.{0} OPERATOR(pg_catalog.=) s.{0}", sql::ident(k))).collect::<Vec<_>>().join(" AND ");
             select.push(format!("EXISTS (SELECT 1 FROM {} t WHERE {same_key})::text", table.relation));
             from.push_str(&format!(" LEFT JOIN {} s ON {}", table.shared_relation, match_v("s")));
         }
@@ -710,8 +710,16 @@ async fn closure(
             let describe = |v: &[String]| format!("{}({}) = ({}){via}", name, columns.join(", "), v.join(", "));
             for row in tx.query_typed(&sql, &typed).await? {
                 let text = |i: usize| row.get::<_, Option<String>>(i);
-                let Some(ord) = text(0).and_then(|o| o.parse::<usize>().ok()) else { continue };
-                let v = values[ord - 1].clone();
+                // Only an ordinality of one of the values sent names a value: anything else is
+                // ignored, and a key left without its row is set aside.
+                let Some(v) = text(0)
+                    .and_then(|o| o.parse::<usize>().ok())
+                    .and_then(|ord| ord.checked_sub(1))
+                    .and_then(|i| values.get(i))
+                    .cloned()
+                else {
+                    continue;
+                };
                 let in_tenant = text(1).as_deref() == Some("true");
                 let key: Option<Vec<String>> =
                     if table.in_shared { (0..table.key.len()).map(|i| text(2 + i)).collect() } else { None };
@@ -1000,7 +1008,7 @@ async fn insert(
             arrays.push(keys.iter().map(|key| key[k].clone()).collect());
         }
         ctes.push(format!("ins_{i} AS (\n  {}\n)", spec.insert_cte(name, table, first)));
-        let new = if spec.audit_full { "to_jsonb(i.*)" } else { "NULL::jsonb" };
+        let new = if spec.audit_full { "pg_catalog.to_jsonb(i.*)" } else { "NULL::jsonb" };
         let key = audit::key_json("i", &table.key);
         log_rows.push(format!(
             "{} FROM ins_{i} i",

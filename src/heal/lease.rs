@@ -45,7 +45,7 @@ pub fn create_sql() -> String {
 CREATE TABLE IF NOT EXISTS {table} (
     id int PRIMARY KEY CHECK (id = 1),
     holder text NOT NULL,
-    acquired_at timestamptz NOT NULL DEFAULT now(),
+    acquired_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     expires_at timestamptz NOT NULL,
     backend_pid int NOT NULL,
     backend_start timestamptz

@@ -1145,7 +1145,7 @@ async fn check_privileges(client: &tokio_postgres::Transaction<'_>, plan: &Plan)
     // (a backfill updates each by name; privileges on a parent do not cover that).
     const CHECK: &str = "WITH RECURSIVE r(ord, privilege, oid, tree) AS (
   SELECT t.ord, t.privilege, pg_catalog.to_regclass(t.rel)::pg_catalog.oid, t.tree
-  FROM unnest($1::text[], $2::text[], $3::bool[]) WITH ORDINALITY AS t(rel, privilege, tree, ord)
+  FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::bool[])) WITH ORDINALITY AS t(rel, privilege, tree, ord)
   WHERE pg_catalog.to_regclass(t.rel) IS NOT NULL
   UNION
   SELECT r.ord, r.privilege, i.inhrelid, r.tree FROM r JOIN pg_catalog.pg_inherits i ON i.inhparent = r.oid

@@ -15,7 +15,7 @@ use crate::sql;
 pub fn advance_sql(run: &str, tenant: &str, table: &str, column: &str, seq: &str, repair: &str) -> String {
     let seq_name = sql::qualified(tenant, seq);
     let seq_literal = sql::literal(&seq_name);
-    let key = format!("jsonb_build_object('sequence', {}, 'column', {})", sql::literal(seq), sql::literal(column));
+    let key = format!("pg_catalog.jsonb_build_object('sequence', {}, 'column', {})", sql::literal(seq), sql::literal(column));
     let log = format!(
         "{} FROM moved m",
         audit::row(
@@ -24,13 +24,13 @@ pub fn advance_sql(run: &str, tenant: &str, table: &str, column: &str, seq: &str
             table,
             repair,
             &key,
-            "jsonb_build_object('next_value', m.next_value)",
-            "jsonb_build_object('next_value', m.last_value + 1)"
+            "pg_catalog.jsonb_build_object('next_value', m.next_value)",
+            "pg_catalog.jsonb_build_object('next_value', m.last_value + 1)"
         )
     );
     format!(
         "WITH moved AS (\n  SELECT pg_catalog.setval({seq_literal}::pg_catalog.regclass, x.top) AS last_value, x.next_value FROM (\n    \
-         SELECT (SELECT max(c.{col}) FROM {tbl} c)::bigint AS top,\n           \
+         SELECT (SELECT pg_catalog.max(c.{col}) FROM {tbl} c)::bigint AS top,\n           \
          CASE WHEN s.is_called THEN s.last_value::numeric + q.seqincrement ELSE s.last_value::numeric END AS next_value\n    \
          FROM {seq_name} s JOIN pg_catalog.pg_sequence q ON q.seqrelid = {seq_literal}::pg_catalog.regclass\n    \
          WHERE q.seqincrement > 0\n  ) x\n  WHERE x.top >= x.next_value\n),\n{}",

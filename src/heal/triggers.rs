@@ -26,7 +26,7 @@ pub const UPDATE: i32 = 16;
 /// partitioned table fires theirs). Reads only the catalog; relations that no longer exist are
 /// left out.
 pub const BEFORE_ROW: &str = "WITH RECURSIVE r(oid, given) AS (
-  SELECT pg_catalog.to_regclass(t)::pg_catalog.oid, t FROM unnest($1::text[]) t WHERE pg_catalog.to_regclass(t) IS NOT NULL
+  SELECT pg_catalog.to_regclass(t)::pg_catalog.oid, t FROM pg_catalog.unnest($1::text[]) t WHERE pg_catalog.to_regclass(t) IS NOT NULL
   UNION SELECT i.inhrelid, r.given FROM pg_catalog.pg_inherits i JOIN r ON i.inhparent = r.oid
     JOIN pg_catalog.pg_class p ON p.oid = i.inhrelid WHERE p.relispartition
 )

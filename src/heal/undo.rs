@@ -470,7 +470,7 @@ fn pick(group: &Group) -> String {
         (_, _) if group.copy => "l.new_value IS NOT NULL".to_string(),
         (None, _) => "FALSE".to_string(),
         (Some(column), relation) => format!(
-            "l.old_value = jsonb_build_object({}, NULL) AND {}",
+            "l.old_value = pg_catalog.jsonb_build_object({}, NULL) AND {}",
             sql::literal(column),
             match relation {
                 Some(r) => format!("l.row_key->>'relation' = {}", sql::literal(r)),
@@ -512,7 +512,7 @@ fn undo_statement(target: &Target, group: &Group, change: &str, left: &str) -> S
          SELECT {left}, x.row_key::text FROM x LEFT JOIN {name} c ON {key}\n  WHERE x.id NOT IN (SELECT d.id FROM done d)",
         log = audit::table(),
         not_undone = not_undone("l"),
-        row = audit::row("$1", &group.schema, &group.table, "undo", "d.row_key", "jsonb_build_object('undoes', d.id)", "NULL::jsonb"),
+        row = audit::row("$1", &group.schema, &group.table, "undo", "d.row_key", "pg_catalog.jsonb_build_object('undoes', d.id)", "NULL::jsonb"),
         name = target.name(),
         key = target.key_match(),
     )
@@ -522,11 +522,11 @@ fn undo_statement(target: &Target, group: &Group, change: &str, left: &str) -> S
 fn delete_copied(target: &Target, group: &Group, references: &[Reference]) -> String {
     let unreferenced: String = references.iter().map(|r| format!("\n    AND NOT EXISTS ({})", r.exists())).collect();
     let change = format!(
-        "DELETE FROM {} c USING x\n  WHERE {} AND to_jsonb(c.*) = x.new_value{unreferenced}",
+        "DELETE FROM {} c USING x\n  WHERE {} AND pg_catalog.to_jsonb(c.*) = x.new_value{unreferenced}",
         target.name(),
         target.key_match()
     );
-    let left = "CASE WHEN c.ctid IS NULL THEN 'no longer exists' WHEN to_jsonb(c.*) <> x.new_value THEN 'changed since the run' ELSE 'still referenced' END";
+    let left = "CASE WHEN c.ctid IS NULL THEN 'no longer exists' WHEN pg_catalog.to_jsonb(c.*) <> x.new_value THEN 'changed since the run' ELSE 'still referenced' END";
     undo_statement(target, group, &change, left)
 }
 

@@ -19,6 +19,7 @@ mod heal_plan;
 mod heal_plan_review;
 mod heal_review;
 mod heal_sequences;
+mod heal_shadowing;
 mod heal_triggers;
 mod heal_undo;
 mod heal_undo_review;

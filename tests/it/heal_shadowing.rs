@@ -1,0 +1,92 @@
+//! Heal's statements against a tenant that shadows built-in functions, against real PostgreSQL:
+//! a tenant's `to_jsonb(record)` or `unnest(uuid[])` (a better match than `pg_catalog`'s
+//! polymorphic ones, whatever the `search_path`) never runs as the heal role, because every
+//! function heal emits is schema-qualified.
+
+use crate::support::{cli, config_file, fixture_db, pg};
+
+async fn rows(url: &str, sql: &str) -> Vec<String> {
+    let client = pg::connect(url).await;
+    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+/// `heal --execute` with `copy_missing_parents`: (exit code, stdout with the run id cut, stderr).
+fn heal(url: &str, name: &str) -> (Option<i32>, Vec<String>, String) {
+    let config = format!("database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\n[heal]\ncopy_missing_parents = true\n");
+    let path = config_file(name, &config);
+    let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| match l.strip_prefix("heal run ") {
+            Some(rest) => format!("heal run: {}", rest.split_once(": ").map(|(_, r)| r).unwrap_or(rest)),
+            None => l.to_string(),
+        })
+        .collect();
+    (out.status.code(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The shared `tag` holds tags 1, 2, 3 and 10; the tenant's post names tag 1 (an orphan). The
+/// tenant defines `to_jsonb(record)` (records who ran it, returns a forged audit value) and a
+/// stateful `unnest(uuid[])` (honest once, then every shared tag): heal copies tag 1 only, audits
+/// the real row, and neither function ran. Then a dishonest `unnest(uuid[])` (every shared tag,
+/// always) and an orphan of tag 10: heal copies tag 10 only, exit 0, no panic.
+#[tokio::test]
+async fn tenant_functions_named_like_built_ins_never_run_in_heal() {
+    let sql = "SELECT pg_temp.create_tenant('tenant_a');
+        CREATE TABLE public.tag (id uuid PRIMARY KEY, name text);
+        INSERT INTO public.tag VALUES ('00000000-0000-0000-0000-000000000001', 'one'),
+          ('00000000-0000-0000-0000-000000000002', 'two'), ('00000000-0000-0000-0000-000000000003', 'three'),
+          ('00000000-0000-0000-0000-000000000010', 'ten');
+        CREATE TABLE tenant_a.tag (id uuid PRIMARY KEY, name text);
+        CREATE TABLE tenant_a.post (id serial PRIMARY KEY, tag_id uuid);
+        INSERT INTO tenant_a.post (tag_id) VALUES ('00000000-0000-0000-0000-000000000001');
+        ALTER TABLE tenant_a.post ADD CONSTRAINT post_tag_fk FOREIGN KEY (tag_id) REFERENCES tenant_a.tag (id) NOT VALID;
+        CREATE TABLE tenant_a.pwned (who text);
+        CREATE FUNCTION tenant_a.to_jsonb(r record) RETURNS jsonb LANGUAGE plpgsql AS $$
+        BEGIN
+          INSERT INTO tenant_a.pwned VALUES ('to_jsonb ' || current_user);
+          RETURN '{\"forged\": true}'::jsonb;
+        END $$;
+        CREATE FUNCTION tenant_a.unnest(a uuid[]) RETURNS SETOF uuid LANGUAGE plpgsql AS $$
+        BEGIN
+          INSERT INTO tenant_a.pwned VALUES ('unnest ' || current_user);
+          IF coalesce(current_setting('pw.n', true), '') = '' THEN
+            PERFORM set_config('pw.n', '1', true);
+            RETURN QUERY SELECT x FROM pg_catalog.unnest(a) x;
+          ELSE
+            RETURN QUERY SELECT id FROM public.tag;
+          END IF;
+        END $$;";
+    let url = fixture_db("heal_shadowing", sql).await;
+    let (code, stdout, stderr) = heal(&url, "heal_shadowing");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, ["copy_missing_parents: 1 change(s)", "heal run: 1 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    assert_eq!(rows(&url, "SELECT name FROM tenant_a.tag ORDER BY id").await, ["one"]);
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.pwned").await, ["0"]);
+    assert_eq!(
+        rows(&url, "SELECT new_value::text FROM tenant_audit.heal_log ORDER BY id").await,
+        ["{\"id\": \"00000000-0000-0000-0000-000000000001\", \"name\": \"one\"}"]
+    );
+
+    let dishonest = "CREATE OR REPLACE FUNCTION tenant_a.unnest(a uuid[]) RETURNS SETOF uuid LANGUAGE sql AS $$
+          INSERT INTO tenant_a.pwned VALUES ('dishonest unnest ' || current_user);
+          SELECT id FROM public.tag;
+        $$;
+        SET session_replication_role = replica;
+        INSERT INTO tenant_a.post (tag_id) VALUES ('00000000-0000-0000-0000-000000000010');
+        RESET session_replication_role;";
+    pg::connect(&url).await.batch_execute(dishonest).await.unwrap();
+    let (code, stdout, stderr) = heal(&url, "heal_shadowing");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stdout, ["copy_missing_parents: 1 change(s)", "heal run: 1 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    assert_eq!(rows(&url, "SELECT name FROM tenant_a.tag ORDER BY id").await, ["one", "ten"]);
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.pwned").await, ["0"]);
+    assert_eq!(
+        rows(&url, "SELECT new_value::text FROM tenant_audit.heal_log ORDER BY id").await,
+        [
+            "{\"id\": \"00000000-0000-0000-0000-000000000001\", \"name\": \"one\"}",
+            "{\"id\": \"00000000-0000-0000-0000-000000000010\", \"name\": \"ten\"}"
+        ]
+    );
+}
