@@ -727,16 +727,17 @@ struct BatchDone {
     next: Option<String>,
 }
 
-/// Runs one batch in its own transaction.
-async fn backfill_batch(
+/// Runs one of a backfill batch's statements (`$1..$7`: see [`backfill::BackfillSpec`]) in its own
+/// transaction.
+async fn batch_query(
     writer: &mut Writer<'_>,
+    sql: String,
     spec: &backfill::BackfillSpec,
-    target: &BatchTarget,
     params: &BatchParams,
     outcome: &Outcome,
-) -> Result<BatchDone, Stop> {
-    let (sql, run_id, only, p) = (target.sql.clone(), outcome.run_id.clone(), spec.only.clone(), params.clone());
-    let rows = writer
+) -> Result<Vec<tokio_postgres::Row>, Stop> {
+    let (run_id, only, p) = (outcome.run_id.clone(), spec.only.clone(), params.clone());
+    writer
         .transaction(move |tx| {
             Box::pin(async move {
                 tx.query_typed(
@@ -754,7 +755,18 @@ async fn backfill_batch(
                 .await
             })
         })
-        .await?;
+        .await
+}
+
+/// Runs one batch in its own transaction.
+async fn backfill_batch(
+    writer: &mut Writer<'_>,
+    spec: &backfill::BackfillSpec,
+    target: &BatchTarget,
+    params: &BatchParams,
+    outcome: &Outcome,
+) -> Result<BatchDone, Stop> {
+    let rows = batch_query(writer, target.sql.clone(), spec, params, outcome).await?;
     let mut done = BatchDone::default();
     for row in &rows {
         let (table, key, cursor): (Option<String>, Option<String>, Option<String>) =
@@ -778,27 +790,7 @@ async fn split_batch(
     params: &BatchParams,
     outcome: &mut Outcome,
 ) -> Result<BatchDone, Stop> {
-    let (sql, only, p) = (spec.candidates_sql(&target.relation, target.tree), spec.only.clone(), params.clone());
-    let run_id = outcome.run_id.clone();
-    let rows = writer
-        .transaction(move |tx| {
-            Box::pin(async move {
-                tx.query_typed(
-                    &sql,
-                    &[
-                        (&p.after, Type::TEXT),
-                        (&p.end, Type::TEXT),
-                        (&run_id, Type::TEXT),
-                        (&p.limit, Type::INT8),
-                        (&only, Type::TEXT_ARRAY),
-                        (&p.tids, Type::TEXT_ARRAY),
-                        (&p.before, Type::TEXT),
-                    ],
-                )
-                .await
-            })
-        })
-        .await?;
+    let rows = batch_query(writer, spec.candidates_sql(&target.relation, target.tree), spec, params, outcome).await?;
     let candidates: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let mut done = BatchDone {
         next: candidates.last().filter(|_| candidates.len() as i64 == params.limit).map(|(tid, _)| tid.clone()),
