@@ -411,7 +411,9 @@ impl Metrics {
     /// Records the scan connection's replica lag: `None` on a primary (the series go away;
     /// on a primary that had none, nothing changes).
     pub fn set_replica_lag(&self, lag: Option<&crate::replica::Lag>) {
-        let had_series = !prometheus::core::Collector::collect(&self.replica_lag_seconds).iter().all(|family| family.get_metric().is_empty());
+        let had_series = !prometheus::core::Collector::collect(&self.replica_lag_seconds)
+            .iter()
+            .all(|family| family.get_metric().is_empty());
         if lag.is_none() && !had_series {
             return;
         }

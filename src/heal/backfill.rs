@@ -122,7 +122,10 @@ impl BackfillSpec {
     /// aliased `alias`: its primary key, or (relation, `ctid`) without one.
     fn key_expr(&self, relation: &str, tree: bool, alias: &str) -> String {
         if self.key.is_empty() {
-            format!("pg_catalog.jsonb_build_object('relation', {}::text, 'ctid', {alias}.ctid::text)", sql::literal(relation))
+            format!(
+                "pg_catalog.jsonb_build_object('relation', {}::text, 'ctid', {alias}.ctid::text)",
+                sql::literal(relation)
+            )
         } else if tree {
             format!(
                 "(pg_catalog.jsonb_build_object('relation', {}::text) || {})",

@@ -507,8 +507,12 @@ impl CopySpec {
             for edge in &table.edges {
                 select.extend(edge.columns.iter().map(|c| format!("s.{}::text", sql::ident(c))));
             }
-            let same_key =
-                table.key.iter().map(|k| format!("t.{0} OPERATOR(pg_catalog.=) s.{0}", sql::ident(k))).collect::<Vec<_>>().join(" AND ");
+            let same_key = table
+                .key
+                .iter()
+                .map(|k| format!("t.{0} OPERATOR(pg_catalog.=) s.{0}", sql::ident(k)))
+                .collect::<Vec<_>>()
+                .join(" AND ");
             select.push(format!("EXISTS (SELECT 1 FROM {} t WHERE {same_key})::text", table.relation));
             from.push_str(&format!(" LEFT JOIN {} s ON {}", table.shared_relation, match_v("s")));
         }

@@ -159,7 +159,11 @@ impl Action {
 impl Step {
     /// A one-off step on `table.column`, named `step` in its audit key.
     pub fn once(table: &str, column: &str, step: &str, sql: String) -> Step {
-        let key = format!("pg_catalog.jsonb_build_object('column', {}, 'step', {})", sql::literal(column), sql::literal(step));
+        let key = format!(
+            "pg_catalog.jsonb_build_object('column', {}, 'step', {})",
+            sql::literal(column),
+            sql::literal(step)
+        );
         Step::Once(OnceStep {
             sql,
             table: table.to_string(),

@@ -15,7 +15,8 @@ use crate::sql;
 pub fn advance_sql(run: &str, tenant: &str, table: &str, column: &str, seq: &str, repair: &str) -> String {
     let seq_name = sql::qualified(tenant, seq);
     let seq_literal = sql::literal(&seq_name);
-    let key = format!("pg_catalog.jsonb_build_object('sequence', {}, 'column', {})", sql::literal(seq), sql::literal(column));
+    let key =
+        format!("pg_catalog.jsonb_build_object('sequence', {}, 'column', {})", sql::literal(seq), sql::literal(column));
     let log = format!(
         "{} FROM moved m",
         audit::row(

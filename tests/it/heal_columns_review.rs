@@ -4,27 +4,10 @@
 
 use tenant_audit::heal;
 
-use crate::support::{cli, config, config_file, fixture_db, lines, pg, scan};
+use crate::support::{cli, column_definitions, config, config_file, fixture_db, lines, pg, rows, scan};
 
 const HEAL: &str = "[tenants]\ninclude = ['^tenant_']\nreference_schema = 'tenant_template'\n\
     [heal]\nadd_missing_columns = true\n";
-
-async fn rows(url: &str, sql: &str) -> Vec<String> {
-    let client = pg::connect(url).await;
-    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
-}
-
-/// `column type [NOT NULL] [DEFAULT expr]` of every column of `schema.table`.
-async fn definition(url: &str, schema: &str, table: &str) -> Vec<String> {
-    let sql = format!(
-        "SELECT format('%s %s%s%s', a.attname, format_type(a.atttypid, a.atttypmod),
-                CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END,
-                coalesce(' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid), ''))
-         FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-         WHERE a.attrelid = '{schema}.{table}'::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
-    );
-    rows(url, &sql).await
-}
 
 fn heal(url: &str, name: &str, extra: &str) -> std::process::Output {
     let path = config_file(name, &format!("database_url = {url:?}\n{HEAL}{extra}"));
@@ -87,7 +70,7 @@ async fn volatile_defaults_take_the_staged_path_and_never_rewrite_the_table() {
         rows(&url, "SELECT format('%s %s', tag, count(*)) FROM public.ddl_log GROUP BY tag ORDER BY tag").await,
         ["ALTER TABLE 13", "CREATE INDEX 2", "CREATE SCHEMA 2", "CREATE TABLE 2"]
     );
-    let reference = definition(&url, "tenant_template", "item").await;
+    let reference = column_definitions(&url, "tenant_template", "item").await;
     assert_eq!(
         reference,
         [
@@ -99,7 +82,7 @@ async fn volatile_defaults_take_the_staged_path_and_never_rewrite_the_table() {
             "u uuid NOT NULL DEFAULT gen_random_uuid()",
         ]
     );
-    assert_eq!(definition(&url, "tenant_a", "item").await, reference);
+    assert_eq!(column_definitions(&url, "tenant_a", "item").await, reference);
     // Every existing row got its own value of each volatile default, the one value of now().
     assert_eq!(
         rows(
@@ -288,7 +271,7 @@ async fn a_column_that_appeared_since_the_plan_is_left_alone_and_not_audited() {
     );
     assert_eq!(outcome.total_changed(), 0);
     assert_eq!(
-        definition(&url, "tenant_a", "item").await,
+        column_definitions(&url, "tenant_a", "item").await,
         [
             "id integer NOT NULL",
             "note text",
@@ -383,7 +366,10 @@ async fn a_not_valid_check_left_by_an_interrupted_add_is_validated_as_it_is() {
         rows(&url, "SELECT format('%s %s', tag, count(*)) FROM public.ddl_log GROUP BY tag ORDER BY tag").await,
         ["ALTER TABLE 3"]
     );
-    assert_eq!(definition(&url, "tenant_a", "item").await, definition(&url, "tenant_template", "item").await);
+    assert_eq!(
+        column_definitions(&url, "tenant_a", "item").await,
+        column_definitions(&url, "tenant_template", "item").await
+    );
     assert_eq!(rows(&url, "SELECT count(*)::text FROM pg_constraint WHERE conname LIKE 'tenant_audit%'").await, ["0"]);
     assert_eq!(rows(&url, "SELECT count(DISTINCT u)::text FROM tenant_a.item").await, ["10"]);
 }

@@ -2,28 +2,12 @@
 //! copy reads (inheritance, partitions), which values it writes (sequences), what its plan names,
 //! and how it survives a row that cannot be written.
 
-use crate::support::{cli, config_file, fixture_db, pg};
-
-async fn rows(url: &str, sql: &str) -> Vec<String> {
-    let client = pg::connect(url).await;
-    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
-}
+use crate::support::{fixture_db, heal_cli, pg, rows};
 
 /// `heal ARGS` with `[tenants] include = ['^tenant_']` and the `[heal]` keys `heal`: (exit code,
 /// stdout with the run id cut from its total line, stderr).
 fn heal(url: &str, name: &str, heal: &str, args: &[&str]) -> (Option<i32>, Vec<String>, String) {
-    let path = config_file(name, &format!("database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\n[heal]\n{heal}"));
-    let mut all = vec!["heal", "--config", path.to_str().unwrap()];
-    all.extend(args);
-    let out = cli(&all, &[]);
-    let stdout = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| match l.strip_prefix("heal run ") {
-            Some(rest) => format!("heal run: {}", rest.split_once(": ").map(|(_, r)| r).unwrap_or(rest)),
-            None => l.to_string(),
-        })
-        .collect();
-    (out.status.code(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    heal_cli(name, &format!("database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\n[heal]\n{heal}"), args)
 }
 
 const COPY: &str = "copy_missing_parents = true\n";

@@ -4,7 +4,7 @@
 
 use tenant_audit::heal::{self, Plan, Step};
 
-use crate::support::{cli, config, config_file, fixture_db, lines, pg, scan};
+use crate::support::{cli, column_definitions, config, config_file, fixture_db, lines, rows, scan};
 
 const HEAL: &str = "[tenants]\ninclude = ['^tenant_']\nreference_schema = 'tenant_template'\n\
     [heal]\nadd_missing_columns = true\n";
@@ -31,24 +31,6 @@ const STRUCTURAL: &str =
     CREATE FUNCTION public.log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS
       $$ BEGIN INSERT INTO public.ddl_log (tag) VALUES (tg_tag); END $$;
     CREATE EVENT TRIGGER count_ddl ON ddl_command_start EXECUTE FUNCTION public.log_ddl();";
-
-async fn rows(url: &str, sql: &str) -> Vec<String> {
-    let client = pg::connect(url).await;
-    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
-}
-
-/// `column type [NOT NULL] [DEFAULT expr]` of every column of `schema.table`, as PostgreSQL
-/// prints them with the default search path.
-async fn definition(url: &str, schema: &str, table: &str) -> Vec<String> {
-    let sql = format!(
-        "SELECT format('%s %s%s%s', a.attname, format_type(a.atttypid, a.atttypmod),
-                CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END,
-                coalesce(' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid), ''))
-         FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-         WHERE a.attrelid = '{schema}.{table}'::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
-    );
-    rows(url, &sql).await
-}
 
 #[tokio::test]
 async fn schema_names_in_text_never_drift_and_heal_writes_the_reference_definition_in_one_statement() {
@@ -86,7 +68,7 @@ async fn schema_names_in_text_never_drift_and_heal_writes_the_reference_definiti
     );
     assert_eq!(rows(&url, filenode).await, before);
     assert_eq!(
-        definition(&url, "tenant_b", "pages").await,
+        column_definitions(&url, "tenant_b", "pages").await,
         [
             "id integer NOT NULL DEFAULT nextval('tenant_b.pages_id_seq'::regclass)",
             "mood extra_tenant_a.mood DEFAULT 'happy'::extra_tenant_a.mood",
@@ -120,7 +102,7 @@ const FINAL: [&str; 6] = [
 /// Checks the end state of a staged add-column: the reference's definition, every row filled
 /// from `modified_at`, no check left behind, no finding.
 async fn assert_finished(url: &str) {
-    assert_eq!(definition(url, "tenant_x", "users_userprofile").await, FINAL);
+    assert_eq!(column_definitions(url, "tenant_x", "users_userprofile").await, FINAL);
     assert_eq!(
         rows(
             url,
@@ -233,7 +215,7 @@ async fn a_column_of_a_constrained_domain_is_never_added_by_a_silent_rewrite() {
     );
     assert_eq!(rows(&url, filenode).await, before, "the plain domain is added without a rewrite");
     assert_eq!(
-        definition(&url, "tenant_a", "item").await,
+        column_definitions(&url, "tenant_a", "item").await,
         ["id integer NOT NULL", "label label NOT NULL DEFAULT 'x'::text"]
     );
 
@@ -244,7 +226,7 @@ async fn a_column_of_a_constrained_domain_is_never_added_by_a_silent_rewrite() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_ne!(rows(&url, filenode).await, before, "adding the constrained domain rewrote the table");
     assert_eq!(
-        definition(&url, "tenant_a", "item").await,
+        column_definitions(&url, "tenant_a", "item").await,
         ["id integer NOT NULL", "label label NOT NULL DEFAULT 'x'::text", "score score NOT NULL DEFAULT 1"]
     );
 }

@@ -2,12 +2,7 @@
 //! `--apply` changes exactly what the plan names, re-checks it when it runs, and reports what it
 //! skipped; a bad file is refused whole.
 
-use crate::support::{cli, config_file, fixture_db, pg};
-
-async fn rows(url: &str, sql: &str) -> Vec<String> {
-    let client = pg::connect(url).await;
-    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
-}
+use crate::support::{fixture_db, heal_cli, pg, rows};
 
 async fn run_sql(url: &str, sql: &str) {
     pg::connect(url).await.batch_execute(sql).await.unwrap();
@@ -16,18 +11,7 @@ async fn run_sql(url: &str, sql: &str) {
 /// `heal --config <name>.toml ARGS` with `config` after the database URL: (exit code, stdout
 /// with the run id cut from its total line, stderr).
 fn heal(url: &str, name: &str, config: &str, args: &[&str]) -> (Option<i32>, Vec<String>, String) {
-    let path = config_file(name, &format!("database_url = {url:?}\n{config}"));
-    let mut all = vec!["heal", "--config", path.to_str().unwrap()];
-    all.extend(args);
-    let out = cli(&all, &[]);
-    let stdout = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| match l.strip_prefix("heal run ") {
-            Some(rest) => format!("heal run: {}", rest.split_once(": ").map(|(_, r)| r).unwrap_or(rest)),
-            None => l.to_string(),
-        })
-        .collect();
-    (out.status.code(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    heal_cli(name, &format!("database_url = {url:?}\n{config}"), args)
 }
 
 fn plan_path(name: &str) -> std::path::PathBuf {

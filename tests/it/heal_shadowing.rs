@@ -3,26 +3,13 @@
 //! polymorphic ones, whatever the `search_path`) never runs as the heal role, because every
 //! function heal emits is schema-qualified.
 
-use crate::support::{cli, config_file, fixture_db, pg};
-
-async fn rows(url: &str, sql: &str) -> Vec<String> {
-    let client = pg::connect(url).await;
-    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
-}
+use crate::support::{fixture_db, heal_cli, pg, rows};
 
 /// `heal --execute` with `copy_missing_parents`: (exit code, stdout with the run id cut, stderr).
 fn heal(url: &str, name: &str) -> (Option<i32>, Vec<String>, String) {
-    let config = format!("database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\n[heal]\ncopy_missing_parents = true\n");
-    let path = config_file(name, &config);
-    let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
-    let stdout = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| match l.strip_prefix("heal run ") {
-            Some(rest) => format!("heal run: {}", rest.split_once(": ").map(|(_, r)| r).unwrap_or(rest)),
-            None => l.to_string(),
-        })
-        .collect();
-    (out.status.code(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    let config =
+        format!("database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\n[heal]\ncopy_missing_parents = true\n");
+    heal_cli(name, &config, &["--execute"])
 }
 
 /// The shared `tag` holds tags 1, 2, 3 and 10; the tenant's post names tag 1 (an orphan). The

@@ -76,6 +76,42 @@ pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run tenant-audit")
 }
 
+/// `tenant-audit heal --config <name> ARGS` with the config file `text`: (exit code, stdout with
+/// the run id cut from its total line, stderr).
+pub fn heal_cli(name: &str, text: &str, args: &[&str]) -> (Option<i32>, Vec<String>, String) {
+    let path = config_file(name, text);
+    let mut all = vec!["heal", "--config", path.to_str().unwrap()];
+    all.extend(args);
+    let out = cli(&all, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| match l.strip_prefix("heal run ") {
+            Some(rest) => format!("heal run: {}", rest.split_once(": ").map(|(_, r)| r).unwrap_or(rest)),
+            None => l.to_string(),
+        })
+        .collect();
+    (out.status.code(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The first column of every row `sql` returns, as text.
+pub async fn rows(url: &str, sql: &str) -> Vec<String> {
+    let client = pg::connect(url).await;
+    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+/// `column type [NOT NULL] [DEFAULT expr]` of every column of `schema.table`, as PostgreSQL
+/// prints them with the default search path.
+pub async fn column_definitions(url: &str, schema: &str, table: &str) -> Vec<String> {
+    let sql = format!(
+        "SELECT format('%s %s%s%s', a.attname, format_type(a.atttypid, a.atttypmod),
+                CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END,
+                coalesce(' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid), ''))
+         FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+         WHERE a.attrelid = '{schema}.{table}'::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
+    );
+    rows(url, &sql).await
+}
+
 /// Writes `text` to a config file in a fresh temp dir and returns its path.
 pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("tenant-audit-it-{}-{name}", std::process::id()));
