@@ -99,9 +99,10 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
 ///
 /// The step runs only while the tenant still has `seen`, the default the scan saw (see
 /// [`super::plan::OnceStep::expect_default`]): a migration that changed it meanwhile is never reverted. A
-/// `nextval` default is followed, in the same transaction (under the `ALTER`'s lock, so no insert
-/// draws from the sequence in between), by [`sequence::advance_sql`] on that sequence: forward
-/// only, past the column's largest value, audited.
+/// `nextval` default comes with [`sequence::advance_sql`] on that sequence, run before and after
+/// the `ALTER`, each time in a transaction of its own (its `max()` reads the whole table, never
+/// under the `ALTER`'s `ACCESS EXCLUSIVE` lock): forward only, past the column's largest value,
+/// audited.
 pub fn set_default(
     tenant: &str,
     table: &str,

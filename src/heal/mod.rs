@@ -971,8 +971,8 @@ async fn refused_triggers(
 
 /// What a one-off step did.
 enum OnceDone {
-    /// Ran; with the number of sequences its `advance` moved.
-    Ran(u64),
+    /// Ran.
+    Ran,
     /// Set aside: the added column's type is a constrained domain.
     Rewrite,
     /// Skipped: the column's default is no longer the one the plan saw.
@@ -1001,6 +1001,14 @@ async fn run_once(
     let adds = once.added.clone().map(|(column, _)| column);
     let table = crate::sql::qualified(&tenant.schema, &once.table);
     let (expect, advance, pending) = (once.expect_default.clone(), once.advance.clone(), once.pending.clone());
+    // The sequence a `nextval` default draws from is moved in transactions of its own, before
+    // and after the `ALTER`: its `max()` reads the whole table, which must never happen under
+    // the `ALTER`'s `ACCESS EXCLUSIVE` lock. The move after it catches values inserted
+    // explicitly in between; both are forward only.
+    let mut moved = match &advance {
+        Some(sql) => advance_once(writer, sql, &outcome.run_id).await?,
+        None => 0,
+    };
     let done = writer
         .transaction_within(once.long, move |tx| {
             Box::pin(async move {
@@ -1038,19 +1046,19 @@ async fn run_once(
                 }
                 tx.batch_execute(&statement).await?;
                 tx.query_typed(&record, &[(&run_id, Type::TEXT), (&statement, Type::TEXT)]).await?;
-                let moved = match advance {
-                    Some(sql) => tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?.len() as u64,
-                    None => 0,
-                };
                 if let Some(sql) = pending {
                     tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?;
                 }
-                Ok(OnceDone::Ran(moved))
+                Ok(OnceDone::Ran)
             })
         })
         .await?;
-    let moved = match done {
-        OnceDone::Ran(moved) => moved,
+    match done {
+        OnceDone::Ran => {
+            if let Some(sql) = &advance {
+                moved += advance_once(writer, sql, &outcome.run_id).await?;
+            }
+        }
         OnceDone::Rewrite => {
             let (column, data_type) = once.added.clone().unwrap_or_default();
             let reason = columns::rewrite_reason(&column, &data_type);
@@ -1071,7 +1079,7 @@ async fn run_once(
             outcome.not_applied.push((tenant.schema.clone(), once.table.clone(), key));
             return Err(Stop::Reported);
         }
-    };
+    }
     tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), statement = %crate::sql::escape_controls(&once.sql), "healed");
     if once.adds_column {
         *outcome.changed.entry(action.repair.name()).or_default() += 1;
@@ -1081,6 +1089,17 @@ async fn run_once(
         *outcome.changed.entry(action.repair.name()).or_default() += moved;
     }
     Ok(())
+}
+
+/// Runs a one-off step's `advance` ([`sequence::advance_sql`], `$1` the run id) in a
+/// transaction of its own: the number of sequences it moved.
+async fn advance_once(writer: &mut Writer<'_>, sql: &str, run_id: &str) -> Result<u64, Stop> {
+    let (sql, run_id) = (sql.to_string(), run_id.to_string());
+    writer
+        .transaction(move |tx| {
+            Box::pin(async move { Ok(tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?.len() as u64) })
+        })
+        .await
 }
 
 /// A one-off step's audit key as the summary names it: `{"column": C, "step": S}`.
