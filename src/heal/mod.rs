@@ -582,9 +582,39 @@ async fn run_backfill(
     outcome: &mut Outcome,
 ) -> Result<(), Stop> {
     let before = match spec.pending {
-        true => match pending_xid(writer, spec).await? {
-            Some(xid) => Some(xid),
-            None => return Ok(()),
+        true => match pending_state(writer, spec).await? {
+            Pending::Open(xid) => Some(xid),
+            Pending::None => return Ok(()),
+            Pending::Replaced => {
+                let reason = format!(
+                    "backfill of {}: the column is not the one heal added (a migration dropped the table or the column and added it again since): its pending backfill is closed, nothing filled",
+                    spec.column
+                );
+                let (sql, run_id, why) = (
+                    columns::closed_record(&spec.tenant, &spec.table, &spec.column),
+                    outcome.run_id.clone(),
+                    reason.clone(),
+                );
+                writer
+                    .transaction(move |tx| {
+                        Box::pin(
+                            async move { tx.query_typed(&sql, &[(&run_id, Type::TEXT), (&why, Type::TEXT)]).await },
+                        )
+                    })
+                    .await?;
+                tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&spec.table), repair = spec.repair.name(), reason = %crate::sql::escape_controls(&reason), "step set aside");
+                outcome.refused.push((spec.tenant.clone(), spec.table.clone(), reason));
+                return Err(Stop::Reported);
+            }
+            Pending::Rewritten => {
+                let reason = format!(
+                    "backfill of {}: the table was rewritten or its partitions changed since heal added the column (VACUUM FULL, CLUSTER, ALTER COLUMN TYPE, pg_repack, ATTACH PARTITION): every row has a new version, heal cannot tell the NULLs it left from the application's; the backfill stays pending, nothing filled (see docs/heal.md)",
+                    spec.column
+                );
+                tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&spec.table), repair = spec.repair.name(), reason = %crate::sql::escape_controls(&reason), "step set aside");
+                outcome.refused.push((spec.tenant.clone(), spec.table.clone(), reason));
+                return Err(Stop::Reported);
+            }
         },
         false => None,
     };
@@ -679,20 +709,38 @@ async fn run_backfill(
     Ok(())
 }
 
-/// The transaction id (text) recorded when the column of `spec` was added, from its latest
-/// pending record (see [`columns::pending_sql`]); `None` when there is none left.
-async fn pending_xid(writer: &mut Writer<'_>, spec: &backfill::BackfillSpec) -> Result<Option<String>, Stop> {
-    let rows = writer
-        .transaction(move |tx| Box::pin(async move { tx.query_typed(&columns::pending_sql(), &[]).await }))
-        .await?;
-    Ok(rows
-        .iter()
-        .rev()
-        .find(|r| {
-            (r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2))
-                == (spec.tenant.clone(), spec.table.clone(), spec.column.clone())
+/// The state of the pending backfill of `spec`'s column (see [`columns::pending_state_sql`]).
+enum Pending {
+    /// Pending, with the transaction id (text) recorded when the column was added.
+    Open(String),
+    /// No pending record left.
+    None,
+    /// The table or column named so is not the one heal added.
+    Replaced,
+    /// The table was rewritten (or its partitions changed) since the add.
+    Rewritten,
+}
+
+/// Reads the latest pending record of `spec`'s column and whether it still applies.
+async fn pending_state(writer: &mut Writer<'_>, spec: &backfill::BackfillSpec) -> Result<Pending, Stop> {
+    let (schema, table, column) = (spec.tenant.clone(), spec.table.clone(), spec.column.clone());
+    let row = writer
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.query_typed_opt(
+                    &columns::pending_state_sql(),
+                    &[(&schema, Type::TEXT), (&table, Type::TEXT), (&column, Type::TEXT)],
+                )
+                .await
+            })
         })
-        .map(|r| r.get(3)))
+        .await?;
+    Ok(match row {
+        None => Pending::None,
+        Some(row) if !row.get::<_, bool>(1) => Pending::Replaced,
+        Some(row) if !row.get::<_, bool>(2) => Pending::Rewritten,
+        Some(row) => Pending::Open(row.get(0)),
+    })
 }
 
 /// The relation a backfill's batches write, and their statement.
