@@ -53,11 +53,21 @@ fn add_step(table: &str, column: &Column, sql: String) -> Step {
     step
 }
 
-/// The steps that add `column` to `tenant.table`. Without a default or a fallback the existing
-/// rows cannot be filled, and NOT NULL is not applied.
-pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[String]) -> Vec<Step> {
+/// The steps that add `column` to `tenant.table`, with `collation` (the reference's, as
+/// [`crate::checks::reference::collation`] writes it) when it is not the database default.
+/// Without a default or a fallback the existing rows cannot be filled, and NOT NULL is not
+/// applied.
+pub fn add(
+    tenant: &str,
+    table: &str,
+    own: &Table,
+    column: &Column,
+    collation: Option<&str>,
+    chain: &[String],
+) -> Vec<Step> {
     let tbl = sql::qualified(tenant, table);
     let col = sql::ident(&column.name);
+    let collate = collation.map(|c| format!(" COLLATE {c}")).unwrap_or_default();
     let fills_from_columns = chain.iter().any(|e| e != "now()" && own.column(e).is_some());
     match column.default.as_deref() {
         Some(default) if !column.default_volatile && !fills_from_columns => {
@@ -66,7 +76,7 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
                 table,
                 column,
                 format!(
-                    "ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}{not_null} DEFAULT {default}",
+                    "ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}{collate}{not_null} DEFAULT {default}",
                     column.data_type
                 ),
             )]
@@ -76,7 +86,7 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
             let mut steps = vec![add_step(
                 table,
                 column,
-                format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}{set_default}", column.data_type),
+                format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}{collate}{set_default}", column.data_type),
             )];
             if column.not_null {
                 steps.extend(not_null(tenant, table, own, column, chain));

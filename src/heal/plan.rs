@@ -406,17 +406,20 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
         }
         (Repair::AddMissingColumns, Check::SchemaDrift, Detail::SchemaDrift { difference, .. }) => {
             let name = f.columns.first()?;
-            let column = &scanned.shape.tables.get(&table)?.columns.get(name)?.to_column(name)?;
+            let shape = scanned.shape.tables.get(&table)?.columns.get(name)?;
+            let column = &shape.to_column(name)?;
+            let collation = shape.collation.clone().flatten();
             let chain = config.heal.fallbacks.get(name).cloned().unwrap_or_default();
             match difference {
                 DriftKind::MissingColumn => {
                     let summary = format!(
-                        "add column {name} {}{}{} as the reference has it",
+                        "add column {name} {}{}{}{} as the reference has it",
                         column.data_type,
+                        collation.as_deref().map(|c| format!(" COLLATE {c}")).unwrap_or_default(),
                         if column.not_null { " NOT NULL" } else { "" },
                         column.default.as_deref().map(|d| format!(" DEFAULT {d}")).unwrap_or_default()
                     );
-                    (summary, columns::add(tenant, &table, own, column, &chain))
+                    (summary, columns::add(tenant, &table, own, column, collation.as_deref(), &chain))
                 }
                 DriftKind::DefaultMismatch => {
                     let default = column.default.as_deref()?;

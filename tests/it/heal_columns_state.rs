@@ -1,7 +1,7 @@
 //! What `add_missing_columns` leaves behind across its steps and runs, against real PostgreSQL:
 //! which locks a step holds while it reads the table, and the pending records it resumes from.
 
-use crate::support::{config_file, fixture_db, heal_cli, pg, rows};
+use crate::support::{config, config_file, fixture_db, heal_cli, lines, pg, rows, scan};
 
 /// Heal's session (application `tenant-audit`) waiting on a lock on `tenant_b.doc`: its lock
 /// mode, the statement it waits in (its first line), and the locks on the table it holds.
@@ -176,4 +176,49 @@ async fn a_pending_backfill_of_a_column_dropped_and_added_again_is_closed_withou
         rows(&url, STEPS).await,
         ["add_column ".to_string(), "backfill_pending ".to_string(), format!("backfill_done {reason}")]
     );
+}
+
+/// The collation of every collatable column of `schema.note`, `column collation`.
+async fn collations(url: &str, schema: &str) -> Vec<String> {
+    rows(
+        url,
+        &format!(
+            "SELECT format('%s %s.%s', a.attname, cn.nspname, co.collname) FROM pg_attribute a
+               JOIN pg_collation co ON co.oid = a.attcollation JOIN pg_namespace cn ON cn.oid = co.collnamespace
+              WHERE a.attrelid = '{schema}.note'::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
+        ),
+    )
+    .await
+}
+
+/// F15: the template's `body` is `text COLLATE "C"`. `tenant_a` has it so (no finding),
+/// `tenant_b` with the database's collation (a `collation_mismatch`, never healed), `tenant_c`
+/// lacks it: heal adds it with `COLLATE "pg_catalog"."C"`, and the tenants that are identical
+/// to the template then show no difference.
+#[tokio::test]
+async fn an_added_column_keeps_the_reference_collation_and_a_different_one_is_drift() {
+    let sql =
+        "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_template', 'tenant_a', 'tenant_b', 'tenant_c']) t;
+        CREATE TABLE tenant_template.note (id int PRIMARY KEY, body text COLLATE \"C\", label text);
+        CREATE TABLE tenant_a.note (id int PRIMARY KEY, body text COLLATE \"C\", label text);
+        CREATE TABLE tenant_b.note (id int PRIMARY KEY, body text, label text);
+        CREATE TABLE tenant_c.note (id int PRIMARY KEY);";
+    let url = fixture_db("heal_columns_state_collation", sql).await;
+    let cfg = config(&url, HEAL);
+    let mismatch = "schema_drift tenant_b.note(body) 1 CollationMismatch Some(\"\\\"pg_catalog\\\".\\\"C\\\"\") Some(\"default\") []";
+    assert_eq!(
+        lines(&scan(&cfg).await.findings),
+        [
+            mismatch,
+            "schema_drift tenant_c.note(body) 1 MissingColumn Some(\"text\") None []",
+            "schema_drift tenant_c.note(label) 1 MissingColumn Some(\"text\") None []",
+        ]
+    );
+    let (code, stdout, stderr) =
+        heal_cli("heal_columns_state_collation", &format!("database_url = {url:?}\n{HEAL}"), &["--execute"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, ["add_missing_columns: 2 change(s)", "heal run: 2 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    assert_eq!(collations(&url, "tenant_c").await, ["body pg_catalog.C", "label pg_catalog.default"]);
+    assert_eq!(collations(&url, "tenant_c").await, collations(&url, "tenant_a").await);
+    assert_eq!(lines(&scan(&cfg).await.findings), [mismatch]);
 }
