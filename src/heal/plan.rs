@@ -75,7 +75,8 @@ pub struct OnceStep {
     /// skipped and reported (`changed since the plan`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect_default: Option<ExpectDefault>,
-    /// Run after `sql` in the same transaction, `$1` the run id ([`sequence::advance_sql`]):
+    /// Run before and after `sql`, each time in a transaction of its own (never under the
+    /// `ALTER`'s lock: it reads the whole column), `$1` the run id ([`sequence::advance_sql`]):
     /// moves the sequence a new `nextval` default draws from past the column's values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advance: Option<String>,
@@ -341,7 +342,7 @@ impl Plan {
                             }
                             let _ = writeln!(out, "{};", once.sql);
                             if let Some(advance) = &once.advance {
-                                let _ = writeln!(out, "-- then, in the same transaction ($1 = run id):\n{advance};");
+                                let _ = writeln!(out, "-- before and after it, each time in a transaction of its own ($1 = run id):\n{advance};");
                             }
                             if let Some(pending) = &once.pending {
                                 let _ = writeln!(
