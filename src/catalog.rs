@@ -346,10 +346,10 @@ SELECT c.oid, n.nspname::text, c.relname::text, c.relkind = 'p', c.relpersistenc
              WHERE u.indrelid = c.oid AND u.indisunique AND NOT u.indisprimary),
        {triggers},
        {unvalidated}
-FROM pg_catalog.unnest($1::pg_catalog.oid[]) r(oid)
-JOIN pg_catalog.pg_class c ON c.oid = r.oid
+FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary",
+LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary
+WHERE c.oid = ANY($1::pg_catalog.oid[])",
         unvalidated = UNVALIDATED_NOT_NULL,
         triggers = ["t.tgname::text", "t.tgtype & 4 <> 0", "t.tgtype & 16 <> 0", "t.tgtype & 3 = 3"]
             .map(|field| format!("ARRAY(SELECT {field} {TRIGGERS})"))
@@ -383,8 +383,7 @@ SELECT a.attrelid, a.attname::text,
            UNION ALL
            SELECT t.typbasetype FROM pg_catalog.pg_type t JOIN base ON t.oid = base.oid WHERE t.typtype = 'd')
          SELECT base.oid FROM base) END
-FROM pg_catalog.unnest($1::pg_catalog.oid[]) r(oid)
-JOIN pg_catalog.pg_class c ON c.oid = r.oid
+FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
@@ -393,6 +392,7 @@ JOIN pg_catalog.pg_namespace tn ON tn.oid = coalesce(el.typnamespace, ty.typname
 LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum AND a.attgenerated = ''
 LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
 LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
+WHERE c.oid = ANY($1::pg_catalog.oid[])
 ORDER BY a.attrelid, a.attnum",
         data_type = relative("pg_catalog.format_type(a.atttypid, a.atttypmod)"),
         default = relative("pg_catalog.pg_get_expr(d.adbin, 0)"),
@@ -420,11 +420,10 @@ SELECT con.conrelid, con.conname::text,
        ARRAY(SELECT o.oprname::text FROM pg_catalog.unnest(con.conpfeqop) WITH ORDINALITY k(op, ord)
              JOIN pg_catalog.pg_operator o ON o.oid = k.op
              ORDER BY k.ord)
-FROM pg_catalog.unnest($1::pg_catalog.oid[]) r(oid)
-JOIN pg_catalog.pg_constraint con ON con.conrelid = r.oid
+FROM pg_catalog.pg_constraint con
 JOIN pg_catalog.pg_class rc ON rc.oid = con.confrelid
 JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
-WHERE con.contype = 'f' AND con.conparentid = 0
+WHERE con.conrelid = ANY($1::pg_catalog.oid[]) AND con.contype = 'f' AND con.conparentid = 0
 ORDER BY 1, 2";
 
 /// A chunk of schemas whose catalog could not be read.

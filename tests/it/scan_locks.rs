@@ -210,3 +210,41 @@ async fn a_table_that_exhausts_the_lock_table_costs_only_that_table() {
         ["null_timestamps tenant_a.small(created_at) 1 timestamp with time zone [\"1\"]"]
     );
 }
+
+#[tokio::test]
+async fn the_catalog_is_read_without_jit() {
+    // JIT for every statement (at no optimisation cost), every plan logged: the catalog's must
+    // have no JIT section, while a data statement's has one (JIT works on this server).
+    let cluster = pg::Cluster::start_with(
+        "-c jit=on -c jit_above_cost=0 -c jit_inline_above_cost=-1 -c jit_optimize_above_cost=-1 \
+         -c session_preload_libraries=auto_explain -c auto_explain.log_min_duration=0",
+    );
+    let admin = pg::connect(&cluster.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE jit").await.unwrap();
+    let url = cluster.url("jit");
+    let client = pg::connect(&url).await;
+    client
+        .batch_execute(
+            "CREATE SCHEMA tenant_a;
+             CREATE TABLE tenant_a.events (id int PRIMARY KEY, created_at timestamptz);
+             INSERT INTO tenant_a.events VALUES (1, NULL);",
+        )
+        .await
+        .unwrap();
+    let report = scan(&config(&url, "[tenants]\nregistry = false\ninclude = ['^tenant_']\n")).await;
+    assert_eq!(
+        lines(&report.findings),
+        ["null_timestamps tenant_a.events(created_at) 1 timestamp with time zone [\"1\"]"]
+    );
+    let log = std::fs::read_to_string(cluster.log()).unwrap();
+    // 7 catalog statements: the table list, then 3 for the shared schema and 3 for the tenants.
+    // auto_explain writes one entry per plan: "LOG:  duration: ... plan:\n\tQuery Text: ...".
+    let plans: Vec<&str> = log.split("plan:\n").skip(1).map(|p| p.split("\n20").next().unwrap_or(p)).collect();
+    let with_jit = |marker: &str| {
+        let of: Vec<&&str> = plans.iter().filter(|p| p.contains(marker)).collect();
+        (of.len(), of.iter().filter(|p| p.contains("JIT:")).count())
+    };
+    assert_eq!(with_jit("tenant-audit:catalog"), (7, 0), "{log}");
+    let (data, data_jit) = with_jit("FROM ONLY \"tenant_a\".\"events\"");
+    assert!(data >= 1 && data_jit == data, "{data} data plans, {data_jit} with JIT:\n{log}");
+}

@@ -111,6 +111,11 @@ impl Cluster {
         format!("postgres://postgres@{}:{}/{db}", self.host, self.port)
     }
 
+    /// The server's log file.
+    pub fn log(&self) -> PathBuf {
+        self.dir().join("pg.log")
+    }
+
     fn dir(&self) -> &Path {
         self.dir.as_deref().expect("cluster already dropped")
     }
