@@ -49,13 +49,18 @@ pub fn fallback(chain: &[String], table: Option<&Table>, data_type: &str, extra:
     (!parts.is_empty()).then(|| format!("COALESCE({})", parts.join(", ")))
 }
 
+/// The fallback that sets each row to the column's default as an insert would (`SET c =
+/// DEFAULT`): a column without a default of its own whose type (a domain) has a volatile one,
+/// evaluated per row. Every row it picks is NULL; a default that yields NULL leaves it NULL.
+pub const COLUMN_DEFAULT: &str = "DEFAULT";
+
 /// A backfill of one column, planned.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BackfillSpec {
     pub tenant: String,
     pub table: String,
     pub column: String,
-    /// The fallback expression (rows aliased `c`).
+    /// The fallback expression (rows aliased `c`), or [`COLUMN_DEFAULT`].
     pub fallback: String,
     /// The primary key; rows are audited by it, or by (relation, `ctid`) without one.
     pub key: Vec<String>,
@@ -137,14 +142,24 @@ impl BackfillSpec {
         }
     }
 
+    /// `c.col IS NULL AND <fallback> IS NOT NULL`: a row the backfill fills (any NULL row for
+    /// [`COLUMN_DEFAULT`], which is not an expression).
+    fn fillable(&self) -> String {
+        let col = sql::ident(&self.column);
+        if self.fallback == COLUMN_DEFAULT {
+            format!("c.{col} IS NULL")
+        } else {
+            format!("c.{col} IS NULL AND {} IS NOT NULL", self.fallback)
+        }
+    }
+
     /// The audit keys (JSON text) of the rows of `relation` (see [`Self::batch_sql`]) the
     /// backfill would change now.
     pub fn rows_sql(&self, relation: &str, tree: bool) -> String {
         format!(
-            "SELECT ({})::text FROM ONLY {relation} c WHERE c.{} IS NULL AND {} IS NOT NULL",
+            "SELECT ({})::text FROM ONLY {relation} c WHERE {}",
             self.key_expr(relation, tree, "c"),
-            sql::ident(&self.column),
-            self.fallback
+            self.fillable()
         )
     }
 
@@ -157,9 +172,8 @@ impl BackfillSpec {
         };
         let pending = if self.pending { " AND pg_catalog.age(c.xmin) > pg_catalog.age($7::text::xid)" } else { "" };
         format!(
-            "c.ctid > $1::tid AND c.ctid < $2::tid AND c.{} IS NULL AND {} IS NOT NULL{only}{pending}\n    AND ($6::text[] IS NULL OR c.ctid = ANY($6::text[]::tid[]))",
-            sql::ident(&self.column),
-            self.fallback
+            "c.ctid > $1::tid AND c.ctid < $2::tid AND {}{only}{pending}\n    AND ($6::text[] IS NULL OR c.ctid = ANY($6::text[]::tid[]))",
+            self.fillable()
         )
     }
 

@@ -14,6 +14,7 @@ mod heal_backfill;
 mod heal_columns_review;
 mod heal_copy_review;
 mod heal_ddl;
+mod heal_defaults_review;
 mod heal_graph;
 mod heal_plan;
 mod heal_plan_review;
