@@ -1,9 +1,11 @@
 //! Catalog introspection: tables, columns, primary keys and foreign keys of the tenant, shared
 //! and reference schemas, as plain data.
 //!
-//! Invariants: read-only; [`QUERY_COUNT`] queries per chunk of at most [`CHUNK_SCHEMAS`]
-//! schemas (the schema list is one array parameter), never one query per tenant, and each chunk
-//! under a savepoint of its own, so that a chunk that fails costs its schemas, not the scan.
+//! Invariants: read-only; one query lists the tables of every requested schema (the schema list
+//! is one array parameter), then [`QUERY_COUNT`] queries per chunk of whole schemas of at most
+//! [`CHUNK_TABLES`] tables look them up by OID (index scans), never one query per tenant, and
+//! each chunk under a savepoint of its own, so that a chunk that fails costs its schemas, not
+//! the scan. Rows are streamed into the catalog, never buffered whole.
 //! Every query carries the [`QUERY_TAG`] comment so its executions can be counted in
 //! `pg_stat_statements`. Nothing here opens a user relation: only `pg_catalog` tables are read
 //! (no `::regclass` casts, no deparsing with a relation), so a migration holding `ACCESS
@@ -17,7 +19,7 @@
 //! tables are never audited, and partitions are read through their partitioned table.
 //!
 //! Every name in the queries is qualified with `pg_catalog`: the columns query changes the
-//! transaction's `search_path` row by row (see [`RELATIVE`]).
+//! transaction's `search_path` for the rows whose text depends on it (see [`RELATIVE`]).
 //!
 //! Types and defaults are never edited as text. PostgreSQL deparses each one relative to the
 //! column's own schema (`search_path = pg_catalog, <schema>`, transaction-local): an object of the
@@ -28,9 +30,10 @@
 //! back under the same `search_path` relative to the tenant, so it means there what it meant in
 //! the reference.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use futures::{pin_mut, TryStreamExt};
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
@@ -39,10 +42,10 @@ use crate::sql;
 
 /// The comment that opens every catalog query.
 pub const QUERY_TAG: &str = "/* tenant-audit:catalog */";
-/// How many queries [`read`] issues per chunk.
+/// How many queries [`read`] issues per chunk (plus one that lists the tables).
 pub const QUERY_COUNT: usize = 3;
-/// The most schemas one chunk of catalog queries covers.
-pub const CHUNK_SCHEMAS: usize = 200;
+/// The most tables one chunk of catalog queries covers, unless one schema alone has more.
+pub const CHUNK_TABLES: usize = 2000;
 
 /// The catalog of every requested schema that exists, by schema name. A schema's catalog is
 /// written relative to the schema itself (see [`SchemaRef`]), so tenants of one shape hold the
@@ -303,14 +306,16 @@ const SEQUENCE: &str = "CASE WHEN a.attidentity <> '' THEN (
            AND dep.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
          ORDER BY 1 LIMIT 1) END";
 
-/// Whether the column has heal's `NOT VALID` check `tenant_audit_<column>_not_null`: a check
-/// constraint of that name on exactly this column whose expression is `column IS NOT NULL` (a
-/// `NULLTEST` of type `IS_NOT_NULL` on the column), never validated.
-const UNVALIDATED_NOT_NULL: &str = "EXISTS (
-         SELECT 1 FROM pg_catalog.pg_constraint k
+/// The columns with heal's `NOT VALID` check `tenant_audit_<column>_not_null`: a check constraint
+/// of that name on exactly that column whose expression is `column IS NOT NULL` (a `NULLTEST` of
+/// type `IS_NOT_NULL` on the column), never validated.
+const UNVALIDATED_NOT_NULL: &str = "ARRAY(
+         SELECT a.attname::text FROM pg_catalog.pg_constraint k
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND k.conkey = ARRAY[a.attnum]
          WHERE k.conrelid = c.oid AND k.contype = 'c' AND NOT k.convalidated
-           AND k.conname = 'tenant_audit_' || a.attname || '_not_null' AND k.conkey = ARRAY[a.attnum]
-           AND k.conbin::text ~ '^\\{NULLTEST :arg \\{VAR :varno 1 :varattno [0-9]+ [^{}]*\\} :nulltesttype 1 ')";
+           AND k.conname = 'tenant_audit_' || a.attname || '_not_null'
+           AND k.conbin::text ~ '^\\{NULLTEST :arg \\{VAR :varno 1 :varattno [0-9]+ [^{}]*\\} :nulltesttype 1 '
+         ORDER BY a.attnum)";
 
 /// The enabled user triggers of the table that fire on `INSERT` (`tgtype` bit 4) or `UPDATE`
 /// (bit 16), in name order: the `FROM` of four arrays (name, on insert, on update, and
@@ -319,40 +324,38 @@ const TRIGGERS: &str = "FROM pg_catalog.pg_trigger t
              WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgenabled IN ('O', 'A') AND t.tgtype & 20 <> 0
              ORDER BY t.tgname";
 
-/// Columns of every ordinary and partitioned table, with primary-key position, type, default,
-/// identity, generation and privileges. Partitions are left out: their rows are read through the
-/// parent. Defaults are deparsed without their relation (`pg_get_expr(adbin, 0)`: a default
-/// cannot reference columns), which takes no lock on the table.
-fn columns_sql() -> String {
-    let relative = |expr: &str| RELATIVE.replace("{expr}", expr);
+/// The ordinary and partitioned tables of the requested schemas (partitions are left out: their
+/// rows are read through the parent), in schema order: the one query of [`read`] that names
+/// schemas, and the only one that scans `pg_class` (it has no index on `relnamespace`); every
+/// other query looks tables up by OID.
+const TABLES: &str = "/* tenant-audit:catalog */
+SELECT n.nspname::text, c.oid
+FROM pg_catalog.pg_namespace n
+JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid
+WHERE n.nspname = ANY($1) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+ORDER BY 1, 2";
+
+/// Per table of `$1` (OIDs): its schema and name, whether it is partitioned and unlogged, whether
+/// the scanning role may read it (NULL for a table dropped since the snapshot: left out), its
+/// primary-key columns in key order, the columns of its unique indexes other than the primary
+/// key, its triggers (four arrays, see [`TRIGGERS`]) and its unvalidated heal checks.
+fn relations_sql() -> String {
     format!(
         "/* tenant-audit:catalog */
-SELECT n.nspname::text, c.relname::text, a.attname::text,
-       {data_type},
-       a.attnotnull,
-       {default},
-       (SELECT k.ord::int FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(num, ord) WHERE k.num = a.attnum),
+SELECT c.oid, n.nspname::text, c.relname::text, c.relkind = 'p', c.relpersistence = 'u',
        pg_catalog.has_schema_privilege(n.oid, 'USAGE') AND pg_catalog.has_table_privilege(c.oid, 'SELECT'),
-       CASE WHEN tn.nspname = 'pg_catalog' THEN NULL WHEN tn.oid = n.oid THEN '' ELSE tn.nspname::text END,
-       a.attidentity::text, a.attgenerated <> '',
-       {volatile},
-       {sequence},
+       ARRAY(SELECT a.attname::text FROM pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY k(num, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.num
+             ORDER BY k.ord),
+       ARRAY(SELECT DISTINCT a.attname::text FROM pg_catalog.pg_index u
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = u.indrelid AND a.attnum = ANY (u.indkey::pg_catalog.int2[])
+             WHERE u.indrelid = c.oid AND u.indisunique AND NOT u.indisprimary),
        {triggers},
        {unvalidated}
-FROM pg_catalog.pg_class c
+FROM pg_catalog.unnest($1::pg_catalog.oid[]) r(oid)
+JOIN pg_catalog.pg_class c ON c.oid = r.oid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
-LEFT JOIN pg_catalog.pg_type el ON el.oid = ty.typelem AND ty.typlen = -1
-JOIN pg_catalog.pg_namespace tn ON tn.oid = coalesce(el.typnamespace, ty.typnamespace)
-LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum AND a.attgenerated = ''
-LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary
-WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY($1)
-ORDER BY 1, 2, a.attnum",
-        data_type = relative("pg_catalog.format_type(a.atttypid, a.atttypmod)"),
-        default = relative("pg_catalog.pg_get_expr(d.adbin, 0)"),
-        volatile = DEFAULT_VOLATILE,
-        sequence = SEQUENCE,
+LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary",
         unvalidated = UNVALIDATED_NOT_NULL,
         triggers = ["t.tgname::text", "t.tgtype & 4 <> 0", "t.tgtype & 16 <> 0", "t.tgtype & 3 = 3"]
             .map(|field| format!("ARRAY(SELECT {field} {TRIGGERS})"))
@@ -360,62 +363,75 @@ ORDER BY 1, 2, a.attnum",
     )
 }
 
-/// Foreign keys declared on tables of the requested schemas, with column lists in key order.
+/// The columns of the tables of `$1` (OIDs) in column order, with type, default, identity,
+/// generation, volatility, sequence, collation and whether the type is `uuid` (oid 2950) or a
+/// domain over it (following `typbasetype` through domains of domains). The `search_path` is set
+/// only where it changes what is printed: for a type outside `pg_catalog` and for a default
+/// (a `pg_catalog` type prints the same under every path heal or the scan uses, which all begin
+/// with `pg_catalog`). Defaults are deparsed without their relation (`pg_get_expr(adbin, 0)`: a
+/// default cannot reference columns), which takes no lock on the table.
+fn columns_sql() -> String {
+    let relative = |expr: &str| RELATIVE.replace("{expr}", expr);
+    format!(
+        "/* tenant-audit:catalog */
+SELECT a.attrelid, a.attname::text,
+       CASE WHEN tn.nspname = 'pg_catalog' THEN pg_catalog.format_type(a.atttypid, a.atttypmod) ELSE {data_type} END,
+       a.attnotnull,
+       CASE WHEN d.oid IS NOT NULL THEN {default} END,
+       CASE WHEN tn.nspname = 'pg_catalog' THEN NULL WHEN tn.oid = n.oid THEN '' ELSE tn.nspname::text END,
+       a.attidentity::text, a.attgenerated <> '',
+       {volatile},
+       {sequence},
+       cn.nspname::text, co.collname::text,
+       CASE WHEN a.atttypid = 2950 THEN true WHEN ty.typtype <> 'd' THEN false ELSE 2950 IN (
+         WITH RECURSIVE base(oid) AS (
+           SELECT ty.typbasetype
+           UNION ALL
+           SELECT t.typbasetype FROM pg_catalog.pg_type t JOIN base ON t.oid = base.oid WHERE t.typtype = 'd')
+         SELECT base.oid FROM base) END
+FROM pg_catalog.unnest($1::pg_catalog.oid[]) r(oid)
+JOIN pg_catalog.pg_class c ON c.oid = r.oid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
+LEFT JOIN pg_catalog.pg_type el ON el.oid = ty.typelem AND ty.typlen = -1
+JOIN pg_catalog.pg_namespace tn ON tn.oid = coalesce(el.typnamespace, ty.typnamespace)
+LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum AND a.attgenerated = ''
+LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
+LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
+ORDER BY a.attrelid, a.attnum",
+        data_type = relative("pg_catalog.format_type(a.atttypid, a.atttypmod)"),
+        default = relative("pg_catalog.pg_get_expr(d.adbin, 0)"),
+        volatile = DEFAULT_VOLATILE,
+        sequence = SEQUENCE,
+    )
+}
+
+/// Foreign keys declared on the tables of `$1` (OIDs), with column lists in key order.
 /// Constraints cloned onto partitions (`conparentid <> 0`) are left out.
 const FOREIGN_KEYS: &str = "/* tenant-audit:catalog */
-SELECT n.nspname::text, c.relname::text, con.conname::text,
-       ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(num, ord)
+SELECT con.conrelid, con.conname::text,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.unnest(con.conkey) WITH ORDINALITY k(num, ord)
              JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.num
              ORDER BY k.ord),
        rn.nspname::text, rc.relname::text,
-       ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(num, ord)
+       ARRAY(SELECT a.attname::text FROM pg_catalog.unnest(con.confkey) WITH ORDINALITY k(num, ord)
              JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.num
              ORDER BY k.ord),
        con.convalidated, con.condeferrable, con.confmatchtype = 'f',
-       ARRAY(SELECT opn.nspname::text FROM unnest(con.conpfeqop) WITH ORDINALITY k(op, ord)
+       ARRAY(SELECT opn.nspname::text FROM pg_catalog.unnest(con.conpfeqop) WITH ORDINALITY k(op, ord)
              JOIN pg_catalog.pg_operator o ON o.oid = k.op
              JOIN pg_catalog.pg_namespace opn ON opn.oid = o.oprnamespace
              ORDER BY k.ord),
-       ARRAY(SELECT o.oprname::text FROM unnest(con.conpfeqop) WITH ORDINALITY k(op, ord)
+       ARRAY(SELECT o.oprname::text FROM pg_catalog.unnest(con.conpfeqop) WITH ORDINALITY k(op, ord)
              JOIN pg_catalog.pg_operator o ON o.oid = k.op
              ORDER BY k.ord)
-FROM pg_catalog.pg_constraint con
-JOIN pg_catalog.pg_class c ON c.oid = con.conrelid
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+FROM pg_catalog.unnest($1::pg_catalog.oid[]) r(oid)
+JOIN pg_catalog.pg_constraint con ON con.conrelid = r.oid
 JOIN pg_catalog.pg_class rc ON rc.oid = con.confrelid
 JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
-WHERE con.contype = 'f' AND con.conparentid = 0 AND n.nspname = ANY($1)
-ORDER BY 1, 2, 3";
-
-/// Per ordinary or partitioned table: whether it is partitioned, whether it is unlogged, the
-/// collation of each collatable column (three parallel arrays: column, schema and name), the
-/// columns of its unique indexes other than the primary key, and the columns whose type is
-/// `uuid` (oid 2950) or a domain over it (following `typbasetype` through domains of domains).
-const RELATIONS: &str = "/* tenant-audit:catalog */
-SELECT n.nspname::text, c.relname::text, c.relkind = 'p', c.relpersistence = 'u',
-       coalesce(coll.columns, '{}'), coalesce(coll.schemas, '{}'), coalesce(coll.names, '{}'),
-       ARRAY(SELECT DISTINCT a.attname::text FROM pg_catalog.pg_index u
-             JOIN pg_catalog.pg_attribute a ON a.attrelid = u.indrelid AND a.attnum = ANY (u.indkey::pg_catalog.int2[])
-             WHERE u.indrelid = c.oid AND u.indisunique AND NOT u.indisprimary),
-       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
-             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND 2950 IN (
-               WITH RECURSIVE base(oid) AS (
-                 SELECT a.atttypid
-                 UNION ALL
-                 SELECT t.typbasetype FROM pg_catalog.pg_type t JOIN base ON t.oid = base.oid WHERE t.typtype = 'd')
-               SELECT base.oid FROM base))
-FROM pg_catalog.pg_class c
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-CROSS JOIN LATERAL (
-    SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum),
-           pg_catalog.array_agg(cn.nspname::text ORDER BY a.attnum),
-           pg_catalog.array_agg(co.collname::text ORDER BY a.attnum)
-    FROM pg_catalog.pg_attribute a
-    JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
-    JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
-    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-) coll(columns, schemas, names)
-WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY($1)";
+WHERE con.contype = 'f' AND con.conparentid = 0
+ORDER BY 1, 2";
 
 /// A chunk of schemas whose catalog could not be read.
 #[derive(Debug)]
@@ -424,19 +440,32 @@ pub struct ChunkFailure {
     pub error: DbError,
 }
 
+/// The tables of one schema, by OID, as [`TABLES`] lists them.
+#[derive(Debug)]
+struct Listed {
+    schema: String,
+    tables: Vec<u32>,
+}
+
 /// Reads the catalog of `required` (all in one chunk: a failure there is the caller's failure)
-/// and of `schemas` in chunks of [`CHUNK_SCHEMAS`], each chunk under its own savepoint of `tx`:
-/// a failing chunk is returned with its schemas, and the other chunks are read all the same.
-/// Names that do not exist are simply absent from the result. Each schema read is interned.
+/// and of `schemas` in chunks of whole schemas of at most [`CHUNK_TABLES`] tables (see
+/// [`chunks`]), each chunk under its own savepoint of `tx`: a failing chunk is returned with its
+/// schemas, and the other chunks are read all the same. Names that do not exist, and schemas
+/// without tables, are simply absent from the result. Each schema read is interned.
 pub async fn read(
     tx: &mut tokio_postgres::Transaction<'_>,
     required: &[String],
     schemas: &[String],
     interner: &mut Interner,
 ) -> Result<(Catalog, Vec<ChunkFailure>), DbError> {
-    let mut catalog = read_chunk(&*tx, required, interner).await?;
+    let mut names: Vec<&String> = required.iter().chain(schemas).collect();
+    names.sort();
+    names.dedup();
+    let mut listed = list(&*tx, &names).await?;
+    let (required, tenants): (Vec<Listed>, Vec<Listed>) = listed.drain(..).partition(|l| required.contains(&l.schema));
+    let mut catalog = read_chunk(&*tx, &required, interner).await?;
     let mut failures = Vec::new();
-    for chunk in schemas.chunks(CHUNK_SCHEMAS) {
+    for chunk in chunks(&tenants, CHUNK_TABLES) {
         let savepoint = tx.savepoint("catalog_chunk").await?;
         match read_chunk(&savepoint, chunk, interner).await {
             Ok(part) => {
@@ -445,112 +474,170 @@ pub async fn read(
             }
             Err(error) => {
                 savepoint.rollback().await?;
-                failures.push(ChunkFailure { schemas: chunk.to_vec(), error });
+                failures.push(ChunkFailure { schemas: chunk.iter().map(|l| l.schema.clone()).collect(), error });
             }
         }
     }
     Ok((catalog, failures))
 }
 
-/// The catalog of `schemas` in [`QUERY_COUNT`] queries, each schema interned.
+/// The tables of `names` in one query, grouped by schema in schema order.
+async fn list(client: &impl GenericClient, names: &[&String]) -> Result<Vec<Listed>, DbError> {
+    let mut listed: Vec<Listed> = Vec::new();
+    for row in client.query_typed(TABLES, &[(&names, Type::TEXT_ARRAY)]).await? {
+        let schema: String = row.get(0);
+        match listed.last_mut() {
+            Some(last) if last.schema == schema => last.tables.push(row.get(1)),
+            _ => listed.push(Listed { schema, tables: vec![row.get(1)] }),
+        }
+    }
+    Ok(listed)
+}
+
+/// `listed` cut into runs of whole schemas: a run ends before the schema that would take it past
+/// `budget` tables, so every run holds at most `budget` tables, except a run of one schema that
+/// alone has more.
+fn chunks(listed: &[Listed], budget: usize) -> Vec<&[Listed]> {
+    let mut runs = Vec::new();
+    let (mut start, mut tables) = (0, 0);
+    for (i, l) in listed.iter().enumerate() {
+        if i > start && tables + l.tables.len() > budget {
+            runs.push(&listed[start..i]);
+            (start, tables) = (i, 0);
+        }
+        tables += l.tables.len();
+    }
+    if start < listed.len() {
+        runs.push(&listed[start..]);
+    }
+    runs
+}
+
+/// The catalog of the tables in `listed` in [`QUERY_COUNT`] queries, each schema interned.
+/// Rows are streamed, not buffered: the client holds the chunk's catalog, not the server's
+/// answer as well.
 async fn read_chunk(
     client: &impl GenericClient,
-    schemas: &[String],
+    listed: &[Listed],
     interner: &mut Interner,
 ) -> Result<Catalog, DbError> {
-    let mut catalog: BTreeMap<String, Schema> = BTreeMap::new();
-    for row in client.query_typed(&columns_sql(), &[(&schemas, Type::TEXT_ARRAY)]).await? {
-        // A relation dropped while this query runs comes back with NULL privileges: skip it.
-        let Some(readable) = row.get::<_, Option<bool>>(7) else { continue };
-        let schema: String = row.get(0);
-        let table = catalog.entry(schema.clone()).or_default().tables.entry(row.get(1)).or_default();
-        let name: String = row.get(2);
-        let key_position: Option<i32> = row.get(6);
-        // 1-based position in the primary key (WITH ORDINALITY), when the column is part of it.
-        if let Some(pos) = key_position.and_then(|p| usize::try_from(p - 1).ok()) {
-            if table.primary_key.len() <= pos {
-                table.primary_key.resize(pos + 1, String::new());
-            }
-            table.primary_key[pos] = name.clone();
-        }
-        table.readable = readable;
-        // Repeated on every column row of the table (an index lookup each): kept once.
+    let oids: Vec<u32> = listed.iter().flat_map(|l| l.tables.iter().copied()).collect();
+    let param = || [(&oids as &(dyn tokio_postgres::types::ToSql + Sync), Type::OID_ARRAY)];
+    let mut tables: HashMap<u32, (String, String, Table)> = HashMap::with_capacity(oids.len());
+    let rows = client.query_typed_raw(&relations_sql(), param()).await?;
+    pin_mut!(rows);
+    while let Some(row) = rows.try_next().await? {
+        // A table dropped since the snapshot has NULL privileges: left out.
+        let Some(readable) = row.get::<_, Option<bool>>(5) else { continue };
         let (names, inserts, updates, befores): (Vec<String>, Vec<bool>, Vec<bool>, Vec<bool>) =
-            (row.get(13), row.get(14), row.get(15), row.get(16));
-        table.triggers = names
-            .into_iter()
-            .zip(inserts.into_iter().zip(updates).zip(befores))
-            .map(|(name, ((on_insert, on_update), before_row))| Trigger { name, on_insert, on_update, before_row })
-            .collect();
-        if row.get::<_, bool>(17) {
-            table.unvalidated_not_null.push(name.clone());
-        }
-        let type_schema = match row.get::<_, Option<String>>(8) {
-            None => TypeSchema::Catalog,
-            Some(s) if s.is_empty() => TypeSchema::Own,
-            Some(s) => TypeSchema::Other(s),
-        };
-        let identity = match row.get::<_, String>(9).as_str() {
-            "a" => Some(Identity::Always),
-            "d" => Some(Identity::ByDefault),
-            _ => None,
-        };
-        table.columns.push(Column {
-            name,
-            data_type: row.get(3),
-            type_schema,
-            not_null: row.get(4),
-            default: row.get(5),
-            default_volatile: row.get(11),
-            sequence: row.get::<_, Option<Vec<String>>>(12).and_then(|v| match <[String; 2]>::try_from(v) {
-                Ok([seq_schema, name]) => Some((SchemaRef::of(seq_schema, &schema), name)),
-                Err(_) => None,
-            }),
-            identity,
-            generated: row.get(10),
-        });
-    }
-    for row in client.query_typed(FOREIGN_KEYS, &[(&schemas, Type::TEXT_ARRAY)]).await? {
-        let schema: String = row.get(0);
-        let table: String = row.get(1);
-        let fk = ForeignKey {
-            name: row.get(2),
-            columns: row.get(3),
-            target_schema: SchemaRef::of(row.get(4), &schema),
-            target_table: row.get(5),
-            target_columns: row.get(6),
-            validated: row.get(7),
-            deferrable: row.get(8),
-            match_full: row.get(9),
-            equality: row
-                .get::<_, Vec<String>>(10)
+            (row.get(8), row.get(9), row.get(10), row.get(11));
+        let table = Table {
+            partitioned: row.get(3),
+            unlogged: row.get(4),
+            readable,
+            primary_key: row.get(6),
+            unique_columns: row.get::<_, Vec<String>>(7).into_iter().collect(),
+            triggers: names
                 .into_iter()
-                .zip(row.get::<_, Vec<String>>(11))
+                .zip(inserts.into_iter().zip(updates).zip(befores))
+                .map(|(name, ((on_insert, on_update), before_row))| Trigger { name, on_insert, on_update, before_row })
+                .collect(),
+            unvalidated_not_null: row.get(12),
+            ..Table::default()
+        };
+        tables.insert(row.get(0), (row.get(1), row.get(2), table));
+    }
+    let rows = client.query_typed_raw(&columns_sql(), param()).await?;
+    pin_mut!(rows);
+    while let Some(row) = rows.try_next().await? {
+        let Some((schema, _, table)) = tables.get_mut(&row.get::<_, u32>(0)) else { continue };
+        add_column(table, schema, &row);
+    }
+    let rows = client.query_typed_raw(FOREIGN_KEYS, param()).await?;
+    pin_mut!(rows);
+    while let Some(row) = rows.try_next().await? {
+        let Some((schema, _, table)) = tables.get_mut(&row.get::<_, u32>(0)) else { continue };
+        let target_schema = SchemaRef::of(row.get(3), schema);
+        table.foreign_keys.push(ForeignKey {
+            name: row.get(1),
+            columns: row.get(2),
+            target_schema,
+            target_table: row.get(4),
+            target_columns: row.get(5),
+            validated: row.get(6),
+            deferrable: row.get(7),
+            match_full: row.get(8),
+            equality: row
+                .get::<_, Vec<String>>(9)
+                .into_iter()
+                .zip(row.get::<_, Vec<String>>(10))
                 .map(|(schema, name)| QualifiedName { schema, name })
                 .collect(),
-        };
-        if let Some(t) = catalog.get_mut(&schema).and_then(|s| s.tables.get_mut(&table)) {
-            t.foreign_keys.push(fk);
-        }
+        });
     }
-    for row in client.query_typed(RELATIONS, &[(&schemas, Type::TEXT_ARRAY)]).await? {
-        let Some(t) =
-            catalog.get_mut(&row.get::<_, String>(0)).and_then(|s| s.tables.get_mut(&row.get::<_, String>(1)))
-        else {
-            continue;
-        };
-        t.partitioned = row.get(2);
-        t.unlogged = row.get(3);
-        let columns: Vec<String> = row.get(4);
-        let schemas: Vec<String> = row.get(5);
-        let names: Vec<String> = row.get(6);
-        t.collations = columns
-            .into_iter()
-            .zip(schemas.into_iter().zip(names))
-            .map(|(column, (schema, name))| (column, QualifiedName { schema, name }))
-            .collect();
-        t.unique_columns = row.get::<_, Vec<String>>(7).into_iter().collect();
-        t.uuid_columns = row.get::<_, Vec<String>>(8).into_iter().collect();
+    let mut schemas: BTreeMap<String, Schema> = BTreeMap::new();
+    for (schema, name, table) in tables.into_values() {
+        schemas.entry(schema).or_default().tables.insert(name, table);
     }
-    Ok(Catalog { schemas: catalog.into_iter().map(|(name, s)| (name, interner.intern(s))).collect() })
+    Ok(Catalog { schemas: schemas.into_iter().map(|(name, s)| (name, interner.intern(s))).collect() })
+}
+
+/// Adds the column of a [`columns_sql`] row to `table` of schema `own`.
+fn add_column(table: &mut Table, own: &str, row: &tokio_postgres::Row) {
+    let name: String = row.get(1);
+    let type_schema = match row.get::<_, Option<String>>(5) {
+        None => TypeSchema::Catalog,
+        Some(s) if s.is_empty() => TypeSchema::Own,
+        Some(s) => TypeSchema::Other(s),
+    };
+    let identity = match row.get::<_, String>(6).as_str() {
+        "a" => Some(Identity::Always),
+        "d" => Some(Identity::ByDefault),
+        _ => None,
+    };
+    if let (Some(schema), Some(collation)) = (row.get::<_, Option<String>>(10), row.get::<_, Option<String>>(11)) {
+        table.collations.insert(name.clone(), QualifiedName { schema, name: collation });
+    }
+    if row.get::<_, bool>(12) {
+        table.uuid_columns.insert(name.clone());
+    }
+    table.columns.push(Column {
+        name,
+        data_type: row.get(2),
+        type_schema,
+        not_null: row.get(3),
+        default: row.get(4),
+        default_volatile: row.get(8),
+        sequence: row.get::<_, Option<Vec<String>>>(9).and_then(|v| match <[String; 2]>::try_from(v) {
+            Ok([seq_schema, name]) => Some((SchemaRef::of(seq_schema, own), name)),
+            Err(_) => None,
+        }),
+        identity,
+        generated: row.get(7),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(sizes: &[usize]) -> Vec<Listed> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Listed { schema: format!("s{i}"), tables: (0..n as u32).collect() })
+            .collect()
+    }
+
+    fn sizes(runs: Vec<&[Listed]>) -> Vec<Vec<usize>> {
+        runs.into_iter().map(|run| run.iter().map(|l| l.tables.len()).collect()).collect()
+    }
+
+    #[test]
+    fn chunks_hold_whole_schemas_within_the_budget() {
+        assert_eq!(sizes(chunks(&listed(&[3, 3, 3, 3, 3]), 6)), vec![vec![3, 3], vec![3, 3], vec![3]]);
+        assert_eq!(sizes(chunks(&listed(&[2, 9, 1, 5]), 6)), vec![vec![2], vec![9], vec![1, 5]]);
+        assert_eq!(sizes(chunks(&listed(&[6]), 6)), vec![vec![6]]);
+        assert_eq!(sizes(chunks(&listed(&[]), 6)), Vec::<Vec<usize>>::new());
+    }
 }

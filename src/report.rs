@@ -214,6 +214,7 @@ pub enum DriftKind {
     DefaultMismatch,
     MissingForeignKey,
     ForeignKeyTarget,
+    CollationMismatch,
 }
 
 impl DriftKind {
@@ -224,6 +225,7 @@ impl DriftKind {
             DriftKind::TypeMismatch => "type_mismatch",
             DriftKind::NullabilityMismatch => "nullability_mismatch",
             DriftKind::DefaultMismatch => "default_mismatch",
+            DriftKind::CollationMismatch => "collation_mismatch",
             DriftKind::MissingForeignKey => "missing_foreign_key",
             DriftKind::ForeignKeyTarget => "foreign_key_target",
         }

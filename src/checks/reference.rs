@@ -72,11 +72,28 @@ pub struct ColumnShape {
     pub default_volatile: Option<bool>,
     /// Identity and generation, voted together.
     pub kind: Option<(Option<Identity>, bool)>,
+    /// The column's collation as [`collation`] writes it (`None` inside: the database default,
+    /// or a type without collation).
+    pub collation: Option<Option<String>>,
+}
+
+/// The collation of `column` of `table` (of schema `own`) as SQL text after `COLLATE`,
+/// relative to the table's schema (a collation of its own schema unqualified, so identical
+/// tenants agree): `None` for the database default (`pg_catalog.default`) and for a column
+/// whose type has no collation.
+pub fn collation(table: &crate::catalog::Table, column: &str, own: &str) -> Option<String> {
+    let c = table.collations.get(column)?;
+    match (c.schema.as_str(), c.name.as_str()) {
+        ("pg_catalog", "default") => None,
+        (schema, name) if schema == own => Some(crate::sql::ident(name)),
+        _ => Some(c.quoted()),
+    }
 }
 
 impl ColumnShape {
-    fn of(c: &Column) -> ColumnShape {
+    fn of(c: &Column, table: &crate::catalog::Table, own: &str) -> ColumnShape {
         ColumnShape {
+            collation: Some(collation(table, &c.name, own)),
             data_type: Some(c.data_type.clone()),
             type_schema: Some(c.type_schema.clone()),
             not_null: Some(c.not_null),
@@ -156,7 +173,7 @@ fn from_schema(schema: &Schema, name: &str, shared: &str) -> Shape {
         .tables
         .iter()
         .map(|(table_name, t)| {
-            let columns = t.columns.iter().map(|c| (c.name.clone(), ColumnShape::of(c))).collect();
+            let columns = t.columns.iter().map(|c| (c.name.clone(), ColumnShape::of(c, t, name))).collect();
             let foreign_keys =
                 t.foreign_keys.iter().map(|fk| (fk.columns.clone(), FkShape::of(fk, name, shared))).collect();
             (table_name.clone(), TableShape { columns, foreign_keys })
@@ -223,6 +240,9 @@ fn majority_table(having: &[(&str, &crate::catalog::Table)], shared: &str) -> Ta
             default: default.map(|(d, _)| d.clone()),
             default_volatile: default.map(|(_, v)| *v),
             kind: majority(found.iter().map(|c| (c.identity, c.generated))),
+            collation: majority(
+                having.iter().filter(|(_, t)| t.column(name).is_some()).map(|(schema, t)| collation(t, name, schema)),
+            ),
         };
         columns.insert(name.clone(), shape);
     }
@@ -382,6 +402,7 @@ mod tests {
                 default: None,
                 default_volatile: None,
                 kind: Some((None, false)),
+                collation: Some(None),
             }
         );
     }

@@ -1,5 +1,5 @@
 //! `schema_drift`: how a tenant's tables differ from the reference shape: missing tables and
-//! columns, type, nullability and default differences, and foreign keys that are missing or
+//! columns, type, nullability, default and collation differences, and foreign keys that are missing or
 //! point at another table than the reference's.
 //!
 //! A catalog check: it costs no query. Columns and tables the tenant has beyond the reference
@@ -43,7 +43,7 @@ fn table_differences(expected: &TableShape, actual: &Table, tenant: &str, shared
     for (name, exp) in &expected.columns {
         match actual.column(name) {
             None => out.push((DriftKind::MissingColumn, vec![name.clone()], Some(column_text(exp)), None)),
-            Some(act) => out.extend(column_differences(exp, act)),
+            Some(act) => out.extend(column_differences(exp, act, actual, tenant)),
         }
     }
     for (cols, exp) in &expected.foreign_keys {
@@ -62,8 +62,9 @@ fn table_differences(expected: &TableShape, actual: &Table, tenant: &str, shared
     out
 }
 
-/// Differences in the attributes the reference agrees on.
-fn column_differences(exp: &ColumnShape, act: &Column) -> Vec<Difference> {
+/// Differences in the attributes the reference agrees on (`act` a column of `table`, of schema
+/// `tenant`).
+fn column_differences(exp: &ColumnShape, act: &Column, table: &Table, tenant: &str) -> Vec<Difference> {
     let col = || vec![act.name.clone()];
     let mut out = Vec::new();
     if let Some(data_type) = exp.data_type.as_ref().filter(|t| **t != act.data_type) {
@@ -80,7 +81,21 @@ fn column_differences(exp: &ColumnShape, act: &Column) -> Vec<Difference> {
     if let Some(default) = exp.default.as_ref().filter(|d| **d != act.default) {
         out.push((DriftKind::DefaultMismatch, col(), default.clone(), act.default.clone()));
     }
+    let collation = super::reference::collation(table, &act.name, tenant);
+    if let Some(expected) = exp.collation.as_ref().filter(|c| **c != collation) {
+        out.push((
+            DriftKind::CollationMismatch,
+            col(),
+            Some(collation_text(expected)),
+            Some(collation_text(&collation)),
+        ));
+    }
     out
+}
+
+/// A collation as a difference names it: `default` for the database's.
+fn collation_text(collation: &Option<String>) -> String {
+    collation.clone().unwrap_or_else(|| "default".into())
 }
 
 fn nullability(not_null: bool) -> &'static str {

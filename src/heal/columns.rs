@@ -69,11 +69,21 @@ fn fill(chain: &[String], own: &Table, column: &Column) -> Option<String> {
         .or_else(|| type_default(column).then(|| backfill::COLUMN_DEFAULT.to_string()))
 }
 
-/// The steps that add `column` to `tenant.table`. Without a default or a fallback the existing
-/// rows cannot be filled, and NOT NULL is not applied.
-pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[String]) -> Vec<Step> {
+/// The steps that add `column` to `tenant.table`, with `collation` (the reference's, as
+/// [`crate::checks::reference::collation`] writes it) when it is not the database default.
+/// Without a default or a fallback the existing rows cannot be filled, and NOT NULL is not
+/// applied.
+pub fn add(
+    tenant: &str,
+    table: &str,
+    own: &Table,
+    column: &Column,
+    collation: Option<&str>,
+    chain: &[String],
+) -> Vec<Step> {
     let tbl = sql::qualified(tenant, table);
     let col = sql::ident(&column.name);
+    let collate = collation.map(|c| format!(" COLLATE {c}")).unwrap_or_default();
     let fills_from_columns = chain.iter().any(|e| e != "now()" && own.column(e).is_some());
     match column.default.as_deref() {
         Some(default) if !column.default_volatile && !fills_from_columns => {
@@ -82,7 +92,7 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
                 table,
                 column,
                 format!(
-                    "ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}{not_null} DEFAULT {default}",
+                    "ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}{collate}{not_null} DEFAULT {default}",
                     column.data_type
                 ),
             )]
@@ -90,14 +100,14 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
         default => {
             let ty = &column.data_type;
             let add = match default {
-                Some(d) => format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {ty}, ALTER COLUMN {col} SET DEFAULT {d}"),
+                Some(d) => format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {ty}{collate}, ALTER COLUMN {col} SET DEFAULT {d}"),
                 // The explicit `DEFAULT NULL` overrides the type's volatile default, so the add is
                 // metadata-only; dropping it then gives new rows the type's default, as in the
                 // reference. (One `ALTER TABLE` cannot drop the default of a column it adds.)
                 None if type_default(column) => format!(
-                    "ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {ty} DEFAULT NULL; ALTER TABLE {tbl} ALTER COLUMN {col} DROP DEFAULT"
+                    "ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {ty}{collate} DEFAULT NULL; ALTER TABLE {tbl} ALTER COLUMN {col} DROP DEFAULT"
                 ),
-                None => format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {ty}"),
+                None => format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {ty}{collate}"),
             };
             let mut steps = vec![add_step(table, column, add)];
             if column.not_null {
@@ -121,9 +131,10 @@ pub fn add(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[Str
 ///
 /// The step runs only while the tenant still has `seen`, the default the scan saw (see
 /// [`super::plan::OnceStep::expect_default`]): a migration that changed it meanwhile is never reverted. A
-/// `nextval` default is followed, in the same transaction (under the `ALTER`'s lock, so no insert
-/// draws from the sequence in between), by [`sequence::advance_sql`] on that sequence: forward
-/// only, past the column's largest value, audited.
+/// `nextval` default comes with [`sequence::advance_sql`] on that sequence, run before and after
+/// the `ALTER`, each time in a transaction of its own (its `max()` reads the whole table, never
+/// under the `ALTER`'s `ACCESS EXCLUSIVE` lock): forward only, past the column's largest value,
+/// audited.
 pub fn set_default(
     tenant: &str,
     table: &str,
@@ -194,14 +205,66 @@ pub fn resume(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[
 
 /// `$1` the run id: records, in the transaction that adds `column` to `tenant.table` (under its
 /// `ACCESS EXCLUSIVE` lock), that the column's backfill is pending, with that transaction's id
-/// (32 bits, as `xmin` holds it): the rows whose version is older are the ones it fills.
+/// (32 bits, as `xmin` holds it): the rows whose version is older are the ones it fills. The
+/// record also holds what makes that rule meaningful, checked before each pass (see
+/// [`PENDING_STATE`]): the column's identity (`relid`, `attnum`: a column dropped and added
+/// again under its name is another) and the storage of the table and its descendants (`files`,
+/// oid to relfilenode: a rewrite gives every row a new `xmin`).
 pub fn pending_record(tenant: &str, table: &str, column: &str) -> String {
+    let relation = format!("{}::pg_catalog.regclass", sql::literal(&sql::qualified(tenant, table)));
     progress_record(
         tenant,
         table,
         column,
         "backfill_pending",
-        "pg_catalog.jsonb_build_object('xid', (pg_catalog.pg_current_xact_id()::text::bigint % 4294967296)::text)",
+        &format!(
+            "pg_catalog.jsonb_build_object('xid', (pg_catalog.pg_current_xact_id()::text::bigint % 4294967296)::text, \
+             'relid', {relation}::pg_catalog.oid, 'attnum', {}, 'files', {})",
+            attnum(&relation, &sql::literal(column)),
+            files(&relation)
+        ),
+    )
+}
+
+/// The attnum of the live column named `column` (a SQL text expression) of `relation` (a SQL
+/// regclass expression); NULL when there is none.
+fn attnum(relation: &str, column: &str) -> String {
+    format!(
+        "(SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) {relation} \
+         AND a.attname OPERATOR(pg_catalog.=) {column} AND NOT a.attisdropped)"
+    )
+}
+
+/// `relation` (a SQL regclass expression) and every inheritance descendant (partitions
+/// included) as a JSON object of oid to relfilenode: what a rewrite (`VACUUM FULL`, `CLUSTER`,
+/// `ALTER COLUMN ... TYPE`, pg_repack) or a changed partition set changes.
+fn files(relation: &str) -> String {
+    format!(
+        "(WITH RECURSIVE tree(oid) AS (SELECT {relation}::pg_catalog.oid UNION ALL SELECT i.inhrelid FROM \
+         pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.oid) \
+         SELECT pg_catalog.jsonb_object_agg(c.oid, c.relfilenode) FROM tree t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.oid)"
+    )
+}
+
+/// `$1` schema, `$2` table, `$3` column: the latest pending record of that column's backfill
+/// (see [`pending_sql`]) and whether it still applies: (xid, same column, same files). Same
+/// column is false when the table or the column named so is no longer the one heal added (a
+/// migration dropped and added it again); same files is false when the table was rewritten or
+/// its partitions changed since. A record written before heal recorded them (no `relid`)
+/// counts as both.
+pub fn pending_state_sql() -> String {
+    let relation = "pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::pg_catalog.text, $2::pg_catalog.text))";
+    format!(
+        "SELECT p.xid, coalesce(r.relid IS NULL OR ({relation}::pg_catalog.oid OPERATOR(pg_catalog.=) r.relid AND {attnum} OPERATOR(pg_catalog.=) r.attnum), false),
+  coalesce(r.relid IS NULL OR {files} OPERATOR(pg_catalog.=) r.files, false)
+FROM ({pending}) p
+CROSS JOIN LATERAL (SELECT (p.record->>'relid')::pg_catalog.oid AS relid, (p.record->>'attnum')::pg_catalog.int2 AS attnum,
+  p.record->'files' AS files) r
+WHERE p.schema_name OPERATOR(pg_catalog.=) $1 AND p.table_name OPERATOR(pg_catalog.=) $2 AND p.column_name OPERATOR(pg_catalog.=) $3
+ORDER BY p.id DESC LIMIT 1",
+        attnum = attnum(relation, "$3::pg_catalog.text"),
+        files = files(relation),
+        pending = pending_records(),
     )
 }
 
@@ -209,6 +272,18 @@ pub fn pending_record(tenant: &str, table: &str, column: &str) -> String {
 /// whole pass found no row left to fill).
 pub fn done_record(tenant: &str, table: &str, column: &str) -> String {
     progress_record(tenant, table, column, "backfill_done", "NULL")
+}
+
+/// `$1` the run id, `$2` why: closes the pending backfill of `column` of `tenant.table` without
+/// filling it (`new_value` `{"closed": why}`), when the column is no longer the one heal added.
+pub fn closed_record(tenant: &str, table: &str, column: &str) -> String {
+    progress_record(
+        tenant,
+        table,
+        column,
+        "backfill_done",
+        "pg_catalog.jsonb_build_object('closed', $2::pg_catalog.text)",
+    )
 }
 
 fn progress_record(tenant: &str, table: &str, column: &str, step: &str, value: &str) -> String {
@@ -227,14 +302,20 @@ fn progress_record(tenant: &str, table: &str, column: &str, step: &str, value: &
 /// `backfill_pending` audit row without a later `backfill_done` of the same column, oldest
 /// first. (It reads the audit table's `add_missing_columns` rows.)
 pub fn pending_sql() -> String {
+    format!("SELECT p.schema_name, p.table_name, p.column_name, p.xid FROM ({}) p ORDER BY p.id", pending_records())
+}
+
+/// The records [`pending_sql`] reads: schema_name, table_name, column_name, xid, `record` (the
+/// whole `new_value`) and `id` of each, unordered.
+fn pending_records() -> String {
     let log = audit::table();
     format!(
-        "SELECT p.schema_name, p.table_name, p.row_key->>'column', p.new_value->>'xid' FROM {log} p
+        "SELECT p.schema_name, p.table_name, p.row_key->>'column' AS column_name, p.new_value->>'xid' AS xid, p.new_value AS record, p.id
+FROM {log} p
 WHERE p.repair = 'add_missing_columns' AND p.row_key->>'step' = 'backfill_pending'
   AND NOT EXISTS (SELECT 1 FROM {log} d WHERE d.repair = 'add_missing_columns' AND d.schema_name = p.schema_name
     AND d.table_name = p.table_name AND d.row_key->>'step' = 'backfill_done'
-    AND d.row_key->>'column' = p.row_key->>'column' AND d.id > p.id)
-ORDER BY p.id"
+    AND d.row_key->>'column' = p.row_key->>'column' AND d.id > p.id)"
     )
 }
 

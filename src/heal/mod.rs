@@ -582,9 +582,39 @@ async fn run_backfill(
     outcome: &mut Outcome,
 ) -> Result<(), Stop> {
     let before = match spec.pending {
-        true => match pending_xid(writer, spec).await? {
-            Some(xid) => Some(xid),
-            None => return Ok(()),
+        true => match pending_state(writer, spec).await? {
+            Pending::Open(xid) => Some(xid),
+            Pending::None => return Ok(()),
+            Pending::Replaced => {
+                let reason = format!(
+                    "backfill of {}: the column is not the one heal added (a migration dropped the table or the column and added it again since): its pending backfill is closed, nothing filled",
+                    spec.column
+                );
+                let (sql, run_id, why) = (
+                    columns::closed_record(&spec.tenant, &spec.table, &spec.column),
+                    outcome.run_id.clone(),
+                    reason.clone(),
+                );
+                writer
+                    .transaction(move |tx| {
+                        Box::pin(
+                            async move { tx.query_typed(&sql, &[(&run_id, Type::TEXT), (&why, Type::TEXT)]).await },
+                        )
+                    })
+                    .await?;
+                tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&spec.table), repair = spec.repair.name(), reason = %crate::sql::escape_controls(&reason), "step set aside");
+                outcome.refused.push((spec.tenant.clone(), spec.table.clone(), reason));
+                return Err(Stop::Reported);
+            }
+            Pending::Rewritten => {
+                let reason = format!(
+                    "backfill of {}: the table was rewritten or its partitions changed since heal added the column (VACUUM FULL, CLUSTER, ALTER COLUMN TYPE, pg_repack, ATTACH PARTITION): every row has a new version, heal cannot tell the NULLs it left from the application's; the backfill stays pending, nothing filled (see docs/heal.md)",
+                    spec.column
+                );
+                tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&spec.table), repair = spec.repair.name(), reason = %crate::sql::escape_controls(&reason), "step set aside");
+                outcome.refused.push((spec.tenant.clone(), spec.table.clone(), reason));
+                return Err(Stop::Reported);
+            }
         },
         false => None,
     };
@@ -679,20 +709,38 @@ async fn run_backfill(
     Ok(())
 }
 
-/// The transaction id (text) recorded when the column of `spec` was added, from its latest
-/// pending record (see [`columns::pending_sql`]); `None` when there is none left.
-async fn pending_xid(writer: &mut Writer<'_>, spec: &backfill::BackfillSpec) -> Result<Option<String>, Stop> {
-    let rows = writer
-        .transaction(move |tx| Box::pin(async move { tx.query_typed(&columns::pending_sql(), &[]).await }))
-        .await?;
-    Ok(rows
-        .iter()
-        .rev()
-        .find(|r| {
-            (r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2))
-                == (spec.tenant.clone(), spec.table.clone(), spec.column.clone())
+/// The state of the pending backfill of `spec`'s column (see [`columns::pending_state_sql`]).
+enum Pending {
+    /// Pending, with the transaction id (text) recorded when the column was added.
+    Open(String),
+    /// No pending record left.
+    None,
+    /// The table or column named so is not the one heal added.
+    Replaced,
+    /// The table was rewritten (or its partitions changed) since the add.
+    Rewritten,
+}
+
+/// Reads the latest pending record of `spec`'s column and whether it still applies.
+async fn pending_state(writer: &mut Writer<'_>, spec: &backfill::BackfillSpec) -> Result<Pending, Stop> {
+    let (schema, table, column) = (spec.tenant.clone(), spec.table.clone(), spec.column.clone());
+    let row = writer
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.query_typed_opt(
+                    &columns::pending_state_sql(),
+                    &[(&schema, Type::TEXT), (&table, Type::TEXT), (&column, Type::TEXT)],
+                )
+                .await
+            })
         })
-        .map(|r| r.get(3)))
+        .await?;
+    Ok(match row {
+        None => Pending::None,
+        Some(row) if !row.get::<_, bool>(1) => Pending::Replaced,
+        Some(row) if !row.get::<_, bool>(2) => Pending::Rewritten,
+        Some(row) => Pending::Open(row.get(0)),
+    })
 }
 
 /// The relation a backfill's batches write, and their statement.
@@ -971,8 +1019,8 @@ async fn refused_triggers(
 
 /// What a one-off step did.
 enum OnceDone {
-    /// Ran; with the number of sequences its `advance` moved.
-    Ran(u64),
+    /// Ran.
+    Ran,
     /// Set aside: the added column's type is a constrained domain.
     Rewrite,
     /// Skipped: the column's default is no longer the one the plan saw.
@@ -1001,6 +1049,14 @@ async fn run_once(
     let adds = once.added.clone().map(|(column, _)| column);
     let table = crate::sql::qualified(&tenant.schema, &once.table);
     let (expect, advance, pending) = (once.expect_default.clone(), once.advance.clone(), once.pending.clone());
+    // The sequence a `nextval` default draws from is moved in transactions of its own, before
+    // and after the `ALTER`: its `max()` reads the whole table, which must never happen under
+    // the `ALTER`'s `ACCESS EXCLUSIVE` lock. The move after it catches values inserted
+    // explicitly in between; both are forward only.
+    let mut moved = match &advance {
+        Some(sql) => advance_once(writer, sql, &outcome.run_id).await?,
+        None => 0,
+    };
     let done = writer
         .transaction_within(once.long, move |tx| {
             Box::pin(async move {
@@ -1038,19 +1094,19 @@ async fn run_once(
                 }
                 tx.batch_execute(&statement).await?;
                 tx.query_typed(&record, &[(&run_id, Type::TEXT), (&statement, Type::TEXT)]).await?;
-                let moved = match advance {
-                    Some(sql) => tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?.len() as u64,
-                    None => 0,
-                };
                 if let Some(sql) = pending {
                     tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?;
                 }
-                Ok(OnceDone::Ran(moved))
+                Ok(OnceDone::Ran)
             })
         })
         .await?;
-    let moved = match done {
-        OnceDone::Ran(moved) => moved,
+    match done {
+        OnceDone::Ran => {
+            if let Some(sql) = &advance {
+                moved += advance_once(writer, sql, &outcome.run_id).await?;
+            }
+        }
         OnceDone::Rewrite => {
             let (column, data_type) = once.added.clone().unwrap_or_default();
             let reason = columns::rewrite_reason(&column, &data_type);
@@ -1071,7 +1127,7 @@ async fn run_once(
             outcome.not_applied.push((tenant.schema.clone(), once.table.clone(), key));
             return Err(Stop::Reported);
         }
-    };
+    }
     tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), statement = %crate::sql::escape_controls(&once.sql), "healed");
     if once.adds_column {
         *outcome.changed.entry(action.repair.name()).or_default() += 1;
@@ -1081,6 +1137,17 @@ async fn run_once(
         *outcome.changed.entry(action.repair.name()).or_default() += moved;
     }
     Ok(())
+}
+
+/// Runs a one-off step's `advance` ([`sequence::advance_sql`], `$1` the run id) in a
+/// transaction of its own: the number of sequences it moved.
+async fn advance_once(writer: &mut Writer<'_>, sql: &str, run_id: &str) -> Result<u64, Stop> {
+    let (sql, run_id) = (sql.to_string(), run_id.to_string());
+    writer
+        .transaction(move |tx| {
+            Box::pin(async move { Ok(tx.query_typed(&sql, &[(&run_id, Type::TEXT)]).await?.len() as u64) })
+        })
+        .await
 }
 
 /// A one-off step's audit key as the summary names it: `{"column": C, "step": S}`.

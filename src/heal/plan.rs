@@ -75,7 +75,8 @@ pub struct OnceStep {
     /// skipped and reported (`changed since the plan`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect_default: Option<ExpectDefault>,
-    /// Run after `sql` in the same transaction, `$1` the run id ([`sequence::advance_sql`]):
+    /// Run before and after `sql`, each time in a transaction of its own (never under the
+    /// `ALTER`'s lock: it reads the whole column), `$1` the run id ([`sequence::advance_sql`]):
     /// moves the sequence a new `nextval` default draws from past the column's values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advance: Option<String>,
@@ -341,7 +342,7 @@ impl Plan {
                             }
                             let _ = writeln!(out, "{};", once.sql);
                             if let Some(advance) = &once.advance {
-                                let _ = writeln!(out, "-- then, in the same transaction ($1 = run id):\n{advance};");
+                                let _ = writeln!(out, "-- before and after it, each time in a transaction of its own ($1 = run id):\n{advance};");
                             }
                             if let Some(pending) = &once.pending {
                                 let _ = writeln!(
@@ -405,17 +406,20 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
         }
         (Repair::AddMissingColumns, Check::SchemaDrift, Detail::SchemaDrift { difference, .. }) => {
             let name = f.columns.first()?;
-            let column = &scanned.shape.tables.get(&table)?.columns.get(name)?.to_column(name)?;
+            let shape = scanned.shape.tables.get(&table)?.columns.get(name)?;
+            let column = &shape.to_column(name)?;
+            let collation = shape.collation.clone().flatten();
             let chain = config.heal.fallbacks.get(name).cloned().unwrap_or_default();
             match difference {
                 DriftKind::MissingColumn => {
                     let summary = format!(
-                        "add column {name} {}{}{} as the reference has it",
+                        "add column {name} {}{}{}{} as the reference has it",
                         column.data_type,
+                        collation.as_deref().map(|c| format!(" COLLATE {c}")).unwrap_or_default(),
                         if column.not_null { " NOT NULL" } else { "" },
                         column.default.as_deref().map(|d| format!(" DEFAULT {d}")).unwrap_or_default()
                     );
-                    (summary, columns::add(tenant, &table, own, column, &chain))
+                    (summary, columns::add(tenant, &table, own, column, collation.as_deref(), &chain))
                 }
                 DriftKind::DefaultMismatch => {
                     let default = column.default.as_deref()?;

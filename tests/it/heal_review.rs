@@ -110,7 +110,7 @@ async fn a_copy_between_columns_of_different_types_is_set_aside() {
 }
 
 /// Item 6: `SET DEFAULT nextval('doc_id_seq')` points the column at the tenant's own sequence,
-/// still at 1 while the column holds 1..10: the same transaction moves it past them.
+/// still at 1 while the column holds 1..10: it is moved past them (before and after the step).
 #[tokio::test]
 async fn a_default_that_draws_from_a_sequence_leaves_the_sequence_past_the_column() {
     let sql = "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_a', 'tenant_b']) t;
@@ -127,7 +127,7 @@ async fn a_default_that_draws_from_a_sequence_leaves_the_sequence_past_the_colum
     );
     let plan = stdout(&cli(&["heal", "--config", path.to_str().unwrap()], &[]));
     assert!(
-        plan.contains("SET DEFAULT nextval('doc_id_seq'::regclass);\n-- then, in the same transaction ($1 = run id):\nWITH moved AS ("),
+        plan.contains("SET DEFAULT nextval('doc_id_seq'::regclass);\n-- before and after it, each time in a transaction of its own ($1 = run id):\nWITH moved AS ("),
         "{plan}"
     );
     let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);

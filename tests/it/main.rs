@@ -12,6 +12,7 @@ mod freeze;
 mod heal;
 mod heal_backfill;
 mod heal_columns_review;
+mod heal_columns_state;
 mod heal_copy_review;
 mod heal_ddl;
 mod heal_defaults_review;

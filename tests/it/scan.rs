@@ -291,10 +291,11 @@ async fn catalog_queries_come_in_chunks_of_schemas_not_per_tenant() {
         };
         (count("tenant-audit:catalog").await, count("tenant-audit:discovery").await, report.tenants.scanned)
     }
-    // The shared schema's chunk, then one chunk per CHUNK_SCHEMAS tenants.
-    assert_eq!((catalog::QUERY_COUNT, catalog::CHUNK_SCHEMAS), (3, 200));
+    // One query lists the tables, then the shared schema's chunk and one chunk per CHUNK_TABLES
+    // tenant tables (whole tenants of 3 tables: 666 tenants, then the other 334).
+    assert_eq!((catalog::QUERY_COUNT, catalog::CHUNK_TABLES), (3, 2000));
     let small = catalog_calls("scan_catalog_3", 3).await;
     let large = catalog_calls("scan_catalog_1000", 1000).await;
-    assert_eq!(small, (3 * 2, 3, 3));
-    assert_eq!(large, (3 * 6, 3, 1000));
+    assert_eq!(small, (1 + 3 * 2, 3, 3));
+    assert_eq!(large, (1 + 3 * 3, 3, 1000));
 }
