@@ -535,6 +535,8 @@ pub struct BatchOutcome {
     pub sequences: Vec<(String, String)>,
     /// The keys picked and either copied or set aside (the others were not in `only`).
     pub handled: Vec<Vec<String>>,
+    /// The first key to copy needs more rows than the run has left: nothing was done.
+    pub budget_short: bool,
 }
 
 /// A row the closure needs, or why a key's chain ends.
@@ -552,13 +554,17 @@ enum Node {
     Broken(String),
 }
 
-/// Runs one batch in `tx`: `limit` keys after `cursor`.
+/// Runs one batch in `tx`: at most `limit` keys after `cursor`, writing at most `rows_left` rows
+/// (the keys from the first whose rows would pass it are left to the next batch); a key whose
+/// copy needs more rows than `cap` is set aside.
 pub async fn batch(
     tx: &Transaction<'_>,
     spec: &CopySpec,
     limit: i64,
     cursor: &[String],
     run_id: &str,
+    cap: RowCap,
+    rows_left: usize,
 ) -> Result<BatchOutcome, tokio_postgres::Error> {
     let picked = pick(tx, spec, limit, cursor).await?;
     let mut out =
@@ -572,7 +578,7 @@ pub async fn batch(
     if picked.is_empty() {
         return Ok(out);
     }
-    let Closure { nodes, mut good, mut broken } = closure(tx, spec, &picked).await?;
+    let Closure { nodes, mut good, mut broken } = closure(tx, spec, &picked, &cap).await?;
     // A plan file's copy writes only the rows it lists: a key that now needs another row (its
     // chain changed since the plan) is set aside.
     if let Some(listed) = &spec.rows {
@@ -594,6 +600,23 @@ pub async fn batch(
         });
         broken.sort_by_key(|(i, _)| *i);
     }
+    // One transaction writes at most `rows_left` rows; one key's rows are never split (they are
+    // within the cap, at most `heal.batch_size`).
+    let mut rows: BTreeSet<usize> = BTreeSet::new();
+    let mut fit = picked.len();
+    for (i, ids) in &good {
+        let needed: Vec<usize> =
+            ids.iter().copied().filter(|id| matches!(nodes[*id], Node::Row { .. }) && !rows.contains(id)).collect();
+        if rows.len() + needed.len() > rows_left {
+            fit = *i;
+            break;
+        }
+        rows.extend(needed);
+    }
+    if fit == 0 {
+        return Ok(BatchOutcome { budget_short: true, cursor: cursor.to_vec(), ..out });
+    }
+    good.retain(|(i, _)| *i < fit);
 
     // Deferrable constraints are checked at the end of each insert, inside its savepoint: a clash
     // found at COMMIT would lose the whole batch, every run. (All rows of a closure, cycles
@@ -602,7 +625,7 @@ pub async fn batch(
     let isolated = insert_isolating(tx, spec, &nodes, &good, run_id).await?;
     // Keys from the first one not tried on are left to the next batch, which starts after the
     // last key tried.
-    let end = isolated.stopped_at.map_or(picked.len(), |g| good[g].0);
+    let end = isolated.stopped_at.map_or(fit, |g| good[g].0);
     if end < picked.len() {
         out.cursor = picked[end - 1].clone();
         out.handled.truncate(end);
@@ -658,6 +681,7 @@ async fn closure(
     tx: &Transaction<'_>,
     spec: &CopySpec,
     picked: &[Vec<String>],
+    cap: &RowCap,
 ) -> Result<Closure, tokio_postgres::Error> {
     // The closure: nodes are rows to copy (or chain ends), found level by level.
     let mut nodes: Vec<Node> = Vec::new();
@@ -675,6 +699,10 @@ async fn closure(
         via: Option<String>,
     }
     let mut roots: Vec<Option<usize>> = vec![None; picked.len()];
+    // Rows whose foreign keys are not looked up yet, and the keys whose closure passed the cap
+    // (their rows are looked up no further).
+    let mut unexpanded: BTreeSet<usize> = BTreeSet::new();
+    let mut over = vec![false; picked.len()];
     let mut wants: Vec<Want> = picked
         .iter()
         .enumerate()
@@ -700,7 +728,6 @@ async fn closure(
                 }
             }
         }
-        let mut expand: Vec<usize> = Vec::new();
         for ((name, columns), values) in groups {
             let Some(table) = spec.tables.get(&name) else { continue };
             let sql = spec.lookup_sql(table, &columns);
@@ -765,7 +792,7 @@ async fn closure(
                         let id = nodes.len() - 1;
                         by_key.insert((name.clone(), key), id);
                         memo.insert((name.clone(), columns.clone(), v), id);
-                        expand.push(id);
+                        unexpanded.insert(id);
                         continue;
                     }
                 } else {
@@ -787,9 +814,27 @@ async fn closure(
                 }
             }
         }
-        // The next level: the foreign keys of the rows found in this one.
+        // A key whose closure has more rows than the cap is set aside: its rows are looked up no
+        // further (a chain of thousands of rows costs at most `cap` levels), unless another key
+        // needs them too.
+        let mut live: BTreeSet<usize> = BTreeSet::new();
+        for (i, root) in roots.iter().enumerate() {
+            let Some(root) = *root else { continue };
+            if over[i] {
+                continue;
+            }
+            let (reached, rows) = reachable(&nodes, root, cap.rows);
+            if rows > cap.rows {
+                over[i] = true;
+            } else {
+                live.extend(reached);
+            }
+        }
+        // The next level: the foreign keys of the rows the keys within the cap reach.
+        let expand: Vec<usize> = unexpanded.intersection(&live).copied().collect();
         let mut next = Vec::new();
         for id in expand {
+            unexpanded.remove(&id);
             let Node::Row { table: name, fks, .. } = &mut nodes[id] else { continue };
             let fks = std::mem::take(fks);
             let from = name.clone();
@@ -843,6 +888,9 @@ async fn closure(
                 }
             }
         }
+        if over[i] && reason.is_none() {
+            reason = Some(cap.reason());
+        }
         match reason {
             Some(reason) => broken.push((i, reason)),
             None => good.push((i, seen)),
@@ -850,6 +898,52 @@ async fn closure(
     }
 
     Ok(Closure { nodes, good, broken })
+}
+
+/// The nodes reachable from `from` (itself included) and how many of them are rows, up to the
+/// first row past `rows`.
+fn reachable(nodes: &[Node], from: usize, rows: usize) -> (BTreeSet<usize>, usize) {
+    let (mut seen, mut count) = (BTreeSet::new(), 0);
+    let mut stack = vec![from];
+    while let Some(id) = stack.pop() {
+        if count > rows {
+            break;
+        }
+        if seen.insert(id) {
+            if let Node::Row { children, .. } = &nodes[id] {
+                count += 1;
+                stack.extend(children.iter().copied());
+            }
+        }
+    }
+    (seen, count)
+}
+
+/// The most rows one orphaned key's copy may write: its parent and all their ancestors are one
+/// transaction (a chain or a cycle is only consistent whole), which writes at most
+/// `heal.batch_size` rows, and a run at most `heal.max_rows_per_run`. A key that needs more is
+/// set aside, and its closure is looked up no further than that.
+#[derive(Debug, Clone, Copy)]
+pub struct RowCap {
+    pub rows: usize,
+    /// The configuration key that sets `rows`.
+    pub key: &'static str,
+}
+
+impl RowCap {
+    pub fn new(batch_size: usize, max_rows_per_run: u64) -> RowCap {
+        match usize::try_from(max_rows_per_run) {
+            Ok(max) if max < batch_size => RowCap { rows: max, key: "heal.max_rows_per_run" },
+            _ => RowCap { rows: batch_size, key: "heal.batch_size" },
+        }
+    }
+
+    fn reason(&self) -> String {
+        format!(
+            "its copy needs more than {} rows (the parent and all its ancestors, written in one transaction), more than {} = {}: raise it, or copy these rows by hand",
+            self.rows, self.key, self.rows
+        )
+    }
 }
 
 /// What a copy would do now, for a plan file: the orphaned keys it would repair or set aside and
@@ -863,10 +957,11 @@ pub async fn planned(
 ) -> Result<(Vec<Vec<String>>, Vec<CopyRow>), tokio_postgres::Error> {
     let (mut keys, mut rows) = (Vec::new(), BTreeSet::new());
     let mut cursor: Vec<String> = Vec::new();
+    let cap = RowCap::new(usize::try_from(batch_size).unwrap_or(usize::MAX), max_rows);
     loop {
         let picked = pick(tx, spec, batch_size, &cursor).await?;
         let Some(last) = picked.last().cloned() else { break };
-        let Closure { nodes, good, .. } = closure(tx, spec, &picked).await?;
+        let Closure { nodes, good, .. } = closure(tx, spec, &picked, &cap).await?;
         for (i, key) in picked.iter().enumerate() {
             let needed: BTreeSet<CopyRow> = good
                 .iter()
