@@ -38,7 +38,7 @@
 //!   tenant. A state that a failed scan left half-updated is still correct: every stored unit
 //!   holds findings computed from exactly the inputs it records.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,15 +76,37 @@ pub struct Signals {
     pub in_recovery: bool,
     /// `track_counts`: without it the counters never move.
     pub track_counts: bool,
-    tables: HashMap<(String, String), Signal>,
+    /// By schema, then table: one copy of each schema's name, not one per table.
+    tables: HashMap<String, HashMap<String, Signal>>,
     /// The catalog fingerprint of every requested schema that exists (see [`FINGERPRINTS`]).
     fingerprints: HashMap<String, Fingerprint>,
     /// What decides the scanning role's privileges besides the schemas' own rows: its role
     /// attributes and every role membership.
     roles: String,
-    /// `(last_value, is_called)` of the tenant sequences the data checks read, by (schema,
-    /// sequence); read after the catalog, before any tenant's data (see [`read_sequences`]).
-    sequences: HashMap<(String, String), (String, String)>,
+    /// The state of the tenant sequences the data checks read, by schema, then sequence; read
+    /// after the catalog, before any tenant's data (see [`read_sequences`]).
+    sequences: HashMap<String, HashMap<String, Sequence>>,
+}
+
+/// A sequence's `(last_value, is_called)`: every `nextval` and `setval` changes one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Sequence {
+    last_value: i64,
+    is_called: bool,
+}
+
+impl Signals {
+    fn table(&self, schema: &str, table: &str) -> Option<&Signal> {
+        self.tables.get(schema)?.get(table)
+    }
+
+    fn sequence(&self, schema: &str, sequence: &str) -> Option<&Sequence> {
+        self.sequences.get(schema)?.get(sequence)
+    }
+
+    fn all_tables(&self) -> impl Iterator<Item = &Signal> {
+        self.tables.values().flat_map(HashMap::values)
+    }
 }
 
 /// A schema's catalog fingerprint: how many catalog rows describe it and a digest of their
@@ -92,7 +114,8 @@ pub struct Signals {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Fingerprint {
     rows: i64,
-    digest: String,
+    /// A hash of the digest's text (a sum printed as `numeric`): 8 bytes kept per schema.
+    digest: u64,
 }
 
 /// The change signal of one table (its partitions and inheritance children included).
@@ -226,7 +249,7 @@ pub async fn read(client: &impl GenericClient, schemas: &[String], mentioned: &[
             String::new(),
         ),
     };
-    let mut tables = HashMap::new();
+    let mut tables: HashMap<String, HashMap<String, Signal>> = HashMap::new();
     for r in client.query_typed(TABLES, &[(&schemas, Type::TEXT_ARRAY)]).await? {
         let digest: String = r.get(6);
         let signal = Signal {
@@ -234,12 +257,14 @@ pub async fn read(client: &impl GenericClient, schemas: &[String], mentioned: &[
             counters: Counters { inserted: r.get(3), updated: r.get(4), deleted: r.get(5) },
             storage: u64::from_str_radix(digest.get(..16).unwrap_or_default(), 16).unwrap_or_default(),
         };
-        tables.insert((r.get(0), r.get(1)), signal);
+        tables.entry(r.get(0)).or_default().insert(r.get(1), signal);
     }
     let all: Vec<&String> = schemas.iter().chain(mentioned).collect();
     let mut fingerprints = HashMap::new();
     for r in client.query_typed(FINGERPRINTS, &[(&all, Type::TEXT_ARRAY)]).await? {
-        fingerprints.insert(r.get(0), Fingerprint { rows: r.get(1), digest: r.get(2) });
+        let mut digest = DefaultHasher::new();
+        r.get::<_, String>(2).hash(&mut digest);
+        fingerprints.insert(r.get(0), Fingerprint { rows: r.get(1), digest: digest.finish() });
     }
     Ok(Signals { epoch, in_recovery, track_counts, tables, fingerprints, roles, sequences: HashMap::new() })
 }
@@ -265,7 +290,7 @@ pub async fn read_sequences(
             .iter()
             .enumerate()
             .map(|(i, (schema, name))| {
-                format!("SELECT {i}, s.last_value::text, s.is_called::text FROM {} s", sql::qualified(schema, name))
+                format!("SELECT {i}, s.last_value, s.is_called FROM {} s", sql::qualified(schema, name))
             })
             .collect::<Vec<_>>()
             .join("\nUNION ALL ");
@@ -276,9 +301,14 @@ pub async fn read_sequences(
                     else {
                         continue;
                     };
-                    if let Some(key) = i.parse::<usize>().ok().and_then(|i| batch.get(i)) {
-                        signals.sequences.insert(key.clone(), (last.clone(), called.clone()));
-                    }
+                    // A state that does not parse is left out: its tables are checked.
+                    let (Some((schema, name)), Ok(last_value)) =
+                        (i.parse::<usize>().ok().and_then(|i| batch.get(i)), last.parse())
+                    else {
+                        continue;
+                    };
+                    let state = Sequence { last_value, is_called: called == "t" };
+                    signals.sequences.entry(schema.clone()).or_default().insert(name.clone(), state);
                 }
             }
             Err(e) => tracing::debug!(error = %e, "sequence states left out; their tables are checked"),
@@ -331,21 +361,26 @@ struct Unit {
 }
 
 /// What one tenant's findings were computed from besides its own catalog and the scan's
-/// context: the relations its checks read and the sequences they read.
-#[derive(Debug, Clone, Default)]
+/// context: the relations its checks read and the sequences they read. Relative to the tenant
+/// (its own tables are [`SchemaRef::Own`]), so that identical tenants have equal reads, which
+/// [`State`] stores once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Reads {
-    relations: Vec<(String, String)>,
+    relations: Vec<(SchemaRef, String)>,
     sequences: Vec<String>,
 }
 
 impl Reads {
     /// The reads of `plan` (taken before any check is left out of it).
     pub fn of(plan: &Plan, tenant: &str) -> Reads {
-        let mut relations: Vec<(String, String)> = plan
+        let mut relations: Vec<(SchemaRef, String)> = plan
             .tables
             .iter()
             .flat_map(|u| u.relations(tenant))
-            .map(|(schema, table)| (schema.to_string(), table.to_string()))
+            .map(|(schema, table)| {
+                let schema = if schema == tenant { SchemaRef::Own } else { SchemaRef::Other(schema.to_string()) };
+                (schema, table.to_string())
+            })
             .collect();
         relations.sort();
         relations.dedup();
@@ -359,7 +394,7 @@ impl Reads {
 #[derive(Debug)]
 struct Memo {
     inputs: u64,
-    reads: Reads,
+    reads: Arc<Reads>,
     findings: Vec<Finding>,
     /// Its tables with data checks, and when the oldest of their results was computed.
     tables: usize,
@@ -385,11 +420,15 @@ pub fn tenant_inputs(context: u64, tenant: &str, catalog: &Catalog, reads: &Read
         }
     }
     for (schema, table) in &reads.relations {
+        let schema = match schema {
+            SchemaRef::Own => tenant,
+            SchemaRef::Other(other) => other.as_str(),
+        };
         (schema, table, signals.fingerprints.get(schema)?).hash(&mut h);
-        signals.tables.get(&(schema.clone(), table.clone()))?.hash(&mut h);
+        signals.table(schema, table)?.hash(&mut h);
     }
     for sequence in &reads.sequences {
-        signals.sequences.get(&(tenant.to_string(), sequence.clone()))?.hash(&mut h);
+        signals.sequence(tenant, sequence)?.hash(&mut h);
     }
     Some(h.finish())
 }
@@ -424,6 +463,8 @@ pub struct State {
     /// Per tenant, its whole last result (tenants whose inputs did not change are not even
     /// planned).
     memos: HashMap<String, Memo>,
+    /// The distinct [`Reads`] of the memos: identical tenants share one.
+    reads: HashSet<Arc<Reads>>,
 }
 
 impl State {
@@ -483,13 +524,13 @@ impl State {
         self.fingerprints = signals.fingerprints.clone();
         self.roles = Some(signals.roles.clone());
         self.interner.release_unused();
+        self.reads.retain(|r| Arc::strong_count(r) > 1);
     }
     /// Decides the kind of the scan that read `signals` at `now`, and records the signals for
     /// the next decision. A full scan forgets every stored unit.
     pub fn begin(&mut self, signals: &Signals, now: DateTime<Utc>, full_every: Duration) -> ScanKind {
         let went_backwards = signals
-            .tables
-            .values()
+            .all_tables()
             .any(|s| self.counters.get(&s.oid).is_some_and(|before| s.counters.went_backwards_from(before)));
         let due = self.last_full.map_or(true, |at| (now - at).to_std().unwrap_or_default() >= full_every);
         let kind = if due
@@ -510,7 +551,7 @@ impl State {
         // epoch) never counted the writes it replayed.
         let trusted = !signals.in_recovery && signals.track_counts;
         self.epoch = trusted.then(|| signals.epoch.clone());
-        self.counters = signals.tables.values().map(|s| (s.oid, s.counters)).collect();
+        self.counters = signals.all_tables().map(|s| (s.oid, s.counters)).collect();
         kind
     }
 
@@ -554,6 +595,14 @@ impl State {
         tables: usize,
         oldest: DateTime<Utc>,
     ) {
+        let reads = match self.reads.get(&reads) {
+            Some(stored) => Arc::clone(stored),
+            None => {
+                let stored = Arc::new(reads);
+                self.reads.insert(Arc::clone(&stored));
+                stored
+            }
+        };
         self.memos.insert(tenant.to_string(), Memo { inputs, reads, findings, tables, oldest });
     }
 
@@ -607,7 +656,7 @@ pub struct SharedTables(HashMap<(String, String), Option<u64>>);
 /// The hash of one table's catalog entry and change signal; `None` when it has no signal (it
 /// appeared after the signals were read).
 fn table_hash(catalog: &Catalog, signals: &Signals, schema: &str, name: &str) -> Option<u64> {
-    let signal = signals.tables.get(&(schema.to_string(), name.to_string()))?;
+    let signal = signals.table(schema, name)?;
     let mut h = DefaultHasher::new();
     (schema, name).hash(&mut h);
     format!("{:?}", catalog.table(schema, name)).hash(&mut h);
@@ -634,7 +683,7 @@ pub fn unit_inputs(
             format!("{:?}", (&unit.relation, &unit.orphans, &unit.nulls, &unit.sequences)).hash(&mut h);
             let mut complete = true;
             for probe in &unit.sequences {
-                match signals.sequences.get(&(tenant.to_string(), probe.sequence.clone())) {
+                match signals.sequence(tenant, &probe.sequence) {
                     Some(state) => state.hash(&mut h),
                     None => complete = false,
                 }
@@ -667,9 +716,10 @@ mod tests {
             .iter()
             .map(|&(oid, inserted)| {
                 let s = Signal { oid, counters: Counters { inserted, updated: 0, deleted: 0 }, storage: 1 };
-                (("t".to_string(), oid.to_string()), s)
+                (oid.to_string(), s)
             })
             .collect();
+        let tables = HashMap::from([("t".to_string(), tables)]);
         Signals {
             epoch: Epoch {
                 database_oid: 1,

@@ -106,6 +106,10 @@ pub fn relations(rows: &[tokio_postgres::Row]) -> (Vec<String>, bool) {
     (rows.iter().map(|r| r.get(0)).collect(), tree)
 }
 
+/// `$1` a table's qualified name, `$2` a column name: whether the table has that column.
+pub const COLUMN_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+  WHERE a.attrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass($1) AND a.attname OPERATOR(pg_catalog.=) $2 AND NOT a.attisdropped)";
+
 /// `$1` one relation: its size in blocks, read in a transaction of its own (one lock at a time).
 pub const BLOCKS: &str =
     "SELECT (pg_catalog.pg_relation_size($1::pg_catalog.regclass) / pg_catalog.current_setting('block_size')::bigint)::bigint";
@@ -154,12 +158,15 @@ impl BackfillSpec {
     }
 
     /// The audit keys (JSON text) of the rows of `relation` (see [`Self::batch_sql`]) the
-    /// backfill would change now.
-    pub fn rows_sql(&self, relation: &str, tree: bool) -> String {
+    /// backfill would change now; when the column is not there yet (`exists` false: the
+    /// action's `add_column` step adds it first, NULL in every row), every row its fallback
+    /// can fill.
+    pub fn rows_sql(&self, relation: &str, tree: bool, exists: bool) -> String {
+        let null = if exists { format!("c.{} IS NULL AND ", sql::ident(&self.column)) } else { String::new() };
         format!(
-            "SELECT ({})::text FROM ONLY {relation} c WHERE {}",
+            "SELECT ({})::text FROM ONLY {relation} c WHERE {null}{}",
             self.key_expr(relation, tree, "c"),
-            self.fillable()
+            if self.fallback == COLUMN_DEFAULT { "TRUE".to_string() } else { format!("{} IS NOT NULL", self.fallback) }
         )
     }
 

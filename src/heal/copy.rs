@@ -15,7 +15,9 @@
 //!   through the orphaned keys (keyset, in key order), and a batch whose insert fails because of
 //!   its rows is retried by bisection under savepoints (at most [`SAVEPOINTS_PER_BATCH`] per
 //!   transaction);
-//! - each batch is one transaction: pick the keys (the scan's predicate again), compute the
+//! - each batch is one transaction: pick the keys (the scan's predicate again), lock their
+//!   orphans `FOR SHARE` (a key no orphan references any longer once the locks are had is not
+//!   copied, and no orphan is re-pointed until the batch commits), compute the
 //!   closure with one lookup per table and level, insert everything in one statement (foreign
 //!   keys are checked when the statement ends, so the order of rows within it does not matter,
 //!   and deferrable ones at commit), write one audit row per inserted row, and move the
@@ -65,6 +67,12 @@ pub struct CopySpec {
     pub pick_sql: String,
     /// How many key columns `pick_sql` pages by.
     pub key_len: usize,
+    /// `$1..` the picked keys (text arrays, one per key column): locks the orphans that still
+    /// reference them (`FOR SHARE`, so the application cannot re-point one until the batch
+    /// commits) and returns their keys (as text); a key no orphan references any longer is not
+    /// copied.
+    #[serde(default)]
+    pub lock_sql: String,
     /// The parent table and the columns the orphans reference.
     pub root: String,
     pub root_columns: Vec<String>,
@@ -194,6 +202,14 @@ pub fn spec(
         in_shared = probe.in_shared(),
         cursor = cursor_params.join(", "),
     );
+    let arrays: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("${}::text[]::{t}[]", i + 1)).collect();
+    let lock_sql = format!(
+        "SELECT {texts} FROM {tbl} c\n  WHERE {orphan}\n    AND ({cols}) OPERATOR(pg_catalog.=) ANY (SELECT * FROM ROWS FROM ({arrays}))\n  FOR SHARE OF c",
+        texts = probe.columns.iter().map(|c| format!("c.{}::text", sql::ident(c))).collect::<Vec<_>>().join(", "),
+        tbl = catalog::relation(catalog, tenant, &probe.table),
+        orphan = probe.orphan_condition(),
+        arrays = arrays.iter().map(|a| format!("pg_catalog.unnest({a})")).collect::<Vec<_>>().join(", "),
+    );
     let mut tables = BTreeMap::new();
     let mut queue = vec![probe.parent_table.clone()];
     while let Some(name) = queue.pop() {
@@ -222,6 +238,7 @@ pub fn spec(
         child: probe.table.clone(),
         pick_sql,
         key_len: probe.columns.len(),
+        lock_sql,
         root: probe.parent_table.clone(),
         root_columns: probe.parent_columns.clone(),
         tables,
@@ -438,6 +455,10 @@ impl CopySpec {
             }
         }
         out.push_str(&format!("-- pick up to $1 orphaned keys after the cursor $2..:\n{};\n", self.pick_sql));
+        out.push_str(&format!(
+            "-- lock their orphans until the batch commits ($1.. the picked keys as text arrays; a key no orphan references any longer is not copied):\n{};\n",
+            self.lock_sql
+        ));
         out.push_str("-- then per table of the rows' closure over the tenant's foreign keys (keys as $n text arrays), one statement with the audit rows ($1 run id), then its sequences:\n");
         for (name, table) in &self.tables {
             if table.in_shared && table.unusable.is_none() {
@@ -535,6 +556,8 @@ pub struct BatchOutcome {
     pub sequences: Vec<(String, String)>,
     /// The keys picked and either copied or set aside (the others were not in `only`).
     pub handled: Vec<Vec<String>>,
+    /// The first key to copy needs more rows than the run has left: nothing was done.
+    pub budget_short: bool,
 }
 
 /// A row the closure needs, or why a key's chain ends.
@@ -552,13 +575,17 @@ enum Node {
     Broken(String),
 }
 
-/// Runs one batch in `tx`: `limit` keys after `cursor`.
+/// Runs one batch in `tx`: at most `limit` keys after `cursor`, writing at most `rows_left` rows
+/// (the keys from the first whose rows would pass it are left to the next batch); a key whose
+/// copy needs more rows than `cap` is set aside.
 pub async fn batch(
     tx: &Transaction<'_>,
     spec: &CopySpec,
     limit: i64,
     cursor: &[String],
     run_id: &str,
+    cap: RowCap,
+    rows_left: usize,
 ) -> Result<BatchOutcome, tokio_postgres::Error> {
     let picked = pick(tx, spec, limit, cursor).await?;
     let mut out =
@@ -568,11 +595,28 @@ pub async fn batch(
         Some(only) => picked.into_iter().filter(|k| only.contains(k)).collect(),
         None => picked,
     };
+    if picked.is_empty() {
+        out.handled = picked;
+        return Ok(out);
+    }
+    // The orphans of the picked keys, locked until the batch commits: one the application
+    // re-pointed since the pick (or since the plan) no longer names its key, and a key no orphan
+    // names any longer is not copied (its parent would be a row nothing references).
+    let arrays: Vec<Vec<String>> = (0..spec.key_len).map(|i| picked.iter().map(|k| k[i].clone()).collect()).collect();
+    let typed: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
+        arrays.iter().map(|a| (a as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT_ARRAY)).collect();
+    let referenced: BTreeSet<Vec<String>> = tx
+        .query_typed(&spec.lock_sql, &typed)
+        .await?
+        .iter()
+        .map(|r| (0..spec.key_len).map(|i| r.get::<_, Option<String>>(i).unwrap_or_default()).collect())
+        .collect();
+    let picked: Vec<Vec<String>> = picked.into_iter().filter(|k| referenced.contains(k)).collect();
     out.handled = picked.clone();
     if picked.is_empty() {
         return Ok(out);
     }
-    let Closure { nodes, mut good, mut broken } = closure(tx, spec, &picked).await?;
+    let Closure { nodes, mut good, mut broken } = closure(tx, spec, &picked, &cap).await?;
     // A plan file's copy writes only the rows it lists: a key that now needs another row (its
     // chain changed since the plan) is set aside.
     if let Some(listed) = &spec.rows {
@@ -594,6 +638,23 @@ pub async fn batch(
         });
         broken.sort_by_key(|(i, _)| *i);
     }
+    // One transaction writes at most `rows_left` rows; one key's rows are never split (they are
+    // within the cap, at most `heal.batch_size`).
+    let mut rows: BTreeSet<usize> = BTreeSet::new();
+    let mut fit = picked.len();
+    for (i, ids) in &good {
+        let needed: Vec<usize> =
+            ids.iter().copied().filter(|id| matches!(nodes[*id], Node::Row { .. }) && !rows.contains(id)).collect();
+        if rows.len() + needed.len() > rows_left {
+            fit = *i;
+            break;
+        }
+        rows.extend(needed);
+    }
+    if fit == 0 {
+        return Ok(BatchOutcome { budget_short: true, cursor: cursor.to_vec(), ..out });
+    }
+    good.retain(|(i, _)| *i < fit);
 
     // Deferrable constraints are checked at the end of each insert, inside its savepoint: a clash
     // found at COMMIT would lose the whole batch, every run. (All rows of a closure, cycles
@@ -602,7 +663,7 @@ pub async fn batch(
     let isolated = insert_isolating(tx, spec, &nodes, &good, run_id).await?;
     // Keys from the first one not tried on are left to the next batch, which starts after the
     // last key tried.
-    let end = isolated.stopped_at.map_or(picked.len(), |g| good[g].0);
+    let end = isolated.stopped_at.map_or(fit, |g| good[g].0);
     if end < picked.len() {
         out.cursor = picked[end - 1].clone();
         out.handled.truncate(end);
@@ -658,6 +719,7 @@ async fn closure(
     tx: &Transaction<'_>,
     spec: &CopySpec,
     picked: &[Vec<String>],
+    cap: &RowCap,
 ) -> Result<Closure, tokio_postgres::Error> {
     // The closure: nodes are rows to copy (or chain ends), found level by level.
     let mut nodes: Vec<Node> = Vec::new();
@@ -675,6 +737,10 @@ async fn closure(
         via: Option<String>,
     }
     let mut roots: Vec<Option<usize>> = vec![None; picked.len()];
+    // Rows whose foreign keys are not looked up yet, and the keys whose closure passed the cap
+    // (their rows are looked up no further).
+    let mut unexpanded: BTreeSet<usize> = BTreeSet::new();
+    let mut over = vec![false; picked.len()];
     let mut wants: Vec<Want> = picked
         .iter()
         .enumerate()
@@ -700,7 +766,6 @@ async fn closure(
                 }
             }
         }
-        let mut expand: Vec<usize> = Vec::new();
         for ((name, columns), values) in groups {
             let Some(table) = spec.tables.get(&name) else { continue };
             let sql = spec.lookup_sql(table, &columns);
@@ -765,7 +830,7 @@ async fn closure(
                         let id = nodes.len() - 1;
                         by_key.insert((name.clone(), key), id);
                         memo.insert((name.clone(), columns.clone(), v), id);
-                        expand.push(id);
+                        unexpanded.insert(id);
                         continue;
                     }
                 } else {
@@ -787,9 +852,27 @@ async fn closure(
                 }
             }
         }
-        // The next level: the foreign keys of the rows found in this one.
+        // A key whose closure has more rows than the cap is set aside: its rows are looked up no
+        // further (a chain of thousands of rows costs at most `cap` levels), unless another key
+        // needs them too.
+        let mut live: BTreeSet<usize> = BTreeSet::new();
+        for (i, root) in roots.iter().enumerate() {
+            let Some(root) = *root else { continue };
+            if over[i] {
+                continue;
+            }
+            let (reached, rows) = reachable(&nodes, root, cap.rows);
+            if rows > cap.rows {
+                over[i] = true;
+            } else {
+                live.extend(reached);
+            }
+        }
+        // The next level: the foreign keys of the rows the keys within the cap reach.
+        let expand: Vec<usize> = unexpanded.intersection(&live).copied().collect();
         let mut next = Vec::new();
         for id in expand {
+            unexpanded.remove(&id);
             let Node::Row { table: name, fks, .. } = &mut nodes[id] else { continue };
             let fks = std::mem::take(fks);
             let from = name.clone();
@@ -843,6 +926,9 @@ async fn closure(
                 }
             }
         }
+        if over[i] && reason.is_none() {
+            reason = Some(cap.reason());
+        }
         match reason {
             Some(reason) => broken.push((i, reason)),
             None => good.push((i, seen)),
@@ -850,6 +936,52 @@ async fn closure(
     }
 
     Ok(Closure { nodes, good, broken })
+}
+
+/// The nodes reachable from `from` (itself included) and how many of them are rows, up to the
+/// first row past `rows`.
+fn reachable(nodes: &[Node], from: usize, rows: usize) -> (BTreeSet<usize>, usize) {
+    let (mut seen, mut count) = (BTreeSet::new(), 0);
+    let mut stack = vec![from];
+    while let Some(id) = stack.pop() {
+        if count > rows {
+            break;
+        }
+        if seen.insert(id) {
+            if let Node::Row { children, .. } = &nodes[id] {
+                count += 1;
+                stack.extend(children.iter().copied());
+            }
+        }
+    }
+    (seen, count)
+}
+
+/// The most rows one orphaned key's copy may write: its parent and all their ancestors are one
+/// transaction (a chain or a cycle is only consistent whole), which writes at most
+/// `heal.batch_size` rows, and a run at most `heal.max_rows_per_run`. A key that needs more is
+/// set aside, and its closure is looked up no further than that.
+#[derive(Debug, Clone, Copy)]
+pub struct RowCap {
+    pub rows: usize,
+    /// The configuration key that sets `rows`.
+    pub key: &'static str,
+}
+
+impl RowCap {
+    pub fn new(batch_size: usize, max_rows_per_run: u64) -> RowCap {
+        match usize::try_from(max_rows_per_run) {
+            Ok(max) if max < batch_size => RowCap { rows: max, key: "heal.max_rows_per_run" },
+            _ => RowCap { rows: batch_size, key: "heal.batch_size" },
+        }
+    }
+
+    fn reason(&self) -> String {
+        format!(
+            "its copy needs more than {} rows (the parent and all its ancestors, written in one transaction), more than {} = {}: raise it, or copy these rows by hand",
+            self.rows, self.key, self.rows
+        )
+    }
 }
 
 /// What a copy would do now, for a plan file: the orphaned keys it would repair or set aside and
@@ -863,10 +995,11 @@ pub async fn planned(
 ) -> Result<(Vec<Vec<String>>, Vec<CopyRow>), tokio_postgres::Error> {
     let (mut keys, mut rows) = (Vec::new(), BTreeSet::new());
     let mut cursor: Vec<String> = Vec::new();
+    let cap = RowCap::new(usize::try_from(batch_size).unwrap_or(usize::MAX), max_rows);
     loop {
         let picked = pick(tx, spec, batch_size, &cursor).await?;
         let Some(last) = picked.last().cloned() else { break };
-        let Closure { nodes, good, .. } = closure(tx, spec, &picked).await?;
+        let Closure { nodes, good, .. } = closure(tx, spec, &picked, &cap).await?;
         for (i, key) in picked.iter().enumerate() {
             let needed: BTreeSet<CopyRow> = good
                 .iter()

@@ -884,6 +884,7 @@ async fn run_copy(
 ) -> Result<(), Stop> {
     let repair = Repair::CopyMissingParents.name();
     let spec = &checked_copy(writer, spec).await?;
+    let cap = copy::RowCap::new(batch_size, writer.heal.max_rows_per_run);
     let mut cursor: Vec<String> = Vec::new();
     let mut handled: std::collections::BTreeSet<Vec<String>> = Default::default();
     loop {
@@ -891,10 +892,16 @@ async fn run_copy(
         if limit == 0 {
             return Err(Stop::BudgetReached);
         }
+        let rows_left = usize::try_from(limit).unwrap_or(usize::MAX);
         let (run_id, spec_owned, at) = (outcome.run_id.clone(), spec.clone(), cursor.clone());
         let done = writer
-            .transaction(move |tx| Box::pin(async move { copy::batch(tx, &spec_owned, limit, &at, &run_id).await }))
+            .transaction(move |tx| {
+                Box::pin(async move { copy::batch(tx, &spec_owned, limit, &at, &run_id, cap, rows_left).await })
+            })
             .await?;
+        if done.budget_short {
+            return Err(Stop::BudgetReached);
+        }
         for (table, key) in &done.inserted {
             tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(table), repair, key = %crate::sql::escape_controls(key), "healed");
         }

@@ -123,6 +123,8 @@ impl Action {
             match step {
                 Step::Copy(spec) => {
                     need(sql::qualified(schema, &spec.child), "SELECT", false);
+                    // The orphans are locked `FOR SHARE`, which PostgreSQL allows only with UPDATE.
+                    need(sql::qualified(schema, &spec.child), "UPDATE", false);
                     for (name, t) in &spec.tables {
                         need(sql::qualified(schema, name), "SELECT", false);
                         for edge in &t.edges {
@@ -292,7 +294,7 @@ impl Plan {
                         Step::Copy(spec) => {
                             let _ = writeln!(
                                 out,
-                                "-- batched: $1 = {batch_size} (heal.batch_size); repeated until no key is left"
+                                "-- batched: $1 = {batch_size} (heal.batch_size); repeated until no key is left; a transaction writes at most $1 rows (fewer when heal.max_rows_per_run has fewer left), and a key whose parent and all its ancestors need more than heal.batch_size or heal.max_rows_per_run rows is set aside"
                             );
                             out.push_str(&spec.render());
                         }

@@ -13,6 +13,7 @@ mod heal;
 mod heal_backfill;
 mod heal_columns_review;
 mod heal_columns_state;
+mod heal_copy_bounds;
 mod heal_copy_review;
 mod heal_ddl;
 mod heal_defaults_review;
