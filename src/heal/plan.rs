@@ -123,6 +123,8 @@ impl Action {
             match step {
                 Step::Copy(spec) => {
                     need(sql::qualified(schema, &spec.child), "SELECT", false);
+                    // The orphans are locked `FOR SHARE`, which PostgreSQL allows only with UPDATE.
+                    need(sql::qualified(schema, &spec.child), "UPDATE", false);
                     for (name, t) in &spec.tables {
                         need(sql::qualified(schema, name), "SELECT", false);
                         for edge in &t.edges {
