@@ -54,6 +54,21 @@ pub fn fallback(chain: &[String], table: Option<&Table>, data_type: &str, extra:
 /// evaluated per row. Every row it picks is NULL; a default that yields NULL leaves it NULL.
 pub const COLUMN_DEFAULT: &str = "DEFAULT";
 
+/// What [`fallback`] of the same arguments fills from, for people: the chain's entries it uses
+/// (`now()`, the table's columns) then `DEFAULT <extra>` unless `now()` came first, one of them
+/// or `the first non-NULL of a, b`.
+pub fn describe_fallback(chain: &[String], table: Option<&Table>, extra: Option<&str>) -> String {
+    let mut parts: Vec<String> =
+        chain.iter().filter(|e| *e == "now()" || table.is_some_and(|t| t.column(e).is_some())).cloned().collect();
+    if !chain.iter().any(|e| e == "now()") {
+        parts.extend(extra.map(|e| format!("DEFAULT {e}")));
+    }
+    match parts.as_slice() {
+        [one] => one.clone(),
+        _ => format!("the first non-NULL of {}", parts.join(", ")),
+    }
+}
+
 /// A backfill of one column, planned.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BackfillSpec {

@@ -250,3 +250,20 @@ async fn a_plan_file_lists_the_rows_of_a_column_it_adds_before_the_add() {
     );
     assert_eq!(rows(&url, NULLS).await, [""]);
 }
+
+/// F6: the pending backfill of [`PENDING`] resumed with `heal.fallbacks` `t = ["now()"]` fills
+/// from `now()`, and its summary says so (it said `DEFAULT clock_timestamp()`).
+#[tokio::test]
+async fn a_resumed_pending_backfill_says_what_it_fills_from() {
+    let url = pending("heal_columns_state_summary").await;
+    let text = format!("database_url = {url:?}\n{HEAL}[heal.fallbacks]\nt = [\"now()\"]\n");
+    let (code, stdout, stderr) = heal_cli("heal_columns_state_summary", &text, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains(
+            &"-- add_missing_columns on tenant_a.item: finish the pending backfill of the added column t: the rows unchanged since it was added get now()"
+                .to_string()
+        ),
+        "{stdout:?}"
+    );
+}
