@@ -312,9 +312,9 @@ fn pending_records() -> String {
     format!(
         "SELECT p.schema_name, p.table_name, p.row_key->>'column' AS column_name, p.new_value->>'xid' AS xid, p.new_value AS record, p.id
 FROM {log} p
-WHERE p.repair = 'add_missing_columns' AND p.row_key->>'step' = 'backfill_pending'
+WHERE p.repair = 'add_missing_columns' AND p.row_key ? 'step' AND p.row_key->>'step' = 'backfill_pending'
   AND NOT EXISTS (SELECT 1 FROM {log} d WHERE d.repair = 'add_missing_columns' AND d.schema_name = p.schema_name
-    AND d.table_name = p.table_name AND d.row_key->>'step' = 'backfill_done'
+    AND d.table_name = p.table_name AND d.row_key ? 'step' AND d.row_key->>'step' = 'backfill_done'
     AND d.row_key->>'column' = p.row_key->>'column' AND d.id > p.id)"
     )
 }

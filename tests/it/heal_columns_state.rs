@@ -116,6 +116,11 @@ async fn pending(name: &str) -> String {
         ]
     );
     assert_eq!(rows(&url, NULLS).await, ["4,5,6,7,8,9,10"]);
+    assert_eq!(
+        rows(&url, "SELECT indexdef FROM pg_indexes WHERE indexname = 'heal_log_backfill_progress'").await,
+        ["CREATE INDEX heal_log_backfill_progress ON tenant_audit.heal_log USING btree (schema_name, table_name, id) WHERE ((repair = 'add_missing_columns'::text) AND (row_key ? 'step'::text))"],
+        "the pending records every run reads have an index"
+    );
     url
 }
 
