@@ -268,20 +268,26 @@ pub fn relation(catalog: &Catalog, schema: &str, table: &str) -> String {
 /// transaction pooler) and every other name in the catalog queries is qualified.
 const RELATIVE: &str = "CASE WHEN pg_catalog.set_config('search_path', 'pg_catalog, ' || pg_catalog.quote_ident(n.nspname), true) IS NOT NULL THEN {expr} END";
 
-/// Whether the default `d` is volatile, as PostgreSQL itself would judge it for `ADD COLUMN`
-/// (which then rewrites the table): read from the default's stored node tree (`adbin`), never
-/// from its text. Volatile when the tree calls a function (`:funcid`, or an operator's
-/// `:opfuncid`) whose `pg_proc.provolatile` is `v` or that cannot be found, or when it holds a
-/// node outside a short list of node types whose only calls are those (constants, function and
+/// Whether the column's effective default is volatile, as PostgreSQL itself would judge it for
+/// `ADD COLUMN` (which then rewrites the table): its own default `d`, or without one its type's
+/// default (a domain's `DEFAULT`, `ty.typdefaultbin`: PostgreSQL takes the column's own type's
+/// only, and `CREATE DOMAIN` copies a base domain's default into it). Read from the stored node
+/// tree, never from the text. Volatile when the tree calls a function (`:funcid`, or an
+/// operator's `:opfuncid`) whose `pg_proc.provolatile` is `v`, that cannot be found, or that lives
+/// outside `pg_catalog` (the default's text resolves through the tenant's `search_path`, so a
+/// tenant's own volatile function of that name may run there instead), or when it holds a node
+/// outside a short list of node types whose only calls are those (constants, function and
 /// operator calls, `CASE`, `COALESCE`, arrays, `CURRENT_TIMESTAMP` and its kin, casts without a
-/// function): anything heal cannot classify counts as volatile. (`pg_depend` cannot tell:
-/// it records no dependency on built-in functions such as `random()` or `gen_random_uuid()`.)
-const DEFAULT_VOLATILE: &str = "(d.oid IS NOT NULL AND (
-         d.adbin::text ~ '\\{(?!(CONST|FUNCEXPR|OPEXPR|DISTINCTEXPR|NULLIFEXPR|SCALARARRAYOPEXPR|SQLVALUEFUNCTION|ARRAYEXPR|COALESCEEXPR|RELABELTYPE|CASEEXPR|CASEWHEN|BOOLEXPR|NULLTEST|COERCETODOMAIN|COLLATEEXPR)[ }])'
-         OR EXISTS (
-           SELECT 1 FROM pg_catalog.regexp_matches(d.adbin::text, ':(?:funcid|opfuncid) (\\d+)', 'g') AS m(f)
-           LEFT JOIN pg_catalog.pg_proc p ON p.oid = m.f[1]::pg_catalog.oid
-           WHERE p.oid IS NULL OR p.provolatile = 'v')))";
+/// function): anything heal cannot classify counts as volatile. (`pg_depend` cannot tell: it
+/// records no dependency on built-in functions such as `random()` or `gen_random_uuid()`.)
+const DEFAULT_VOLATILE: &str = "EXISTS (
+         SELECT 1 FROM (SELECT CASE WHEN a.attgenerated = '' THEN COALESCE(d.adbin, ty.typdefaultbin)::text END) e(bin)
+         WHERE e.bin IS NOT NULL AND (
+           e.bin ~ '\\{(?!(CONST|FUNCEXPR|OPEXPR|DISTINCTEXPR|NULLIFEXPR|SCALARARRAYOPEXPR|SQLVALUEFUNCTION|ARRAYEXPR|COALESCEEXPR|RELABELTYPE|CASEEXPR|CASEWHEN|BOOLEXPR|NULLTEST|COERCETODOMAIN|COLLATEEXPR)[ }])'
+           OR EXISTS (
+             SELECT 1 FROM pg_catalog.regexp_matches(e.bin, ':(?:funcid|opfuncid) (\\d+)', 'g') AS m(f)
+             LEFT JOIN pg_catalog.pg_proc p ON p.oid = m.f[1]::pg_catalog.oid
+             WHERE p.oid IS NULL OR p.provolatile = 'v' OR p.pronamespace <> 'pg_catalog'::pg_catalog.regnamespace)))";
 
 /// `[schema, name]` of the column's sequence: the identity's (a dependency of the sequence on the
 /// column) or the one the default references (a dependency of the default on a sequence).

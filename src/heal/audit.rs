@@ -33,17 +33,22 @@ CREATE TABLE IF NOT EXISTS {table} (
 /// `$1` the audit table: (whether an index undo reads by is missing, whether the role owns the
 /// table and may create it).
 pub const INDEXES_MISSING: &str = "SELECT pg_catalog.to_regclass('tenant_audit.heal_log_run_table') IS NULL
-    OR pg_catalog.to_regclass('tenant_audit.heal_log_undoes') IS NULL,
+    OR pg_catalog.to_regclass('tenant_audit.heal_log_undoes') IS NULL
+    OR pg_catalog.to_regclass('tenant_audit.heal_log_backfill_progress') IS NULL,
   pg_catalog.pg_has_role(c.relowner, 'USAGE')
 FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass($1)";
 
 /// The indexes undo reads the audit table by, created on tables of every version (idempotent):
 /// a run's rows of one table in id order (undo's batches), and the undo row of an audit row
-/// (`old_value->>'undoes'`, the "not undone yet" check).
+/// (`old_value->>'undoes'`, the "not undone yet" check); and the pending-backfill records
+/// every run reads ([`super::columns::pending_sql`]: `add_missing_columns` rows with a `step`,
+/// a small part of the table).
 pub fn indexes_sql() -> String {
     format!(
         "CREATE INDEX IF NOT EXISTS heal_log_run_table ON {table} (run_id, schema_name, table_name, id);
-CREATE INDEX IF NOT EXISTS heal_log_undoes ON {table} ((old_value->>'undoes')) WHERE repair = 'undo';",
+CREATE INDEX IF NOT EXISTS heal_log_undoes ON {table} ((old_value->>'undoes')) WHERE repair = 'undo';
+CREATE INDEX IF NOT EXISTS heal_log_backfill_progress ON {table} (schema_name, table_name, id)
+  WHERE repair = 'add_missing_columns' AND row_key ? 'step';",
         table = table()
     )
 }

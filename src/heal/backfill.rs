@@ -49,13 +49,33 @@ pub fn fallback(chain: &[String], table: Option<&Table>, data_type: &str, extra:
     (!parts.is_empty()).then(|| format!("COALESCE({})", parts.join(", ")))
 }
 
+/// The fallback that sets each row to the column's default as an insert would (`SET c =
+/// DEFAULT`): a column without a default of its own whose type (a domain) has a volatile one,
+/// evaluated per row. Every row it picks is NULL; a default that yields NULL leaves it NULL.
+pub const COLUMN_DEFAULT: &str = "DEFAULT";
+
+/// What [`fallback`] of the same arguments fills from, for people: the chain's entries it uses
+/// (`now()`, the table's columns) then `DEFAULT <extra>` unless `now()` came first, one of them
+/// or `the first non-NULL of a, b`.
+pub fn describe_fallback(chain: &[String], table: Option<&Table>, extra: Option<&str>) -> String {
+    let mut parts: Vec<String> =
+        chain.iter().filter(|e| *e == "now()" || table.is_some_and(|t| t.column(e).is_some())).cloned().collect();
+    if !chain.iter().any(|e| e == "now()") {
+        parts.extend(extra.map(|e| format!("DEFAULT {e}")));
+    }
+    match parts.as_slice() {
+        [one] => one.clone(),
+        _ => format!("the first non-NULL of {}", parts.join(", ")),
+    }
+}
+
 /// A backfill of one column, planned.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BackfillSpec {
     pub tenant: String,
     pub table: String,
     pub column: String,
-    /// The fallback expression (rows aliased `c`).
+    /// The fallback expression (rows aliased `c`), or [`COLUMN_DEFAULT`].
     pub fallback: String,
     /// The primary key; rows are audited by it, or by (relation, `ctid`) without one.
     pub key: Vec<String>,
@@ -101,6 +121,10 @@ pub fn relations(rows: &[tokio_postgres::Row]) -> (Vec<String>, bool) {
     (rows.iter().map(|r| r.get(0)).collect(), tree)
 }
 
+/// `$1` a table's qualified name, `$2` a column name: whether the table has that column.
+pub const COLUMN_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+  WHERE a.attrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass($1) AND a.attname OPERATOR(pg_catalog.=) $2 AND NOT a.attisdropped)";
+
 /// `$1` one relation: its size in blocks, read in a transaction of its own (one lock at a time).
 pub const BLOCKS: &str =
     "SELECT (pg_catalog.pg_relation_size($1::pg_catalog.regclass) / pg_catalog.current_setting('block_size')::bigint)::bigint";
@@ -137,14 +161,27 @@ impl BackfillSpec {
         }
     }
 
+    /// `c.col IS NULL AND <fallback> IS NOT NULL`: a row the backfill fills (any NULL row for
+    /// [`COLUMN_DEFAULT`], which is not an expression).
+    fn fillable(&self) -> String {
+        let col = sql::ident(&self.column);
+        if self.fallback == COLUMN_DEFAULT {
+            format!("c.{col} IS NULL")
+        } else {
+            format!("c.{col} IS NULL AND {} IS NOT NULL", self.fallback)
+        }
+    }
+
     /// The audit keys (JSON text) of the rows of `relation` (see [`Self::batch_sql`]) the
-    /// backfill would change now.
-    pub fn rows_sql(&self, relation: &str, tree: bool) -> String {
+    /// backfill would change now; when the column is not there yet (`exists` false: the
+    /// action's `add_column` step adds it first, NULL in every row), every row its fallback
+    /// can fill.
+    pub fn rows_sql(&self, relation: &str, tree: bool, exists: bool) -> String {
+        let null = if exists { format!("c.{} IS NULL AND ", sql::ident(&self.column)) } else { String::new() };
         format!(
-            "SELECT ({})::text FROM ONLY {relation} c WHERE c.{} IS NULL AND {} IS NOT NULL",
+            "SELECT ({})::text FROM ONLY {relation} c WHERE {null}{}",
             self.key_expr(relation, tree, "c"),
-            sql::ident(&self.column),
-            self.fallback
+            if self.fallback == COLUMN_DEFAULT { "TRUE".to_string() } else { format!("{} IS NOT NULL", self.fallback) }
         )
     }
 
@@ -157,9 +194,8 @@ impl BackfillSpec {
         };
         let pending = if self.pending { " AND pg_catalog.age(c.xmin) > pg_catalog.age($7::text::xid)" } else { "" };
         format!(
-            "c.ctid > $1::tid AND c.ctid < $2::tid AND c.{} IS NULL AND {} IS NOT NULL{only}{pending}\n    AND ($6::text[] IS NULL OR c.ctid = ANY($6::text[]::tid[]))",
-            sql::ident(&self.column),
-            self.fallback
+            "c.ctid > $1::tid AND c.ctid < $2::tid AND {}{only}{pending}\n    AND ($6::text[] IS NULL OR c.ctid = ANY($6::text[]::tid[]))",
+            self.fillable()
         )
     }
 

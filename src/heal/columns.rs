@@ -10,6 +10,8 @@
 //!   replacing any left by an interrupted run (one statement), `VALIDATE` (which blocks no reads or
 //!   writes) under `heal.validate_timeout`, and `SET NOT NULL` with the check dropped in the same
 //!   transaction (`SET NOT NULL` uses the validated check instead of scanning under its lock).
+//! - a column without a default of its own whose domain has a volatile one: added with `DEFAULT
+//!   NULL` (metadata only) and that default dropped, then backfilled with `SET c = DEFAULT`.
 //!
 //! Every state an interruption leaves is one the next run finishes: a column without its
 //! NOT NULL is a `nullability_mismatch` (backfill and NOT NULL steps again), a column without its
@@ -53,6 +55,20 @@ fn add_step(table: &str, column: &Column, sql: String) -> Step {
     step
 }
 
+/// Whether `column`'s existing rows would get its type's volatile default (a domain's `DEFAULT
+/// gen_random_uuid()`, the column having none of its own): adding it as it is would rewrite the
+/// table, so it takes the staged path, filled per row with [`backfill::COLUMN_DEFAULT`].
+fn type_default(column: &Column) -> bool {
+    column.default.is_none() && column.default_volatile
+}
+
+/// What fills `column`'s NULLs: its fallback chain, then its default (its own, or its type's
+/// when [`type_default`]); `None` when nothing can.
+fn fill(chain: &[String], own: &Table, column: &Column) -> Option<String> {
+    backfill::fallback(chain, Some(own), &column.data_type, column.default.as_deref())
+        .or_else(|| type_default(column).then(|| backfill::COLUMN_DEFAULT.to_string()))
+}
+
 /// The steps that add `column` to `tenant.table`, with `collation` (the reference's, as
 /// [`crate::checks::reference::collation`] writes it) when it is not the database default.
 /// Without a default or a fallback the existing rows cannot be filled, and NOT NULL is not
@@ -82,15 +98,21 @@ pub fn add(
             )]
         }
         default => {
-            let set_default = default.map(|d| format!(", ALTER COLUMN {col} SET DEFAULT {d}")).unwrap_or_default();
-            let mut steps = vec![add_step(
-                table,
-                column,
-                format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {}{collate}{set_default}", column.data_type),
-            )];
+            let ty = &column.data_type;
+            let add = match default {
+                Some(d) => format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {ty}{collate}, ALTER COLUMN {col} SET DEFAULT {d}"),
+                // The explicit `DEFAULT NULL` overrides the type's volatile default, so the add is
+                // metadata-only; dropping it then gives new rows the type's default, as in the
+                // reference. (One `ALTER TABLE` cannot drop the default of a column it adds.)
+                None if type_default(column) => format!(
+                    "ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {ty}{collate} DEFAULT NULL; ALTER TABLE {tbl} ALTER COLUMN {col} DROP DEFAULT"
+                ),
+                None => format!("ALTER TABLE {tbl} ADD COLUMN IF NOT EXISTS {col} {ty}{collate}"),
+            };
+            let mut steps = vec![add_step(table, column, add)];
             if column.not_null {
                 steps.extend(not_null(tenant, table, own, column, chain));
-            } else if let Some(fallback) = backfill::fallback(chain, Some(own), &column.data_type, default) {
+            } else if let Some(fallback) = fill(chain, own, column) {
                 if let Some(Step::Once(once)) = steps.first_mut() {
                     once.pending = Some(pending_record(tenant, table, &column.name));
                 }
@@ -177,7 +199,7 @@ fn pending_backfill(tenant: &str, table: &str, own: &Table, column: &Column, fal
 /// backfill the audit table records: from its fallback chain (`chain`, the column's
 /// `heal.fallbacks`) then the reference's default. `None` when nothing can fill it.
 pub fn resume(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[String]) -> Option<Step> {
-    let fallback = backfill::fallback(chain, Some(own), &column.data_type, column.default.as_deref())?;
+    let fallback = fill(chain, own, column)?;
     Some(pending_backfill(tenant, table, own, column, &fallback))
 }
 
@@ -290,16 +312,16 @@ fn pending_records() -> String {
     format!(
         "SELECT p.schema_name, p.table_name, p.row_key->>'column' AS column_name, p.new_value->>'xid' AS xid, p.new_value AS record, p.id
 FROM {log} p
-WHERE p.repair = 'add_missing_columns' AND p.row_key->>'step' = 'backfill_pending'
+WHERE p.repair = 'add_missing_columns' AND p.row_key ? 'step' AND p.row_key->>'step' = 'backfill_pending'
   AND NOT EXISTS (SELECT 1 FROM {log} d WHERE d.repair = 'add_missing_columns' AND d.schema_name = p.schema_name
-    AND d.table_name = p.table_name AND d.row_key->>'step' = 'backfill_done'
+    AND d.table_name = p.table_name AND d.row_key ? 'step' AND d.row_key->>'step' = 'backfill_done'
     AND d.row_key->>'column' = p.row_key->>'column' AND d.id > p.id)"
     )
 }
 
 /// Backfills `column` and makes it NOT NULL; nothing when its NULLs cannot be filled.
 pub fn not_null(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[String]) -> Vec<Step> {
-    let Some(fallback) = backfill::fallback(chain, Some(own), &column.data_type, column.default.as_deref()) else {
+    let Some(fallback) = fill(chain, own, column) else {
         return Vec::new();
     };
     let tbl = sql::qualified(tenant, table);

@@ -15,7 +15,9 @@
 //!   through the orphaned keys (keyset, in key order), and a batch whose insert fails because of
 //!   its rows is retried by bisection under savepoints (at most [`SAVEPOINTS_PER_BATCH`] per
 //!   transaction);
-//! - each batch is one transaction: pick the keys (the scan's predicate again), compute the
+//! - each batch is one transaction: pick the keys (the scan's predicate again), lock their
+//!   orphans `FOR SHARE` (a key no orphan references any longer once the locks are had is not
+//!   copied, and no orphan is re-pointed until the batch commits), compute the
 //!   closure with one lookup per table and level, insert everything in one statement (foreign
 //!   keys are checked when the statement ends, so the order of rows within it does not matter,
 //!   and deferrable ones at commit), write one audit row per inserted row, and move the
@@ -65,6 +67,12 @@ pub struct CopySpec {
     pub pick_sql: String,
     /// How many key columns `pick_sql` pages by.
     pub key_len: usize,
+    /// `$1..` the picked keys (text arrays, one per key column): locks the orphans that still
+    /// reference them (`FOR SHARE`, so the application cannot re-point one until the batch
+    /// commits) and returns their keys (as text); a key no orphan references any longer is not
+    /// copied.
+    #[serde(default)]
+    pub lock_sql: String,
     /// The parent table and the columns the orphans reference.
     pub root: String,
     pub root_columns: Vec<String>,
@@ -194,6 +202,14 @@ pub fn spec(
         in_shared = probe.in_shared(),
         cursor = cursor_params.join(", "),
     );
+    let arrays: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("${}::text[]::{t}[]", i + 1)).collect();
+    let lock_sql = format!(
+        "SELECT {texts} FROM {tbl} c\n  WHERE {orphan}\n    AND ({cols}) OPERATOR(pg_catalog.=) ANY (SELECT * FROM ROWS FROM ({arrays}))\n  FOR SHARE OF c",
+        texts = probe.columns.iter().map(|c| format!("c.{}::text", sql::ident(c))).collect::<Vec<_>>().join(", "),
+        tbl = catalog::relation(catalog, tenant, &probe.table),
+        orphan = probe.orphan_condition(),
+        arrays = arrays.iter().map(|a| format!("pg_catalog.unnest({a})")).collect::<Vec<_>>().join(", "),
+    );
     let mut tables = BTreeMap::new();
     let mut queue = vec![probe.parent_table.clone()];
     while let Some(name) = queue.pop() {
@@ -222,6 +238,7 @@ pub fn spec(
         child: probe.table.clone(),
         pick_sql,
         key_len: probe.columns.len(),
+        lock_sql,
         root: probe.parent_table.clone(),
         root_columns: probe.parent_columns.clone(),
         tables,
@@ -438,6 +455,10 @@ impl CopySpec {
             }
         }
         out.push_str(&format!("-- pick up to $1 orphaned keys after the cursor $2..:\n{};\n", self.pick_sql));
+        out.push_str(&format!(
+            "-- lock their orphans until the batch commits ($1.. the picked keys as text arrays; a key no orphan references any longer is not copied):\n{};\n",
+            self.lock_sql
+        ));
         out.push_str("-- then per table of the rows' closure over the tenant's foreign keys (keys as $n text arrays), one statement with the audit rows ($1 run id), then its sequences:\n");
         for (name, table) in &self.tables {
             if table.in_shared && table.unusable.is_none() {
@@ -574,6 +595,23 @@ pub async fn batch(
         Some(only) => picked.into_iter().filter(|k| only.contains(k)).collect(),
         None => picked,
     };
+    if picked.is_empty() {
+        out.handled = picked;
+        return Ok(out);
+    }
+    // The orphans of the picked keys, locked until the batch commits: one the application
+    // re-pointed since the pick (or since the plan) no longer names its key, and a key no orphan
+    // names any longer is not copied (its parent would be a row nothing references).
+    let arrays: Vec<Vec<String>> = (0..spec.key_len).map(|i| picked.iter().map(|k| k[i].clone()).collect()).collect();
+    let typed: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
+        arrays.iter().map(|a| (a as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT_ARRAY)).collect();
+    let referenced: BTreeSet<Vec<String>> = tx
+        .query_typed(&spec.lock_sql, &typed)
+        .await?
+        .iter()
+        .map(|r| (0..spec.key_len).map(|i| r.get::<_, Option<String>>(i).unwrap_or_default()).collect())
+        .collect();
+    let picked: Vec<Vec<String>> = picked.into_iter().filter(|k| referenced.contains(k)).collect();
     out.handled = picked.clone();
     if picked.is_empty() {
         return Ok(out);

@@ -123,6 +123,8 @@ impl Action {
             match step {
                 Step::Copy(spec) => {
                     need(sql::qualified(schema, &spec.child), "SELECT", false);
+                    // The orphans are locked `FOR SHARE`, which PostgreSQL allows only with UPDATE.
+                    need(sql::qualified(schema, &spec.child), "UPDATE", false);
                     for (name, t) in &spec.tables {
                         need(sql::qualified(schema, name), "SELECT", false);
                         for edge in &t.edges {
@@ -230,7 +232,7 @@ impl Plan {
             let Some(step) = columns::resume(tenant, table, own, &column, &chain) else { continue };
             let summary = format!(
                 "finish the pending backfill of the added column {name}: the rows unchanged since it was added get {}",
-                column.default.as_deref().map(|d| format!("DEFAULT {d}")).unwrap_or_else(|| chain.join(", "))
+                backfill::describe_fallback(&chain, Some(own), column.default.as_deref())
             );
             let steps = vec![step];
             let triggers = fired_triggers(&scanned.catalog, tenant, &steps, &config.heal.allow_triggers);

@@ -74,9 +74,16 @@ pub async fn resolve(heal: &HealConfig, pool: &Pool, plan: &mut Plan) -> Result<
                         let relations =
                             tx.query_typed(backfill::RELATIONS, &[(&spec.table_name(), Type::TEXT)]).await?;
                         let (relations, tree) = backfill::relations(&relations);
+                        let exists: bool = tx
+                            .query_typed_one(
+                                backfill::COLUMN_EXISTS,
+                                &[(&spec.table_name(), Type::TEXT), (&spec.column, Type::TEXT)],
+                            )
+                            .await?
+                            .get(0);
                         let mut keys = Vec::new();
                         for relation in relations {
-                            for row in tx.query_typed(&spec.rows_sql(&relation, tree), &[]).await? {
+                            for row in tx.query_typed(&spec.rows_sql(&relation, tree, exists), &[]).await? {
                                 keys.push(row.get(0));
                             }
                         }

@@ -1,7 +1,7 @@
 //! What `add_missing_columns` leaves behind across its steps and runs, against real PostgreSQL:
 //! which locks a step holds while it reads the table, and the pending records it resumes from.
 
-use crate::support::{config, config_file, fixture_db, heal_cli, lines, pg, rows, scan};
+use crate::support::{column_definitions, config, config_file, fixture_db, heal_cli, lines, pg, rows, scan};
 
 /// Heal's session (application `tenant-audit`) waiting on a lock on `tenant_b.doc`: its lock
 /// mode, the statement it waits in (its first line), and the locks on the table it holds.
@@ -116,6 +116,11 @@ async fn pending(name: &str) -> String {
         ]
     );
     assert_eq!(rows(&url, NULLS).await, ["4,5,6,7,8,9,10"]);
+    assert_eq!(
+        rows(&url, "SELECT indexdef FROM pg_indexes WHERE indexname = 'heal_log_backfill_progress'").await,
+        ["CREATE INDEX heal_log_backfill_progress ON tenant_audit.heal_log USING btree (schema_name, table_name, id) WHERE ((repair = 'add_missing_columns'::text) AND (row_key ? 'step'::text))"],
+        "the pending records every run reads have an index"
+    );
     url
 }
 
@@ -221,4 +226,49 @@ async fn an_added_column_keeps_the_reference_collation_and_a_different_one_is_dr
     assert_eq!(collations(&url, "tenant_c").await, ["body pg_catalog.C", "label pg_catalog.default"]);
     assert_eq!(collations(&url, "tenant_c").await, collations(&url, "tenant_a").await);
     assert_eq!(lines(&scan(&cfg).await.findings), [mismatch]);
+}
+
+/// F14: `--plan-out` of the staged add of [`PENDING`]'s `t`: its backfill's rows are resolved
+/// before the column exists (every row is NULL once it is added), so the file lists all ten;
+/// `--apply` adds the column and fills exactly those.
+#[tokio::test]
+async fn a_plan_file_lists_the_rows_of_a_column_it_adds_before_the_add() {
+    let url = fixture_db("heal_columns_state_plan_out", PENDING).await;
+    let file = std::env::temp_dir().join(format!("tenant-audit-it-{}-staged-add.json", std::process::id()));
+    let text = format!("database_url = {url:?}\n{HEAL}");
+    let (code, stdout, stderr) =
+        heal_cli("heal_columns_state_plan_out", &text, &["--plan-out", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, [format!("wrote the plan for 1 tenant(s) to {}", file.display())]);
+    let plan: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let steps = &plan["plan"]["tenants"][0]["actions"][0]["steps"];
+    assert_eq!(steps[0]["Once"]["added"], serde_json::json!(["t", "timestamp with time zone"]));
+    let only: Vec<String> = (1..=10).map(|id| format!("{{\"id\": {id}}}")).collect();
+    assert_eq!(steps[1]["Backfill"]["only"], serde_json::json!(only));
+    assert_eq!(column_definitions(&url, "tenant_a", "item").await, ["id integer NOT NULL", "note text"]);
+    let (code, stdout, stderr) =
+        heal_cli("heal_columns_state_plan_out", &text, &["--apply", file.to_str().unwrap(), "--execute"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stdout,
+        ["add_missing_columns: 11 change(s)", "heal run: 11 change(s), 0 tenant(s) skipped, 0 error(s)"]
+    );
+    assert_eq!(rows(&url, NULLS).await, [""]);
+}
+
+/// F6: the pending backfill of [`PENDING`] resumed with `heal.fallbacks` `t = ["now()"]` fills
+/// from `now()`, and its summary says so (it said `DEFAULT clock_timestamp()`).
+#[tokio::test]
+async fn a_resumed_pending_backfill_says_what_it_fills_from() {
+    let url = pending("heal_columns_state_summary").await;
+    let text = format!("database_url = {url:?}\n{HEAL}[heal.fallbacks]\nt = [\"now()\"]\n");
+    let (code, stdout, stderr) = heal_cli("heal_columns_state_summary", &text, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains(
+            &"-- add_missing_columns on tenant_a.item: finish the pending backfill of the added column t: the rows unchanged since it was added get now()"
+                .to_string()
+        ),
+        "{stdout:?}"
+    );
 }

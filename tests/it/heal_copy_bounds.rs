@@ -1,8 +1,9 @@
 //! How much one copy writes, against real PostgreSQL: a key's parent and all its ancestors are
 //! one transaction, bounded by `heal.batch_size` and `heal.max_rows_per_run`; a key that needs
-//! more is set aside and never blocks the others.
+//! more is set aside and never blocks the others. And what a copy writes when the application
+//! re-points an orphan under it.
 
-use crate::support::{fixture_db, heal_cli, rows};
+use crate::support::{fixture_db, heal_cli, pg, rows, wait_until_scan_blocked};
 
 /// `heal ARGS` with `[tenants] include = ['^tenant_']` and the `[heal]` keys `heal`: (exit code,
 /// stdout with the run id cut from its total line, stderr).
@@ -97,4 +98,40 @@ async fn a_transaction_writes_at_most_batch_size_rows() {
         rows(&url, "SELECT string_agg(row_key->>'id', ' ' ORDER BY row_key->>'id') FROM tenant_audit.heal_log GROUP BY xmin::text ORDER BY 1").await,
         [format!("{} {}", id(5001), id(5002)), id(5003)]
     );
+}
+
+/// The application re-points the orphan shop 1 from the shared region 1 to the tenant's own
+/// region 3 in a transaction still open while heal picks region 1: the copy waits for the
+/// orphan's lock (`FOR SHARE`), sees the committed re-pointing, and copies nothing (region 1
+/// would be a row nothing references). Without the lock it copied region 1 without waiting.
+#[tokio::test]
+async fn an_orphan_re_pointed_under_the_copy_copies_nothing() {
+    let sql = "SELECT pg_temp.create_tenant('tenant_a');
+        CREATE TABLE public.region (id uuid PRIMARY KEY, name text);
+        CREATE TABLE tenant_a.region (id uuid PRIMARY KEY, name text);
+        CREATE TABLE tenant_a.shop (id uuid PRIMARY KEY, region_id uuid REFERENCES tenant_a.region (id), name text);
+        INSERT INTO public.region VALUES ('00000000-0000-0000-0000-000000000001', 'shared 1');
+        INSERT INTO tenant_a.region VALUES ('00000000-0000-0000-0000-000000000003', 'own 3');
+        SET session_replication_role = replica;
+        INSERT INTO tenant_a.shop VALUES ('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-000000000001', 'shop 1');
+        RESET session_replication_role;";
+    let url = fixture_db("copy_bounds_race", sql).await;
+    let app = pg::connect(&url).await;
+    app.batch_execute(
+        "BEGIN; UPDATE tenant_a.shop SET region_id = '00000000-0000-0000-0000-000000000003'
+         WHERE id = '00000000-0000-0000-0000-000000000001'",
+    )
+    .await
+    .unwrap();
+    let heal_url = url.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        heal(&heal_url, "copy_bounds_race", "copy_missing_parents = true\nlock_timeout = '60s'\n", &["--execute"])
+    });
+    wait_until_scan_blocked(&url).await;
+    app.batch_execute("COMMIT").await.unwrap();
+    let (code, stdout, stderr) = run.await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, ["copy_missing_parents: 0 change(s)", "heal run: 0 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    assert_eq!(rows(&url, "SELECT name FROM tenant_a.region ORDER BY id").await, ["own 3"]);
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_audit.heal_log").await, ["0"]);
 }

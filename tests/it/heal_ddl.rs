@@ -51,7 +51,7 @@ async fn schema_names_in_text_never_drift_and_heal_writes_the_reference_definiti
     let path = config_file("heal_ddl_structural", &format!("database_url = {url:?}\n{HEAL}"));
     let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    // The lease and audit tables (with the audit table's two indexes), then one metadata-only
+    // The lease and audit tables (with the audit table's three indexes), then one metadata-only
     // statement per column: no other DDL, no rewrite.
     assert_eq!(
         rows(&url, "SELECT tag FROM public.ddl_log ORDER BY id").await,
@@ -60,6 +60,7 @@ async fn schema_names_in_text_never_drift_and_heal_writes_the_reference_definiti
             "CREATE TABLE",
             "CREATE SCHEMA",
             "CREATE TABLE",
+            "CREATE INDEX",
             "CREATE INDEX",
             "CREATE INDEX",
             "ALTER TABLE",

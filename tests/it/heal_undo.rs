@@ -350,7 +350,7 @@ async fn undo_reads_backfill_keys_of_earlier_versions_and_refuses_them_on_an_inh
     // The audit table of the earlier version got the indexes undo reads it by.
     assert_eq!(
         rows(&url, "SELECT indexname::text FROM pg_indexes WHERE tablename = 'heal_log' ORDER BY 1").await,
-        ["heal_log_pkey", "heal_log_run_table", "heal_log_undoes"]
+        ["heal_log_backfill_progress", "heal_log_pkey", "heal_log_run_table", "heal_log_undoes"]
     );
 }
 

@@ -98,7 +98,7 @@ async fn heal_checks_what_it_reads_and_every_child_it_updates_before_writing() {
         &url,
         "undo_review_reader",
         "GRANT SELECT, INSERT ON tenant_a.shop TO undo_review_reader;
-         GRANT SELECT ON tenant_a.refs TO undo_review_reader;
+         GRANT SELECT, UPDATE ON tenant_a.refs TO undo_review_reader;
          GRANT SELECT, UPDATE ON tenant_a.note TO undo_review_reader;",
     )
     .await;
