@@ -49,6 +49,23 @@ pub fn fallback(chain: &[String], table: Option<&Table>, data_type: &str, extra:
     (!parts.is_empty()).then(|| format!("COALESCE({})", parts.join(", ")))
 }
 
+/// (source, target) type of each cast `fallback` (made by [`fallback`] for a column of
+/// `data_type` of `table`) makes: `timestamptz` for `pg_catalog.now()`, the column's own type
+/// for `c."a"`. The default's `(default)::T` is left out: a default is stored coerced to its
+/// column's type, so that cast is to the type it has.
+pub fn casts(fallback: &str, table: &Table, data_type: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if fallback.contains(&format!("pg_catalog.now()::{data_type}")) {
+        out.push(("timestamptz".to_string(), data_type.to_string()));
+    }
+    for column in &table.columns {
+        if fallback.contains(&format!("c.{}::{data_type}", sql::ident(&column.name))) {
+            out.push((column.data_type.clone(), data_type.to_string()));
+        }
+    }
+    out
+}
+
 /// The fallback that sets each row to the column's default as an insert would (`SET c =
 /// DEFAULT`): a column without a default of its own whose type (a domain) has a volatile one,
 /// evaluated per row. Every row it picks is NULL; a default that yields NULL leaves it NULL.
@@ -91,6 +108,10 @@ pub struct BackfillSpec {
     /// its own, NULL included.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
+    /// (source, target) type of every cast the fallback makes ([`casts`]): checked for a
+    /// tenant's cast function before the backfill runs (see [`super::casts`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub casts: Vec<(String, String)>,
 }
 
 /// Whether a batch's error belongs to one of its rows rather than to the batch: a data exception

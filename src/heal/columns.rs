@@ -182,6 +182,7 @@ fn backfill_step(tenant: &str, table: &str, own: &Table, column: &Column, fallba
         repair: super::Repair::AddMissingColumns,
         only: None,
         pending: false,
+        casts: backfill::casts(fallback, own, &column.data_type),
     }))
 }
 

@@ -87,6 +87,11 @@ pub struct CopySpec {
     /// other; a key whose closure needs another row is set aside.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<Vec<CopyRow>>,
+    /// (source, target) type of every cast the copy's statements make: `text` to the type of
+    /// each column they look rows up by (the orphans' keys, every table's `types`). Checked for
+    /// a tenant's cast function before the copy runs (see [`super::casts`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub casts: Vec<(String, String)>,
 }
 
 /// A row a copy writes: its table and primary key (as text, in key order).
@@ -232,6 +237,7 @@ pub fn spec(
     if !root.in_shared || root.columns.is_empty() {
         return None;
     }
+    let casts = text_casts(types.iter().chain(tables.values().flat_map(|t| t.types.values())));
     Some(CopySpec {
         tenant: tenant.to_string(),
         shared: shared.to_string(),
@@ -245,7 +251,14 @@ pub fn spec(
         audit_full: heal.audit_values == AuditValues::Full,
         only: None,
         rows: None,
+        casts,
     })
+}
+
+/// `(text, T)` for each distinct type `T`, in order.
+fn text_casts<'a>(types: impl Iterator<Item = &'a String>) -> Vec<(String, String)> {
+    let distinct: BTreeSet<&String> = types.collect();
+    distinct.into_iter().map(|t| ("text".to_string(), t.clone())).collect()
 }
 
 #[allow(clippy::too_many_arguments)]

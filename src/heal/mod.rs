@@ -14,6 +14,7 @@
 
 mod audit;
 mod backfill;
+mod casts;
 mod columns;
 mod copy;
 mod lease;
@@ -618,6 +619,13 @@ async fn run_backfill(
         },
         false => None,
     };
+    let found = user_casts(writer, &spec.casts).await?;
+    if !found.is_empty() {
+        let reason = format!("backfill of {}: {}", spec.column, casts::reason(&found, "set these values by hand"));
+        tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&spec.table), repair = spec.repair.name(), reason = %crate::sql::escape_controls(&reason), "step set aside");
+        outcome.refused.push((spec.tenant.clone(), spec.table.clone(), reason));
+        return Err(Stop::Reported);
+    }
     let table_name = spec.table_name();
     let relations = writer
         .transaction(move |tx| {
@@ -883,6 +891,13 @@ async fn run_copy(
     outcome: &mut Outcome,
 ) -> Result<(), Stop> {
     let repair = Repair::CopyMissingParents.name();
+    let found = user_casts(writer, &spec.casts).await?;
+    if !found.is_empty() {
+        let reason = casts::reason(&found, "copy these rows by hand");
+        tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.tenant), table = %crate::sql::escape_controls(&spec.child), repair, reason = %crate::sql::escape_controls(&reason), "step set aside");
+        outcome.refused.push((spec.tenant.clone(), spec.child.clone(), reason));
+        return Err(Stop::Reported);
+    }
     let spec = &checked_copy(writer, spec).await?;
     let cap = copy::RowCap::new(batch_size, writer.heal.max_rows_per_run);
     let mut cursor: Vec<String> = Vec::new();
@@ -946,6 +961,13 @@ async fn run_undo(
         .into_iter()
         .map(|(_, name)| name)
         .collect();
+    let found = user_casts(writer, &spec.casts).await?;
+    if !found.is_empty() {
+        let reason = format!("undo: {}", casts::reason(&found, "undo these rows by hand"));
+        tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.schema), table = %crate::sql::escape_controls(&spec.table), repair, reason = %crate::sql::escape_controls(&reason), "step set aside");
+        outcome.refused.push((spec.schema.clone(), spec.table.clone(), reason));
+        return Err(Stop::Reported);
+    }
     if !refused.is_empty() {
         let reason = format!("undo: {}", triggers::event_reason(&refused, event));
         tracing::warn!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.schema), table = %crate::sql::escape_controls(&spec.table), repair, reason = %crate::sql::escape_controls(&reason), "step set aside");
@@ -1022,6 +1044,24 @@ async fn refused_triggers(
         }
     }
     Ok(out)
+}
+
+/// The casts of `pairs` ((source, target) types, see [`casts::USER_CASTS`]) that would run a
+/// function outside `pg_catalog`, read in one transaction (under the tenant's `search_path`,
+/// as the step's statements resolve the names).
+async fn user_casts(writer: &mut Writer<'_>, pairs: &[(String, String)]) -> Result<Vec<casts::UserCast>, Stop> {
+    if pairs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (sources, targets) = casts::params(pairs);
+    let rows = writer
+        .transaction(move |tx| {
+            Box::pin(async move {
+                tx.query_typed(casts::USER_CASTS, &[(&sources, Type::TEXT_ARRAY), (&targets, Type::TEXT_ARRAY)]).await
+            })
+        })
+        .await?;
+    Ok(rows.iter().map(casts::UserCast::from_row).collect())
 }
 
 /// What a one-off step did.

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::{backfill, columns, copy, sequence, triggers, undo, Repair};
+use super::{backfill, casts, columns, copy, sequence, triggers, undo, Repair};
 use crate::checks::orphan_rows;
 use crate::config::Config;
 use crate::report::{Check, CopyVerdict, Detail, DriftKind, Finding, ParentLocation, RelationshipSource};
@@ -273,6 +273,7 @@ impl Plan {
                             let _ = writeln!(out, "{sql};");
                         }
                         Step::Backfill(spec) => {
+                            render_casts(&mut out, &spec.casts);
                             let _ = writeln!(
                                 out,
                                 "-- the relations holding the rows ($1 = {}):\n{};",
@@ -292,6 +293,7 @@ impl Plan {
                                 writeln!(out, "{};", spec.batch_sql(&sql::qualified(&spec.tenant, &spec.table), false));
                         }
                         Step::Copy(spec) => {
+                            render_casts(&mut out, &spec.casts);
                             let _ = writeln!(
                                 out,
                                 "-- batched: $1 = {batch_size} (heal.batch_size); repeated until no key is left; a transaction writes at most $1 rows (fewer when heal.max_rows_per_run has fewer left), and a key whose parent and all its ancestors need more than heal.batch_size or heal.max_rows_per_run rows is set aside"
@@ -299,6 +301,7 @@ impl Plan {
                             out.push_str(&spec.render());
                         }
                         Step::Undo(spec) => {
+                            render_casts(&mut out, &spec.casts);
                             let _ = writeln!(out, "-- batched: $1 = {batch_size} (heal.batch_size, heal.max_rows_per_run in all), $2 = the last audit id of the previous batch (0 first); repeated until no audit row is left:");
                             let _ = writeln!(out, "{};", spec.pick_sql);
                             let _ = writeln!(
@@ -363,6 +366,24 @@ impl Plan {
     }
 }
 
+/// The check that comes first in a step whose statements cast to `casts`' types: the step is
+/// set aside, nothing of it run, when one of those casts runs a function outside `pg_catalog`.
+fn render_casts(out: &mut String, pairs: &[(String, String)]) {
+    if pairs.is_empty() {
+        return;
+    }
+    let (sources, targets) = casts::params(pairs);
+    let array =
+        |items: &[String]| format!("ARRAY[{}]", items.iter().map(|i| sql::literal(i)).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(
+        out,
+        "-- first ($1 = {}, $2 = {}): set aside, nothing of it run, if a cast it makes runs a function outside pg_catalog (a tenant's CREATE CAST ... WITH FUNCTION):\n{};",
+        sql::escape_controls(&array(&sources)),
+        sql::escape_controls(&array(&targets)),
+        casts::USER_CASTS
+    );
+}
+
 fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Option<Action> {
     let tenant = &f.schema;
     let table = f.table.clone()?;
@@ -398,6 +419,7 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                     tenant: tenant.clone(),
                     table: table.clone(),
                     column: column.clone(),
+                    casts: backfill::casts(&fallback, own, data_type),
                     fallback,
                     key: own.primary_key.clone(),
                     repair,

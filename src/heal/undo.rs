@@ -136,6 +136,11 @@ pub struct UndoSpec {
     pub deletes: bool,
     /// The relations, qualified and quoted, whose rows the `DELETE` checks for references.
     pub reads: Vec<String>,
+    /// (source, target) type of every cast the statements make: `text` to each key column's
+    /// type, and to the column's type for a backfill's undo. Checked for a tenant's cast function
+    /// before the undo runs (see [`super::casts`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub casts: Vec<(String, String)>,
 }
 
 impl UndoSpec {
@@ -399,8 +404,9 @@ async fn backfill_step(client: &impl GenericClient, group: &Group, count: i64) -
         return Ok(Err(format!("{count} {repair} change(s) not undone: a key column no longer exists")));
     };
     let summary = format!("set {count} {column} value(s) back to NULL where they still hold what heal wrote");
-    let spec =
+    let mut spec =
         target.spec(group, "FOR NO KEY UPDATE", &reset_backfilled(&target, group, column, &data_type), Vec::new());
+    spec.casts.push(("text".to_string(), data_type));
     Ok(Ok((summary, spec, None)))
 }
 
@@ -459,6 +465,7 @@ impl Target {
             relation: sql::qualified(&self.schema, &self.relation),
             deletes: group.copy,
             reads,
+            casts: self.key.iter().map(|(_, t)| ("text".to_string(), t.clone())).collect(),
         }
     }
 }

@@ -11,6 +11,7 @@ mod fleet;
 mod freeze;
 mod heal;
 mod heal_backfill;
+mod heal_casts;
 mod heal_columns_review;
 mod heal_columns_state;
 mod heal_copy_bounds;
