@@ -60,6 +60,8 @@ pub struct Scheduler {
     shutdown: CancellationToken,
     /// The running scan task, awaited at shutdown.
     tasks: TaskTracker,
+    /// The runtime scans run on, whoever starts them (a request arrives on the listener's).
+    runtime: tokio::runtime::Handle,
     /// What incremental scans carry forward; taken by the running scan and put back when it
     /// ends (a scan that panics loses it, and the next scan is full).
     incremental: Mutex<Option<incremental::State>>,
@@ -68,6 +70,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// Call it on the runtime the scans are to run on.
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Arc<Scheduler> {
         let pool = db::scan_pool(&config.database, &config.scan);
         let ping_pool = db::ping_pool(&config.database, config.scan.connect_timeout);
@@ -86,6 +89,7 @@ impl Scheduler {
             database_up: AtomicBool::new(false),
             shutdown,
             tasks: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
             incremental: Mutex::new(None),
             span: tracing::info_span!("target", database = %config.name),
             config,
@@ -105,12 +109,13 @@ impl Scheduler {
         };
         let me = Arc::clone(self);
         let span = self.span.clone();
-        self.tasks.spawn(
+        self.tasks.spawn_on(
             async move {
                 let _running = ClearOnDrop(&me.running);
                 me.scan_once(kind, heal).await;
             }
             .instrument(span),
+            &self.runtime,
         );
         true
     }
