@@ -4,18 +4,7 @@
 //! step aside naming the cast (exit 1, the function never runs: `public.pwned` stays empty) and
 //! heals the tenant's other tables in the same run.
 
-use crate::support::{cli, config_file, fixture_db, rows};
-
-/// What heal printed, with the run id cut from its total line.
-fn summary(out: &std::process::Output) -> Vec<String> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| match l.strip_prefix("heal run ") {
-            Some(rest) => format!("heal run: {}", rest.split_once(": ").map(|(_, r)| r).unwrap_or(rest)),
-            None => l.to_string(),
-        })
-        .collect()
-}
+use crate::support::{cli, config_file, fixture_db, heal_summary as summary, rows};
 
 /// `heal` (the dry run) and `heal --execute` on `url` with `heal`'s lines in `[heal]`.
 fn plan_and_heal(url: &str, name: &str, extra: &str) -> (String, std::process::Output) {

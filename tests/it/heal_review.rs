@@ -2,7 +2,7 @@
 //! test builds the reviewer's trap and asserts what heal writes (rows, keys, sequence values),
 //! what it sets aside and why, and its exit code.
 
-use crate::support::{cli, config_file, fixture_db, pg};
+use crate::support::{cli, config_file, fixture_db, heal_summary as summary, pg};
 
 async fn rows(url: &str, sql: &str) -> Vec<String> {
     let client = pg::connect(url).await;
@@ -17,17 +17,6 @@ fn heal(url: &str, name: &str, heal: &str) -> std::process::Output {
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// What heal printed, with the run id (which changes every run) cut from its total line.
-fn summary(out: &std::process::Output) -> Vec<String> {
-    stdout(out)
-        .lines()
-        .map(|l| match l.strip_prefix("heal run ") {
-            Some(rest) => format!("heal run: {}", rest.split_once(": ").map(|(_, r)| r).unwrap_or(rest)),
-            None => l.to_string(),
-        })
-        .collect()
 }
 
 const LOGGED: &str = "SELECT count(*)::text FROM tenant_audit.heal_log";

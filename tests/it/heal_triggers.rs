@@ -2,7 +2,7 @@
 //! default (the step or key set aside with the trigger's name, exit 1, nothing written), written
 //! when `heal.allow_triggers` lists them, and then audited as really written.
 
-use crate::support::{cli, config_file, fixture_db, pg};
+use crate::support::{cli, config_file, fixture_db, heal_summary as summary, pg};
 
 async fn rows(url: &str, sql: &str) -> Vec<String> {
     let client = pg::connect(url).await;
@@ -11,17 +11,6 @@ async fn rows(url: &str, sql: &str) -> Vec<String> {
 
 fn config(url: &str, name: &str, heal: &str) -> std::path::PathBuf {
     config_file(name, &format!("database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\n[heal]\n{heal}"))
-}
-
-/// What heal printed, with the run id cut from its total line.
-fn summary(out: &std::process::Output) -> Vec<String> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| match l.strip_prefix("heal run ") {
-            Some(rest) => format!("heal run: {}", rest.split_once(": ").map(|(_, r)| r).unwrap_or(rest)),
-            None => l.to_string(),
-        })
-        .collect()
 }
 
 const COPY_SQL: &str = "SELECT pg_temp.create_tenant('tenant_a');

@@ -94,6 +94,17 @@ pub fn heal_cli(name: &str, text: &str, args: &[&str]) -> (Option<i32>, Vec<Stri
 }
 
 /// The first column of every row `sql` returns, as text.
+/// What heal printed on stdout, with the run id (which changes every run) cut from its total line.
+pub fn heal_summary(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| match l.strip_prefix("heal run ") {
+            Some(rest) => format!("heal run: {}", rest.split_once(": ").map(|(_, r)| r).unwrap_or(rest)),
+            None => l.to_string(),
+        })
+        .collect()
+}
+
 pub async fn rows(url: &str, sql: &str) -> Vec<String> {
     let client = pg::connect(url).await;
     client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
