@@ -1,7 +1,9 @@
 //! What `add_missing_columns` leaves behind across its steps and runs, against real PostgreSQL:
 //! which locks a step holds while it reads the table, and the pending records it resumes from.
 
-use crate::support::{column_definitions, config, config_file, fixture_db, heal_cli, lines, pg, rows, scan};
+use crate::support::{
+    column_definitions, config, config_file, fixture_db, heal_cli, lines, pg, rows, scan, BORROWED_SEQUENCE_SQL,
+};
 
 /// Heal's session (application `tenant-audit`) waiting on a lock on `tenant_b.doc`: its lock
 /// mode, the statement it waits in (its first line), and the locks on the table it holds.
@@ -29,11 +31,7 @@ async fn first_row(client: &tokio_postgres::Client, sql: &str) -> String {
 /// while the `ALTER` waited is past the first move, and the sequence still ends past it.
 #[tokio::test]
 async fn a_sequence_moves_past_the_column_outside_the_alter_lock_before_and_after_it() {
-    let sql = "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_a', 'tenant_b']) t;
-        CREATE TABLE tenant_a.doc (id serial PRIMARY KEY, title text);
-        CREATE TABLE tenant_b.doc (id serial PRIMARY KEY, title text);
-        ALTER TABLE tenant_b.doc ALTER COLUMN id SET DEFAULT nextval('tenant_a.doc_id_seq');
-        INSERT INTO tenant_b.doc (title) SELECT 'doc ' || g FROM generate_series(1, 10) g;";
+    let sql = BORROWED_SEQUENCE_SQL;
     let url = fixture_db("heal_columns_state_advance", sql).await;
     let text = format!(
         "database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\nreference_schema = 'tenant_a'\n[heal]\nadd_missing_columns = true\nlock_timeout = '1min'\n"

@@ -2,7 +2,7 @@
 //! test builds the reviewer's trap and asserts what heal writes (rows, keys, sequence values),
 //! what it sets aside and why, and its exit code.
 
-use crate::support::{cli, config_file, fixture_db, heal_summary as summary, pg};
+use crate::support::{cli, config_file, fixture_db, heal_summary as summary, pg, BORROWED_SEQUENCE_SQL};
 
 async fn rows(url: &str, sql: &str) -> Vec<String> {
     let client = pg::connect(url).await;
@@ -102,11 +102,7 @@ async fn a_copy_between_columns_of_different_types_is_set_aside() {
 /// still at 1 while the column holds 1..10: it is moved past them (before and after the step).
 #[tokio::test]
 async fn a_default_that_draws_from_a_sequence_leaves_the_sequence_past_the_column() {
-    let sql = "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_a', 'tenant_b']) t;
-        CREATE TABLE tenant_a.doc (id serial PRIMARY KEY, title text);
-        CREATE TABLE tenant_b.doc (id serial PRIMARY KEY, title text);
-        ALTER TABLE tenant_b.doc ALTER COLUMN id SET DEFAULT nextval('tenant_a.doc_id_seq');
-        INSERT INTO tenant_b.doc (title) SELECT 'doc ' || g FROM generate_series(1, 10) g;";
+    let sql = BORROWED_SEQUENCE_SQL;
     let url = fixture_db("heal_review_set_default", sql).await;
     let path = config_file(
         "heal_review_set_default",

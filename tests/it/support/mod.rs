@@ -94,6 +94,14 @@ pub fn heal_cli(name: &str, text: &str, args: &[&str]) -> (Option<i32>, Vec<Stri
 }
 
 /// The first column of every row `sql` returns, as text.
+/// Two tenants with a `doc` table; tenant_b's ids (1..10) draw from tenant_a's sequence, so
+/// the reference's `nextval('doc_id_seq')` points tenant_b at its own sequence, still at 1.
+pub const BORROWED_SEQUENCE_SQL: &str = "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_a', 'tenant_b']) t;
+        CREATE TABLE tenant_a.doc (id serial PRIMARY KEY, title text);
+        CREATE TABLE tenant_b.doc (id serial PRIMARY KEY, title text);
+        ALTER TABLE tenant_b.doc ALTER COLUMN id SET DEFAULT nextval('tenant_a.doc_id_seq');
+        INSERT INTO tenant_b.doc (title) SELECT 'doc ' || g FROM generate_series(1, 10) g;";
+
 /// What heal printed on stdout, with the run id (which changes every run) cut from its total line.
 pub fn heal_summary(out: &Output) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
