@@ -6,7 +6,8 @@
 //! another's scans. Once shutdown is requested the process stops accepting connections, cancels
 //! running queries on the server, and returns within `serve.shutdown_timeout`. The listener
 //! runs on a thread and runtime of its own, so a scan keeping the main runtime's workers busy
-//! never makes a scrape wait for one (docs/performance.md, "The listener").
+//! never makes a scrape wait for one (docs/performance.md, "The listener"). A listener that
+//! cannot be started shuts the daemon down and is returned as an error (`serve` exits 2).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,11 +21,26 @@ use crate::http::{self, Endpoints};
 use crate::metrics::Metrics;
 use crate::schedule::{self, Scheduler};
 
+/// Why the daemon stopped other than by a shutdown request.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot start the listener's {what}: {source}")]
+    Listener { what: &'static str, source: std::io::Error },
+}
+
+/// What the listener thread ends with.
+type Finished = tokio::sync::oneshot::Receiver<Result<(), DaemonError>>;
+
 /// Serves on `listener` until `shutdown` is cancelled. The caller binds the listener (tests use
-/// port 0) and owns the shutdown trigger (signals in the binary).
-pub async fn run(fleet: impl Into<Fleet>, listener: TcpListener, shutdown: CancellationToken) {
+/// port 0) and owns the shutdown trigger (signals in the binary). An error when the listener
+/// could not be started (the schedulers were shut down).
+pub async fn run(
+    fleet: impl Into<Fleet>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     let fleet = fleet.into();
-    let Some(first) = fleet.targets.first() else { return };
+    let Some(first) = fleet.targets.first() else { return Ok(()) };
     // `[serve]` (but the schedule) and `[web]` are the process's: the same in every target.
     let (web, shutdown_timeout) = (first.web.clone(), first.serve.shutdown_timeout);
     let mut schedulers = Vec::with_capacity(fleet.targets.len());
@@ -38,7 +54,10 @@ pub async fn run(fleet: impl Into<Fleet>, listener: TcpListener, shutdown: Cance
     }
     let exposition = Arc::new(Exposition::new(fleet.shard, metrics));
     let endpoints = Endpoints { schedulers: schedulers.clone(), metrics: exposition };
-    let http = spawn_listener(listener, endpoints, web, shutdown.clone());
+    let (http, failed) = match spawn_listener(listener, endpoints, web, shutdown.clone()) {
+        Ok(finished) => (Some(finished), None),
+        Err(e) => (None, Some(e)),
+    };
     let loops: Vec<_> = schedulers.iter().map(|s| tokio::spawn(Arc::clone(s).run())).collect();
 
     shutdown.cancelled().await;
@@ -51,54 +70,52 @@ pub async fn run(fleet: impl Into<Fleet>, listener: TcpListener, shutdown: Cance
         for scheduler in &schedulers {
             scheduler.wait_idle().await;
         }
-        if let Some(http) = http {
-            let _ = http.await;
+        match http {
+            Some(finished) => finished.await.unwrap_or(Ok(())),
+            None => Ok(()),
         }
     })
     .await;
-    if finished.is_err() {
+    let listener = finished.unwrap_or_else(|_| {
         tracing::warn!("shutdown timeout reached; exiting with work still running");
-    }
+        Ok(())
+    });
+    failed.map_or(listener, Err)
 }
 
 /// Runs [`http::serve`] on a thread of its own with a single-threaded runtime; the receiver
-/// completes when it returned. `None` (and shutdown requested) when the thread or its runtime
-/// cannot be started.
+/// completes when it returned. An error (and shutdown requested) when the thread, its runtime
+/// or its socket cannot be set up.
 fn spawn_listener(
     listener: TcpListener,
     endpoints: Endpoints,
     web: WebConfig,
     shutdown: CancellationToken,
-) -> Option<tokio::sync::oneshot::Receiver<()>> {
-    let fail = |what: &str, e: std::io::Error| {
-        tracing::error!(error = %e, "cannot start the listener's {what}; shutting down");
-        shutdown.cancel();
-        None
-    };
-    let listener = match listener.into_std() {
-        Ok(listener) => listener,
-        Err(e) => return fail("socket", e),
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => return fail("runtime", e),
-    };
+) -> Result<Finished, DaemonError> {
+    let listener = listener.into_std().map_err(failed("socket", &shutdown))?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(failed("runtime", &shutdown))?;
     let (done, finished) = tokio::sync::oneshot::channel();
     let stop = shutdown.clone();
-    let thread = std::thread::Builder::new().name("listener".into()).spawn(move || {
-        runtime.block_on(async move {
-            match TcpListener::from_std(listener) {
-                Ok(listener) => http::serve(listener, endpoints, web, stop).await,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot register the listener's socket; shutting down");
-                    stop.cancel();
-                }
-            }
-        });
-        let _ = done.send(());
-    });
-    match thread {
-        Ok(_) => Some(finished),
-        Err(e) => fail("thread", e),
+    std::thread::Builder::new()
+        .name("listener".into())
+        .spawn(move || {
+            let ended = runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener).map_err(failed("socket", &stop))?;
+                http::serve(listener, endpoints, web, stop).await;
+                Ok(())
+            });
+            let _ = done.send(ended);
+        })
+        .map_err(failed("thread", &shutdown))?;
+    Ok(finished)
+}
+
+/// Logs why the listener cannot start, requests shutdown and makes the error of it.
+fn failed<'a>(what: &'static str, stop: &'a CancellationToken) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
+    move |source| {
+        tracing::error!(error = %source, "cannot start the listener's {what}; shutting down");
+        stop.cancel();
+        DaemonError::Listener { what, source }
     }
 }

@@ -289,7 +289,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "listening; metrics at {scheme}://{address}/metrics"
     );
     let shutdown = shutdown_on_signals()?;
-    daemon::run(fleet, listener, shutdown).await;
+    daemon::run(fleet, listener, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -144,7 +144,7 @@ pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
 pub struct RunningDaemon {
     pub base: String,
     shutdown: tokio_util::sync::CancellationToken,
-    handle: tokio::task::JoinHandle<()>,
+    handle: tokio::task::JoinHandle<Result<(), tenant_audit::daemon::DaemonError>>,
     http: reqwest::Client,
 }
 
@@ -212,9 +212,10 @@ impl RunningDaemon {
         }
     }
 
+    /// Requests shutdown and waits for the daemon, which must end without an error.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        self.handle.await.unwrap();
+        self.handle.await.unwrap().expect("the daemon ended with an error");
     }
 }
 
