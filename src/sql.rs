@@ -23,16 +23,6 @@ pub fn literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
-/// `l."a" = r."x" AND l."b" = r."y"`: two keys compared column by column.
-pub fn key_match(left: &str, left_columns: &[String], right: &str, right_columns: &[String]) -> String {
-    left_columns
-        .iter()
-        .zip(right_columns)
-        .map(|(l, r)| format!("{left}.{} = {right}.{}", ident(l), ident(r)))
-        .collect::<Vec<_>>()
-        .join(" AND ")
-}
-
 /// `ROWS FROM (pg_catalog.unnest(a), pg_catalog.unnest(b))`: arrays side by side, as the
 /// multi-argument `unnest(a, b)` (which PostgreSQL expands only when unqualified) does.
 pub fn unnest(arrays: &[String]) -> String {
@@ -61,13 +51,13 @@ pub fn key_text(alias: &str, names: &[String]) -> String {
 
 /// `OPERATOR("schema".=)`: an operator named with its schema, so that no `search_path` decides
 /// which one compares. Operator names consist of operator characters only; anything else (which
-/// the catalog cannot hold) falls back to plain `=`.
+/// the catalog cannot hold) falls back to the built-in `OPERATOR(pg_catalog.=)`.
 pub fn operator(schema: &str, name: &str) -> String {
     let valid = !name.is_empty() && name.chars().all(|c| "+-*/<>=~!@#%^&|`?".contains(c));
     if valid {
         format!("OPERATOR({}.{name})", ident(schema))
     } else {
-        "=".to_string()
+        "OPERATOR(pg_catalog.=)".to_string()
     }
 }
 

@@ -13,7 +13,11 @@
 //! (`conpfeqop`, so `citext` keys that differ in case match, an `int` key finds its `bigint`
 //! parent) and the parent column's collation (so a child of another collation never fails the
 //! statement). An inferred relationship uses the operators of the constraint it is inferred
-//! from; a configured one plain `=`.
+//! from. A configured one, which has no constraint, uses the `=` of the schema that defines the
+//! parent column's type when that is the shared schema (an extension type such as `citext`
+//! installed there), and the built-in `OPERATOR(pg_catalog.=)` otherwise: never a bare `=`,
+//! which would resolve to an operator a tenant defined (for its own domain, or for a pair of
+//! types `pg_catalog` has none for) and run the tenant's function with the auditor's privileges.
 
 use std::collections::BTreeSet;
 
@@ -42,7 +46,8 @@ pub struct Probe {
     pub constraint_validated: Option<bool>,
     /// `MATCH FULL` semantics: a partly NULL key counts as an orphan.
     pub match_full: bool,
-    /// Per key column, the equality operator `parent = child`; empty for plain `=`.
+    /// Per key column, the equality operator `parent = child`; empty only before
+    /// [`Probe::with_fallback`] (then the built-in `=`).
     pub equality: Vec<QualifiedName>,
     /// Per key column, the parent column's collation (`None` for a type without one).
     pub collations: Vec<Option<QualifiedName>>,
@@ -166,15 +171,18 @@ fn resolve(ctx: &Context<'_>, tenant: &str, schema: &Schema, shared: &Schema, c:
     let same_entity = same_entity(ctx.same_entity_keys, key_schema, &c.parent_table, &c.parent_columns);
     let probe =
         Probe::new(ctx.catalog, c.table, c.columns, parent_schema, c.parent_table, c.parent_columns, shared_parent);
-    Some(Probe {
-        same_entity,
-        source: c.source,
-        constraint: c.constraint,
-        constraint_validated: c.constraint_validated,
-        match_full: c.match_full,
-        equality: if c.equality.len() == probe.columns.len() { c.equality } else { Vec::new() },
-        ..probe
-    })
+    Some(
+        Probe {
+            same_entity,
+            source: c.source,
+            constraint: c.constraint,
+            constraint_validated: c.constraint_validated,
+            match_full: c.match_full,
+            equality: if c.equality.len() == probe.columns.len() { c.equality } else { Vec::new() },
+            ..probe
+        }
+        .with_fallback(ctx.catalog, ctx.shared_schema),
+    )
 }
 
 /// The probe behind an orphan finding of `tenant`, with the comparison the scan used (heal
@@ -220,18 +228,43 @@ pub fn probe_for(catalog: &Catalog, shape: &Shape, shared: &str, f: &Finding) ->
         }
         None => false,
     };
-    Some(Probe {
-        source: *relationship,
-        constraint: constraint.clone(),
-        constraint_validated: *constraint_validated,
-        match_full,
-        equality: if equality.len() == probe.columns.len() { equality } else { Vec::new() },
-        ..probe
-    })
+    Some(
+        Probe {
+            source: *relationship,
+            constraint: constraint.clone(),
+            constraint_validated: *constraint_validated,
+            match_full,
+            equality: if equality.len() == probe.columns.len() { equality } else { Vec::new() },
+            ..probe
+        }
+        .with_fallback(catalog, shared),
+    )
 }
 
 impl Probe {
-    /// A constraint-less probe (plain `=`, `MATCH SIMPLE`) of `table(columns)` against its parent,
+    /// Without a constraint's operators, the `=` of each parent column's type: the shared
+    /// schema's own when it defines the type, else (and for arrays, whose built-in `=` compares
+    /// elements with their type's default equality) the built-in one (see the module comment).
+    fn with_fallback(self, catalog: &Catalog, shared: &str) -> Probe {
+        if !self.equality.is_empty() {
+            return self;
+        }
+        let parent = catalog.table(&self.parent_schema, &self.parent_table);
+        let home = |column: &String| {
+            let column = parent.and_then(|t| t.column(column)).filter(|c| !c.data_type.ends_with("[]"));
+            let defined_in = match column.map(|c| &c.type_schema) {
+                Some(TypeSchema::Own) => Some(self.parent_schema.as_str()),
+                Some(TypeSchema::Other(s)) => Some(s.as_str()),
+                Some(TypeSchema::Catalog) | None => None,
+            };
+            let schema = if defined_in == Some(shared) { shared } else { "pg_catalog" };
+            QualifiedName { schema: schema.to_string(), name: "=".to_string() }
+        };
+        let equality = self.parent_columns.iter().map(home).collect();
+        Probe { equality, ..self }
+    }
+
+    /// A constraint-less probe (no operators yet, `MATCH SIMPLE`) of `table(columns)` against its parent,
     /// with the parent's collations and relation names from `catalog`.
     fn new(
         catalog: &Catalog,
@@ -285,8 +318,10 @@ impl Probe {
                     Some(Some(c)) => format!(" COLLATE {}", c.quoted()),
                     _ => String::new(),
                 };
-                let operator =
-                    self.equality.get(i).map_or_else(|| "=".to_string(), |o| sql::operator(&o.schema, &o.name));
+                let operator = self
+                    .equality
+                    .get(i)
+                    .map_or_else(|| sql::operator("pg_catalog", "="), |o| sql::operator(&o.schema, &o.name));
                 format!("p.{}{collate} {operator} c.{}", sql::ident(parent), sql::ident(child))
             })
             .collect();

@@ -197,7 +197,7 @@ mod tests {
             w.count_sql(&items),
             "SELECT * FROM (SELECT count(*) FILTER (WHERE o.in_shared), count(*) FILTER (WHERE NOT o.in_shared) \
              FROM (SELECT false AS in_shared FROM ONLY \"t\".\"child\" c WHERE c.\"parent_id\" IS NOT NULL AND NOT EXISTS \
-             (SELECT 1 FROM ONLY \"t\".\"parent\" p WHERE p.\"id\" = c.\"parent_id\")) o) r0\n\
+             (SELECT 1 FROM ONLY \"t\".\"parent\" p WHERE p.\"id\" OPERATOR(\"pg_catalog\".=) c.\"parent_id\")) o) r0\n\
              CROSS JOIN (SELECT count(*) FILTER (WHERE c.\"created_at\" IS NULL) FROM ONLY \"t\".\"child\" c) r1"
         );
         let findings = w.findings("t", &items, &[0, 4, 2]);

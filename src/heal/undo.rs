@@ -556,7 +556,7 @@ struct Reference {
     table: String,
     columns: Vec<String>,
     parent_columns: Vec<String>,
-    /// (schema, name) of the constraint's equality operator per column, or plain `=`.
+    /// (schema, name) of the constraint's equality operator per column, or `None` (then the built-in `=`, [`EQ`]).
     operators: Option<Vec<(String, String)>>,
 }
 

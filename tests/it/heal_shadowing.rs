@@ -77,3 +77,39 @@ async fn tenant_functions_named_like_built_ins_never_run_in_heal() {
         ]
     );
 }
+
+/// A configured relationship (no constraint) whose child key is a tenant domain over `uuid`,
+/// and a tenant operator `=(uuid, domain)` (an exact match for the pair, so a bare `=` would
+/// pick it over the built-in one) that records who ran it and matches every row: the scan and
+/// heal compare with `OPERATOR(pg_catalog.=)`, so heal copies exactly the one missing tag and
+/// the operator never ran.
+#[tokio::test]
+async fn a_tenant_operator_never_decides_a_configured_relationship() {
+    let sql = "SELECT pg_temp.create_tenant('tenant_a');
+        CREATE TABLE public.tag (id uuid PRIMARY KEY, name text);
+        INSERT INTO public.tag VALUES ('00000000-0000-0000-0000-000000000001', 'one'),
+          ('00000000-0000-0000-0000-000000000002', 'two'), ('00000000-0000-0000-0000-000000000003', 'three');
+        CREATE DOMAIN tenant_a.tag_ref AS uuid;
+        CREATE TABLE tenant_a.tag (id uuid PRIMARY KEY, name text);
+        INSERT INTO tenant_a.tag VALUES ('00000000-0000-0000-0000-000000000003', 'own three');
+        CREATE TABLE tenant_a.post (id serial PRIMARY KEY, tag_id tenant_a.tag_ref);
+        INSERT INTO tenant_a.post (tag_id) VALUES ('00000000-0000-0000-0000-000000000001'),
+          ('00000000-0000-0000-0000-000000000003');
+        CREATE TABLE tenant_a.pwned (who text);
+        CREATE FUNCTION tenant_a.eq(a uuid, b tenant_a.tag_ref) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN
+          INSERT INTO tenant_a.pwned VALUES (current_user);
+          RETURN true;
+        END $$;
+        CREATE OPERATOR tenant_a.= (LEFTARG = uuid, RIGHTARG = tenant_a.tag_ref, FUNCTION = tenant_a.eq);";
+    let url = fixture_db("heal_shadowing_operator", sql).await;
+    let config = format!(
+        "database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\n[heal]\ncopy_missing_parents = true\n\
+         [[checks.relationships]]\ntable = 'post'\ncolumns = ['tag_id']\nparent_table = 'tag'\nparent_columns = ['id']\n"
+    );
+    let (code, stdout, stderr) = heal_cli("heal_shadowing_operator", &config, &["--execute"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, ["copy_missing_parents: 1 change(s)", "heal run: 1 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    assert_eq!(rows(&url, "SELECT name FROM tenant_a.tag ORDER BY id").await, ["one", "own three"]);
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.pwned").await, ["0"]);
+}
