@@ -207,13 +207,12 @@ pub fn spec(
         in_shared = probe.in_shared(),
         cursor = cursor_params.join(", "),
     );
-    let arrays: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("${}::text[]::{t}[]", i + 1)).collect();
     let lock_sql = format!(
-        "SELECT {texts} FROM {tbl} c\n  WHERE {orphan}\n    AND ({cols}) OPERATOR(pg_catalog.=) ANY (SELECT * FROM ROWS FROM ({arrays}))\n  FOR SHARE OF c",
+        "SELECT {texts} FROM {tbl} c\n  WHERE {orphan}\n    AND ({cols}) OPERATOR(pg_catalog.=) ANY ({keys})\n  FOR SHARE OF c",
         texts = probe.columns.iter().map(|c| format!("c.{}::text", sql::ident(c))).collect::<Vec<_>>().join(", "),
         tbl = catalog::relation(catalog, tenant, &probe.table),
         orphan = probe.orphan_condition(),
-        arrays = arrays.iter().map(|a| format!("pg_catalog.unnest({a})")).collect::<Vec<_>>().join(", "),
+        keys = typed_keys(1, &types, false),
     );
     let mut tables = BTreeMap::new();
     let mut queue = vec![probe.parent_table.clone()];
@@ -253,6 +252,29 @@ pub fn spec(
         rows: None,
         casts,
     })
+}
+
+/// `SELECT u."k0"::T0, u."k1"::T1 FROM ROWS FROM (pg_catalog.unnest($first::text[]), ...) AS
+/// u("k0", "k1")` (with `u.ord` last, `WITH ORDINALITY`, when `ordinality`): keys sent as text
+/// arrays, one per column, each value cast to its column's own type. The arrays are unnested as
+/// text and cast value by value: `unnest` of an array of a composite type would expand each
+/// value into the type's fields (too many columns, or a field compared with the whole key).
+fn typed_keys(first: usize, types: &[String], ordinality: bool) -> String {
+    let names: Vec<String> = (0..types.len()).map(|i| format!("k{i}")).collect();
+    let arrays: Vec<String> = (0..types.len()).map(|i| format!("${}::text[]", first + i)).collect();
+    let mut select: Vec<String> = names.iter().zip(types).map(|(n, t)| format!("u.{}::{t}", sql::ident(n))).collect();
+    let mut aliases: Vec<String> = names.iter().map(|n| sql::ident(n)).collect();
+    if ordinality {
+        select.push("u.ord".to_string());
+        aliases.push("ord".to_string());
+    }
+    format!(
+        "SELECT {} FROM {}{} AS u({})",
+        select.join(", "),
+        sql::unnest(&arrays),
+        if ordinality { " WITH ORDINALITY" } else { "" },
+        aliases.join(", ")
+    )
 }
 
 /// `(text, T)` for each distinct type `T`, in order.
@@ -492,23 +514,18 @@ impl CopySpec {
         out
     }
 
-    /// `INSERT ... SELECT ... WHERE key = ANY (ROWS FROM (unnest($first::text[]::T[]), ...)) ... RETURNING *`.
+    /// `INSERT ... SELECT ... WHERE key = ANY (SELECT u.k0::T, ... FROM ROWS FROM (unnest($first::text[]), ...)) ... RETURNING *`.
     fn insert_cte(&self, name: &str, table: &CopyTable, first: usize) -> String {
-        let arrays: Vec<String> = table
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("${}::text[]::{}[]", first + i, table.types[k]))
-            .collect();
+        let types: Vec<String> = table.key.iter().map(|k| table.types[k].clone()).collect();
         format!(
-            "INSERT INTO {} ({}){}\n  SELECT {} FROM {} s WHERE ({}) OPERATOR(pg_catalog.=) ANY (SELECT * FROM {})\n  ON CONFLICT ({}) DO NOTHING\n  RETURNING *",
+            "INSERT INTO {} ({}){}\n  SELECT {} FROM {} s WHERE ({}) OPERATOR(pg_catalog.=) ANY ({})\n  ON CONFLICT ({}) DO NOTHING\n  RETURNING *",
             sql::qualified(&self.tenant, name),
             sql::ident_list(&table.columns),
             if table.overriding { " OVERRIDING SYSTEM VALUE" } else { "" },
             sql::columns("s", &table.columns),
             table.shared_relation,
             sql::columns("s", &table.key),
-            sql::unnest(&arrays),
+            typed_keys(first, &types, false),
             sql::ident_list(&table.key),
         )
     }
@@ -517,12 +534,9 @@ impl CopySpec {
     /// tenant has it, and the shared row's key, foreign-key values and whether the tenant has a
     /// row under that key.
     fn lookup_sql(&self, table: &CopyTable, columns: &[String]) -> String {
-        let arrays: Vec<String> = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("${}::text[]::{}[]", i + 1, table.types.get(c).map(String::as_str).unwrap_or("text")))
-            .collect();
-        let vcols: Vec<String> = (0..columns.len()).map(|i| format!("v{i}")).collect();
+        let types: Vec<String> =
+            columns.iter().map(|c| table.types.get(c).cloned().unwrap_or_else(|| "text".to_string())).collect();
+        let vcols: Vec<String> = (0..columns.len()).map(|i| format!("\"k{i}\"")).collect();
         let match_v = |alias: &str| {
             columns
                 .iter()
@@ -535,7 +549,7 @@ impl CopySpec {
             "v.ord::text".to_string(),
             format!("EXISTS (SELECT 1 FROM {} t WHERE {})::text", table.relation, match_v("t")),
         ];
-        let mut from = format!("{} WITH ORDINALITY AS v({}, ord)", sql::unnest(&arrays), vcols.join(", "));
+        let mut from = format!("({}) v", typed_keys(1, &types, true));
         if table.in_shared {
             select.extend(table.key.iter().map(|k| format!("s.{}::text", sql::ident(k))));
             for edge in &table.edges {

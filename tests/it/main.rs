@@ -16,6 +16,7 @@ mod heal_columns_review;
 mod heal_columns_state;
 mod heal_copy_bounds;
 mod heal_copy_review;
+mod heal_copy_types;
 mod heal_ddl;
 mod heal_defaults_review;
 mod heal_graph;
