@@ -215,14 +215,14 @@ async fn undo(config: &Config, run_id: &str, execute: bool) -> anyhow::Result<Ex
     if !execute {
         write!(out, "{}", plan.render(&config.heal.database.target, config.heal.batch_size))?;
         for note in &notes {
-            writeln!(out, "-- {note}")?;
+            writeln!(out, "-- {}", note.text)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
     let Some(outcome) = run_plan(config, &pool, &plan, &cancel).await? else { return Ok(ExitCode::from(1)) };
     write!(out, "{}", outcome.summary())?;
     for note in &notes {
-        writeln!(out, "not undone: {note}")?;
+        writeln!(out, "not undone: {}", note.text)?;
     }
     for (schema, table, key, why) in &outcome.left {
         let place = tenant_audit::sql::escape_controls(&tenant_audit::sql::display_name(schema, table));
@@ -231,11 +231,19 @@ async fn undo(config: &Config, run_id: &str, execute: bool) -> anyhow::Result<Ex
     if let Some((schema, repair, message)) = outcome.errors.first() {
         anyhow::bail!("{} repair(s) failed; first: {} on {schema}: {message}", outcome.errors.len(), repair.name());
     }
-    Ok(if outcome.left.is_empty() && outcome.refused.is_empty() && !outcome.interrupted && outcome.skipped.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    let blocked = notes.iter().any(|n| n.blocked);
+    Ok(
+        if outcome.left.is_empty()
+            && outcome.refused.is_empty()
+            && !outcome.interrupted
+            && outcome.skipped.is_empty()
+            && !blocked
+        {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
 }
 
 /// The error of a scan that met failures (other than tenants dropped meanwhile), if it did.

@@ -20,7 +20,10 @@
 //!   (either could break the application), rows audited without their value (`heal.audit_values
 //!   = "keys"`) or without a primary key, and backfills audited by earlier versions on a table
 //!   with inheritance children (their key does not say which relation's row it was) are not
-//!   undone: all of these are listed.
+//!   undone: all of these are listed;
+//! - a group that a change since the run keeps from being undone (its table, a key column or
+//!   the column gone, a backfilled column NOT NULL now) is listed as blocked ([`NotUndone`]),
+//!   never attempted, and the other groups are undone.
 
 use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Transaction};
@@ -68,8 +71,9 @@ SELECT n.nspname::text, c.relname::text
 FROM r JOIN pg_catalog.pg_class c ON c.oid = r.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND pg_catalog.format('%I.%I', n.nspname, c.relname) = $3";
 
-/// The type of a column, qualified where it is not built in.
-const COLUMN_TYPE: &str = "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
+/// The type of a column, qualified where it is not built in, and whether it is NOT NULL.
+const COLUMN_TYPE: &str =
+    "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_catalog.pg_attribute a
 WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))
   AND a.attname = $3 AND NOT a.attisdropped";
 
@@ -210,7 +214,17 @@ const AUDIT_READABLE: &str = "SELECT t.oid IS NOT NULL,
        t.oid IS NOT NULL AND pg_catalog.has_table_privilege(t.oid, 'SELECT')
 FROM (SELECT pg_catalog.to_regclass('tenant_audit.heal_log')::pg_catalog.oid AS oid) t";
 
-/// The plan that undoes `run_id`, and one line per group of audit rows it cannot undo.
+/// A group of audit rows the undo leaves as they are, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotUndone {
+    pub text: String,
+    /// Whether undo could have reverted them but for what changed since the run (the table or
+    /// a column is gone, the column is NOT NULL now): the undo is incomplete (exit 1). `false`
+    /// for what undo never reverts (sequence moves, DDL, rows audited without their value).
+    pub blocked: bool,
+}
+
+/// The plan that undoes `run_id`, and one entry per group of audit rows it cannot undo.
 /// `relationships` are the configured ones (`checks.relationships`): a copied row any of them
 /// references is left. Reads only (it runs on a standby too); an audit table that is missing or
 /// that the role may not read is an error saying so.
@@ -218,7 +232,7 @@ pub async fn plan(
     client: &impl GenericClient,
     run_id: &str,
     relationships: &[DeclaredRelationship],
-) -> Result<(Plan, Vec<String>), HealError> {
+) -> Result<(Plan, Vec<NotUndone>), HealError> {
     let row = client.query_typed_one(AUDIT_READABLE, &[]).await.map_err(DbError::from)?;
     let (exists, usage, select): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
     if !exists {
@@ -250,22 +264,22 @@ pub async fn plan(
         let planned = match kind.as_str() {
             "copy" => copy_step(client, &group, relationships, count).await?,
             "backfill" => backfill_step(client, &group, count).await?,
-            "sequence" => {
-                Err(format!("{count} sequence move(s) not undone (moving a sequence back would make inserts fail)"))
-            }
-            "ddl" => Err(format!(
+            "sequence" => Err(by_design(format!(
+                "{count} sequence move(s) not undone (moving a sequence back would make inserts fail)"
+            ))),
+            "ddl" => Err(by_design(format!(
                 "{count} column change(s) not undone: added columns, constraints and defaults are not dropped"
-            )),
-            "keys_only" => {
-                Err(format!("{count} copied row(s) not undone: heal.audit_values = \"keys\" kept no row to compare"))
-            }
-            "no_key" => Err(format!("{count} {repair} change(s) not undone: the table has no primary key")),
-            _ => Err(format!("{count} {repair} change(s) not undone")),
+            ))),
+            "keys_only" => Err(by_design(format!(
+                "{count} copied row(s) not undone: heal.audit_values = \"keys\" kept no row to compare"
+            ))),
+            "no_key" => Err(by_design(format!("{count} {repair} change(s) not undone: the table has no primary key"))),
+            _ => Err(by_design(format!("{count} {repair} change(s) not undone"))),
         };
         let (summary, spec, references) = match planned {
             Ok(step) => step,
             Err(note) => {
-                notes.push(format!("{place}: {note}"));
+                notes.push(NotUndone { text: format!("{place}: {}", note.text), ..note });
                 continue;
             }
         };
@@ -301,8 +315,18 @@ struct Group {
 }
 
 /// (summary, spec, for a copy the tenant's tables whose rows' references are checked) of a
-/// planned undo, or the note saying why the group is not undone.
-type Planned = Result<(String, UndoSpec, Option<Vec<String>>), String>;
+/// planned undo, or why the group is not undone (without its place).
+type Planned = Result<(String, UndoSpec, Option<Vec<String>>), NotUndone>;
+
+/// Not undone because of what changed since the run.
+fn blocked(text: String) -> NotUndone {
+    NotUndone { text, blocked: true }
+}
+
+/// Not undone by design.
+fn by_design(text: String) -> NotUndone {
+    NotUndone { text, blocked: false }
+}
 
 /// An undo action, with the tenant's tables whose rows may reference its rows for a copy.
 type Ordered = (Action, Option<Vec<String>>);
@@ -339,12 +363,12 @@ async fn copy_step(
     let (schema, table) = (&group.schema, &group.table);
     let kind = client.query_typed_opt(TABLE_KIND, &[(schema, Type::TEXT), (table, Type::TEXT)]).await?;
     let Some(kind) = kind else {
-        return Ok(Err(format!("{count} copied row(s) not undone: the table no longer exists")));
+        return Ok(Err(blocked(format!("{count} copied row(s) not undone: the table no longer exists"))));
     };
     let only = kind.get::<_, String>(0) != "p";
     let target = Target { schema: schema.clone(), relation: table.clone(), only, key: Vec::new() };
     let Some(target) = target.typed(client, &group.key).await? else {
-        return Ok(Err(format!("{count} copied row(s) not undone: a key column no longer exists")));
+        return Ok(Err(blocked(format!("{count} copied row(s) not undone: a key column no longer exists"))));
     };
     let references = references(client, schema, table, relationships).await?;
     let checked: Vec<String> = references.iter().filter(|r| r.schema == *schema).map(|r| r.table.clone()).collect();
@@ -365,7 +389,7 @@ async fn copy_step(
 async fn backfill_step(client: &impl GenericClient, group: &Group, count: i64) -> Result<Planned, DbError> {
     let (schema, table, repair) = (&group.schema, &group.table, &group.repair);
     let Some(column) = &group.column else {
-        return Ok(Err(format!("{count} {repair} change(s) not undone")));
+        return Ok(Err(by_design(format!("{count} {repair} change(s) not undone"))));
     };
     let target = match &group.relation {
         Some(relation) => {
@@ -373,23 +397,23 @@ async fn backfill_step(client: &impl GenericClient, group: &Group, count: i64) -
                 .query_typed_opt(RELATION_IN_TREE, &[(schema, Type::TEXT), (table, Type::TEXT), (relation, Type::TEXT)])
                 .await?;
             let Some(found) = found else {
-                return Ok(Err(format!(
+                return Ok(Err(blocked(format!(
                     "{count} {repair} change(s) not undone: relation {} no longer holds the table's rows",
                     sql::escape_controls(relation)
-                )));
+                ))));
             };
             Target { schema: found.get(0), relation: found.get(1), only: true, key: Vec::new() }
         }
         None => {
             let kind = client.query_typed_opt(TABLE_KIND, &[(schema, Type::TEXT), (table, Type::TEXT)]).await?;
             let Some(kind) = kind else {
-                return Ok(Err(format!("{count} {repair} change(s) not undone: the table no longer exists")));
+                return Ok(Err(blocked(format!("{count} {repair} change(s) not undone: the table no longer exists"))));
             };
             let (relkind, children): (String, bool) = (kind.get(0), kind.get(1));
             if relkind != "p" && children {
-                return Ok(Err(format!(
+                return Ok(Err(by_design(format!(
                     "{count} {repair} change(s) not undone: audited by an earlier version, whose key does not name the relation, and the table has inheritance children whose rows can share its primary key values"
-                )));
+                ))));
             }
             Target { schema: schema.clone(), relation: table.clone(), only: relkind != "p", key: Vec::new() }
         }
@@ -397,11 +421,20 @@ async fn backfill_step(client: &impl GenericClient, group: &Group, count: i64) -
     let types = client
         .query_typed(COLUMN_TYPE, &[(&target.schema, Type::TEXT), (&target.relation, Type::TEXT), (column, Type::TEXT)])
         .await?;
-    let Some(data_type) = types.first().map(|t| t.get::<_, String>(0)) else {
-        return Ok(Err(format!("{count} {repair} change(s) not undone: column {column} no longer exists")));
+    let Some((data_type, not_null)) = types.first().map(|t| (t.get::<_, String>(0), t.get::<_, bool>(1))) else {
+        return Ok(Err(blocked(format!(
+            "{count} {repair} change(s) not undone: column {} no longer exists",
+            sql::escape_controls(column)
+        ))));
     };
+    if not_null {
+        return Ok(Err(blocked(format!(
+            "{count} {repair} change(s) not undone: column {} is NOT NULL now",
+            sql::escape_controls(column)
+        ))));
+    }
     let Some(target) = target.typed(client, &group.key).await? else {
-        return Ok(Err(format!("{count} {repair} change(s) not undone: a key column no longer exists")));
+        return Ok(Err(blocked(format!("{count} {repair} change(s) not undone: a key column no longer exists"))));
     };
     let summary = format!("set {count} {column} value(s) back to NULL where they still hold what heal wrote");
     let mut spec =

@@ -445,3 +445,51 @@ async fn undo_pages_in_short_transactions_by_index_within_max_rows_per_run() {
         ["200 200"]
     );
 }
+
+/// A backfill onto a column made NOT NULL since the run cannot be set back to NULL: undo lists
+/// that group as not undone and exits 1, and still undoes the run's other groups.
+#[tokio::test]
+async fn undo_lists_a_backfill_onto_a_column_made_not_null_since_and_undoes_the_rest() {
+    let sql = "SELECT pg_temp.create_tenant('tenant_a');
+        CREATE TABLE tenant_a.memo (id int PRIMARY KEY, created_at timestamptz NOT NULL, updated_at timestamptz);
+        CREATE TABLE tenant_a.note (id int PRIMARY KEY, created_at timestamptz NOT NULL, updated_at timestamptz);
+        INSERT INTO tenant_a.memo VALUES (1, '2026-01-01 00:00+00', NULL), (2, '2026-01-01 00:00+00', '2026-02-01 00:00+00');
+        INSERT INTO tenant_a.note VALUES (1, '2026-01-01 00:00+00', NULL);";
+    let url = fixture_db("heal_undo_not_null", sql).await;
+    let (code, stdout, stderr) = heal_with(&url, "heal_undo_not_null", BACKFILL, &["--execute"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("backfill_null_timestamps: 2 change(s)\n"), "{stdout}");
+    let run = run_id(&stdout);
+    pg::connect(&url)
+        .await
+        .batch_execute("ALTER TABLE tenant_a.note ALTER COLUMN updated_at SET NOT NULL")
+        .await
+        .unwrap();
+
+    let (code, stdout, stderr) = heal_with(&url, "heal_undo_not_null_undo", BACKFILL, &["--undo", &run, "--execute"]);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "undo: 1 change(s)",
+            stdout.lines().nth(1).unwrap(),
+            "not undone: tenant_a.note: 1 backfill_null_timestamps change(s) not undone: column updated_at is NOT NULL now",
+        ]
+    );
+    assert!(stdout.lines().nth(1).unwrap().starts_with("heal run "), "{stdout}");
+    assert_eq!(
+        rows(&url, "SELECT format('%s %s', id, coalesce(updated_at::text, 'NULL')) FROM tenant_a.memo ORDER BY id")
+            .await,
+        ["1 NULL", "2 2026-02-01 00:00:00+00"]
+    );
+    assert_eq!(
+        rows(
+            &url,
+            "SELECT (n.updated_at = (l.new_value->>'updated_at')::timestamptz)::text FROM tenant_a.note n
+             JOIN tenant_audit.heal_log l ON l.table_name = 'note' AND l.repair = 'backfill_null_timestamps'"
+        )
+        .await,
+        ["true"]
+    );
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_audit.heal_log WHERE repair = 'undo'").await, ["1"]);
+}

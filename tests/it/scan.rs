@@ -214,7 +214,7 @@ async fn declared_relationships_are_checked() {
             kind: ErrorKind::Query,
             schema: Some("tenant_a".into()),
             table: Some("users_businessdetails".into()),
-            message: "operator does not exist: integer = uuid".into(),
+            message: "operator does not exist: integer pg_catalog.= uuid".into(),
         }]
     );
     assert_eq!(report.tenants, TenantCounts { discovered: 1, scanned: 0, failed: 1 });
