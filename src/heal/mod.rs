@@ -941,8 +941,8 @@ async fn run_copy(
     }
 }
 
-/// Runs an undo batch by batch (by audit id) until no audit row of its group is left, the
-/// budget runs out, or the run is cancelled.
+/// Runs an undo batch by batch (by audit id, the newest first) until no audit row of its group
+/// is left, the budget runs out, or the run is cancelled; lists the rows left by key.
 async fn run_undo(
     writer: &mut Writer<'_>,
     batch_size: usize,
@@ -974,7 +974,52 @@ async fn run_undo(
         outcome.refused.push((spec.schema.clone(), spec.table.clone(), reason));
         return Err(Stop::Reported);
     }
-    let mut cursor = 0;
+    // The group is swept again while a sweep undid a row and left one still referenced: one copy
+    // batch writes a table's rows in the shared table's order, so a row's descendants can have
+    // smaller audit ids than the row and be undone in a later batch than it was tried in. Each
+    // sweep tries every row not undone yet, so a row is listed as the last sweep left it; a row
+    // the last sweep did not reach (the budget ran out, the run stopped) as the one before did.
+    let mut previous: Vec<(String, String)> = Vec::new();
+    loop {
+        let mut sweep = Sweep::default();
+        let result = undo_sweep(writer, batch_size, spec, budget, outcome, &mut sweep).await;
+        let again =
+            result.is_ok() && sweep.undone > 0 && sweep.left.iter().any(|(_, why)| why == undo::STILL_REFERENCED);
+        if !again {
+            previous.retain(|(key, _)| !sweep.seen.contains(key));
+            let mut left: Vec<(String, String)> = sweep.left.into_iter().chain(previous).collect();
+            left.sort();
+            for (key, why) in left {
+                outcome.left.push((spec.schema.clone(), spec.table.clone(), key, why));
+            }
+            return result;
+        }
+        previous = sweep.left;
+    }
+}
+
+/// What one sweep of an undo's group did.
+#[derive(Default)]
+struct Sweep {
+    /// Rows undone.
+    undone: usize,
+    /// Keys undone or left.
+    seen: std::collections::HashSet<String>,
+    /// (key, why) of the rows left.
+    left: Vec<(String, String)>,
+}
+
+/// One sweep of an undo's group: its audit rows not undone yet, batch by batch from the newest.
+async fn undo_sweep(
+    writer: &mut Writer<'_>,
+    batch_size: usize,
+    spec: &undo::UndoSpec,
+    budget: &mut u64,
+    outcome: &mut Outcome,
+    sweep: &mut Sweep,
+) -> Result<(), Stop> {
+    let repair = Repair::Undo.name();
+    let mut cursor = undo::FIRST_CURSOR;
     loop {
         let limit = (*budget).min(batch_size as u64) as i64;
         if limit == 0 {
@@ -990,12 +1035,13 @@ async fn run_undo(
         for key in &done.undone {
             tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&spec.schema), table = %crate::sql::escape_controls(&spec.table), repair, key = %crate::sql::escape_controls(key), "healed");
         }
-        for (key, why) in done.left {
-            outcome.left.push((spec.schema.clone(), spec.table.clone(), key, why));
-        }
         let changed = done.undone.len() as u64;
         *outcome.changed.entry(repair).or_default() += changed;
         *budget = budget.saturating_sub(changed);
+        sweep.undone += done.undone.len();
+        sweep.seen.extend(done.undone);
+        sweep.seen.extend(done.left.iter().map(|(key, _)| key.clone()));
+        sweep.left.extend(done.left);
         cursor = done.cursor;
     }
 }

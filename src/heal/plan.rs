@@ -302,11 +302,11 @@ impl Plan {
                         }
                         Step::Undo(spec) => {
                             render_casts(&mut out, &spec.casts);
-                            let _ = writeln!(out, "-- batched: $1 = {batch_size} (heal.batch_size, heal.max_rows_per_run in all), $2 = the last audit id of the previous batch (0 first); repeated until no audit row is left:");
+                            let _ = writeln!(out, "-- batched: $1 = {batch_size} (heal.batch_size, heal.max_rows_per_run in all), $2 = the smallest audit id of the previous batch ({} first); repeated until no audit row is left, and the whole group again while a sweep undid a row and left one still referenced:", undo::FIRST_CURSOR);
                             let _ = writeln!(out, "{};", spec.pick_sql);
                             let _ = writeln!(
                                 out,
-                                "-- then in the same transaction ($1 = run id, $2 = the audit ids picked):"
+                                "-- then in the same transaction ($1 = run id, $2 = the audit ids picked), repeated while it undoes a row and leaves one:"
                             );
                             let _ = writeln!(out, "{};", spec.undo_sql);
                         }

@@ -12,10 +12,16 @@
 //!   were locked in an earlier statement of the same transaction (an application insert that
 //!   references one waits, or is seen): so no `ON DELETE CASCADE`, `SET NULL` or `SET DEFAULT`
 //!   ever fires;
-//! - undo pages like heal: `heal.batch_size` audit rows of the run at a time (by audit id), one
-//!   short transaction each, within `heal.max_rows_per_run`; each change writes its own audit row
-//!   (`repair = 'undo'`, `old_value = {"undoes": <audit row id>}`) in the same statement, and an
-//!   audit row already undone is never picked again, so one audit row is undone at most once;
+//! - undo pages like heal: `heal.batch_size` audit rows of the run at a time (by audit id, the
+//!   newest first), one short transaction each, within `heal.max_rows_per_run`; each change writes
+//!   its own audit row (`repair = 'undo'`, `old_value = {"undoes": <audit row id>}`) in the same
+//!   statement, and an audit row already undone is never picked again, so one audit row is undone
+//!   at most once;
+//! - a copied row referenced only by other copied rows (a self-referencing chain) is freed as
+//!   they go: a batch re-runs its undo statement while a pass undoes a row and leaves one (each
+//!   pass sees the rows the previous one deleted; the picked rows are fixed, so it ends), and the
+//!   group's batches are swept again while a sweep undid a row and left one still referenced
+//!   (one copy batch writes a table's rows in the shared table's order, not the tree's);
 //! - added columns, constraints and defaults are not dropped, sequence moves are not reversed
 //!   (either could break the application), rows audited without their value (`heal.audit_values
 //!   = "keys"`) or without a primary key, and backfills audited by earlier versions on a table
@@ -126,12 +132,14 @@ const EQ: &str = "OPERATOR(pg_catalog.=)";
 pub struct UndoSpec {
     pub schema: String,
     pub table: String,
-    /// `$1` limit, `$2` the last audit id of the previous batch (0 first): the group's next
-    /// audit rows (of the run undone) not undone yet, in id order, with their rows locked. Returns one
-    /// row: the picked audit ids (NULL when none is left) and how many rows it locked.
+    /// `$1` limit, `$2` the smallest audit id of the previous batch ([`FIRST_CURSOR`] first):
+    /// the group's next audit rows (of the run undone) not undone yet, newest first, with their
+    /// rows locked. Returns one row: the picked audit ids, in descending order (NULL when none is
+    /// left), and how many rows it locked.
     pub pick_sql: String,
     /// `$1` the undo's own run id, `$2` the picked audit ids: undoes the rows that still hold what heal wrote,
-    /// with their audit rows, and returns (`undone` or why the row was left, key) per picked row.
+    /// with their audit rows, and returns (`undone` or why the row was left, key) per picked row
+    /// not undone before the statement.
     pub undo_sql: String,
     /// The relation the undo changes, qualified and quoted (a partition or child a backfill's
     /// audit keys name, or the table).
@@ -173,17 +181,25 @@ impl UndoSpec {
 pub struct UndoBatch {
     /// Audit rows picked; 0 when the group is done.
     pub picked: usize,
-    /// The last audit id picked: where the next batch starts.
+    /// The smallest audit id picked: where the next batch starts.
     pub cursor: i64,
     /// Keys undone.
     pub undone: Vec<String>,
-    /// (key, why) of the rows left alone.
+    /// (key, why) of the rows left alone by the last pass.
     pub left: Vec<(String, String)>,
 }
 
-/// Runs one batch of `spec` in `tx`: picks up to `limit` audit rows after `cursor`, locks their
+/// Why a copied row some row references was left: a later sweep of the group may free it.
+pub const STILL_REFERENCED: &str = "still referenced";
+
+/// The cursor of a group's first batch: audit ids are paged downwards from here.
+pub const FIRST_CURSOR: i64 = i64::MAX;
+
+/// Runs one batch of `spec` in `tx`: picks up to `limit` audit rows below `cursor`, locks their
 /// rows, then undoes what still holds heal's value (a new statement: it sees every row committed
-/// before the locks were had).
+/// before the locks were had). The undo statement runs again while a pass undoes a row and
+/// leaves one: a copied row referenced only by a row the previous pass deleted is free now (each
+/// pass re-checks the references under the locks), and the picked rows are fixed, so it ends.
 pub async fn batch(
     tx: &Transaction<'_>,
     spec: &UndoSpec,
@@ -196,15 +212,21 @@ pub async fn batch(
     let ids: Vec<i64> = row.get::<_, Option<Vec<i64>>>(0).unwrap_or_default();
     let Some(last) = ids.last().copied() else { return Ok(UndoBatch::default()) };
     let mut out = UndoBatch { picked: ids.len(), cursor: last, ..UndoBatch::default() };
-    for row in tx.query_typed(&spec.undo_sql, &[(&run_id, Type::TEXT), (&ids, Type::INT8_ARRAY)]).await? {
-        let (status, key): (String, String) = (row.get(0), row.get(1));
-        if status == "undone" {
-            out.undone.push(key);
-        } else {
-            out.left.push((key, status));
+    loop {
+        let before = out.undone.len();
+        out.left.clear();
+        for row in tx.query_typed(&spec.undo_sql, &[(&run_id, Type::TEXT), (&ids, Type::INT8_ARRAY)]).await? {
+            let (status, key): (String, String) = (row.get(0), row.get(1));
+            if status == "undone" {
+                out.undone.push(key);
+            } else {
+                out.left.push((key, status));
+            }
+        }
+        if out.undone.len() == before || out.left.is_empty() {
+            return Ok(out);
         }
     }
-    Ok(out)
 }
 
 /// Whether the audit table exists, and whether the role may read it (USAGE on its schema,
@@ -489,7 +511,7 @@ impl Target {
             schema: group.schema.clone(),
             table: group.table.clone(),
             pick_sql: format!(
-                "WITH x AS (\n  {}\n  ORDER BY l.id LIMIT $1\n),\nlocked AS (\n  SELECT 1 FROM {} c, x WHERE {}\n  {lock} OF c\n)\nSELECT pg_catalog.array_agg(x.id ORDER BY x.id), (SELECT pg_catalog.count(*) FROM locked) FROM x",
+                "WITH x AS (\n  {}\n  ORDER BY l.id DESC LIMIT $1\n),\nlocked AS (\n  SELECT 1 FROM {} c, x WHERE {}\n  {lock} OF c\n)\nSELECT pg_catalog.array_agg(x.id ORDER BY x.id DESC), (SELECT pg_catalog.count(*) FROM locked) FROM x",
                 pick(group),
                 self.name(),
                 self.key_match()
@@ -503,7 +525,7 @@ impl Target {
     }
 }
 
-/// The audit rows of the group after `$2`, not undone yet. An index on (run_id,
+/// The audit rows of the group below `$2`, not undone yet. An index on (run_id,
 /// schema_name, table_name, id) serves it, and one on `old_value->>'undoes'` the check.
 fn pick(group: &Group) -> String {
     let kind = match (&group.column, &group.relation) {
@@ -520,7 +542,7 @@ fn pick(group: &Group) -> String {
     };
     let key: Vec<String> = group.key.iter().map(|k| sql::literal(k)).collect();
     format!(
-        "SELECT l.id, l.row_key FROM {log} l\n  WHERE l.run_id = {run} AND l.schema_name = {schema} AND l.table_name = {table} AND l.id > $2\n    AND l.repair = {repair} AND NOT l.row_key ?| ARRAY['sequence', 'step', 'ctid'] AND {kind}\n    AND (SELECT pg_catalog.array_agg(k ORDER BY k) FROM pg_catalog.jsonb_object_keys(l.row_key - 'relation') k) = ARRAY[{key}]::text[]\n    AND {not_undone}",
+        "SELECT l.id, l.row_key FROM {log} l\n  WHERE l.run_id = {run} AND l.schema_name = {schema} AND l.table_name = {table} AND l.id < $2\n    AND l.repair = {repair} AND NOT l.row_key ?| ARRAY['sequence', 'step', 'ctid'] AND {kind}\n    AND (SELECT pg_catalog.array_agg(k ORDER BY k) FROM pg_catalog.jsonb_object_keys(l.row_key - 'relation') k) = ARRAY[{key}]::text[]\n    AND {not_undone}",
         log = audit::table(),
         run = sql::literal(&group.run_id),
         schema = sql::literal(&group.schema),
@@ -566,8 +588,11 @@ fn delete_copied(target: &Target, group: &Group, references: &[Reference]) -> St
         target.name(),
         target.key_match()
     );
-    let left = "CASE WHEN c.ctid IS NULL THEN 'no longer exists' WHEN pg_catalog.to_jsonb(c.*) <> x.new_value THEN 'changed since the run' ELSE 'still referenced' END";
-    undo_statement(target, group, &change, left)
+    let left = format!(
+        "CASE WHEN c.ctid IS NULL THEN 'no longer exists' WHEN pg_catalog.to_jsonb(c.*) <> x.new_value THEN 'changed since the run' ELSE {} END",
+        sql::literal(STILL_REFERENCED)
+    );
+    undo_statement(target, group, &change, &left)
 }
 
 /// Sets back to NULL the backfilled values the rows still hold.

@@ -398,11 +398,11 @@ async fn undo_pages_in_short_transactions_by_index_within_max_rows_per_run() {
     assert_eq!(code, Some(0));
     // The exact statements undo prints, explained with the parameters of the first batch.
     let after = plan
-        .split("-- batched: $1 = 50 (heal.batch_size, heal.max_rows_per_run in all), $2 = the last audit id of the previous batch (0 first); repeated until no audit row is left:\n")
+        .split("-- batched: $1 = 50 (heal.batch_size, heal.max_rows_per_run in all), $2 = the smallest audit id of the previous batch (9223372036854775807 first); repeated until no audit row is left, and the whole group again while a sweep undid a row and left one still referenced:\n")
         .nth(1)
         .unwrap_or_else(|| panic!("{plan}"));
     let (pick, rest) =
-        after.split_once(";\n-- then in the same transaction ($1 = run id, $2 = the audit ids picked):\n").unwrap();
+        after.split_once(";\n-- then in the same transaction ($1 = run id, $2 = the audit ids picked), repeated while it undoes a row and leaves one:\n").unwrap();
     let undo = rest.split_once(";\n").unwrap().0;
     let client = pg::connect(&url).await;
     client
@@ -419,12 +419,13 @@ async fn undo_pages_in_short_transactions_by_index_within_max_rows_per_run() {
     };
     let ids = &rows(
         &url,
-        "SELECT format('%L', array_agg(id)) FROM (SELECT id FROM tenant_audit.heal_log ORDER BY id LIMIT 50) i",
+        "SELECT format('%L', array_agg(id)) FROM (SELECT id FROM tenant_audit.heal_log ORDER BY id DESC LIMIT 50) i",
     )
     .await[0];
-    for plan in
-        [explain("EXPLAIN EXECUTE pick(50, 0)").await, explain(&format!("EXPLAIN EXECUTE undo('r', {ids})")).await]
-    {
+    for plan in [
+        explain("EXPLAIN EXECUTE pick(50, 9223372036854775807)").await,
+        explain(&format!("EXPLAIN EXECUTE undo('r', {ids})")).await,
+    ] {
         assert!(plan.contains("Index Scan using note_pkey on note c"), "{plan}");
         assert!(!plan.contains("Seq Scan on note"), "{plan}");
     }

@@ -28,6 +28,7 @@ mod heal_shadowing;
 mod heal_triggers;
 mod heal_undo;
 mod heal_undo_review;
+mod heal_undo_tree;
 mod incremental;
 mod listener;
 mod pgbouncer;
