@@ -78,8 +78,11 @@ FROM r JOIN pg_catalog.pg_class c ON c.oid = r.oid JOIN pg_catalog.pg_namespace 
 WHERE c.relkind = 'r' AND pg_catalog.format('%I.%I', n.nspname, c.relname) = $3";
 
 /// The type of a column, qualified where it is not built in, and whether it is NOT NULL.
-const COLUMN_TYPE: &str =
-    "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_catalog.pg_attribute a
+const COLUMN_TYPE: &str = "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull,
+  COALESCE(b.typtype, t.typtype) OPERATOR(pg_catalog.=) 'c' AS composite
+FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_catalog.pg_type b ON b.oid = t.typbasetype
 WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))
   AND a.attname = $3 AND NOT a.attisdropped";
 
@@ -471,8 +474,30 @@ struct Target {
     relation: String,
     /// Written `ONLY` (not a partitioned table).
     only: bool,
-    /// (column, type) of the audit key's columns.
-    key: Vec<(String, String)>,
+    /// The audit key's columns.
+    key: Vec<KeyColumn>,
+}
+
+/// A key column of an undo's relation.
+struct KeyColumn {
+    name: String,
+    data_type: String,
+    /// A composite type (or a domain over one): its audited value is a JSON object, not text.
+    composite: bool,
+}
+
+impl KeyColumn {
+    /// The audited value of the column as its own type: `(x.row_key->>'k')::T`, or for a
+    /// composite `jsonb_populate_record(NULL::T, x.row_key->'k')` (the object `to_jsonb` wrote;
+    /// its text is no record literal).
+    fn audited(&self) -> String {
+        let k = sql::literal(&self.name);
+        if self.composite {
+            format!("pg_catalog.jsonb_populate_record(NULL::{}, x.row_key->{k})", self.data_type)
+        } else {
+            format!("(x.row_key->>{k})::{}", self.data_type)
+        }
+    }
 }
 
 impl Target {
@@ -486,7 +511,7 @@ impl Target {
                 )
                 .await?;
             let Some(t) = types.first() else { return Ok(None) };
-            self.key.push((column.clone(), t.get(0)));
+            self.key.push(KeyColumn { name: column.clone(), data_type: t.get(0), composite: t.get(2) });
         }
         Ok(Some(self))
     }
@@ -501,7 +526,7 @@ impl Target {
     fn key_match(&self) -> String {
         self.key
             .iter()
-            .map(|(k, t)| format!("c.{} {EQ} (x.row_key->>{})::{t}", sql::ident(k), sql::literal(k)))
+            .map(|k| format!("c.{} {EQ} {}", sql::ident(&k.name), k.audited()))
             .collect::<Vec<_>>()
             .join(" AND ")
     }
@@ -520,7 +545,7 @@ impl Target {
             relation: sql::qualified(&self.schema, &self.relation),
             deletes: group.copy,
             reads,
-            casts: self.key.iter().map(|(_, t)| ("text".to_string(), t.clone())).collect(),
+            casts: self.key.iter().filter(|k| !k.composite).map(|k| ("text".to_string(), k.data_type.clone())).collect(),
         }
     }
 }

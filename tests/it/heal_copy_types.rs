@@ -1,6 +1,6 @@
 //! `copy_missing_parents` of parents whose key has a type of the shared schema (a composite, an
 //! enum), against real PostgreSQL: every statement that looks a key up casts the key's text to
-//! the column's own type, so the copy, its plan file and `--apply` find the row.
+//! the column's own type, so the copy, its plan file, `--apply` and `--undo` find the row.
 
 use crate::support::{fixture_db, heal_cli, rows};
 
@@ -80,4 +80,36 @@ async fn a_plan_file_of_composite_and_enum_keys_lists_and_applies_exactly_those_
     assert_eq!(rows(&url, COPIED).await, copied());
     assert_eq!(rows(&url, LOG).await, logged());
     let _ = std::fs::remove_file(&file);
+}
+
+#[tokio::test]
+async fn copies_keyed_by_a_shared_composite_or_enum_are_undone() {
+    let url = fixture_db("copy_types_undo", SQL).await;
+    let (code, _, stderr) = heal(&url, "copy_types_undo", KEYS, &["--execute"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let run = rows(&url, "SELECT DISTINCT run_id::text FROM tenant_audit.heal_log").await;
+    assert_eq!(run.len(), 1);
+    let run = run[0].clone();
+    // The notes still reference both copies: both are left, nothing is deleted.
+    let (code, stdout, stderr) = heal(&url, "copy_types_undo_referenced", KEYS, &["--undo", &run, "--execute"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stdout[0], "undo: 0 change(s)");
+    assert_eq!(
+        stdout[2..],
+        [
+            "left (still referenced): tenant_a.paint {\"id\": \"red\"}",
+            "left (still referenced): tenant_a.shop {\"id\": {\"org\": 1, \"code\": \"a\"}}",
+        ]
+    );
+    assert_eq!(rows(&url, COPIED).await, copied());
+    // Once the application deleted its notes, both copies are undone and audited.
+    crate::support::pg::connect(&url).await.batch_execute("DELETE FROM tenant_a.note").await.unwrap();
+    let (code, stdout, stderr) = heal(&url, "copy_types_undo_clean", KEYS, &["--undo", &run, "--execute"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout[0], "undo: 2 change(s)");
+    assert_eq!(rows(&url, COPIED).await, Vec::<String>::new());
+    let mut expected = logged();
+    expected.push("paint {\"id\": \"red\"} ".to_string());
+    expected.push("shop {\"id\": {\"org\": 1, \"code\": \"a\"}} ".to_string());
+    assert_eq!(rows(&url, LOG).await, expected);
 }
