@@ -16,7 +16,7 @@ fn node(n: u32) -> String {
 /// reads it in) and three tenants, each with a node of its own (key 9) and one `refs` row whose
 /// leaf (key 3) it lacks.
 fn tree_sql(leaf_first: bool) -> String {
-    let mut shared = vec![
+    let mut shared = [
         format!("('{}', NULL, 'root')", node(1)),
         format!("('{}', '{}', 'branch')", node(2), node(1)),
         format!("('{}', '{}', 'leaf')", node(3), node(2)),
