@@ -123,8 +123,8 @@ pub struct Checked {
     pub filled: std::collections::BTreeSet<(String, String, String)>,
 }
 
-/// The (schema, table, key) of `file`'s backfill rows that an earlier heal run filled, audited
-/// and not undone (a plan re-applied after `heal.max_rows_per_run` stopped it): read-only, through
+/// The (schema, table, key) of `file`'s backfill rows that an earlier heal run filled in every
+/// column the file lists them for, audited and not undone (a plan re-applied after `heal.max_rows_per_run` stopped it): read-only, through
 /// heal's sessions; no audit table: none. Read before the run, so this run's rows are not among
 /// them.
 pub async fn filled_earlier(
@@ -132,6 +132,9 @@ pub async fn filled_earlier(
     pool: &Pool,
     file: &Plan,
 ) -> Result<std::collections::BTreeSet<(String, String, String)>, DbError> {
+    // Per key, (columns the file lists it for, columns an earlier run filled): a key is done only
+    // when every listed column was filled (not_applied names the row, not the column).
+    let mut seen: std::collections::BTreeMap<(String, String, String), (usize, usize)> = Default::default();
     let mut filled = std::collections::BTreeSet::new();
     let mut session = db::session(pool, &heal.database.target).await?;
     let tx = db::begin_heal_checks(&mut session, heal).await?;
@@ -155,10 +158,16 @@ pub async fn filled_earlier(
                     ],
                 )
                 .await?;
-            filled.extend(rows.iter().map(|r| (tenant.schema.clone(), b.table.clone(), r.get(0))));
+            for key in keys {
+                seen.entry((tenant.schema.clone(), b.table.clone(), key.clone())).or_default().0 += 1;
+            }
+            for row in &rows {
+                seen.entry((tenant.schema.clone(), b.table.clone(), row.get(0))).or_default().1 += 1;
+            }
         }
     }
     tx.commit().await?;
+    filled.extend(seen.into_iter().filter(|(_, (listed, done))| listed == done).map(|(key, _)| key));
     Ok(filled)
 }
 
