@@ -65,10 +65,10 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
         return undo(&config, run_id, args.execute).await;
     }
     let cancel = shutdown_on_signals()?;
-    let (plan, gone) = match &args.apply {
+    let (plan, gone, filled) = match &args.apply {
         Some(file) => {
             let checked = checked_plan_file(file, &config, &cancel).await?;
-            (checked.plan, checked.gone)
+            (checked.plan, checked.gone, checked.filled)
         }
         None => {
             if !config.heal.any_repair() {
@@ -100,7 +100,7 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
             // Pending backfills of added columns are resumed by runs without a plan file.
             let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
             heal::resume_pending(&mut plan, &scanned, &config, &pool).await?;
-            (plan, Vec::new())
+            (plan, Vec::new(), Default::default())
         }
     };
     let mut out = std::io::stdout();
@@ -113,6 +113,10 @@ async fn heal_once(args: HealArgs) -> anyhow::Result<ExitCode> {
     // What the new scan no longer finds comes first, as the file lists it.
     let applied = std::mem::replace(&mut outcome.not_applied, gone);
     outcome.not_applied.extend(applied);
+    // Rows an earlier run of the same plan filled are done, not changed since the plan.
+    let listed = outcome.not_applied.len();
+    outcome.not_applied.retain(|k| !filled.contains(k));
+    outcome.filled_earlier = (listed - outcome.not_applied.len()) as u64;
     write!(out, "{}", outcome.summary())?;
     if let Some((schema, repair, message)) = outcome.errors.first() {
         anyhow::bail!("{} repair(s) failed; first: {} on {schema}: {message}", outcome.errors.len(), repair.name());
@@ -170,7 +174,11 @@ async fn checked_plan_file(
         return Err(e.context("--apply needs a complete scan (it derives the plan's SQL again)"));
     }
     let derived = Plan::build(&scanned, &config);
-    heal::planfile::check(&given, &derived).with_context(|| format!("plan file {} refused", file.display()))
+    let mut checked =
+        heal::planfile::check(&given, &derived).with_context(|| format!("plan file {} refused", file.display()))?;
+    let pool = db::heal_pool(&config.heal, config.scan.connect_timeout);
+    checked.filled = heal::planfile::filled_earlier(&config.heal, &pool, &given).await?;
+    Ok(checked)
 }
 
 /// Reads a plan file of `heal --plan-out`, for the database `config` heals.

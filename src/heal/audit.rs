@@ -53,6 +53,21 @@ CREATE INDEX IF NOT EXISTS heal_log_backfill_progress ON {table} (schema_name, t
     )
 }
 
+/// `$1` schema, `$2` table, `$3` column, `$4` audit keys (text): the keys whose row a
+/// `backfill_null_timestamps` of an earlier run filled in that column, not undone since.
+pub fn backfilled_sql() -> String {
+    format!(
+        "SELECT k FROM pg_catalog.unnest($4::text[]) k
+WHERE EXISTS (
+  SELECT 1 FROM {table} l
+  WHERE l.schema_name = $1 AND l.table_name = $2 AND l.repair = 'backfill_null_timestamps'
+    AND l.row_key OPERATOR(pg_catalog.=) k::jsonb AND l.old_value OPERATOR(pg_catalog.?) $3
+    AND NOT EXISTS (SELECT 1 FROM {table} u WHERE u.repair = 'undo' AND (u.old_value->>'undoes') = l.id::text)
+)",
+        table = table()
+    )
+}
+
 /// `SELECT` list of one audit row: (`run` the run id's parameter, schema, table, repair, key,
 /// old, new).
 pub fn row(run: &str, schema: &str, table: &str, repair: &str, key: &str, old: &str, new: &str) -> String {

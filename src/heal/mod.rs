@@ -135,6 +135,8 @@ pub struct Outcome {
     /// Rows or keys a plan file named that no longer needed the repair when it was applied (the
     /// application changed them): (schema, table, key). Left alone.
     pub not_applied: Vec<(String, String, String)>,
+    /// Backfill rows a plan file named that an earlier heal run filled (a re-applied plan): done.
+    pub filled_earlier: u64,
     /// Rows an undo left alone: (schema, table, key, why: changed since the run, still
     /// referenced, no longer exists).
     pub left: Vec<(String, String, String, String)>,
@@ -152,6 +154,12 @@ impl Outcome {
         let mut out = String::new();
         for (repair, n) in &self.changed {
             out.push_str(&format!("{repair}: {n} change(s)\n"));
+        }
+        if self.filled_earlier > 0 {
+            out.push_str(&format!(
+                "backfill_null_timestamps: {} row(s) of the plan filled by an earlier run\n",
+                self.filled_earlier
+            ));
         }
         for (schema, reason) in &self.skipped {
             out.push_str(&format!("skipped {}: {}\n", crate::sql::escape_controls(schema), reason.name()));

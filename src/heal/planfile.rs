@@ -118,6 +118,57 @@ pub struct Checked {
     pub plan: Plan,
     /// (schema, table, key) of what the file names that no longer needs healing: skipped.
     pub gone: Vec<(String, String, String)>,
+    /// (schema, table, key) of the file's backfill rows an earlier heal run filled (see
+    /// [`filled_earlier`]): done, not reported as changed since the plan.
+    pub filled: std::collections::BTreeSet<(String, String, String)>,
+}
+
+/// The (schema, table, key) of `file`'s backfill rows that an earlier heal run filled in every
+/// column the file lists them for, audited and not undone (a plan re-applied after `heal.max_rows_per_run` stopped it): read-only, through
+/// heal's sessions; no audit table: none. Read before the run, so this run's rows are not among
+/// them.
+pub async fn filled_earlier(
+    heal: &HealConfig,
+    pool: &Pool,
+    file: &Plan,
+) -> Result<std::collections::BTreeSet<(String, String, String)>, DbError> {
+    // Per key, (columns the file lists it for, columns an earlier run filled): a key is done only
+    // when every listed column was filled (not_applied names the row, not the column).
+    let mut seen: std::collections::BTreeMap<(String, String, String), (usize, usize)> = Default::default();
+    let mut filled = std::collections::BTreeSet::new();
+    let mut session = db::session(pool, &heal.database.target).await?;
+    let tx = db::begin_heal_checks(&mut session, heal).await?;
+    let audit = super::audit::table();
+    if tx.query_one("SELECT pg_catalog.to_regclass($1) IS NULL", &[&audit]).await?.get(0) {
+        return Ok(filled);
+    }
+    let sql = super::audit::backfilled_sql();
+    for tenant in &file.tenants {
+        for step in tenant.actions.iter().flat_map(|a| &a.steps) {
+            let Step::Backfill(b) = step else { continue };
+            let Some(keys) = b.only.as_ref().filter(|k| !k.is_empty()) else { continue };
+            let rows = tx
+                .query_typed(
+                    &sql,
+                    &[
+                        (&tenant.schema, Type::TEXT),
+                        (&b.table, Type::TEXT),
+                        (&b.column, Type::TEXT),
+                        (keys, Type::TEXT_ARRAY),
+                    ],
+                )
+                .await?;
+            for key in keys {
+                seen.entry((tenant.schema.clone(), b.table.clone(), key.clone())).or_default().0 += 1;
+            }
+            for row in &rows {
+                seen.entry((tenant.schema.clone(), b.table.clone(), row.get(0))).or_default().1 += 1;
+            }
+        }
+    }
+    tx.commit().await?;
+    filled.extend(seen.into_iter().filter(|(_, (listed, done))| listed == done).map(|(key, _)| key));
+    Ok(filled)
 }
 
 /// Checks `file` against `derived` (the plan built now from a fresh scan). An action of the file

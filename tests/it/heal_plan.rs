@@ -110,7 +110,8 @@ async fn apply_changes_exactly_what_the_plan_lists_and_reports_what_changed_in_b
 /// A plan's backfill stopped by `heal.max_rows_per_run` (1, three NULL rows listed): applying the
 /// same file again fills the listed rows left, one per run, and never row 100, which the
 /// application added with a NULL after the plan. Once the listed rows are filled, another apply
-/// changes nothing and reports them as skipped.
+/// changes nothing and says they were filled by an earlier run (exit 0); a row whose fill was
+/// undone is filled again.
 #[tokio::test]
 async fn reapplying_a_plan_file_finishes_a_backfill_the_row_budget_stopped() {
     let url = fixture_db("heal_plan_resume", DEMO_SQL).await;
@@ -145,10 +146,43 @@ async fn reapplying_a_plan_file_finishes_a_backfill_the_row_budget_stopped() {
             stopped,
             "100",
             // Row 100 is not in the file: the action is still derived, restricted to rows 2..4,
-            // which heal filled itself; they are reported as skipped (see docs/heal.md).
-            "Some(1) backfill_null_timestamps: 0 change(s) | skipped tenant_d4.users_userprofile key {\"id\": 2}: changed since the plan | skipped tenant_d4.users_userprofile key {\"id\": 3}: changed since the plan | skipped tenant_d4.users_userprofile key {\"id\": 4}: changed since the plan | heal run: 0 change(s), 0 tenant(s) skipped, 0 error(s)",
+            // which the earlier runs filled: done, not changed since the plan.
+            "Some(0) backfill_null_timestamps: 0 change(s) | backfill_null_timestamps: 3 row(s) of the plan filled by an earlier run | heal run: 0 change(s), 0 tenant(s) skipped, 0 error(s)",
             "100",
         ]
     );
+    // Once the application filled row 100 the scan finds nothing: the file's rows are still done.
+    pg::connect(&url)
+        .await
+        .batch_execute("UPDATE tenant_d4.users_userprofile SET updated_at = now() WHERE id = 100")
+        .await
+        .unwrap();
+    let filled = |n: u8| format!("backfill_null_timestamps: {n} row(s) of the plan filled by an earlier run");
+    let total = "heal run: 0 change(s), 0 tenant(s) skipped, 0 error(s)";
+    let (code, lines) = run(&["--apply", file.to_str().unwrap(), "--execute"]);
+    assert_eq!((code, lines), (Some(0), vec![filled(3), total.to_string()]));
+    // The first run undone, row 2 is NULL again and no longer counts as filled: the plan fills it.
+    let first = rows(&url, "SELECT run_id FROM tenant_audit.heal_log ORDER BY id LIMIT 1").await.join("");
+    let (code, lines) = run(&["--undo", &first, "--execute"]);
+    // The undo's row budget is the same one (1), spent by its one row.
+    assert_eq!(
+        (code, lines),
+        (
+            Some(1),
+            vec![
+                "undo: 1 change(s)".to_string(),
+                "skipped tenant_d4: max_rows_per_run".to_string(),
+                "heal run: 1 change(s), 1 tenant(s) skipped, 0 error(s)".to_string()
+            ]
+        )
+    );
+    assert_eq!(rows(&url, nulls).await.join(""), "2");
+    let (code, lines) = run(&["--apply", file.to_str().unwrap(), "--execute"]);
+    assert_eq!(format!("{code:?} {}", lines.join(" | ")), stopped);
+    let none = "SELECT count(*)::text FROM tenant_d4.users_userprofile WHERE updated_at IS NULL";
+    assert_eq!(rows(&url, none).await, ["0"]);
+    let (code, lines) = run(&["--apply", file.to_str().unwrap(), "--execute"]);
+    assert_eq!((code, lines), (Some(0), vec![filled(3), total.to_string()]));
+    assert_eq!(rows(&url, none).await, ["0"]);
     let _ = std::fs::remove_file(&file);
 }
