@@ -1,5 +1,5 @@
 //! Casts to a tenant's types, against real PostgreSQL: a tenant's `CREATE CAST ... WITH FUNCTION`
-//! from a type heal casts from (text for a copy's keys, a fallback column's type for a backfill)
+//! from a type heal casts from (text for a copy's or an undo's keys, a fallback column's type for a backfill)
 //! would run the tenant's function as the heal role. Heal finds it before the step runs, sets the
 //! step aside naming the cast (exit 1, the function never runs: `public.pwned` stays empty) and
 //! heals the tenant's other tables in the same run.
@@ -91,4 +91,61 @@ async fn a_backfill_whose_fallback_cast_runs_a_tenant_function_is_set_aside_and_
     assert_eq!(rows(&url, PWNED).await, ["0"]);
     assert_eq!(rows(&url, "SELECT count(updated_at)::text FROM tenant_a.events").await, ["0"]);
     assert_eq!(rows(&url, "SELECT (updated_at = '2026-01-02 00:00:00+00')::text FROM tenant_a.notes").await, ["true"]);
+}
+
+/// Parents keyed by the shared enum `public.color` and the shared composite `public.t` (a key of
+/// the tenant's own type is never copied), copied by a run; casts from text to both are added
+/// afterwards, whose functions (outside pg_catalog) write to `public.pwned`.
+const UNDO_SQL: &str = "SELECT pg_temp.create_tenant('tenant_a');
+    CREATE TABLE public.pwned (who text);
+    CREATE TYPE public.color AS ENUM ('red', 'blue');
+    CREATE TYPE public.t AS (x text);
+    CREATE TABLE public.paint (id public.color PRIMARY KEY, name text);
+    CREATE TABLE tenant_a.paint (id public.color PRIMARY KEY, name text);
+    CREATE TABLE public.shop (id public.t PRIMARY KEY, name text);
+    CREATE TABLE tenant_a.shop (id public.t PRIMARY KEY, name text);
+    INSERT INTO public.paint VALUES ('red', 'paint red');
+    INSERT INTO public.shop VALUES (ROW('s1'), 'shop 1');
+    CREATE TABLE tenant_a.refs (id serial PRIMARY KEY, paint_id public.color REFERENCES tenant_a.paint (id),
+      shop_id public.t REFERENCES tenant_a.shop (id));
+    SET session_replication_role = replica;
+    INSERT INTO tenant_a.refs (paint_id, shop_id) VALUES ('red', ROW('s1'));
+    RESET session_replication_role;";
+
+const UNDO_CASTS: &str = "CREATE FUNCTION public.c(text) RETURNS public.color LANGUAGE plpgsql AS $$ BEGIN INSERT INTO public.pwned VALUES (current_user); RETURN (SELECT e FROM pg_catalog.unnest(pg_catalog.enum_range(NULL::public.color)) e WHERE e::pg_catalog.text = $1); END $$;
+    CREATE CAST (text AS public.color) WITH FUNCTION public.c(text);
+    CREATE FUNCTION public.f(text) RETURNS public.t LANGUAGE plpgsql AS $$ BEGIN INSERT INTO public.pwned VALUES (current_user); RETURN ROW($1); END $$;
+    CREATE CAST (text AS public.t) WITH FUNCTION public.f(text);
+    DELETE FROM tenant_a.refs;";
+
+/// The undo of the enum's copy would cast the audited key from text to `public.color`: it is
+/// set aside naming the cast, and the function never runs. The composite's audited key is read
+/// back with `jsonb_populate_record` (no cast from text): that copy is undone, and the function
+/// does not run either.
+#[tokio::test]
+async fn an_undo_whose_key_cast_runs_a_function_outside_pg_catalog_is_set_aside_and_it_never_runs() {
+    let url = fixture_db("heal_casts_undo", UNDO_SQL).await;
+    let path = config_file(
+        "heal_casts_undo",
+        &format!("database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\n[heal]\ncopy_missing_parents = true\nsame_entity_keys = [{{ table = 'paint', columns = ['id'] }}, {{ table = 'shop', columns = ['id'] }}]\n"),
+    );
+    let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(summary(&out)[0], "copy_missing_parents: 2 change(s)");
+    let run = rows(&url, "SELECT DISTINCT run_id FROM tenant_audit.heal_log").await;
+    assert_eq!(run.len(), 1);
+    crate::support::pg::connect(&url).await.batch_execute(UNDO_CASTS).await.unwrap();
+    let out = cli(&["heal", "--config", path.to_str().unwrap(), "--undo", &run[0], "--execute"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        summary(&out),
+        [
+            "undo: 1 change(s)",
+            "set aside tenant_a.paint: undo: a cast from text to public.color runs function public.c(text): heal does not run tenant functions; undo these rows by hand",
+            "heal run: 1 change(s), 0 tenant(s) skipped, 0 error(s)",
+        ]
+    );
+    assert_eq!(rows(&url, PWNED).await, ["0"]);
+    assert_eq!(rows(&url, "SELECT format('%s %s', id, name) FROM tenant_a.paint").await, ["red paint red"]);
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.shop").await, ["0"]);
 }
