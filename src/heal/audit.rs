@@ -53,6 +53,13 @@ CREATE INDEX IF NOT EXISTS heal_log_backfill_progress ON {table} (schema_name, t
     )
 }
 
+/// Whether the audit table exists, and whether the role may read it (USAGE on its schema,
+/// SELECT on it).
+pub const READABLE: &str = "SELECT t.oid IS NOT NULL,
+       t.oid IS NOT NULL AND pg_catalog.has_schema_privilege('tenant_audit', 'USAGE'),
+       t.oid IS NOT NULL AND pg_catalog.has_table_privilege(t.oid, 'SELECT')
+FROM (SELECT pg_catalog.to_regclass('tenant_audit.heal_log')::pg_catalog.oid AS oid) t";
+
 /// `$1` schema, `$2` table, `$3` column, `$4` audit keys (text): the keys whose row a
 /// `backfill_null_timestamps` of an earlier run filled in that column, not undone since.
 pub fn backfilled_sql() -> String {

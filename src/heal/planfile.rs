@@ -124,9 +124,9 @@ pub struct Checked {
 }
 
 /// The (schema, table, key) of `file`'s backfill rows that an earlier heal run filled in every
-/// column the file lists them for, audited and not undone (a plan re-applied after `heal.max_rows_per_run` stopped it): read-only, through
-/// heal's sessions; no audit table: none. Read before the run, so this run's rows are not among
-/// them.
+/// column the file lists them for, audited and not undone (a plan re-applied after
+/// `heal.max_rows_per_run` stopped it): read-only, through heal's sessions; no audit table, or
+/// one the role may not read: none. Read before the run, so this run's rows are not among them.
 pub async fn filled_earlier(
     heal: &HealConfig,
     pool: &Pool,
@@ -138,8 +138,9 @@ pub async fn filled_earlier(
     let mut filled = std::collections::BTreeSet::new();
     let mut session = db::session(pool, &heal.database.target).await?;
     let tx = db::begin_heal_checks(&mut session, heal).await?;
-    let audit = super::audit::table();
-    if tx.query_one("SELECT pg_catalog.to_regclass($1) IS NULL", &[&audit]).await?.get(0) {
+    let readable = tx.query_one(super::audit::READABLE, &[]).await?;
+    if !(readable.get::<_, bool>(0) && readable.get::<_, bool>(1) && readable.get::<_, bool>(2)) {
+        // Heal's own privilege check names what is missing when the plan runs.
         return Ok(filled);
     }
     let sql = super::audit::backfilled_sql();

@@ -232,13 +232,6 @@ pub async fn batch(
     }
 }
 
-/// Whether the audit table exists, and whether the role may read it (USAGE on its schema,
-/// SELECT on it).
-const AUDIT_READABLE: &str = "SELECT t.oid IS NOT NULL,
-       t.oid IS NOT NULL AND pg_catalog.has_schema_privilege('tenant_audit', 'USAGE'),
-       t.oid IS NOT NULL AND pg_catalog.has_table_privilege(t.oid, 'SELECT')
-FROM (SELECT pg_catalog.to_regclass('tenant_audit.heal_log')::pg_catalog.oid AS oid) t";
-
 /// A group of audit rows the undo leaves as they are, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotUndone {
@@ -258,7 +251,7 @@ pub async fn plan(
     run_id: &str,
     relationships: &[DeclaredRelationship],
 ) -> Result<(Plan, Vec<NotUndone>), HealError> {
-    let row = client.query_typed_one(AUDIT_READABLE, &[]).await.map_err(DbError::from)?;
+    let row = client.query_typed_one(audit::READABLE, &[]).await.map_err(DbError::from)?;
     let (exists, usage, select): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
     if !exists {
         return Err(HealError::NoAuditTable);
