@@ -249,7 +249,8 @@ async fn a_copy_whose_primary_key_the_tenant_has_is_set_aside_with_its_reason() 
 
 /// Item 13: a role with the grants of docs/heal.md except SELECT on the audit table: the write
 /// statements read their audit rows back (`RETURNING`), so heal stops before writing with the
-/// one-line privilege error (exit 2), not with each key set aside or a failed repair.
+/// one-line privilege error (exit 2), not with each key set aside or a failed repair; so does
+/// `--apply` of a plan file.
 #[tokio::test]
 async fn heal_without_select_on_the_audit_table_is_the_privilege_error() {
     let sql = "SELECT pg_temp.create_tenant('tenant_a');
@@ -287,6 +288,43 @@ async fn heal_without_select_on_the_audit_table_is_the_privilege_error() {
     );
     assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.category").await, ["0"]);
     assert_eq!(rows(&url, LOGGED).await, ["0"]);
+    // Applying a plan file an administrator made, with a backfill (its listed rows are looked up
+    // in the audit table, for earlier fills): `--apply` does not read the audit table it may not
+    // read, and stops with the same privilege error.
+    pg::connect(&url)
+        .await
+        .batch_execute(
+            "CREATE TABLE tenant_a.note (id int PRIMARY KEY, created_at timestamptz DEFAULT now(), updated_at timestamptz);
+             INSERT INTO tenant_a.note (id, updated_at) VALUES (1, NULL);
+             GRANT SELECT, UPDATE ON tenant_a.note TO heal_no_select;",
+        )
+        .await
+        .unwrap();
+    let file = std::env::temp_dir().join(format!("tenant-audit-it-{}-audit-select.json", std::process::id()));
+    let admin = config_file(
+        "heal_review_audit_select_plan",
+        &format!("database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\n[heal]\ncopy_missing_parents = true\nbackfill_null_timestamps = true\n"),
+    );
+    let out = cli(&["heal", "--config", admin.to_str().unwrap(), "--plan-out", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan = std::fs::read_to_string(&file).unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    let backfill = &plan["plan"]["tenants"][0]["actions"][1]["steps"][0]["Backfill"];
+    assert_eq!(backfill["only"], serde_json::json!(["{\"id\": 1}"]), "{plan}");
+    let config = config_file(
+        "heal_review_audit_select_apply",
+        &format!("database_url = {role:?}\n[tenants]\ninclude = ['^tenant_']\n"),
+    );
+    let out = cli(&["heal", "--config", config.to_str().unwrap(), "--apply", file.to_str().unwrap(), "--execute"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).lines().last(),
+        Some("tenant-audit: error: the heal role lacks a privilege it needs: no SELECT on \"tenant_audit\".\"heal_log\" (see docs/heal.md)")
+    );
+    assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.category").await, ["0"]);
+    assert_eq!(rows(&url, "SELECT count(updated_at)::text FROM tenant_a.note").await, ["0"]);
+    assert_eq!(rows(&url, LOGGED).await, ["0"]);
+    let _ = std::fs::remove_file(&file);
 }
 
 /// Item 15: a schema name holding a newline would end the plan's `--` comment lines, and
