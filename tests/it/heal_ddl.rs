@@ -84,6 +84,60 @@ async fn schema_names_in_text_never_drift_and_heal_writes_the_reference_definiti
     assert_eq!(lines(&scan(&cfg).await.findings), Vec::<String>::new());
 }
 
+/// The issue's suffix traps, where the text-editing catalog (which stripped `<schema>.` anywhere)
+/// found false drift and wrote wrong definitions: a tenant named `c`, a suffix of `public`
+/// (`public.mood` read `publimood`; here in the default `'c.public.mood'` both tables have), and
+/// a type of `old_tenant_template`, whose name ends with the reference schema's (it read
+/// `old_kind`). `c` lacks the columns `mood` and `kind`; `tenant_a` is identical to the template.
+/// Checked to fail with that stripping put back into the catalog's type and default text.
+const SUFFIXES: &str = "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_template', 'tenant_a', 'c']) t;
+    CREATE TYPE public.mood AS ENUM ('happy', 'sad');
+    CREATE SCHEMA old_tenant_template;
+    CREATE TYPE old_tenant_template.kind AS ENUM ('k1', 'k2');
+    CREATE TABLE tenant_template.pages (id int PRIMARY KEY, mood public.mood NOT NULL DEFAULT 'happy',
+      kind old_tenant_template.kind DEFAULT 'k2', label text DEFAULT 'c.public.mood');
+    CREATE TABLE tenant_a.pages (LIKE tenant_template.pages INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);
+    CREATE TABLE c.pages (id int PRIMARY KEY, label text DEFAULT 'c.public.mood');
+    INSERT INTO c.pages (id) VALUES (1), (2);";
+
+#[tokio::test]
+async fn schemas_whose_names_end_another_never_drift_and_heal_adds_the_reference_definition() {
+    let url = fixture_db("heal_ddl_suffixes", SUFFIXES).await;
+    let text = HEAL.replace("include = ['^tenant_']", "include = ['^tenant_', '^c$']");
+    let cfg = config(&url, &text);
+    assert_eq!(
+        lines(&scan(&cfg).await.findings),
+        [
+            "schema_drift c.pages(kind) 1 MissingColumn Some(\"old_tenant_template.kind DEFAULT 'k2'::old_tenant_template.kind\") None []",
+            "schema_drift c.pages(mood) 1 MissingColumn Some(\"public.mood NOT NULL DEFAULT 'happy'::public.mood\") None []",
+        ]
+    );
+    let path = config_file("heal_ddl_suffixes", &format!("database_url = {url:?}\n{text}"));
+    let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("add_missing_columns: 2 change(s)\n"));
+    let reference = column_definitions(&url, "tenant_template", "pages").await;
+    assert_eq!(
+        reference,
+        [
+            "id integer NOT NULL",
+            "mood mood NOT NULL DEFAULT 'happy'::mood",
+            "kind old_tenant_template.kind DEFAULT 'k2'::old_tenant_template.kind",
+            "label text DEFAULT 'c.public.mood'::text",
+        ]
+    );
+    let mut added = column_definitions(&url, "c", "pages").await;
+    added.sort();
+    let mut expected = reference.clone();
+    expected.sort();
+    assert_eq!(added, expected, "the reference's definitions, column order aside");
+    assert_eq!(
+        rows(&url, "SELECT format('%s %s %s %s', id, mood, kind, label) FROM c.pages ORDER BY id").await,
+        ["1 happy k2 c.public.mood", "2 happy k2 c.public.mood"]
+    );
+    assert_eq!(lines(&scan(&cfg).await.findings), Vec::<String>::new());
+}
+
 /// `tenant_x` lacks `updated_at`, which the template has NOT NULL DEFAULT now(); its fallback
 /// `modified_at` makes it the staged path.
 const STAGED: &str = "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_template', 'tenant_x']) t;

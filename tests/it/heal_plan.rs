@@ -28,6 +28,25 @@ fn b(n: &str) -> String {
     format!("b0000000-0000-0000-0000-0000000000{n}")
 }
 
+/// Every user table outside heal's own schema: (`table id` of each row a transaction after
+/// `mark`, a `txid_current()`, inserted or updated; `table count` of each table). The test
+/// cluster's transaction ids never wrap, so `xmin` compares with `mark` as a number.
+async fn written_since(url: &str, mark: i64) -> (Vec<String>, Vec<String>) {
+    let tables = rows(
+        url,
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
+         WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'tenant_audit') ORDER BY 1",
+    )
+    .await;
+    let (mut written, mut counts) = (Vec::new(), Vec::new());
+    for t in tables {
+        let sql = format!("SELECT format('{t} %s', id) FROM {t} WHERE xmin::text::bigint > {mark} ORDER BY id::text");
+        written.extend(rows(url, &sql).await);
+        counts.extend(rows(url, &format!("SELECT format('{t} %s', count(*)) FROM {t}")).await);
+    }
+    (written, counts)
+}
+
 #[tokio::test]
 async fn apply_changes_exactly_what_the_plan_lists_and_reports_what_changed_in_between() {
     let url = fixture_db("heal_plan_round_trip", DEMO_SQL).await;
@@ -68,9 +87,32 @@ async fn apply_changes_exactly_what_the_plan_lists_and_reports_what_changed_in_b
         ))
         .await
         .unwrap();
+    let mark: i64 = pg::connect(&url).await.query_one("SELECT txid_current()", &[]).await.unwrap().get(0);
+    let (_, counts_before) = written_since(&url, mark).await;
 
     let (code, stdout, stderr) = heal(&url, "heal_plan_apply", &["--apply", file.to_str().unwrap(), "--execute"]);
     assert_eq!(code, Some(1), "{stderr}");
+    // Exactly the plan's rows that still needed it were written, and no row anywhere else was
+    // inserted, updated or deleted.
+    let (written, counts) = written_since(&url, mark).await;
+    assert_eq!(
+        written,
+        [
+            format!("tenant_c3.business_business {}", b("02")),
+            format!("tenant_d4.business_business {}", b("04")),
+            "tenant_d4.users_userprofile 2".to_string(),
+            "tenant_d4.users_userprofile 4".to_string(),
+        ]
+    );
+    let grown: Vec<String> = counts_before
+        .iter()
+        .map(|line| {
+            let (t, n) = line.rsplit_once(' ').unwrap();
+            let copied = ["tenant_c3.business_business", "tenant_d4.business_business"].contains(&t);
+            format!("{t} {}", n.parse::<i64>().unwrap() + i64::from(copied))
+        })
+        .collect();
+    assert_eq!(counts, grown, "two copies added, nothing deleted");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines[..4],
