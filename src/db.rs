@@ -453,11 +453,9 @@ pub async fn read_only(
     }
 }
 
-/// The counts of the single row an aggregate statement returns, as numbers; a missing row is
-/// an error, never zero.
-pub fn counts(rows: &[Vec<Option<String>>]) -> Result<Vec<u64>, DbError> {
-    let row = rows.first().ok_or(DbError::NoRow)?;
-    Ok(row.iter().map(|v| v.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)).collect())
+/// The single row an aggregate statement returns; a missing row is an error, never zeros.
+pub fn one_row(rows: Vec<Vec<Option<String>>>) -> Result<Vec<Option<String>>, DbError> {
+    rows.into_iter().next().ok_or(DbError::NoRow)
 }
 
 /// Closes every idle session of `pool`. After the server restarted, pooled sessions that look

@@ -16,8 +16,8 @@
 //! shared schema's errors: summed over the shards, every finding counts once.
 //!
 //! With an incremental state ([`run_with`]) the change signals are read in the catalog
-//! snapshot, before any data, and a table's orphan and NULL-timestamp checks are left out when
-//! its stored findings are still valid (see [`incremental`]); each tenant is planned only when
+//! snapshot, before any data, and a table's data checks (orphans, NULL timestamps, its sequences)
+//! are left out when its stored findings are still valid (see [`incremental`]); each tenant is planned only when
 //! its turn comes.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -789,12 +789,16 @@ async fn scan_tenant(
     (findings, errors)
 }
 
-/// Runs one table's work: its count statement, its sequence statements, then (for nonzero
-/// counts) its sample statement, each in a transaction of its own.
-/// A statement that fails as a query (a declared relationship whose types do not compare, say)
-/// is run again check by check, so one bad check costs only itself; those failures come back
-/// with the findings. Any other failure is the unit's. A failing sample statement leaves the
-/// samples empty and never the counts.
+/// Runs one table's work: its count statement (every check of the table, its sequence probes
+/// included), then (for nonzero counts) its sample statement, each in a transaction of its own.
+/// When the count statement fails as a query or for want of a privilege and holds sequence
+/// probes besides other checks, the table's statements are run again as they were before the
+/// probes were folded in (see [`TableWork::unfolded`]), so each error is attributed as before:
+/// a sequence the role may not read or that was dropped meanwhile costs only its probe, never
+/// the table's other findings. A statement of the relationships and the NULL pass that fails as
+/// a query is run again check by check, so one bad check costs only itself. Those failures come
+/// back with the findings; any other failure is the unit's. A failing sample statement leaves
+/// the samples empty and never the counts.
 async fn run_unit(
     client: &tokio_postgres::Client,
     scan: &ScanConfig,
@@ -805,24 +809,41 @@ async fn run_unit(
     let items = unit.items();
     let mut findings = Vec::new();
     let mut failed = Vec::new();
-    let counted = if items.is_empty() { Ok(Vec::new()) } else { count(client, scan, tenant, unit, &items).await };
-    match counted {
-        Ok(found) => findings = found,
-        Err(e) if items.len() > 1 && classify(&e) == ErrorKind::Query => {
-            for item in items {
-                match count(client, scan, tenant, unit, &[item]).await {
-                    Ok(found) => findings.extend(found),
-                    Err(e) if classify(&e) == ErrorKind::Query => failed.push((ErrorKind::Query, e.to_string())),
-                    Err(e) => return Err(e),
+    let folded = items.len() > 1 && items.iter().any(|item| matches!(item, Item::Sequence(_)));
+    let statements = if folded {
+        match count(client, scan, tenant, unit, &items).await {
+            Ok(found) => {
+                findings = found;
+                Vec::new()
+            }
+            Err(e) if matches!(classify(&e), ErrorKind::Query | ErrorKind::Permission) => {
+                tracing::debug!(tenant = %crate::sql::escape_controls(tenant), table = %crate::sql::escape_controls(&unit.table), error = %crate::sql::escape_controls(&e.to_string()), "count statement failed; running its checks apart");
+                TableWork::unfolded(&items)
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        TableWork::unfolded(&items)
+    };
+    for items in statements {
+        match count(client, scan, tenant, unit, &items).await {
+            Ok(found) => findings.extend(found),
+            // A sequence probe's failure is its own, as when it was a statement of its own.
+            Err(e)
+                if matches!(items.as_slice(), [Item::Sequence(_)])
+                    && matches!(classify(&e), ErrorKind::Query | ErrorKind::Permission) =>
+            {
+                failed.push((classify(&e), e.to_string()))
+            }
+            Err(e) if items.len() > 1 && classify(&e) == ErrorKind::Query => {
+                for item in items {
+                    match count(client, scan, tenant, unit, &[item]).await {
+                        Ok(found) => findings.extend(found),
+                        Err(e) if classify(&e) == ErrorKind::Query => failed.push((ErrorKind::Query, e.to_string())),
+                        Err(e) => return Err(e),
+                    }
                 }
             }
-        }
-        Err(e) => return Err(e),
-    }
-    for probe in &unit.sequences {
-        match db::read_only(client, scan, &probe.sql(tenant), db::Parallel::Allowed).await {
-            Ok(rows) => findings.extend(probe.findings(tenant, &rows)),
-            Err(e) if classify(&e) == ErrorKind::Query => failed.push((ErrorKind::Query, e.to_string())),
             Err(e) => return Err(e),
         }
     }
@@ -845,8 +866,9 @@ async fn count(
     unit: &TableWork,
     items: &[Item],
 ) -> Result<Vec<Finding>, DbError> {
-    let counts = db::counts(&db::read_only(client, scan, &unit.count_sql(items), db::Parallel::Allowed).await?)?;
-    Ok(unit.findings(tenant, items, &counts))
+    let sql = unit.count_sql(tenant, items);
+    let row = db::one_row(db::read_only(client, scan, &sql, db::Parallel::Allowed).await?)?;
+    Ok(unit.findings(tenant, items, &row))
 }
 
 fn dropped(tenant: &str) -> ScanError {

@@ -3,10 +3,12 @@
 //! Whoever caused it (a restore, a clone script, rows copied with their keys by another tool)
 //! the symptom is the same.
 //!
-//! One statement per column that draws from a sequence of the tenant's own schema (a serial's
-//! `nextval` default or an identity): it reads the sequence's state and the column's `max()`,
-//! an index lookup when the column leads an index (its primary key, for serials and identities).
-//! Descending sequences are not checked.
+//! One probe per column that draws from a sequence of the tenant's own schema (a serial's
+//! `nextval` default or an identity): a one-row aggregate reading the sequence's state and the
+//! column's `max()`, an index lookup when the column leads an index (its primary key, for
+//! serials and identities). It is a part of its table's count statement (see
+//! [`super::work`]), never a statement of its own unless that statement fails. Descending
+//! sequences are not checked.
 
 use super::Context;
 use crate::report::{Check, Detail, Finding};
@@ -40,11 +42,16 @@ pub fn plan(ctx: &Context<'_>, tenant: &str) -> Vec<Probe> {
 }
 
 impl Probe {
-    /// One row (next value, column maximum) when the sequence is behind, none otherwise.
-    pub fn sql(&self, tenant: &str) -> String {
+    /// How many columns [`Probe::select`] yields.
+    pub const COLUMNS: usize = 2;
+
+    /// A one-row aggregate: (next value, column maximum) when the sequence is behind, two NULLs
+    /// otherwise (also for a descending sequence), so it never removes the row of the table's
+    /// count statement.
+    pub fn select(&self, tenant: &str) -> String {
         let seq = sql::qualified(tenant, &self.sequence);
         format!(
-            "SELECT x.next_value::text, x.top::text FROM (\n  \
+            "SELECT pg_catalog.max(x.next_value)::text, pg_catalog.max(x.top)::text FROM (\n  \
              SELECT CASE WHEN s.is_called THEN s.last_value::numeric + q.seqincrement ELSE s.last_value::numeric END AS next_value,\n         \
              (SELECT max(c.{col}) FROM {tbl} c)::numeric AS top\n  \
              FROM {seq} s JOIN pg_catalog.pg_sequence q ON q.seqrelid = {seq_literal}::pg_catalog.regclass\n  \
@@ -55,10 +62,10 @@ impl Probe {
         )
     }
 
-    /// The finding of the rows of [`Probe::sql`]: one when the sequence is behind.
-    pub fn findings(&self, tenant: &str, rows: &[Vec<Option<String>>]) -> Vec<Finding> {
-        let Some(row) = rows.first() else { return Vec::new() };
-        let value = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
+    /// The finding of the [`Probe::COLUMNS`] values of [`Probe::select`]: one when the sequence
+    /// is behind.
+    pub fn findings(&self, tenant: &str, values: &[Option<String>]) -> Vec<Finding> {
+        let value = |i: usize| values.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
         let (Some(next_value), Some(column_max)) = (value(0), value(1)) else { return Vec::new() };
         vec![Finding {
             check: Check::SequenceBehind,
@@ -83,15 +90,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_statement_reads_sequence_and_column() {
+    fn one_row_reads_sequence_and_column() {
         let probe = Probe { table: "users".into(), column: "id".into(), sequence: "users_id_seq".into() };
         assert_eq!(
-            probe.sql("t"),
-            "SELECT x.next_value::text, x.top::text FROM (\n  \
+            probe.select("t"),
+            "SELECT pg_catalog.max(x.next_value)::text, pg_catalog.max(x.top)::text FROM (\n  \
              SELECT CASE WHEN s.is_called THEN s.last_value::numeric + q.seqincrement ELSE s.last_value::numeric END AS next_value,\n         \
              (SELECT max(c.\"id\") FROM \"t\".\"users\" c)::numeric AS top\n  \
              FROM \"t\".\"users_id_seq\" s JOIN pg_catalog.pg_sequence q ON q.seqrelid = '\"t\".\"users_id_seq\"'::pg_catalog.regclass\n  \
              WHERE q.seqincrement > 0\n) x\nWHERE x.top >= x.next_value"
         );
+        let found = probe.findings("t", &[Some("4".into()), Some("10".into())]);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].count, 7);
+        assert_eq!(
+            found[0].detail,
+            Detail::SequenceBehind { sequence: "t.users_id_seq".into(), next_value: 4, column_max: 10 }
+        );
+        // Not behind, or descending: the row holds two NULLs.
+        assert!(probe.findings("t", &[None, None]).is_empty());
     }
 }

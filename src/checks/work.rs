@@ -2,12 +2,15 @@
 //! statement.
 //!
 //! A [`TableWork`] is plain data planned from the catalog. Its count statement reads the table
-//! once per check (each relationship's anti-join with its parents, and one pass counting every
-//! required timestamp column's NULLs), so a relationship's child and parent rows come from one
-//! snapshot, and a session running it holds locks on exactly the relations of that statement
-//! (the table, its parents and their indexes). Samples are a second, bounded statement (see
+//! once per check (each relationship's anti-join with its parents, one pass counting every
+//! required timestamp column's NULLs, and each sequence-backed column's `max()` with its
+//! sequence's state), a cross join of one-row aggregates, so a relationship's child and parent
+//! rows come from one snapshot, and a session running it holds locks (`AccessShareLock`) on
+//! exactly the relations of that statement: the table, its parents, their indexes and the
+//! table's own sequences. Samples are a second, bounded statement (see
 //! [`crate::sql::sample_select`]), run only for nonzero counts. Which tables to run is the
-//! caller's choice, one unit at a time.
+//! caller's choice, one unit at a time; the caller may also run a unit's items apart (see
+//! [`TableWork::unfolded`]) to attribute an error to the check that caused it.
 
 use super::{null_timestamps, orphan_rows, sequence_behind};
 use crate::report::Finding;
@@ -23,16 +26,18 @@ pub struct TableWork {
     pub orphans: Vec<orphan_rows::Probe>,
     /// Its required nullable timestamp columns, if any.
     pub nulls: Option<null_timestamps::Probe>,
-    /// Its columns drawing from a sequence of the tenant: one small statement each (the
-    /// sequence's state and the column's maximum, an index lookup).
+    /// Its columns drawing from a sequence of the tenant: one part of the count statement each
+    /// (the sequence's state and the column's maximum, an index lookup).
     pub sequences: Vec<sequence_behind::Probe>,
 }
 
-/// One check of a [`TableWork`]: a relationship (by index) or the NULL count pass.
+/// One check of a [`TableWork`]: a relationship (by index), the NULL count pass or a
+/// sequence-backed column (by index).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Item {
     Orphans(usize),
     Nulls,
+    Sequence(usize),
 }
 
 impl TableWork {
@@ -42,7 +47,18 @@ impl TableWork {
         if self.nulls.is_some() {
             items.push(Item::Nulls);
         }
+        items.extend((0..self.sequences.len()).map(Item::Sequence));
         items
+    }
+
+    /// `items` as the statements they were before the sequence probes were folded into the
+    /// count statement: the relationships and the NULL pass together, then each sequence probe
+    /// alone. An error of one of these is attributed as it would be on its own.
+    pub fn unfolded(items: &[Item]) -> Vec<Vec<Item>> {
+        let (sequences, counts): (Vec<Item>, Vec<Item>) =
+            items.iter().partition(|item| matches!(item, Item::Sequence(_)));
+        let counts = (!counts.is_empty()).then_some(counts);
+        counts.into_iter().chain(sequences.into_iter().map(|item| vec![item])).collect()
     }
 
     /// Whether any check is left in the unit.
@@ -62,9 +78,10 @@ impl TableWork {
         out
     }
 
-    /// One statement counting `items`: a single row, the counts of each item in order (a cross
-    /// join of one-row aggregates).
-    pub fn count_sql(&self, items: &[Item]) -> String {
+    /// One statement counting `items` of the table of `tenant`: a single row, the values of each
+    /// item in order (a cross join of one-row aggregates; a sequence probe that finds nothing
+    /// yields NULLs, never no row).
+    pub fn count_sql(&self, tenant: &str, items: &[Item]) -> String {
         let parts: Vec<String> = items
             .iter()
             .enumerate()
@@ -72,6 +89,7 @@ impl TableWork {
                 let select = match item {
                     Item::Orphans(k) => self.orphans.get(*k)?.count_select(&self.relation),
                     Item::Nulls => self.nulls.as_ref()?.count_select(&self.relation),
+                    Item::Sequence(k) => self.sequences.get(*k)?.select(tenant),
                 };
                 Some(format!("({select}) r{i}"))
             })
@@ -79,23 +97,33 @@ impl TableWork {
         format!("SELECT * FROM {}", parts.join("\nCROSS JOIN "))
     }
 
-    /// The findings of `items` from the row of [`TableWork::count_sql`].
-    pub fn findings(&self, tenant: &str, items: &[Item], counts: &[u64]) -> Vec<Finding> {
+    /// The findings of `items` from the row of [`TableWork::count_sql`]. A count that is NULL or
+    /// does not parse is 0.
+    pub fn findings(&self, tenant: &str, items: &[Item], row: &[Option<String>]) -> Vec<Finding> {
         let mut out = Vec::new();
         let mut at = 0;
+        let mut take = |n: usize| {
+            let end = (at + n).min(row.len());
+            let values = &row[at.min(end)..end];
+            at += n;
+            values
+        };
+        let counts = |values: &[Option<String>]| -> Vec<u64> {
+            values.iter().map(|v| v.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)).collect()
+        };
         for item in items {
             match item {
                 Item::Orphans(k) => {
                     let Some(probe) = self.orphans.get(*k) else { continue };
-                    let end = (at + orphan_rows::Probe::COUNTS).min(counts.len());
-                    out.extend(probe.findings(tenant, &counts[at.min(end)..end]));
-                    at += orphan_rows::Probe::COUNTS;
+                    out.extend(probe.findings(tenant, &counts(take(orphan_rows::Probe::COUNTS))));
                 }
                 Item::Nulls => {
                     let Some(probe) = &self.nulls else { continue };
-                    let end = (at + probe.columns.len()).min(counts.len());
-                    out.extend(probe.findings(tenant, &counts[at.min(end)..end]));
-                    at += probe.columns.len();
+                    out.extend(probe.findings(tenant, &counts(take(probe.columns.len()))));
+                }
+                Item::Sequence(k) => {
+                    let Some(probe) = self.sequences.get(*k) else { continue };
+                    out.extend(probe.findings(tenant, take(sequence_behind::Probe::COLUMNS)));
                 }
             }
         }
@@ -194,13 +222,14 @@ mod tests {
         let items = w.items();
         assert_eq!(items, [Item::Orphans(0), Item::Nulls]);
         assert_eq!(
-            w.count_sql(&items),
+            w.count_sql("t", &items),
             "SELECT * FROM (SELECT count(*) FILTER (WHERE o.in_shared), count(*) FILTER (WHERE NOT o.in_shared) \
              FROM (SELECT false AS in_shared FROM ONLY \"t\".\"child\" c WHERE c.\"parent_id\" IS NOT NULL AND NOT EXISTS \
              (SELECT 1 FROM ONLY \"t\".\"parent\" p WHERE p.\"id\" OPERATOR(\"pg_catalog\".=) c.\"parent_id\")) o) r0\n\
              CROSS JOIN (SELECT count(*) FILTER (WHERE c.\"created_at\" IS NULL) FROM ONLY \"t\".\"child\" c) r1"
         );
-        let findings = w.findings("t", &items, &[0, 4, 2]);
+        let row = [Some("0".into()), Some("4".into()), Some("2".into())];
+        let findings = w.findings("t", &items, &row);
         assert_eq!(findings.iter().map(|f| f.count).collect::<Vec<_>>(), [4, 2]);
         assert_eq!(locations(&findings), [Some(ParentLocation::Missing), None]);
         let mut findings = findings;
@@ -214,5 +243,39 @@ mod tests {
         attach_samples(&mut findings, &[Some("[\"7\", \"7\", \"9\"]".into()), Some("[\"1\"]".into())]);
         assert_eq!(findings[0].sample_keys, ["7", "9"]);
         assert_eq!(findings[1].sample_keys, ["1"]);
+    }
+
+    #[test]
+    fn sequence_probes_are_columns_of_the_same_statement() {
+        let mut w = work();
+        let probe = |column: &str| sequence_behind::Probe {
+            table: "child".into(),
+            column: column.into(),
+            sequence: format!("child_{column}_seq"),
+        };
+        w.sequences = vec![probe("id"), probe("no")];
+        let items = w.items();
+        assert_eq!(items, [Item::Orphans(0), Item::Nulls, Item::Sequence(0), Item::Sequence(1)]);
+        let sql = w.count_sql("t", &items);
+        // One more one-row aggregate per probe: a probe that finds nothing keeps the row.
+        let parts: Vec<&str> = sql.split("\nCROSS JOIN ").collect();
+        assert_eq!(parts.len(), 4, "{sql}");
+        assert_eq!(parts[2], format!("({}) r2", w.sequences[0].select("t")));
+        assert_eq!(parts[3], format!("({}) r3", w.sequences[1].select("t")));
+        let row: Vec<Option<String>> =
+            [Some("0"), Some("4"), Some("2"), None, None, Some("4"), Some("10")].map(|v| v.map(str::to_string)).into();
+        let findings = w.findings("t", &items, &row);
+        assert_eq!(findings.iter().map(|f| f.count).collect::<Vec<_>>(), [4, 2, 7]);
+        assert_eq!(
+            findings[2].detail,
+            crate::report::Detail::SequenceBehind { sequence: "t.child_no_seq".into(), next_value: 4, column_max: 10 }
+        );
+        // Run apart, the statements are those before folding: the counts, then each probe.
+        assert_eq!(
+            TableWork::unfolded(&items),
+            [vec![Item::Orphans(0), Item::Nulls], vec![Item::Sequence(0)], vec![Item::Sequence(1)]]
+        );
+        assert_eq!(TableWork::unfolded(&items[2..]), [vec![Item::Sequence(0)], vec![Item::Sequence(1)]]);
+        assert_eq!(TableWork::unfolded(&items[..2]), [vec![Item::Orphans(0), Item::Nulls]]);
     }
 }

@@ -39,6 +39,7 @@ mod scan;
 mod scan_locks;
 mod scan_samples;
 mod scan_semantics;
+mod scan_sequences;
 mod shard;
 mod support;
 mod tls;
