@@ -36,7 +36,7 @@ pub const INDEXES_MISSING: &str = "SELECT pg_catalog.to_regclass('tenant_audit.h
     OR pg_catalog.to_regclass('tenant_audit.heal_log_undoes') IS NULL
     OR pg_catalog.to_regclass('tenant_audit.heal_log_backfill_progress') IS NULL,
   pg_catalog.pg_has_role(c.relowner, 'USAGE')
-FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass($1)";
+FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass($1)";
 
 /// The indexes undo reads the audit table by, created on tables of every version (idempotent):
 /// a run's rows of one table in id order (undo's batches), and the undo row of an audit row

@@ -169,7 +169,7 @@ pub fn set_default(
 pub const CURRENT_DEFAULT: &str = "SELECT pg_catalog.pg_get_expr(d.adbin, 0)
 FROM pg_catalog.pg_attribute a
 LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-WHERE a.attrelid = $1::pg_catalog.regclass AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped";
+WHERE a.attrelid OPERATOR(pg_catalog.=) $1::pg_catalog.regclass AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped";
 
 /// The batched backfill of `column` from `fallback`, audited under this repair.
 fn backfill_step(tenant: &str, table: &str, own: &Table, column: &Column, fallback: &str) -> Step {

@@ -26,15 +26,15 @@ pub fn advance_sql(run: &str, tenant: &str, table: &str, column: &str, seq: &str
             repair,
             &key,
             "pg_catalog.jsonb_build_object('next_value', m.next_value)",
-            "pg_catalog.jsonb_build_object('next_value', m.last_value + 1)"
+            "pg_catalog.jsonb_build_object('next_value', m.last_value OPERATOR(pg_catalog.+) 1)"
         )
     );
     format!(
         "WITH moved AS (\n  SELECT pg_catalog.setval({seq_literal}::pg_catalog.regclass, x.top) AS last_value, x.next_value FROM (\n    \
          SELECT (SELECT pg_catalog.max(c.{col}) FROM {tbl} c)::bigint AS top,\n           \
-         CASE WHEN s.is_called THEN s.last_value::numeric + q.seqincrement ELSE s.last_value::numeric END AS next_value\n    \
-         FROM {seq_name} s JOIN pg_catalog.pg_sequence q ON q.seqrelid = {seq_literal}::pg_catalog.regclass\n    \
-         WHERE q.seqincrement > 0\n  ) x\n  WHERE x.top >= x.next_value\n),\n{}",
+         CASE WHEN s.is_called THEN s.last_value::numeric OPERATOR(pg_catalog.+) q.seqincrement ELSE s.last_value::numeric END AS next_value\n    \
+         FROM {seq_name} s JOIN pg_catalog.pg_sequence q ON q.seqrelid OPERATOR(pg_catalog.=) {seq_literal}::pg_catalog.regclass\n    \
+         WHERE q.seqincrement OPERATOR(pg_catalog.>) 0\n  ) x\n  WHERE x.top OPERATOR(pg_catalog.>=) x.next_value\n),\n{}",
         audit::log_and_return(&log),
         col = sql::ident(column),
         tbl = sql::qualified(tenant, table),

@@ -65,7 +65,7 @@ ORDER BY 1, 2, 3, 4, 5, 6, 7";
 const TABLE_KIND: &str =
     "SELECT c.relkind::text, EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhparent = c.oid)
 FROM pg_catalog.pg_class c
-WHERE c.oid = pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))";
+WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))";
 
 /// `$1` schema, `$2` table, `$3` a relation as an audit key names it (`%I.%I`): that relation's
 /// schema and name if it is the table or one of its descendants with storage.
@@ -83,7 +83,7 @@ const COLUMN_TYPE: &str = "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_catalog.pg_type b ON b.oid = t.typbasetype
-WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))
+WHERE a.attrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))
   AND a.attname = $3 AND NOT a.attisdropped";
 
 /// `$1` schema, `$2` table: every foreign key that references the table itself (any schema, any
@@ -119,7 +119,7 @@ ORDER BY 1, 2, 3, 4";
 /// `$1` schema, `$2` table, `$3` columns: whether the table has every one of them.
 const HAS_COLUMNS: &str =
     "SELECT pg_catalog.count(*) = pg_catalog.cardinality($3::text[]) FROM pg_catalog.pg_attribute a
-WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))
+WHERE a.attrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))
   AND a.attname = ANY($3::text[]) AND a.attnum > 0 AND NOT a.attisdropped";
 
 /// The equality undo compares tenant columns with, where no constraint names its own: the

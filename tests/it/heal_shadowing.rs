@@ -1,7 +1,8 @@
-//! Heal's statements against a tenant that shadows built-in functions, against real PostgreSQL:
-//! a tenant's `to_jsonb(record)` or `unnest(uuid[])` (a better match than `pg_catalog`'s
-//! polymorphic ones, whatever the `search_path`) never runs as the heal role, because every
-//! function heal emits is schema-qualified.
+//! Heal's statements against a tenant that shadows built-in functions and operators, against
+//! real PostgreSQL: a tenant's `to_jsonb(record)` or `unnest(uuid[])` (a better match than
+//! `pg_catalog`'s polymorphic ones, whatever the `search_path`), or its operator for a pair of
+//! types `pg_catalog` has none for, never runs as the heal role, because every function heal
+//! emits is schema-qualified, and so is every such operator.
 
 use crate::support::{fixture_db, heal_cli, pg, rows};
 
@@ -112,4 +113,76 @@ async fn a_tenant_operator_never_decides_a_configured_relationship() {
     assert_eq!(stdout, ["copy_missing_parents: 1 change(s)", "heal run: 1 change(s), 0 tenant(s) skipped, 0 error(s)"]);
     assert_eq!(rows(&url, "SELECT name FROM tenant_a.tag ORDER BY id").await, ["one", "own three"]);
     assert_eq!(rows(&url, "SELECT count(*)::text FROM tenant_a.pwned").await, ["0"]);
+}
+
+/// Tenant operators for the pairs of types heal's catalog and sequence statements compare that
+/// `pg_catalog` has no operator for (`oid = regclass`, `numeric + bigint`, `bigint >= numeric`):
+/// an exact match, so under heal's `search_path = pg_catalog, <tenant>` a bare operator would
+/// pick the tenant's. Each records who ran it. Heal moves a sequence set back
+/// (`advance_sequences`), gives a column its lost default (`add_missing_columns`) and copies a
+/// parent, then the run is undone: none of the operators ever runs (before the sequence move
+/// and `add_missing_columns`'s default lookup qualified them, `+` ran 2 times, `>=` 2 and `=` 17,
+/// as the heal role).
+#[tokio::test]
+async fn tenant_operators_for_catalog_and_sequence_types_never_run_in_heal_or_undo() {
+    let sql = "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_template', 'tenant_a']) t;
+        INSERT INTO tenant_a.users_businessdetails (business_id)
+          SELECT 'b0000000-0000-0000-0000-000000000001' FROM generate_series(2, 10);
+        SELECT setval('tenant_a.users_businessdetails_id_seq', 3);
+        SET session_replication_role = replica;
+        INSERT INTO tenant_a.users_userprofile (user_id, business_id, created_at, modified_at)
+          VALUES (2, 'b0000000-0000-0000-0000-000000000002', now(), now());
+        RESET session_replication_role;
+        ALTER TABLE tenant_a.users_userprofile ALTER COLUMN updated_at DROP DEFAULT;
+        CREATE TABLE tenant_a.pwned (who text, op text);
+        CREATE FUNCTION tenant_a.eq(a oid, b regclass) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO tenant_a.pwned VALUES (current_user, '='); RETURN a OPERATOR(pg_catalog.=) b::oid; END $$;
+        CREATE OPERATOR tenant_a.= (LEFTARG = oid, RIGHTARG = regclass, FUNCTION = tenant_a.eq);
+        CREATE FUNCTION tenant_a.plus(a numeric, b bigint) RETURNS numeric LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO tenant_a.pwned VALUES (current_user, '+'); RETURN a OPERATOR(pg_catalog.+) b; END $$;
+        CREATE OPERATOR tenant_a.+ (LEFTARG = numeric, RIGHTARG = bigint, FUNCTION = tenant_a.plus);
+        CREATE FUNCTION tenant_a.ge(a bigint, b numeric) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO tenant_a.pwned VALUES (current_user, '>='); RETURN a OPERATOR(pg_catalog.>=) b; END $$;
+        CREATE OPERATOR tenant_a.>= (LEFTARG = bigint, RIGHTARG = numeric, FUNCTION = tenant_a.ge);";
+    let url = fixture_db("heal_shadowing_catalog_operators", sql).await;
+    let config = format!(
+        "database_url = {url:?}\n[tenants]\ninclude = ['^tenant_']\nreference_schema = 'tenant_template'\n\
+         [heal]\nadvance_sequences = true\nadd_missing_columns = true\ncopy_missing_parents = true\n"
+    );
+    let pwned = "SELECT format('%s %s %s', who, op, count(*)) FROM tenant_a.pwned GROUP BY who, op ORDER BY op";
+    let (code, stdout, stderr) = heal_cli("heal_shadowing_catalog_operators", &config, &["--execute"]);
+    assert_eq!(code, Some(0), "{stdout:?} {stderr}");
+    assert_eq!(
+        rows(&url, "SELECT format('%s %s %s', repair, table_name, row_key) FROM tenant_audit.heal_log ORDER BY id").await,
+        [
+            "copy_missing_parents business_business {\"id\": \"b0000000-0000-0000-0000-000000000002\"}",
+            "add_missing_columns users_userprofile {\"step\": \"set_default\", \"column\": \"updated_at\"}",
+            "advance_sequences users_businessdetails {\"column\": \"id\", \"sequence\": \"users_businessdetails_id_seq\"}",
+        ]
+    );
+    assert_eq!(rows(&url, pwned).await, Vec::<String>::new());
+    assert_eq!(
+        rows(
+            &url,
+            "SELECT format('%s %s', nextval('tenant_a.users_businessdetails_id_seq'),
+               pg_get_expr(adbin, adrelid)) FROM pg_attrdef
+             WHERE adrelid = 'tenant_a.users_userprofile'::regclass AND adnum = 6"
+        )
+        .await,
+        ["11 now()"]
+    );
+    let run = rows(&url, "SELECT DISTINCT run_id FROM tenant_audit.heal_log").await.remove(0);
+    let (code, stdout, stderr) = heal_cli("heal_shadowing_catalog_operators", &config, &["--undo", &run, "--execute"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stdout,
+        [
+            "undo: 0 change(s)",
+            "heal run: 0 change(s), 0 tenant(s) skipped, 0 error(s)",
+            "not undone: tenant_a.users_businessdetails: 1 sequence move(s) not undone (moving a sequence back would make inserts fail)",
+            "not undone: tenant_a.users_userprofile: 1 column change(s) not undone: added columns, constraints and defaults are not dropped",
+            "left (still referenced): tenant_a.business_business {\"id\": \"b0000000-0000-0000-0000-000000000002\"}",
+        ]
+    );
+    assert_eq!(rows(&url, pwned).await, Vec::<String>::new());
 }
