@@ -89,8 +89,8 @@ async fn a_copy_stopped_by_max_rows_per_run_leaves_the_sequence_ahead() {
 }
 
 /// Starts `heal --execute` on 6,000 integer orphans in batches of 10, waits until at least 100
-/// rows are copied, then sends `signal`.
-async fn interrupted_copy(name: &str, signal: &str) -> String {
+/// rows are copied, then sends `signal`; returns the database and how heal ended.
+async fn interrupted_copy(name: &str, signal: &str) -> (String, std::process::ExitStatus) {
     let url = fixture_db(name, &integer_orphans(6000)).await;
     let path = config_file(name, &format!("database_url = {url:?}\n{TENANTS}{LISTED}batch_size = 10\n"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_tenant-audit"))
@@ -107,20 +107,23 @@ async fn interrupted_copy(name: &str, signal: &str) -> String {
     }
     let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    child.wait().unwrap();
+    let ended = child.wait().unwrap();
     assert!(rows(&url, COPIED).await[0].parse::<i64>().unwrap() < 6000, "the run finished before the signal");
-    url
+    (url, ended)
 }
 
+/// SIGTERM stops the run between transactions (exit 1, docs/heal.md "Crash safe"), not by dying.
 #[tokio::test]
 async fn a_copy_stopped_by_sigterm_leaves_the_sequence_ahead() {
-    let url = interrupted_copy("heal_seq_sigterm", "-TERM").await;
+    let (url, ended) = interrupted_copy("heal_seq_sigterm", "-TERM").await;
+    assert_eq!(ended.code(), Some(1), "{ended:?}");
     assert_next_insert_succeeds(&url).await;
 }
 
 #[tokio::test]
 async fn a_copy_stopped_by_sigkill_leaves_the_sequence_ahead_and_a_rerun_finishes() {
-    let url = interrupted_copy("heal_seq_sigkill", "-KILL").await;
+    let (url, ended) = interrupted_copy("heal_seq_sigkill", "-KILL").await;
+    assert_eq!(ended.code(), None, "{ended:?}");
     assert_next_insert_succeeds(&url).await;
     let path = config_file("heal_seq_sigkill_rerun", &format!("database_url = {url:?}\n{TENANTS}{LISTED}"));
     let out = cli(&["heal", "--config", path.to_str().unwrap(), "--execute"], &[]);
