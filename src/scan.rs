@@ -790,15 +790,15 @@ async fn scan_tenant(
 }
 
 /// Runs one table's work: its count statement (every check of the table, its sequence probes
-/// included), then (for nonzero counts) its sample statement, each in a transaction of its own.
-/// When the count statement fails as a query or for want of a privilege and holds sequence
-/// probes besides other checks, the table's statements are run again as they were before the
-/// probes were folded in (see [`TableWork::unfolded`]), so each error is attributed as before:
-/// a sequence the role may not read or that was dropped meanwhile costs only its probe, never
-/// the table's other findings. A statement of the relationships and the NULL pass that fails as
-/// a query is run again check by check, so one bad check costs only itself. Those failures come
-/// back with the findings; any other failure is the unit's. A failing sample statement leaves
-/// the samples empty and never the counts.
+/// included), then (for nonzero orphan or NULL counts) its sample statement, each in a
+/// transaction of its own. When the count statement fails as a query or for want of a privilege
+/// and holds sequence probes besides other checks, the table's statements are run again as they
+/// were before the probes were folded in (see [`TableWork::unfolded`]), so each error is
+/// attributed as before: a sequence the role may not read or that was dropped meanwhile costs
+/// only its probe, never the table's other findings. A statement of the relationships and the
+/// NULL pass that fails as a query is run again check by check, so one bad check costs only
+/// itself. Those failures come back with the findings; any other failure is the unit's. A
+/// failing sample statement leaves the samples empty and never the counts.
 async fn run_unit(
     client: &tokio_postgres::Client,
     scan: &ScanConfig,

@@ -52,10 +52,10 @@ impl Probe {
         let seq = sql::qualified(tenant, &self.sequence);
         format!(
             "SELECT pg_catalog.max(x.next_value)::text, pg_catalog.max(x.top)::text FROM (\n  \
-             SELECT CASE WHEN s.is_called THEN s.last_value::numeric + q.seqincrement ELSE s.last_value::numeric END AS next_value,\n         \
-             (SELECT max(c.{col}) FROM {tbl} c)::numeric AS top\n  \
-             FROM {seq} s JOIN pg_catalog.pg_sequence q ON q.seqrelid = {seq_literal}::pg_catalog.regclass\n  \
-             WHERE q.seqincrement > 0\n) x\nWHERE x.top >= x.next_value",
+             SELECT CASE WHEN s.is_called THEN s.last_value::numeric OPERATOR(pg_catalog.+) q.seqincrement ELSE s.last_value::numeric END AS next_value,\n         \
+             (SELECT pg_catalog.max(c.{col}) FROM {tbl} c)::numeric AS top\n  \
+             FROM {seq} s JOIN pg_catalog.pg_sequence q ON q.seqrelid OPERATOR(pg_catalog.=) {seq_literal}::pg_catalog.regclass\n  \
+             WHERE q.seqincrement OPERATOR(pg_catalog.>) 0\n) x\nWHERE x.top OPERATOR(pg_catalog.>=) x.next_value",
             col = sql::ident(&self.column),
             tbl = sql::qualified(tenant, &self.table),
             seq_literal = sql::literal(&seq),
@@ -95,10 +95,10 @@ mod tests {
         assert_eq!(
             probe.select("t"),
             "SELECT pg_catalog.max(x.next_value)::text, pg_catalog.max(x.top)::text FROM (\n  \
-             SELECT CASE WHEN s.is_called THEN s.last_value::numeric + q.seqincrement ELSE s.last_value::numeric END AS next_value,\n         \
-             (SELECT max(c.\"id\") FROM \"t\".\"users\" c)::numeric AS top\n  \
-             FROM \"t\".\"users_id_seq\" s JOIN pg_catalog.pg_sequence q ON q.seqrelid = '\"t\".\"users_id_seq\"'::pg_catalog.regclass\n  \
-             WHERE q.seqincrement > 0\n) x\nWHERE x.top >= x.next_value"
+             SELECT CASE WHEN s.is_called THEN s.last_value::numeric OPERATOR(pg_catalog.+) q.seqincrement ELSE s.last_value::numeric END AS next_value,\n         \
+             (SELECT pg_catalog.max(c.\"id\") FROM \"t\".\"users\" c)::numeric AS top\n  \
+             FROM \"t\".\"users_id_seq\" s JOIN pg_catalog.pg_sequence q ON q.seqrelid OPERATOR(pg_catalog.=) '\"t\".\"users_id_seq\"'::pg_catalog.regclass\n  \
+             WHERE q.seqincrement OPERATOR(pg_catalog.>) 0\n) x\nWHERE x.top OPERATOR(pg_catalog.>=) x.next_value"
         );
         let found = probe.findings("t", &[Some("4".into()), Some("10".into())]);
         assert_eq!(found.len(), 1);

@@ -8,9 +8,9 @@
 //! rows come from one snapshot, and a session running it holds locks (`AccessShareLock`) on
 //! exactly the relations of that statement: the table, its parents, their indexes and the
 //! table's own sequences. Samples are a second, bounded statement (see
-//! [`crate::sql::sample_select`]), run only for nonzero counts. Which tables to run is the
-//! caller's choice, one unit at a time; the caller may also run a unit's items apart (see
-//! [`TableWork::unfolded`]) to attribute an error to the check that caused it.
+//! [`crate::sql::sample_select`]), run only for nonzero orphan or NULL counts. Which tables to
+//! run is the caller's choice, one unit at a time; the caller may also run a unit's items apart
+//! (see [`TableWork::unfolded`]) to attribute an error to the check that caused it.
 
 use super::{null_timestamps, orphan_rows, sequence_behind};
 use crate::report::Finding;
@@ -131,17 +131,19 @@ impl TableWork {
     }
 
     /// One bounded statement with a sample column (a JSON array of keys) per finding of
-    /// `findings`, or `None` when samples are off or there is no finding.
+    /// `findings`, or `None` when samples are off or no finding has samples (`sequence_behind`
+    /// has none: a table whose only finding it is costs no sample statement).
     pub fn sample_sql(&self, findings: &[Finding], limit: usize) -> Option<String> {
-        if limit == 0 || findings.is_empty() {
+        if limit == 0 {
             return None;
         }
-        let columns: Vec<String> = findings
-            .iter()
-            .map(|f| match self.sample_select(f, limit) {
-                Some(select) => format!("({select})"),
-                None => "NULL".to_string(),
-            })
+        let selects: Vec<Option<String>> = findings.iter().map(|f| self.sample_select(f, limit)).collect();
+        if selects.iter().all(Option::is_none) {
+            return None;
+        }
+        let columns: Vec<String> = selects
+            .into_iter()
+            .map(|select| select.map_or_else(|| "NULL".to_string(), |select| format!("({select})")))
             .collect();
         Some(format!("SELECT {}", columns.join(",\n       ")))
     }
@@ -270,6 +272,9 @@ mod tests {
             findings[2].detail,
             crate::report::Detail::SequenceBehind { sequence: "t.child_no_seq".into(), next_value: 4, column_max: 10 }
         );
+        // A sequence finding has no samples: alone, it needs no sample statement.
+        assert_eq!(w.sample_sql(&findings[2..], 3), None);
+        assert!(w.sample_sql(&findings, 3).unwrap().ends_with(",\n       NULL"));
         // Run apart, the statements are those before folding: the counts, then each probe.
         assert_eq!(
             TableWork::unfolded(&items),

@@ -4,26 +4,27 @@
 
 use tenant_audit::report::{ErrorKind, ScanError};
 
-use crate::support::{config, fixture_db, lines, pg, scan};
+use crate::support::{config, lines, pg, scan, BASE_SQL};
 
 const TENANTS: &str = "[tenants]\ninclude = ['^tenant_']\n";
 
-/// Two tenants with a `ticket` table drawing from a descending sequence. tenant_a's details
-/// sequence was set back with `is_called = false` (next 5, max 5); tenant_b's profile sequence
-/// with `is_called = true` (next 3, max 4), and its profiles hold NULL `updated_at`s (the column
-/// lost its NOT NULL) and two users that exist nowhere.
-const SQL: &str = "CREATE EXTENSION pg_stat_statements;
-    SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_a', 'tenant_b']) t;
+/// Two tenants with a `ticket` table whose `id` draws from a descending sequence and whose `n`
+/// is a serial; tenant_a's was set back (next 2, max 3). tenant_a's details sequence was set back
+/// with `is_called = false` (next 5, max 5); tenant_b's profile sequence with `is_called = true`
+/// (next 3, max 4), and its profiles hold NULL `updated_at`s (the column lost its NOT NULL) and
+/// two users that exist nowhere.
+const SQL: &str = "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_a', 'tenant_b']) t;
     DO $$ DECLARE t text; BEGIN
       FOREACH t IN ARRAY ARRAY['tenant_a', 'tenant_b'] LOOP
         EXECUTE format('CREATE SEQUENCE %1$I.ticket_id_seq INCREMENT BY -1 MINVALUE -1000 MAXVALUE -1 START -1;
-                        CREATE TABLE %1$I.ticket (id int PRIMARY KEY DEFAULT nextval(%2$L), title text);
+                        CREATE TABLE %1$I.ticket (id int PRIMARY KEY DEFAULT nextval(%2$L), n serial, title text);
                         ALTER SEQUENCE %1$I.ticket_id_seq OWNED BY %1$I.ticket.id;
                         INSERT INTO %1$I.ticket (title) SELECT ''t'' || g FROM generate_series(1, 3) g', t, t || '.ticket_id_seq');
       END LOOP; END $$;
     INSERT INTO tenant_a.users_businessdetails (business_id)
       SELECT 'b0000000-0000-0000-0000-000000000001' FROM generate_series(2, 5);
     SELECT setval('tenant_a.users_businessdetails_id_seq', 5, false);
+    SELECT setval('tenant_a.ticket_n_seq', 1);
     ALTER TABLE tenant_b.users_userprofile ALTER COLUMN updated_at DROP NOT NULL;
     SET session_replication_role = replica;
     INSERT INTO tenant_b.users_userprofile (user_id, created_at, modified_at, updated_at) VALUES
@@ -34,6 +35,7 @@ const SQL: &str = "CREATE EXTENSION pg_stat_statements;
 fn expected() -> Vec<String> {
     [
         "orphan_rows tenant_b.users_userprofile(user_id) 2 -> public.auth_user Missing Constraint [\"98\", \"99\"]",
+        "sequence_behind tenant_a.ticket(n) 2 tenant_a.ticket_n_seq next 2 max 3 []",
         "sequence_behind tenant_a.users_businessdetails(id) 1 tenant_a.users_businessdetails_id_seq next 5 max 5 []",
         "sequence_behind tenant_b.users_userprofile(id) 2 tenant_b.users_userprofile_id_seq next 3 max 4 []",
         "null_timestamps tenant_b.users_userprofile(updated_at) 2 timestamp with time zone [\"2\", \"4\"]",
@@ -42,39 +44,43 @@ fn expected() -> Vec<String> {
     .into()
 }
 
-/// Calls of the scan's data statements since the last reset: (table statements, sequence
-/// statements of their own).
-async fn data_statements(client: &tokio_postgres::Client) -> (i64, i64) {
-    let row = client
-        .query_one(
-            "SELECT coalesce(sum(calls) FILTER (WHERE query LIKE 'SELECT * FROM (%'), 0)::bigint,
-                    coalesce(sum(calls) FILTER (WHERE query NOT LIKE 'SELECT * FROM (%'
-                                                 AND query LIKE '%pg_catalog.pg_sequence %'), 0)::bigint
-             FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            &[],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
+/// A private cluster logging every statement, with the fixture in its database `app`: its log
+/// shows each of the scan's statements, failed ones included, and no other test's.
+async fn logged_fixture() -> (pg::Cluster, String) {
+    let cluster = pg::Cluster::start_with("-c log_statement=all");
+    pg::connect(&cluster.url("postgres")).await.batch_execute("CREATE DATABASE app").await.unwrap();
+    let url = cluster.url("app");
+    pg::connect(&url).await.batch_execute(&format!("{BASE_SQL}\n{SQL}")).await.unwrap();
+    (cluster, url)
+}
+
+/// The scan's data statements in `cluster`'s log: each is one simple-query message `BEGIN READ
+/// ONLY; SET LOCAL ...; statement; COMMIT` (the sample statements and the signals left out).
+fn data_statements(cluster: &pg::Cluster) -> usize {
+    let log = std::fs::read_to_string(cluster.log()).unwrap();
+    // An entry ends where the next log line (which starts with its timestamp) begins.
+    log.split("LOG:  statement: ")
+        .skip(1)
+        .map(|entry| entry.split("\n20").next().unwrap_or(entry))
+        .filter(|s| s.starts_with("BEGIN READ ONLY;") && !s.contains("json_agg") && !s.contains("tenant-audit:"))
+        .count()
 }
 
 #[tokio::test]
 async fn sequence_behind_is_read_by_its_tables_one_statement() {
-    let url = fixture_db("scan_sequences_fold", SQL).await;
-    let client = pg::connect(&url).await;
-    client.batch_execute("SELECT pg_stat_statements_reset()").await.unwrap();
+    let (cluster, url) = logged_fixture().await;
     let report = scan(&config(&url, TENANTS)).await;
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(lines(&report.findings), expected());
-    // Per tenant: the details and profile tables (relationships and a sequence) and the ticket
-    // table (its descending sequence alone): 3 tables, 3 statements, no sequence statement apart.
+    // Per tenant: the details and profile tables (relationships and a serial) and the ticket
+    // table (two sequences, no other check): 3 tables, 3 statements, none apart for a sequence.
     assert_eq!(report.scan.tables_checked, 6);
-    assert_eq!(data_statements(&client).await, (6, 0));
+    assert_eq!(data_statements(&cluster), 6);
 }
 
 #[tokio::test]
 async fn a_sequence_the_role_cannot_read_costs_only_its_own_probe() {
-    let url = fixture_db("scan_sequences_privilege", SQL).await;
+    let (cluster, url) = logged_fixture().await;
     let admin = pg::connect(&url).await;
     admin
         .batch_execute(
@@ -82,8 +88,7 @@ async fn a_sequence_the_role_cannot_read_costs_only_its_own_probe() {
              GRANT USAGE ON SCHEMA public, tenant_a, tenant_b TO audit_no_seq;
              GRANT SELECT ON ALL TABLES IN SCHEMA public, tenant_a, tenant_b TO audit_no_seq;
              GRANT SELECT ON ALL SEQUENCES IN SCHEMA public, tenant_a, tenant_b TO audit_no_seq;
-             REVOKE SELECT ON SEQUENCE tenant_b.users_userprofile_id_seq FROM audit_no_seq;
-             SELECT pg_stat_statements_reset();",
+             REVOKE SELECT ON SEQUENCE tenant_b.users_userprofile_id_seq, tenant_a.ticket_id_seq FROM audit_no_seq;",
         )
         .await
         .unwrap();
@@ -91,18 +96,28 @@ async fn a_sequence_the_role_cannot_read_costs_only_its_own_probe() {
     let report = scan(&config(&as_role, TENANTS)).await;
     assert_eq!(
         report.errors,
-        [ScanError {
-            kind: ErrorKind::Permission,
-            schema: Some("tenant_b".into()),
-            table: Some("users_userprofile".into()),
-            message: "permission denied for sequence users_userprofile_id_seq".into(),
-        }]
+        [
+            ScanError {
+                kind: ErrorKind::Permission,
+                schema: Some("tenant_a".into()),
+                table: Some("ticket".into()),
+                message: "permission denied for sequence ticket_id_seq".into(),
+            },
+            ScanError {
+                kind: ErrorKind::Permission,
+                schema: Some("tenant_b".into()),
+                table: Some("users_userprofile".into()),
+                message: "permission denied for sequence users_userprofile_id_seq".into(),
+            }
+        ]
     );
-    // The table's orphans and NULLs exactly, and every other finding.
+    // The profile table's orphans and NULLs exactly, and every other finding: the ticket table's
+    // readable probe still finds its sequence behind.
     let mut want = expected();
     want.retain(|l| !l.starts_with("sequence_behind tenant_b."));
     assert_eq!(lines(&report.findings), want);
-    // The profile table's statement failed and ran as before folding: its counts (a statement
-    // that fails is not counted), then its probe alone, which failed.
-    assert_eq!(data_statements(&admin).await, (6, 0));
+    // Four tables ran one statement each. The other two ran it, it failed, and they ran as before
+    // folding: the profile table its counts, then its probe (which failed); the ticket table its
+    // two probes apart (the descending one's failed).
+    assert_eq!(data_statements(&cluster), 4 + 3 + 3);
 }
