@@ -185,16 +185,17 @@ async fn checked_plan_file(
 /// Reads a plan file of `heal --plan-out`, for the database `config` heals.
 fn read_plan_file(file: &std::path::Path, config: &Config) -> anyhow::Result<Plan> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read plan file {}", file.display()))?;
-    let document: heal::planfile::PlanFile =
-        serde_json::from_str(&text).with_context(|| format!("plan file {} is not a heal plan", file.display()))?;
-    if document.version != heal::planfile::VERSION {
+    let not_a_plan = || format!("plan file {} is not a heal plan", file.display());
+    let versioned: heal::planfile::Versioned = serde_json::from_str(&text).with_context(not_a_plan)?;
+    if versioned.version != heal::planfile::VERSION {
         anyhow::bail!(
             "plan file {} has version {}; this heal reads version {}",
             file.display(),
-            document.version,
+            versioned.version,
             heal::planfile::VERSION
         );
     }
+    let document: heal::planfile::PlanFile = serde_json::from_str(&text).with_context(not_a_plan)?;
     if document.database != config.heal.database.target {
         anyhow::bail!(
             "plan file {} is for database {}, not {} (heal.database_url)",

@@ -48,7 +48,7 @@ pub fn rewrite_reason(column: &str, data_type: &str) -> String {
 
 /// The `add_column` step: `sql`, refused when `column`'s type is a constrained domain.
 fn add_step(table: &str, column: &Column, sql: String) -> Step {
-    let mut step = Step::once(table, &column.name, "add_column", sql);
+    let mut step = Step::once(table, &column.name, "add_column", sql).completing();
     if let Step::Once(once) = &mut step {
         once.added = Some((column.name.clone(), column.data_type.clone()));
     }
@@ -111,7 +111,8 @@ pub fn add(
             };
             let mut steps = vec![add_step(table, column, add)];
             if column.not_null {
-                steps.extend(not_null(tenant, table, own, column, chain));
+                // The add is the column's one change: its NOT NULL completes no repair of its own.
+                steps.extend(not_null(tenant, table, own, column, chain, false));
             } else if let Some(fallback) = fill(chain, own, column) {
                 if let Some(Step::Once(once)) = steps.first_mut() {
                     once.pending = Some(pending_record(tenant, table, &column.name));
@@ -155,7 +156,8 @@ pub fn set_default(
         &column.name,
         "set_default",
         format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET DEFAULT {default}"),
-    );
+    )
+    .completing();
     if let Step::Once(once) = &mut step {
         once.expect_default = Some(ExpectDefault { column: column.name.clone(), default: seen.map(str::to_string) });
         once.advance = advance;
@@ -320,8 +322,18 @@ WHERE p.repair = 'add_missing_columns' AND p.row_key ? 'step' AND p.row_key->>'s
     )
 }
 
-/// Backfills `column` and makes it NOT NULL; nothing when its NULLs cannot be filled.
-pub fn not_null(tenant: &str, table: &str, own: &Table, column: &Column, chain: &[String]) -> Vec<Step> {
+/// Backfills `column` and makes it NOT NULL; nothing when its NULLs cannot be filled. With
+/// `completes` (the column exists, this is its repair) the `set_not_null` step completes the
+/// repair (see [`super::plan::OnceStep::completes_repair`]); without (the action adds the
+/// column, whose add is its change) no step here does.
+pub fn not_null(
+    tenant: &str,
+    table: &str,
+    own: &Table,
+    column: &Column,
+    chain: &[String],
+    completes: bool,
+) -> Vec<Step> {
     let Some(fallback) = fill(chain, own, column) else {
         return Vec::new();
     };
@@ -346,16 +358,14 @@ pub fn not_null(tenant: &str, table: &str, own: &Table, column: &Column, chain: 
             ),
         ));
     }
-    steps.extend([
-        validate,
-        // One transaction: the check is gone exactly when the NOT NULL is there.
-        Step::once(
-            table,
-            &column.name,
-            "set_not_null",
-            format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET NOT NULL; ALTER TABLE {tbl} DROP CONSTRAINT {check}"),
-        ),
-    ]);
+    // One transaction: the check is gone exactly when the NOT NULL is there.
+    let set_not_null = Step::once(
+        table,
+        &column.name,
+        "set_not_null",
+        format!("ALTER TABLE {tbl} ALTER COLUMN {col} SET NOT NULL; ALTER TABLE {tbl} DROP CONSTRAINT {check}"),
+    );
+    steps.extend([validate, if completes { set_not_null.completing() } else { set_not_null }]);
     steps
 }
 

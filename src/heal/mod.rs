@@ -119,7 +119,8 @@ impl SkipReason {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Outcome {
     pub run_id: String,
-    /// Rows copied or updated (and columns added) per repair.
+    /// Changes per repair: rows copied, updated or undone, sequences moved, and one per column
+    /// repair completed (added, its default restored, made NOT NULL).
     pub changed: BTreeMap<&'static str, u64>,
     /// Tenants left for a later run.
     pub skipped: Vec<(String, SkipReason)>,
@@ -1230,7 +1231,7 @@ async fn run_once(
         }
     }
     tracing::info!(run_id = %outcome.run_id, schema = %crate::sql::escape_controls(&tenant.schema), table = %crate::sql::escape_controls(&once.table), repair = action.repair.name(), statement = %crate::sql::escape_controls(&once.sql), "healed");
-    if once.adds_column {
+    if once.completes_repair {
         *outcome.changed.entry(action.repair.name()).or_default() += 1;
     }
     if moved > 0 {

@@ -61,8 +61,11 @@ pub struct OnceStep {
     pub table: String,
     /// The audit row's key, a `jsonb` expression.
     pub key: String,
-    /// Counted as a change in the metrics (adding a column is; other steps are not).
-    pub adds_column: bool,
+    /// The step completes the repair of its column (the column added, its default restored, it
+    /// made NOT NULL on its own): counted as one change in the summary and the metrics when it
+    /// runs. The steps leading to it (a check added or validated, the NOT NULL of a column this
+    /// action adds) are not; backfilled rows and moved sequences count themselves.
+    pub completes_repair: bool,
     /// Runs under `heal.validate_timeout` instead of `heal.statement_timeout` (a `VALIDATE`
     /// reads the whole table, blocking no reads or writes).
     pub long: bool,
@@ -160,7 +163,8 @@ impl Action {
 }
 
 impl Step {
-    /// A one-off step on `table.column`, named `step` in its audit key.
+    /// A one-off step on `table.column`, named `step` in its audit key, that completes no repair
+    /// (see [`Step::completing`]).
     pub fn once(table: &str, column: &str, step: &str, sql: String) -> Step {
         let key = format!(
             "pg_catalog.jsonb_build_object('column', {}, 'step', {})",
@@ -171,13 +175,22 @@ impl Step {
             sql,
             table: table.to_string(),
             key,
-            adds_column: step == "add_column",
+            completes_repair: false,
             long: false,
             added: None,
             expect_default: None,
             advance: None,
             pending: None,
         })
+    }
+
+    /// The step, a one-off one, as the one that completes its column's repair (see
+    /// [`OnceStep::completes_repair`]).
+    pub fn completing(mut self) -> Step {
+        if let Step::Once(once) = &mut self {
+            once.completes_repair = true;
+        }
+        self
     }
 }
 
@@ -455,7 +468,7 @@ fn action(scanned: &Scanned, config: &Config, repair: Repair, f: &Finding) -> Op
                     )
                 }
                 DriftKind::NullabilityMismatch if column.not_null => {
-                    let steps = columns::not_null(tenant, &table, own, column, &chain);
+                    let steps = columns::not_null(tenant, &table, own, column, &chain, true);
                     if steps.is_empty() {
                         return None;
                     }

@@ -19,8 +19,16 @@ use crate::config::HealConfig;
 use crate::db::{self, DbError, Pool};
 use crate::sql;
 
-/// The format version of plan files.
-pub const VERSION: u32 = 3;
+/// The format version of plan files. Version 4: one-off steps say whether they complete their
+/// column's repair (`completes_repair`, which replaced version 3's `adds_column`).
+pub const VERSION: u32 = 4;
+
+/// What is read of a plan file before the rest: its version, so that a file of another version
+/// is refused as such, whatever its other fields.
+#[derive(Debug, Deserialize)]
+pub struct Versioned {
+    pub version: u32,
+}
 
 /// A plan file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -54,7 +54,7 @@ async fn execute_repairs_what_is_healable_and_audits_every_change() {
     let out = heal_cli(&url, "execute", "", true);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.starts_with("add_missing_columns: 3 change(s)\nbackfill_null_timestamps: 3 change(s)\ncopy_missing_parents: 3 change(s)\n"), "{stdout}");
+    assert!(stdout.starts_with("add_missing_columns: 5 change(s)\nbackfill_null_timestamps: 3 change(s)\ncopy_missing_parents: 3 change(s)\n"), "{stdout}");
 
     let step = |t: &str, s: &str| {
         format!("{t} users_userprofile add_missing_columns {{\"step\": \"{s}\", \"column\": \"updated_at\"}}")
@@ -373,7 +373,7 @@ async fn the_daemon_heals_after_each_scan_and_counts_it() {
     assert_eq!(
         daemon.samples("tenant_audit_healed_rows_total").await,
         [
-            "tenant_audit_healed_rows_total{database=\"default\",repair=\"add_missing_columns\"} 3",
+            "tenant_audit_healed_rows_total{database=\"default\",repair=\"add_missing_columns\"} 5",
             "tenant_audit_healed_rows_total{database=\"default\",repair=\"advance_sequences\"} 0",
             "tenant_audit_healed_rows_total{database=\"default\",repair=\"backfill_null_timestamps\"} 3",
             "tenant_audit_healed_rows_total{database=\"default\",repair=\"copy_missing_parents\"} 3",

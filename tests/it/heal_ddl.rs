@@ -1,10 +1,11 @@
 //! Heal's DDL against real PostgreSQL: types and defaults compared and written structurally
 //! (schema names inside literals, schemas whose name ends another's, a tenant's own types), the
-//! one-statement add-column, and the staged add-column stopped after each of its steps.
+//! one-statement add-column, the staged add-column stopped after each of its steps, and what
+//! each repair of a column counts as changes.
 
 use tenant_audit::heal::{self, Plan, Step};
 
-use crate::support::{cli, column_definitions, config, config_file, fixture_db, lines, rows, scan};
+use crate::support::{cli, column_definitions, config, config_file, fixture_db, heal_cli, lines, pg, rows, scan};
 
 const HEAL: &str = "[tenants]\ninclude = ['^tenant_']\nreference_schema = 'tenant_template'\n\
     [heal]\nadd_missing_columns = true\n";
@@ -284,4 +285,104 @@ async fn a_column_of_a_constrained_domain_is_never_added_by_a_silent_rewrite() {
         column_definitions(&url, "tenant_a", "item").await,
         ["id integer NOT NULL", "label label NOT NULL DEFAULT 'x'::text", "score score NOT NULL DEFAULT 1"]
     );
+}
+
+/// `tenant_a` of the base fixture, as its template but for `ALTER`, with `add_missing_columns`.
+fn tenant_a(alter: &str) -> String {
+    format!(
+        "SELECT pg_temp.create_tenant(t) FROM unnest(ARRAY['tenant_template', 'tenant_a']) t;
+        ALTER TABLE tenant_a.users_userprofile {alter};"
+    )
+}
+
+/// The `step` of every one-off audit row, in order.
+const STEP_ROWS: &str = "SELECT row_key->>'step' FROM tenant_audit.heal_log WHERE row_key ? 'step' ORDER BY id";
+
+/// A lost default restored on an existing column is one change, in the summary and in the
+/// metrics (it was healed, audited and logged, but counted as none).
+#[tokio::test]
+async fn a_restored_default_counts_one_change_in_the_summary_and_the_metrics() {
+    let url = fixture_db("heal_ddl_count_default", &tenant_a("ALTER COLUMN updated_at DROP DEFAULT")).await;
+    let text = format!("database_url = {url:?}\n{HEAL}");
+    let (code, stdout, stderr) = heal_cli("heal_ddl_count_default", &text, &["--execute"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, ["add_missing_columns: 1 change(s)", "heal run: 1 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    assert_eq!(rows(&url, STEP_ROWS).await, ["set_default"]);
+    assert_eq!(
+        column_definitions(&url, "tenant_a", "users_userprofile").await.last().map(String::as_str),
+        Some("updated_at timestamp with time zone NOT NULL DEFAULT now()")
+    );
+    // Lost again: the outcome heal returns to the scheduler, and the counter it records.
+    pg::connect(&url)
+        .await
+        .batch_execute("ALTER TABLE tenant_a.users_userprofile ALTER COLUMN updated_at DROP DEFAULT")
+        .await
+        .unwrap();
+    let cfg = config(&url, HEAL);
+    let scanned = tenant_audit::scan::run(
+        &cfg,
+        &tenant_audit::db::scan_pool(&cfg.database, &cfg.scan),
+        &Default::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    let pool = tenant_audit::db::heal_pool(&cfg.heal, cfg.scan.connect_timeout);
+    let outcome =
+        heal::execute(&cfg.heal, &pool, &Plan::build(&scanned, &cfg), None, &Default::default()).await.unwrap();
+    assert_eq!(outcome.changed, std::collections::BTreeMap::from([("add_missing_columns", 1)]));
+    let metrics = tenant_audit::metrics::Metrics::new("default");
+    metrics.record_heal(&Ok(outcome));
+    let encoded = metrics.encode();
+    let healed: Vec<&str> = encoded.lines().filter(|l| l.starts_with("tenant_audit_healed_rows_total{")).collect();
+    let sample = |repair: &str, n: u64| {
+        format!("tenant_audit_healed_rows_total{{database=\"default\",repair=\"{repair}\"}} {n}")
+    };
+    assert_eq!(
+        healed,
+        [
+            sample("add_missing_columns", 1),
+            sample("advance_sequences", 0),
+            sample("backfill_null_timestamps", 0),
+            sample("copy_missing_parents", 0),
+            sample("undo", 0),
+        ]
+    );
+}
+
+/// An existing column made NOT NULL on its own: its backfilled rows (2, from `modified_at`)
+/// and one change for the `SET NOT NULL`; the check added and validated on the way count none.
+#[tokio::test]
+async fn an_existing_column_made_not_null_counts_its_rows_and_one_change() {
+    let sql = format!(
+        "{}
+        INSERT INTO tenant_a.users_userprofile (user_id, created_at, modified_at, updated_at)
+          VALUES (2, '2020-01-01', '2020-01-02', NULL), (3, '2020-01-01', '2020-01-03', NULL);",
+        tenant_a("ALTER COLUMN updated_at DROP NOT NULL")
+    );
+    let url = fixture_db("heal_ddl_count_not_null", &sql).await;
+    let text = format!("database_url = {url:?}\n{HEAL}");
+    let (code, stdout, stderr) = heal_cli("heal_ddl_count_not_null", &text, &["--execute"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, ["add_missing_columns: 3 change(s)", "heal run: 3 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    assert_eq!(rows(&url, STEP_ROWS).await, ["add_check", "validate_check", "set_not_null"]);
+    assert_eq!(
+        rows(&url, "SELECT format('%s %s', id, updated_at = modified_at) FROM tenant_a.users_userprofile WHERE id > 1 ORDER BY id")
+            .await,
+        ["2 t", "3 t"]
+    );
+    assert_eq!(lines(&scan(&config(&url, HEAL)).await.findings), Vec::<String>::new());
+}
+
+/// The staged add of a NOT NULL column ([`STAGED`]) counts as before: one change for the
+/// column, whatever steps follow its add, and its 6 backfilled rows (the fixture's and 5 more).
+#[tokio::test]
+async fn a_staged_add_of_a_not_null_column_counts_the_column_once_and_its_rows() {
+    let url = fixture_db("heal_ddl_count_staged", STAGED).await;
+    let text = format!("database_url = {url:?}\n{HEAL}");
+    let (code, stdout, stderr) = heal_cli("heal_ddl_count_staged", &text, &["--execute"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, ["add_missing_columns: 7 change(s)", "heal run: 7 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    assert_eq!(rows(&url, STEP_ROWS).await, ["add_column", "add_check", "validate_check", "set_not_null"]);
+    assert_finished(&url).await;
 }

@@ -57,7 +57,7 @@ async fn apply_changes_exactly_what_the_plan_lists_and_reports_what_changed_in_b
     assert_eq!(stdout, format!("wrote the plan for 2 tenant(s) to {}\n", file.display()));
     assert_eq!(checksum(&url).await, before, "--plan-out writes nothing to the database");
     let plan: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    assert_eq!(plan["version"], 3);
+    assert_eq!(plan["version"], 4);
     let tenants = plan["plan"]["tenants"].as_array().unwrap();
     assert_eq!(tenants[0]["schema"], "tenant_c3");
     assert_eq!(tenants[0]["actions"][0]["steps"][0]["Copy"]["only"], serde_json::json!([[b("02")], [b("03")]]));

@@ -89,7 +89,8 @@ async fn set_default_moves_its_sequence_only_forward_and_audited() {
     let url = fixture_db("plan_review_nextval", sql).await;
     let (code, stdout, stderr) = heal(&url, "plan_review_nextval", DEFAULTS, &["--execute"]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(stdout, ["add_missing_columns: 1 change(s)", "heal run: 1 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    // Two defaults restored, one sequence moved.
+    assert_eq!(stdout, ["add_missing_columns: 3 change(s)", "heal run: 3 change(s), 0 tenant(s) skipped, 0 error(s)"]);
     assert_eq!(
         rows(&url, "SELECT format('%s %s', last_value, is_called) FROM tenant_a.doc_id_seq").await,
         ["1000000 f"]
@@ -161,7 +162,7 @@ async fn a_hand_edited_plan_file_is_refused_and_its_sql_never_runs() {
     let (code, _, stderr) = heal(&url, "plan_review_edited", DEFAULTS, &["--plan-out", file.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{stderr}");
     let good: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    assert_eq!(good["version"], 3);
+    assert_eq!(good["version"], 4);
     let once = "/plan/tenants/0/actions/0/steps/0/Once";
     assert_eq!(
         good.pointer(&format!("{once}/sql")).unwrap(),
@@ -190,7 +191,21 @@ async fn a_hand_edited_plan_file_is_refused_and_its_sql_never_runs() {
     assert_eq!(code, Some(2));
     assert_eq!(
         last,
-        format!("tenant-audit: error: plan file {} has version 1; this heal reads version 3", path.display())
+        format!("tenant-audit: error: plan file {} has version 1; this heal reads version 4", path.display())
+    );
+    // A version 3 file (its one-off steps said `adds_column`) is refused by its version, not
+    // as a file that is not a plan.
+    let mut v3 = good.clone();
+    v3["version"] = serde_json::json!(3);
+    let step = v3.pointer_mut(once).unwrap().as_object_mut().unwrap();
+    let completes = step.remove("completes_repair").unwrap();
+    assert_eq!(completes, serde_json::json!(true));
+    step.insert("adds_column".to_string(), serde_json::json!(false));
+    let (code, _, last, path) = apply("version_3", v3.to_string());
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        last,
+        format!("tenant-audit: error: plan file {} has version 3; this heal reads version 4", path.display())
     );
     let (code, _, last, path) = apply("corrupt", "{\"version\": 2, \"plan\": [".to_string());
     assert_eq!(code, Some(2));
@@ -208,7 +223,7 @@ async fn a_hand_edited_plan_file_is_refused_and_its_sql_never_runs() {
     // The untouched file applies.
     let (code, stdout, _, _) = apply("good", good.to_string());
     assert_eq!(code, Some(0));
-    assert_eq!(stdout, ["heal run: 0 change(s), 0 tenant(s) skipped, 0 error(s)"]);
+    assert_eq!(stdout, ["add_missing_columns: 1 change(s)", "heal run: 1 change(s), 0 tenant(s) skipped, 0 error(s)"]);
     assert_eq!(rows(&url, DEFAULT_OF).await, ["'retail'::text"]);
     let _ = std::fs::remove_file(&file);
 }
