@@ -40,6 +40,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -276,44 +277,84 @@ pub const SEQUENCE_BATCH: usize = 64;
 /// Reads the state of `sequences` (schema, name) into `signals`, [`SEQUENCE_BATCH`] per
 /// statement, each in a short read-only transaction of its own. No statistics counter moves
 /// with a sequence (`nextval` and `setval` write it in place), so its state is read itself:
-/// one statement per batch instead of one per sequence-backed column. A batch that fails (a
-/// sequence dropped meanwhile, no privilege) leaves its sequences without a state: their
-/// tables are then checked. Call it before any tenant's data is read.
+/// one statement per batch instead of one per sequence-backed column. The batches run on up to
+/// `scan.concurrency` sessions of `pool` at once, as tenants are scanned: each session takes the
+/// next batch not yet taken, so a session that could not be opened leaves its share to the
+/// others. A batch that fails (a sequence dropped meanwhile, no privilege) leaves its sequences
+/// without a state: their tables are then checked. Fails only when no session could be opened
+/// at all. Call it before any tenant's data is read: it returns when every batch has ended.
 pub async fn read_sequences(
-    client: &tokio_postgres::Client,
+    pool: &db::Pool,
+    target: &str,
     scan: &ScanConfig,
     sequences: &[(String, String)],
     signals: &mut Signals,
-) {
-    for batch in sequences.chunks(SEQUENCE_BATCH) {
-        let sql = batch
-            .iter()
-            .enumerate()
-            .map(|(i, (schema, name))| {
-                format!("SELECT {i}, s.last_value, s.is_called FROM {} s", sql::qualified(schema, name))
-            })
-            .collect::<Vec<_>>()
-            .join("\nUNION ALL ");
-        match db::read_only(client, scan, &format!("/* tenant-audit:signals */ {sql}"), db::Parallel::Serial).await {
-            Ok(rows) => {
-                for row in rows {
-                    let (Some(Some(i)), Some(Some(last)), Some(Some(called))) = (row.first(), row.get(1), row.get(2))
-                    else {
-                        continue;
-                    };
-                    // A state that does not parse is left out: its tables are checked.
-                    let (Some((schema, name)), Ok(last_value)) =
-                        (i.parse::<usize>().ok().and_then(|i| batch.get(i)), last.parse())
-                    else {
-                        continue;
-                    };
-                    let state = Sequence { last_value, is_called: called == "t" };
+) -> Result<(), DbError> {
+    let batches: Vec<&[(String, String)]> = sequences.chunks(SEQUENCE_BATCH).collect();
+    let next = AtomicUsize::new(0);
+    let worker = || async {
+        let session = db::session(pool, target).await?;
+        let mut states = Vec::new();
+        while let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) {
+            match read_batch(&session, scan, batch).await {
+                Ok(read) => states.extend(read),
+                Err(e) => {
+                    tracing::debug!(error = %e, "sequence states left out; their tables are checked");
+                    // A dead session leaves the remaining batches to the others.
+                    if session.is_closed() {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok::<_, DbError>(states)
+    };
+    let sessions = scan.concurrency.min(batches.len());
+    let mut first_error = None;
+    let mut opened = false;
+    for result in futures::future::join_all((0..sessions).map(|_| worker())).await {
+        match result {
+            Ok(states) => {
+                opened = true;
+                for ((schema, name), state) in states {
                     signals.sequences.entry(schema.clone()).or_default().insert(name.clone(), state);
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "sequence states left out; their tables are checked"),
+            Err(e) => first_error = first_error.or(Some(e)),
         }
     }
+    match first_error {
+        Some(e) if !opened => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// One batch of [`read_sequences`]: the states of `batch`'s sequences, in one statement in a
+/// short read-only transaction of its own. A state that does not parse is left out.
+async fn read_batch<'b>(
+    client: &tokio_postgres::Client,
+    scan: &ScanConfig,
+    batch: &'b [(String, String)],
+) -> Result<Vec<(&'b (String, String), Sequence)>, DbError> {
+    let sql = batch
+        .iter()
+        .enumerate()
+        .map(|(i, (schema, name))| {
+            format!("SELECT {i}, s.last_value, s.is_called FROM {} s", sql::qualified(schema, name))
+        })
+        .collect::<Vec<_>>()
+        .join("\nUNION ALL ");
+    let rows = db::read_only(client, scan, &format!("/* tenant-audit:signals */ {sql}"), db::Parallel::Serial).await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            let (Some(Some(i)), Some(Some(last)), Some(Some(called))) = (row.first(), row.get(1), row.get(2)) else {
+                return None;
+            };
+            let sequence = i.parse::<usize>().ok().and_then(|i| batch.get(i))?;
+            Some((sequence, Sequence { last_value: last.parse().ok()?, is_called: called == "t" }))
+        })
+        .collect())
 }
 
 /// Which schemas' catalog a scan reads, and the catalogs it takes from the previous scans.
