@@ -170,8 +170,13 @@ impl Bench<'_> {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// The allocator is tuned as the daemon's is, before the runtime starts its threads.
+fn main() -> anyhow::Result<()> {
+    tenant_audit::memory::tune_allocator();
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = args()?;
     let config = Config::load(&args.config)?;
     let pool = tenant_audit::db::scan_pool(&config.database, &config.scan);

@@ -10,7 +10,7 @@
 //! # Code map
 //! - [`cli`]: clap types of the command line.
 //! - [`config`]: the TOML file and environment, validated once into [`config::Config`]. The only
-//!   reader of files and environment variables.
+//!   reader of files and of tenant-audit's environment variables.
 //! - [`conninfo`]: libpq connection strings (URL and `key=value`), with libpq's meaning. Pure.
 //! - [`pgtls`]: the TLS verification each `sslmode` asks for (rustls).
 //! - [`db`]: connections (deadline on the whole set-up, keepalives), pools, pings, and the one
@@ -27,6 +27,7 @@
 //!   recorded, never fatal.
 //! - [`heal`]: plans and repairs; the ONLY code that writes to a tenant database.
 //! - [`report`]: report types and their table and JSON renderings.
+//! - [`memory`]: glibc allocator settings that return freed memory to the OS (RSS follows use).
 //! - [`metrics`]: one target's Prometheus registry (every series labelled `database`), rebuilt
 //!   from each finished report.
 //! - [`exposition`]: `/metrics` of the process: the build info and every target's metrics.
@@ -62,6 +63,7 @@ pub mod exposition;
 pub mod heal;
 pub mod http;
 pub mod incremental;
+pub mod memory;
 pub mod metrics;
 pub mod pgtls;
 pub mod replica;

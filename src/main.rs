@@ -13,6 +13,7 @@ use tenant_audit::{daemon, db, scan};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    tenant_audit::memory::tune_allocator();
     let cli = Cli::parse();
     let default_filter = match cli.command {
         Command::Scan(_) => "warn",
