@@ -40,6 +40,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -167,28 +168,37 @@ FROM pg_catalog.pg_stat_database d WHERE d.datname = pg_catalog.current_database
 /// freezing (PostgreSQL 9.4 and later keep the raw `xmin` and set a hint bit): neither moves
 /// the fingerprint. Checked on PostgreSQL 15 (docs/performance.md, \"The catalog
 /// fingerprint\"). Only catalog tables are read: no relation lock.
+///
+/// Set-based, each catalog read once: the requested schemas are looked up once (`ns`); the
+/// rows of the tables' own catalogs (columns, defaults, indexes, triggers, children) are one
+/// list joined to the requested tables by one hash join on the table's OID, instead of one
+/// join (an index probe per table) per catalog; and the rows are summed by schema OID (a hash
+/// aggregate over the schemas) before the names are joined, instead of sorting every row by
+/// schema. The sum does not depend on the order of the rows, so the values are those of the
+/// query this replaced (compared for 10,000 schemas, docs/performance.md).
 const FINGERPRINTS: &str = "/* tenant-audit:signals */
 WITH ns AS (
     SELECT n.oid, n.nspname, n.xmin FROM pg_catalog.pg_namespace n WHERE n.nspname = ANY($1)
-), cls AS (
-    SELECT c.oid, c.relnamespace AS ns, c.relkind, c.xmin FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace
-), tbl AS (
-    SELECT cls.oid, cls.ns FROM cls WHERE cls.relkind IN ('r', 'p')
 ), rows(ns, k, x) AS (
     SELECT ns.oid, 0::bigint, ns.xmin FROM ns
   UNION ALL
-    SELECT cls.ns, cls.oid::bigint * 65536, cls.xmin FROM cls
+    SELECT c.relnamespace, c.oid::bigint * 65536, c.xmin FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace
   UNION ALL
-    SELECT t.ns, t.oid::bigint * 65536 + a.attnum, a.xmin
-    FROM tbl t JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0
-  UNION ALL
-    SELECT t.ns, d.oid::bigint * 65536 + 1, d.xmin FROM tbl t JOIN pg_catalog.pg_attrdef d ON d.adrelid = t.oid
-  UNION ALL
-    SELECT t.ns, i.indexrelid::bigint * 65536 + 2, i.xmin FROM tbl t JOIN pg_catalog.pg_index i ON i.indrelid = t.oid
-  UNION ALL
-    SELECT t.ns, g.oid::bigint * 65536 + 3, g.xmin FROM tbl t JOIN pg_catalog.pg_trigger g ON g.tgrelid = t.oid
-  UNION ALL
-    SELECT t.ns, h.inhrelid::bigint * 65536 + 4, h.xmin FROM tbl t JOIN pg_catalog.pg_inherits h ON h.inhparent = t.oid
+    SELECT t.relnamespace, m.k, m.x
+    FROM pg_catalog.pg_class t
+    JOIN ns ON ns.oid = t.relnamespace
+    JOIN (
+        SELECT a.attrelid, a.attrelid::bigint * 65536 + a.attnum, a.xmin FROM pg_catalog.pg_attribute a WHERE a.attnum > 0
+      UNION ALL
+        SELECT d.adrelid, d.oid::bigint * 65536 + 1, d.xmin FROM pg_catalog.pg_attrdef d
+      UNION ALL
+        SELECT i.indrelid, i.indexrelid::bigint * 65536 + 2, i.xmin FROM pg_catalog.pg_index i
+      UNION ALL
+        SELECT g.tgrelid, g.oid::bigint * 65536 + 3, g.xmin FROM pg_catalog.pg_trigger g
+      UNION ALL
+        SELECT h.inhparent, h.inhrelid::bigint * 65536 + 4, h.xmin FROM pg_catalog.pg_inherits h
+    ) m(rel, k, x) ON m.rel = t.oid
+    WHERE t.relkind IN ('r', 'p')
   UNION ALL
     SELECT con.connamespace, con.oid::bigint * 65536 + 5, con.xmin
     FROM pg_catalog.pg_constraint con JOIN ns ON ns.oid = con.connamespace
@@ -197,32 +207,40 @@ WITH ns AS (
   UNION ALL
     SELECT p.pronamespace, p.oid::bigint * 65536 + 7, p.xmin FROM pg_catalog.pg_proc p JOIN ns ON ns.oid = p.pronamespace
 )
-SELECT n.nspname::text, count(*)::bigint, pg_catalog.sum(pg_catalog.hashint8extended(r.k, r.x::text::bigint))::text
-FROM rows r JOIN ns n ON n.oid = r.ns
-GROUP BY n.nspname";
+SELECT n.nspname::text, f.rows, f.digest::text
+FROM (
+    SELECT r.ns, count(*)::bigint, pg_catalog.sum(pg_catalog.hashint8extended(r.k, r.x::text::bigint))
+    FROM rows r GROUP BY r.ns
+) f(ns, rows, digest)
+JOIN ns n ON n.oid = f.ns";
 
 /// Per top-level table of the requested schemas: the change counters summed over the table and
 /// every partition or inheritance child under it (found through `pg_inherits`, which, unlike
 /// `pg_partition_tree`, takes no relation lock), and a digest of their storage files. The
-/// `pg_stat_get_*` functions read the shared statistics by OID and take no lock either.
+/// `pg_stat_get_*` functions read the shared statistics by OID and take no lock either. The
+/// top-level tables are read once (`roots`, with their names and storage), each child's
+/// storage as the tree descends, and the sums are taken per table OID before the names are
+/// joined back: `pg_class` is scanned once, not once per join, and only the tree is sorted.
 const TABLES: &str = "/* tenant-audit:signals */
-WITH RECURSIVE tree(root, rel) AS (
-    SELECT c.oid, c.oid
+WITH RECURSIVE roots AS (
+    SELECT c.oid, n.nspname, c.relname, c.relfilenode
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY($1)
+), tree(root, rel, file) AS (
+    SELECT r.oid, r.oid, r.relfilenode FROM roots r
   UNION ALL
-    SELECT t.root, i.inhrelid FROM tree t JOIN pg_catalog.pg_inherits i ON i.inhparent = t.rel
+    SELECT t.root, i.inhrelid, m.relfilenode
+    FROM tree t JOIN pg_catalog.pg_inherits i ON i.inhparent = t.rel JOIN pg_catalog.pg_class m ON m.oid = i.inhrelid
+), sums AS (
+    SELECT t.root,
+           pg_catalog.sum(pg_catalog.pg_stat_get_tuples_inserted(t.rel))::bigint AS inserted,
+           pg_catalog.sum(pg_catalog.pg_stat_get_tuples_updated(t.rel))::bigint AS updated,
+           pg_catalog.sum(pg_catalog.pg_stat_get_tuples_deleted(t.rel))::bigint AS deleted,
+           pg_catalog.md5(pg_catalog.string_agg(t.rel::text || ':' || t.file::text, ',' ORDER BY t.rel)) AS storage
+    FROM tree t GROUP BY t.root
 )
-SELECT n.nspname::text, c.relname::text, c.oid::bigint,
-       sum(pg_catalog.pg_stat_get_tuples_inserted(t.rel))::bigint,
-       sum(pg_catalog.pg_stat_get_tuples_updated(t.rel))::bigint,
-       sum(pg_catalog.pg_stat_get_tuples_deleted(t.rel))::bigint,
-       pg_catalog.md5(pg_catalog.string_agg(t.rel::text || ':' || m.relfilenode::text, ',' ORDER BY t.rel))
-FROM tree t
-JOIN pg_catalog.pg_class m ON m.oid = t.rel
-JOIN pg_catalog.pg_class c ON c.oid = t.root
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-GROUP BY n.nspname, c.relname, c.oid";
+SELECT r.nspname::text, r.relname::text, r.oid::bigint, s.inserted, s.updated, s.deleted, s.storage
+FROM sums s JOIN roots r ON r.oid = s.root";
 
 /// Reads the change signals of the tables of `schemas` and the catalog fingerprints of
 /// `schemas` and `mentioned`. Call it before the catalog and any data are read, in the
@@ -276,44 +294,84 @@ pub const SEQUENCE_BATCH: usize = 64;
 /// Reads the state of `sequences` (schema, name) into `signals`, [`SEQUENCE_BATCH`] per
 /// statement, each in a short read-only transaction of its own. No statistics counter moves
 /// with a sequence (`nextval` and `setval` write it in place), so its state is read itself:
-/// one statement per batch instead of one per sequence-backed column. A batch that fails (a
-/// sequence dropped meanwhile, no privilege) leaves its sequences without a state: their
-/// tables are then checked. Call it before any tenant's data is read.
+/// one statement per batch instead of one per sequence-backed column. The batches run on up to
+/// `scan.concurrency` sessions of `pool` at once, as tenants are scanned: each session takes the
+/// next batch not yet taken, so a session that could not be opened leaves its share to the
+/// others. A batch that fails (a sequence dropped meanwhile, no privilege) leaves its sequences
+/// without a state: their tables are then checked. Fails only when no session could be opened
+/// at all. Call it before any tenant's data is read: it returns when every batch has ended.
 pub async fn read_sequences(
-    client: &tokio_postgres::Client,
+    pool: &db::Pool,
+    target: &str,
     scan: &ScanConfig,
     sequences: &[(String, String)],
     signals: &mut Signals,
-) {
-    for batch in sequences.chunks(SEQUENCE_BATCH) {
-        let sql = batch
-            .iter()
-            .enumerate()
-            .map(|(i, (schema, name))| {
-                format!("SELECT {i}, s.last_value, s.is_called FROM {} s", sql::qualified(schema, name))
-            })
-            .collect::<Vec<_>>()
-            .join("\nUNION ALL ");
-        match db::read_only(client, scan, &format!("/* tenant-audit:signals */ {sql}"), db::Parallel::Serial).await {
-            Ok(rows) => {
-                for row in rows {
-                    let (Some(Some(i)), Some(Some(last)), Some(Some(called))) = (row.first(), row.get(1), row.get(2))
-                    else {
-                        continue;
-                    };
-                    // A state that does not parse is left out: its tables are checked.
-                    let (Some((schema, name)), Ok(last_value)) =
-                        (i.parse::<usize>().ok().and_then(|i| batch.get(i)), last.parse())
-                    else {
-                        continue;
-                    };
-                    let state = Sequence { last_value, is_called: called == "t" };
+) -> Result<(), DbError> {
+    let batches: Vec<&[(String, String)]> = sequences.chunks(SEQUENCE_BATCH).collect();
+    let next = AtomicUsize::new(0);
+    let worker = || async {
+        let session = db::session(pool, target).await?;
+        let mut states = Vec::new();
+        while let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) {
+            match read_batch(&session, scan, batch).await {
+                Ok(read) => states.extend(read),
+                Err(e) => {
+                    tracing::debug!(error = %e, "sequence states left out; their tables are checked");
+                    // A dead session leaves the remaining batches to the others.
+                    if session.is_closed() {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok::<_, DbError>(states)
+    };
+    let sessions = scan.concurrency.min(batches.len());
+    let mut first_error = None;
+    let mut opened = false;
+    for result in futures::future::join_all((0..sessions).map(|_| worker())).await {
+        match result {
+            Ok(states) => {
+                opened = true;
+                for ((schema, name), state) in states {
                     signals.sequences.entry(schema.clone()).or_default().insert(name.clone(), state);
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "sequence states left out; their tables are checked"),
+            Err(e) => first_error = first_error.or(Some(e)),
         }
     }
+    match first_error {
+        Some(e) if !opened => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// One batch of [`read_sequences`]: the states of `batch`'s sequences, in one statement in a
+/// short read-only transaction of its own. A state that does not parse is left out.
+async fn read_batch<'b>(
+    client: &tokio_postgres::Client,
+    scan: &ScanConfig,
+    batch: &'b [(String, String)],
+) -> Result<Vec<(&'b (String, String), Sequence)>, DbError> {
+    let sql = batch
+        .iter()
+        .enumerate()
+        .map(|(i, (schema, name))| {
+            format!("SELECT {i}, s.last_value, s.is_called FROM {} s", sql::qualified(schema, name))
+        })
+        .collect::<Vec<_>>()
+        .join("\nUNION ALL ");
+    let rows = db::read_only(client, scan, &format!("/* tenant-audit:signals */ {sql}"), db::Parallel::Serial).await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            let (Some(Some(i)), Some(Some(last)), Some(Some(called))) = (row.first(), row.get(1), row.get(2)) else {
+                return None;
+            };
+            let sequence = i.parse::<usize>().ok().and_then(|i| batch.get(i))?;
+            Some((sequence, Sequence { last_value: last.parse().ok()?, is_called: called == "t" }))
+        })
+        .collect())
 }
 
 /// Which schemas' catalog a scan reads, and the catalogs it takes from the previous scans.

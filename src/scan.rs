@@ -205,7 +205,9 @@ async fn run_until(
     if let Some(signals) = signals.as_mut() {
         let sequences = tenant_sequences(&catalog, &owned);
         tokio::select! {
-            read = read_sequences(config, pool, &sequences, signals) => read.map_err(ScanFailure::Connect)?,
+            read = incremental::read_sequences(pool, target, &config.scan, &sequences, signals) => {
+                read.map_err(ScanFailure::Connect)?
+            }
             _ = cancel.cancelled() => return Err(ScanFailure::Cancelled),
         }
     }
@@ -641,21 +643,6 @@ fn tenant_sequences(catalog: &Catalog, tenants: &BTreeSet<String>) -> Vec<(Strin
         }
     }
     out.into_iter().collect()
-}
-
-/// Reads the states of `sequences` into `signals` on a session of its own.
-async fn read_sequences(
-    config: &Config,
-    pool: &Pool,
-    sequences: &[(String, String)],
-    signals: &mut Signals,
-) -> Result<(), DbError> {
-    if sequences.is_empty() {
-        return Ok(());
-    }
-    let session = db::session(pool, &config.database.target).await?;
-    incremental::read_sequences(&session, &config.scan, sequences, signals).await;
-    Ok(())
 }
 
 fn registry_findings(discovery: &Discovery) -> Vec<Finding> {

@@ -2,6 +2,8 @@
 //! (fixed seed, many rounds of random changes between scans, the statistics flushed), and the
 //! staleness bound when the flush is not forced.
 
+use std::collections::BTreeSet;
+
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tenant_audit::config::Config;
@@ -350,4 +352,75 @@ async fn scheduled_scans_are_incremental_and_report_what_they_carried() {
     }
     daemon.wait_for("tenant_audit_scans_completed_total{database=\"default\",scan_kind=\"full\"} 2").await;
     daemon.stop().await;
+}
+
+/// The sequence states are read 64 sequences per statement on several sessions at once (as
+/// tenants are scanned), all before any tenant's data: a batch that fails (here: a sequence the
+/// scanning role may not read) leaves only its own 64 sequences without a state, so only their
+/// tables are checked, and a sequence moved in another batch is still noticed.
+#[tokio::test]
+async fn sequence_batches_run_on_several_sessions_and_fail_alone() {
+    let cluster = pg::Cluster::start_with("-c log_statement=all");
+    pg::connect(&cluster.url("postgres")).await.batch_execute("CREATE DATABASE app").await.unwrap();
+    let url = cluster.url("app");
+    let admin = pg::connect(&url).await;
+    admin.batch_execute(BASE_SQL).await.expect("base fixture");
+    // 70 tenants, two sequences each: batches of 64, 64 and 12 sequences, in (schema, name)
+    // order, so tenant_0's are in the first batch and tenant_9's in the last.
+    admin
+        .batch_execute(
+            "SELECT pg_temp.create_tenant('tenant_' || i) FROM generate_series(0, 69) i;
+             CREATE ROLE audit_batches LOGIN;
+             DO $$ DECLARE s text; BEGIN
+               FOR s IN SELECT nspname FROM pg_namespace WHERE nspname ~ '^(public|tenant_)' LOOP
+                 EXECUTE format('GRANT USAGE ON SCHEMA %1$I TO audit_batches;
+                                 GRANT SELECT ON ALL TABLES IN SCHEMA %1$I TO audit_batches;
+                                 GRANT SELECT ON ALL SEQUENCES IN SCHEMA %1$I TO audit_batches', s);
+               END LOOP; END $$;
+             REVOKE SELECT ON SEQUENCE tenant_0.users_userprofile_id_seq FROM audit_batches;
+             SELECT pg_stat_force_next_flush();",
+        )
+        .await
+        .expect("tenants and role");
+    let as_role = url.replacen("postgres://postgres@", "postgres://audit_batches@", 1);
+    let config = config(&as_role, CONFIG);
+    let pool = tenant_audit::db::scan_pool(&config.database, &config.scan);
+    let never = CancellationToken::new();
+    let mut state = State::default();
+    let first = tenant_audit::scan::run_with(&config, &pool, &never, None, Some(&mut state)).await.expect("scan");
+    assert_eq!(first.report.scan.kind, ScanKind::Full);
+    assert_eq!(first.report.scan.tables_checked, 140);
+    let logged = std::fs::read_to_string(cluster.log()).unwrap().len();
+    admin.batch_execute("SELECT setval('tenant_9.users_userprofile_id_seq', 1, false)").await.expect("setval");
+    let (inc, full) = both(&config, &pool, &mut state).await;
+    assert_eq!(inc.scan.kind, ScanKind::Incremental);
+    assert_eq!(lines(&inc.findings), lines(&full.findings));
+    assert!(
+        lines(&inc.findings).contains(
+            &"sequence_behind tenant_9.users_userprofile(id) 1 tenant_9.users_userprofile_id_seq next 1 max 1 []"
+                .to_string()
+        ),
+        "{:#?}",
+        lines(&inc.findings)
+    );
+    assert_eq!(inc.errors, full.errors);
+    assert_eq!(inc.errors.len(), 1, "{:?}", inc.errors);
+    // The first batch's 64 tables (its sequences have no state) and tenant_9's moved one.
+    assert_eq!((inc.scan.tables_checked, inc.scan.tables_carried_forward), (65, 75));
+    // The incremental scan's three batches, each in a transaction of its own, on more than one
+    // session, all before its first tenant statement.
+    let log = std::fs::read_to_string(cluster.log()).unwrap();
+    let entries: Vec<&str> = log[logged..].split("\n20").collect();
+    let batches: Vec<usize> = (0..entries.len())
+        .filter(|&i| {
+            entries[i].contains("LOG:  statement: BEGIN READ ONLY;") && entries[i].contains("tenant-audit:signals")
+        })
+        .collect();
+    assert_eq!(batches.len(), 3);
+    let pid = |entry: &str| entry.split(['[', ']']).nth(1).map(str::to_string);
+    let sessions: BTreeSet<Option<String>> = batches.iter().map(|&i| pid(entries[i])).collect();
+    assert!(sessions.len() > 1, "{sessions:?}");
+    let first_data =
+        entries.iter().position(|e| e.contains("LOG:  statement: BEGIN READ ONLY;") && !e.contains("tenant-audit:"));
+    assert!(first_data.is_some_and(|d| batches.iter().all(|&i| i < d)), "{first_data:?} {batches:?}");
 }
