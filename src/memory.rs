@@ -25,8 +25,8 @@ const THRESHOLD: i32 = 128 * 1024;
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-        if tunables.contains("glibc.malloc.") {
+        let tunables = std::env::var_os("GLIBC_TUNABLES").unwrap_or_default();
+        if tunables.to_string_lossy().contains("glibc.malloc.") {
             return;
         }
         let settings = [

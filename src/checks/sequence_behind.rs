@@ -47,17 +47,18 @@ impl Probe {
 
     /// A one-row aggregate: (next value, column maximum) when the sequence is behind, two NULLs
     /// otherwise (also for a descending sequence), so it never removes the row of the table's
-    /// count statement.
-    pub fn select(&self, tenant: &str) -> String {
+    /// count statement. `relation` is the table as the count statement names it (`ONLY` unless
+    /// partitioned): the maximum is of the rows the other checks count, so the statement reads
+    /// no inheritance child the count does not (each child is a table with its own probe).
+    pub fn select(&self, tenant: &str, relation: &str) -> String {
         let seq = sql::qualified(tenant, &self.sequence);
         format!(
             "SELECT pg_catalog.max(x.next_value)::text, pg_catalog.max(x.top)::text FROM (\n  \
              SELECT CASE WHEN s.is_called THEN s.last_value::numeric OPERATOR(pg_catalog.+) q.seqincrement ELSE s.last_value::numeric END AS next_value,\n         \
-             (SELECT pg_catalog.max(c.{col}) FROM {tbl} c)::numeric AS top\n  \
+             (SELECT pg_catalog.max(c.{col}) FROM {relation} c)::numeric AS top\n  \
              FROM {seq} s JOIN pg_catalog.pg_sequence q ON q.seqrelid OPERATOR(pg_catalog.=) {seq_literal}::pg_catalog.regclass\n  \
              WHERE q.seqincrement OPERATOR(pg_catalog.>) 0\n) x\nWHERE x.top OPERATOR(pg_catalog.>=) x.next_value",
             col = sql::ident(&self.column),
-            tbl = sql::qualified(tenant, &self.table),
             seq_literal = sql::literal(&seq),
         )
     }
@@ -93,10 +94,10 @@ mod tests {
     fn one_row_reads_sequence_and_column() {
         let probe = Probe { table: "users".into(), column: "id".into(), sequence: "users_id_seq".into() };
         assert_eq!(
-            probe.select("t"),
+            probe.select("t", "ONLY \"t\".\"users\""),
             "SELECT pg_catalog.max(x.next_value)::text, pg_catalog.max(x.top)::text FROM (\n  \
              SELECT CASE WHEN s.is_called THEN s.last_value::numeric OPERATOR(pg_catalog.+) q.seqincrement ELSE s.last_value::numeric END AS next_value,\n         \
-             (SELECT pg_catalog.max(c.\"id\") FROM \"t\".\"users\" c)::numeric AS top\n  \
+             (SELECT pg_catalog.max(c.\"id\") FROM ONLY \"t\".\"users\" c)::numeric AS top\n  \
              FROM \"t\".\"users_id_seq\" s JOIN pg_catalog.pg_sequence q ON q.seqrelid OPERATOR(pg_catalog.=) '\"t\".\"users_id_seq\"'::pg_catalog.regclass\n  \
              WHERE q.seqincrement OPERATOR(pg_catalog.>) 0\n) x\nWHERE x.top OPERATOR(pg_catalog.>=) x.next_value"
         );

@@ -7,7 +7,8 @@
 //! sequence's state), a cross join of one-row aggregates, so a relationship's child and parent
 //! rows come from one snapshot, and a session running it holds locks (`AccessShareLock`) on
 //! exactly the relations of that statement: the table, its parents, their indexes and the
-//! table's own sequences. Samples are a second, bounded statement (see
+//! table's own sequences (an inheritance parent's probes, like its other checks, read it
+//! `ONLY`: no child is read or locked). Samples are a second, bounded statement (see
 //! [`crate::sql::sample_select`]), run only for nonzero orphan or NULL counts. Which tables to
 //! run is the caller's choice, one unit at a time; the caller may also run a unit's items apart
 //! (see [`TableWork::unfolded`]) to attribute an error to the check that caused it.
@@ -89,7 +90,7 @@ impl TableWork {
                 let select = match item {
                     Item::Orphans(k) => self.orphans.get(*k)?.count_select(&self.relation),
                     Item::Nulls => self.nulls.as_ref()?.count_select(&self.relation),
-                    Item::Sequence(k) => self.sequences.get(*k)?.select(tenant),
+                    Item::Sequence(k) => self.sequences.get(*k)?.select(tenant, &self.relation),
                 };
                 Some(format!("({select}) r{i}"))
             })
@@ -262,8 +263,8 @@ mod tests {
         // One more one-row aggregate per probe: a probe that finds nothing keeps the row.
         let parts: Vec<&str> = sql.split("\nCROSS JOIN ").collect();
         assert_eq!(parts.len(), 4, "{sql}");
-        assert_eq!(parts[2], format!("({}) r2", w.sequences[0].select("t")));
-        assert_eq!(parts[3], format!("({}) r3", w.sequences[1].select("t")));
+        assert_eq!(parts[2], format!("({}) r2", w.sequences[0].select("t", &w.relation)));
+        assert_eq!(parts[3], format!("({}) r3", w.sequences[1].select("t", &w.relation)));
         let row: Vec<Option<String>> =
             [Some("0"), Some("4"), Some("2"), None, None, Some("4"), Some("10")].map(|v| v.map(str::to_string)).into();
         let findings = w.findings("t", &items, &row);

@@ -121,3 +121,30 @@ async fn a_sequence_the_role_cannot_read_costs_only_its_own_probe() {
     // two probes apart (the descending one's failed).
     assert_eq!(data_statements(&cluster), 4 + 3 + 3);
 }
+
+/// An inheritance child draws from its parent's sequence. Each table's probe reads the maximum of
+/// its own rows (`ONLY`, as its other checks count them), so the statement on the parent reads no
+/// child (nor locks it), and a sequence behind the child's rows is reported on the child alone,
+/// not once more on the parent whose own rows are below it.
+#[tokio::test]
+async fn an_inheritance_child_behind_its_parents_sequence_is_reported_on_the_child_alone() {
+    let url = crate::support::fixture_db(
+        "scan_sequences_inheritance",
+        "CREATE SCHEMA tenant_a;
+         CREATE TABLE tenant_a.event (id serial PRIMARY KEY, title text);
+         CREATE TABLE tenant_a.special_event (note text) INHERITS (tenant_a.event);
+         INSERT INTO tenant_a.event (title) SELECT 'e' || g FROM generate_series(1, 3) g;
+         INSERT INTO tenant_a.special_event (title, note) SELECT 's' || g, 'x' FROM generate_series(4, 6) g;
+         SELECT setval('tenant_a.event_id_seq', 4);",
+    )
+    .await;
+    let report = scan(&config(&url, TENANTS)).await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        lines(&report.findings),
+        [
+            "sequence_behind tenant_a.special_event(id) 2 tenant_a.event_id_seq next 5 max 6 []",
+            "unregistered_schema tenant_a 1  []",
+        ]
+    );
+}
