@@ -327,7 +327,7 @@ pub async fn read_sequences(
         Ok::<_, DbError>(states)
     };
     let sessions = scan.concurrency.min(batches.len());
-    let mut first_error = None;
+    let mut errors = Vec::new();
     let mut opened = false;
     for result in futures::future::join_all((0..sessions).map(|_| worker())).await {
         match result {
@@ -337,13 +337,16 @@ pub async fn read_sequences(
                     signals.sequences.entry(schema.clone()).or_default().insert(name.clone(), state);
                 }
             }
-            Err(e) => first_error = first_error.or(Some(e)),
+            Err(e) => errors.push(e),
         }
     }
-    match first_error {
-        Some(e) if !opened => Err(e),
-        _ => Ok(()),
+    if !opened {
+        return errors.into_iter().next().map_or(Ok(()), Err);
     }
+    for e in errors {
+        tracing::warn!(error = %e, "a session for the sequence states could not be opened; the others read its batches");
+    }
+    Ok(())
 }
 
 /// One batch of [`read_sequences`]: the states of `batch`'s sequences, in one statement in a
